@@ -1,0 +1,55 @@
+//! `virtman`: the command-line entry point.
+//!
+//! Thin by design: it parses arguments, builds the configuration of the
+//! component a subcommand runs, calls that component's library `run`, and maps
+//! the error to an exit code. Each subcommand lives in its own module.
+
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Boots many VMs of one image at once: a host cache shared by all images and VMs,
+/// a copy-on-write snapshot per VM, and relay trees between hosts.
+#[derive(Debug, Parser)]
+#[command(name = "virtman", version, about, long_about = None)]
+struct Cli {
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `virtman_nbd=debug`.
+    #[arg(long, global = true, env = "VIRTMAN_LOG", default_value = "info")]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve a file over NBD (like qemu-nbd), until SIGINT or SIGTERM.
+    Serve(serve::ServeArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // Print the whole error chain once, here at the top.
+            eprintln!("virtman: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
