@@ -1,0 +1,1007 @@
+//! The NBD client: one export, several connections, many requests in flight.
+//!
+//! ```text
+//! Client ─pick least busy─► Connection ─ writer (async mutex) ──► socket
+//!                              │  pending: cookie ─► (request, buffer, reply channel)
+//!                              └ reader task ◄── replies, any order, chunk by chunk
+//! ```
+//!
+//! Each connection negotiates structured replies, `base:allocation` and
+//! `NBD_OPT_GO` (falling back to `NBD_OPT_EXPORT_NAME` for old servers). A reader
+//! task per connection matches replies to requests by cookie and assembles
+//! structured read chunks straight into the request's buffer. Every request has
+//! a timeout; every error names the server, export, operation, offset and length.
+//! Later, agents fetch image chunks from their parents with this client.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::oneshot;
+use tokio::task::JoinSet;
+
+use crate::export::Extent;
+use crate::proto::handshake::{
+    self as hs, GREETING_LEN, GoRequest, Info, MetaRequest, OPTION_REPLY_HEADER_LEN,
+};
+use crate::proto::transmission::{self as tm, Command, Descriptor, ReplyHeader, Request};
+use crate::proto::{
+    BASE_ALLOCATION, BlockSizes, Errno, client_flags, cmd_flags, handshake_flags, info, opt, rep,
+    reply, state, transmission_flags,
+};
+
+/// Largest non-data chunk payload accepted from a server (block status of 2^20
+/// extents plus its header); anything longer is a protocol violation.
+const MAX_CHUNK_PAYLOAD: u32 = 8 * 1024 * 1024 + 4;
+/// Largest option reply data accepted during the handshake.
+const MAX_OPTION_REPLY: u32 = 1024 * 1024;
+
+/// Where a server listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `host:port`.
+    Tcp(String),
+    /// A unix socket path.
+    Unix(PathBuf),
+}
+
+impl Endpoint {
+    /// Parses `unix:PATH`, a path starting with `/`, or `HOST:PORT`.
+    pub fn parse(s: &str) -> Endpoint {
+        if let Some(p) = s.strip_prefix("unix:") {
+            Endpoint::Unix(PathBuf::from(p))
+        } else if s.starts_with('/') {
+            Endpoint::Unix(PathBuf::from(s))
+        } else {
+            Endpoint::Tcp(s.to_owned())
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Tcp(a) => write!(f, "{a}"),
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Client settings.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Export to open (empty: the server's default export).
+    pub export: String,
+    /// Connections to open; more than one only if the server allows multi-conn.
+    pub connections: usize,
+    /// Time one request may take before it fails with a timeout.
+    pub request_timeout: Duration,
+    /// Time to connect and finish the handshake.
+    pub connect_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            export: String::new(),
+            connections: 1,
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the server said about the export.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportInfo {
+    /// Size in bytes.
+    pub size: u64,
+    /// Transmission flags.
+    pub flags: u16,
+    /// Size constraints (the defaults if the server sent none).
+    pub block_sizes: BlockSizes,
+    /// Whether structured replies are in use.
+    pub structured: bool,
+    /// The id of `base:allocation`, if the server selected it.
+    pub base_allocation: Option<u32>,
+}
+
+impl ExportInfo {
+    /// Whether the export refuses writes.
+    pub fn read_only(&self) -> bool {
+        self.flags & transmission_flags::READ_ONLY != 0
+    }
+
+    /// Whether several connections may be used.
+    pub fn multi_conn(&self) -> bool {
+        self.flags & transmission_flags::CAN_MULTI_CONN != 0
+    }
+}
+
+/// Why a request failed.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum RequestFailure {
+    /// The server answered with an error.
+    #[error("server replied {errno}{}", if message.is_empty() { String::new() } else { format!(": {message}") })]
+    Server {
+        /// The error value.
+        errno: Errno,
+        /// The server's message, if any.
+        message: String,
+    },
+    /// No reply within the timeout.
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// The connection is gone.
+    #[error("connection lost: {0}")]
+    Disconnected(String),
+    /// The server's reply broke the protocol.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+/// A client error, with the context needed to act on it from one log line.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// The server could not be reached.
+    #[error("cannot connect to NBD server {server}: {source}")]
+    Connect {
+        /// The server.
+        server: String,
+        /// The socket error.
+        source: io::Error,
+    },
+    /// The handshake failed.
+    #[error("NBD handshake with {server} for export {export:?} failed: {reason}")]
+    Handshake {
+        /// The server.
+        server: String,
+        /// The export.
+        export: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A request failed.
+    #[error(
+        "NBD {op} of {length} bytes at offset {offset} on export {export:?} at {server}: {failure}"
+    )]
+    Request {
+        /// The server.
+        server: String,
+        /// The export.
+        export: String,
+        /// The operation.
+        op: &'static str,
+        /// Its offset.
+        offset: u64,
+        /// Its length.
+        length: u64,
+        /// What went wrong.
+        failure: RequestFailure,
+    },
+}
+
+impl ClientError {
+    /// The server's errno, if the server answered with an error.
+    pub fn errno(&self) -> Option<Errno> {
+        match self {
+            ClientError::Request {
+                failure: RequestFailure::Server { errno, .. },
+                ..
+            } => Some(*errno),
+            _ => None,
+        }
+    }
+}
+
+type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
+type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
+
+async fn dial(endpoint: &Endpoint) -> io::Result<(BoxRead, BoxWrite)> {
+    match endpoint {
+        Endpoint::Tcp(addr) => {
+            let s = tokio::net::TcpStream::connect(addr).await?;
+            s.set_nodelay(true)?;
+            let (r, w) = s.into_split();
+            Ok((Box::new(r), Box::new(w)))
+        }
+        Endpoint::Unix(path) => {
+            let s = tokio::net::UnixStream::connect(path).await?;
+            let (r, w) = s.into_split();
+            Ok((Box::new(r), Box::new(w)))
+        }
+    }
+}
+
+/// What a finished request yields.
+enum Done {
+    Ok,
+    Data(Bytes),
+    Extents(Vec<Descriptor>),
+}
+
+struct Pending {
+    cmd: Command,
+    offset: u64,
+    length: u32,
+    buf: BytesMut,
+    extents: Vec<Descriptor>,
+    error: Option<RequestFailure>,
+    tx: oneshot::Sender<Result<Done, RequestFailure>>,
+}
+
+#[derive(Default)]
+struct PendingTable {
+    map: HashMap<u64, Pending>,
+    /// Why the connection died, once it has.
+    closed: Option<String>,
+}
+
+struct Shared {
+    pending: Mutex<PendingTable>,
+    in_flight: AtomicUsize,
+}
+
+impl Shared {
+    fn table(&self) -> std::sync::MutexGuard<'_, PendingTable> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct ConnInner {
+    shared: Arc<Shared>,
+    writer: tokio::sync::Mutex<BoxWrite>,
+    next_cookie: AtomicU64,
+    info: ExportInfo,
+    server: String,
+    export: String,
+    timeout: Duration,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ConnInner {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// One NBD connection in the transmission phase. Cheap to clone.
+#[derive(Clone)]
+pub struct Connection {
+    inner: Arc<ConnInner>,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("server", &self.inner.server)
+            .field("export", &self.inner.export)
+            .field("info", &self.inner.info)
+            .finish()
+    }
+}
+
+impl Connection {
+    /// Connects and negotiates.
+    pub async fn connect(
+        endpoint: &Endpoint,
+        config: &ClientConfig,
+    ) -> Result<Connection, ClientError> {
+        let server = endpoint.to_string();
+        let handshake_error = |reason: String| ClientError::Handshake {
+            server: server.clone(),
+            export: config.export.clone(),
+            reason,
+        };
+        let work = async {
+            let (mut r, mut w) = dial(endpoint)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    server: server.clone(),
+                    source,
+                })?;
+            let info = negotiate(&mut r, &mut w, &config.export)
+                .await
+                .map_err(handshake_error)?;
+            Ok::<_, ClientError>((r, w, info))
+        };
+        let (r, w, info) = tokio::time::timeout(config.connect_timeout, work)
+            .await
+            .map_err(|_| {
+                handshake_error(format!("timed out after {:?}", config.connect_timeout))
+            })??;
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(PendingTable::default()),
+            in_flight: AtomicUsize::new(0),
+        });
+        let reader = tokio::spawn(reader_task(r, Arc::clone(&shared), info.clone()));
+        Ok(Connection {
+            inner: Arc::new(ConnInner {
+                shared,
+                writer: tokio::sync::Mutex::new(w),
+                next_cookie: AtomicU64::new(1),
+                info,
+                server,
+                export: config.export.clone(),
+                timeout: config.request_timeout,
+                reader,
+            }),
+        })
+    }
+
+    /// What the server said about the export.
+    pub fn info(&self) -> &ExportInfo {
+        &self.inner.info
+    }
+
+    /// Requests currently waiting for a reply.
+    pub fn in_flight(&self) -> usize {
+        self.inner.shared.in_flight.load(Ordering::Relaxed)
+    }
+
+    async fn request(
+        &self,
+        cmd: Command,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: Option<Bytes>,
+    ) -> Result<Done, ClientError> {
+        let fail = |failure| ClientError::Request {
+            server: self.inner.server.clone(),
+            export: self.inner.export.clone(),
+            op: op_name(cmd),
+            offset,
+            length: u64::from(length),
+            failure,
+        };
+        let cookie = self.inner.next_cookie.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let needs_reply = cmd != Command::Disc;
+        if needs_reply {
+            let buf = if cmd == Command::Read {
+                BytesMut::zeroed(usize::try_from(length).unwrap_or(0))
+            } else {
+                BytesMut::new()
+            };
+            let mut t = self.inner.shared.table();
+            if let Some(reason) = &t.closed {
+                return Err(fail(RequestFailure::Disconnected(reason.clone())));
+            }
+            t.map.insert(
+                cookie,
+                Pending {
+                    cmd,
+                    offset,
+                    length,
+                    buf,
+                    extents: Vec::new(),
+                    error: None,
+                    tx,
+                },
+            );
+        }
+        let _guard = InFlight::new(&self.inner.shared.in_flight);
+        let mut head = BytesMut::with_capacity(tm::REQUEST_LEN);
+        Request {
+            flags,
+            kind: cmd.code(),
+            cookie,
+            offset,
+            length,
+        }
+        .encode(&mut head);
+        let sent = async {
+            let mut w = self.inner.writer.lock().await;
+            w.write_all(&head).await?;
+            if let Some(p) = &payload {
+                w.write_all(p).await?;
+            }
+            w.flush().await
+        }
+        .await;
+        if let Err(e) = sent {
+            self.inner.shared.table().map.remove(&cookie);
+            return Err(fail(RequestFailure::Disconnected(e.to_string())));
+        }
+        if !needs_reply {
+            return Ok(Done::Ok);
+        }
+        match tokio::time::timeout(self.inner.timeout, rx).await {
+            Ok(Ok(Ok(done))) => Ok(done),
+            Ok(Ok(Err(failure))) => Err(fail(failure)),
+            Ok(Err(_)) => Err(fail(RequestFailure::Disconnected("reader ended".into()))),
+            Err(_) => {
+                self.inner.shared.table().map.remove(&cookie);
+                Err(fail(RequestFailure::Timeout(self.inner.timeout)))
+            }
+        }
+    }
+
+    /// Reads `length` bytes at `offset` (at most the maximum payload).
+    pub async fn read(&self, offset: u64, length: u32) -> Result<Bytes, ClientError> {
+        match self.request(Command::Read, 0, offset, length, None).await? {
+            Done::Data(b) => Ok(b),
+            _ => Ok(Bytes::new()),
+        }
+    }
+
+    /// Writes `data` at `offset`; with `fua` the server makes it durable first.
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ClientError> {
+        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        let flags = if fua { cmd_flags::FUA } else { 0 };
+        self.request(Command::Write, flags, offset, len, Some(data))
+            .await
+            .map(|_| ())
+    }
+
+    /// Makes completed writes durable.
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        self.request(Command::Flush, 0, 0, 0, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// Discards a range.
+    pub async fn trim(&self, offset: u64, length: u32) -> Result<(), ClientError> {
+        self.request(Command::Trim, 0, offset, length, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// Zeroes a range; `no_hole` asks the server to keep it allocated.
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u32,
+        no_hole: bool,
+    ) -> Result<(), ClientError> {
+        let flags = if no_hole { cmd_flags::NO_HOLE } else { 0 };
+        self.request(Command::WriteZeroes, flags, offset, length, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// Asks the server to prefetch a range.
+    pub async fn cache(&self, offset: u64, length: u32) -> Result<(), ClientError> {
+        self.request(Command::Cache, 0, offset, length, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// `base:allocation` status from `offset`.
+    pub async fn block_status(&self, offset: u64, length: u32) -> Result<Vec<Extent>, ClientError> {
+        if self.inner.info.base_allocation.is_none() {
+            return Err(ClientError::Request {
+                server: self.inner.server.clone(),
+                export: self.inner.export.clone(),
+                op: "block status",
+                offset,
+                length: u64::from(length),
+                failure: RequestFailure::Protocol("server did not select base:allocation".into()),
+            });
+        }
+        match self
+            .request(Command::BlockStatus, 0, offset, length, None)
+            .await?
+        {
+            Done::Extents(d) => Ok(d
+                .into_iter()
+                .map(|d| Extent {
+                    length: u64::from(d.length),
+                    hole: d.flags & state::HOLE != 0,
+                    zero: d.flags & state::ZERO != 0,
+                })
+                .collect()),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Sends `NBD_CMD_DISC` (a soft disconnect).
+    pub async fn disconnect(&self) -> Result<(), ClientError> {
+        self.request(Command::Disc, 0, 0, 0, None).await.map(|_| ())
+    }
+}
+
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn new(c: &'a AtomicUsize) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        InFlight(c)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn op_name(cmd: Command) -> &'static str {
+    match cmd {
+        Command::Read => "read",
+        Command::Write => "write",
+        Command::Disc => "disconnect",
+        Command::Flush => "flush",
+        Command::Trim => "trim",
+        Command::Cache => "cache",
+        Command::WriteZeroes => "write zeroes",
+        Command::BlockStatus => "block status",
+    }
+}
+
+/// Client side of the handshake; errors are human-readable reasons.
+async fn negotiate(r: &mut BoxRead, w: &mut BoxWrite, export: &str) -> Result<ExportInfo, String> {
+    let mut g = [0u8; GREETING_LEN];
+    r.read_exact(&mut g)
+        .await
+        .map_err(|e| format!("reading greeting: {e}"))?;
+    let hflags = hs::decode_greeting(&g).map_err(|e| e.to_string())?;
+    let mut cflags = client_flags::FIXED_NEWSTYLE;
+    let no_zeroes = hflags & handshake_flags::NO_ZEROES != 0;
+    if no_zeroes {
+        cflags |= client_flags::NO_ZEROES;
+    }
+    w.write_all(&cflags.to_be_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+
+    let structured = match option(r, w, opt::STRUCTURED_REPLY, &[]).await?.last() {
+        Some((t, _)) => *t == rep::ACK,
+        None => false,
+    };
+    let mut base_allocation = None;
+    if structured {
+        let m = MetaRequest {
+            name: export.to_owned(),
+            queries: vec![BASE_ALLOCATION.to_owned()],
+        };
+        let replies = option(r, w, opt::SET_META_CONTEXT, &m.encode()).await?;
+        if replies.last().is_some_and(|(t, _)| *t == rep::ACK) {
+            for (t, data) in &replies {
+                if *t == rep::META_CONTEXT
+                    && let Ok((id, name)) = hs::decode_rep_meta_context(data)
+                    && name == BASE_ALLOCATION
+                {
+                    base_allocation = Some(id);
+                }
+            }
+        }
+    }
+
+    let go = GoRequest {
+        name: export.to_owned(),
+        requests: vec![info::BLOCK_SIZE],
+    };
+    let replies = option(r, w, opt::GO, &go.encode()).await?;
+    let (last, last_data) = replies.last().cloned().unwrap_or((0, Vec::new()));
+    if last == rep::ERR_UNSUP {
+        return export_name(r, w, export, no_zeroes, structured, base_allocation).await;
+    }
+    if last != rep::ACK {
+        return Err(format!(
+            "server refused the export: {} {}",
+            rep_name(last),
+            String::from_utf8_lossy(&last_data)
+        ));
+    }
+    let mut size_flags = None;
+    let mut block_sizes = BlockSizes::DEFAULT;
+    for (t, data) in &replies {
+        if *t != rep::INFO {
+            continue;
+        }
+        match Info::decode(data).map_err(|e| format!("bad NBD_REP_INFO: {e}"))? {
+            Info::Export { size, flags } => size_flags = Some((size, flags)),
+            Info::BlockSize(b) => block_sizes = b,
+            _ => {}
+        }
+    }
+    let (size, flags) = size_flags.ok_or("server acknowledged GO without NBD_INFO_EXPORT")?;
+    Ok(ExportInfo {
+        size,
+        flags,
+        block_sizes,
+        structured,
+        base_allocation,
+    })
+}
+
+/// Falls back to `NBD_OPT_EXPORT_NAME` for servers without `NBD_OPT_GO`.
+async fn export_name(
+    r: &mut BoxRead,
+    w: &mut BoxWrite,
+    export: &str,
+    no_zeroes: bool,
+    structured: bool,
+    base_allocation: Option<u32>,
+) -> Result<ExportInfo, String> {
+    let mut b = BytesMut::new();
+    hs::encode_option(&mut b, opt::EXPORT_NAME, export.as_bytes());
+    w.write_all(&b).await.map_err(|e| e.to_string())?;
+    w.flush().await.map_err(|e| e.to_string())?;
+    let mut reply = [0u8; 10];
+    r.read_exact(&mut reply)
+        .await
+        .map_err(|e| format!("server closed after NBD_OPT_EXPORT_NAME (no such export?): {e}"))?;
+    if !no_zeroes {
+        let mut z = [0u8; 124];
+        r.read_exact(&mut z).await.map_err(|e| e.to_string())?;
+    }
+    let mut size = [0u8; 8];
+    size.copy_from_slice(&reply[..8]);
+    Ok(ExportInfo {
+        size: u64::from_be_bytes(size),
+        flags: u16::from_be_bytes([reply[8], reply[9]]),
+        block_sizes: BlockSizes::DEFAULT,
+        structured,
+        base_allocation,
+    })
+}
+
+/// Sends one option and collects its replies up to the final one.
+async fn option(
+    r: &mut BoxRead,
+    w: &mut BoxWrite,
+    code: u32,
+    data: &[u8],
+) -> Result<Vec<(u32, Vec<u8>)>, String> {
+    let mut b = BytesMut::new();
+    hs::encode_option(&mut b, code, data);
+    w.write_all(&b).await.map_err(|e| e.to_string())?;
+    w.flush().await.map_err(|e| e.to_string())?;
+    let mut replies = Vec::new();
+    loop {
+        let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
+        r.read_exact(&mut h)
+            .await
+            .map_err(|e| format!("reading reply to option {code}: {e}"))?;
+        let h = hs::decode_option_reply_header(&h).map_err(|e| e.to_string())?;
+        if h.option != code {
+            return Err(format!(
+                "reply for option {} while waiting for {code}",
+                h.option
+            ));
+        }
+        if h.length > MAX_OPTION_REPLY {
+            return Err(format!("option reply of {} bytes is too long", h.length));
+        }
+        let mut data = vec![0u8; usize::try_from(h.length).unwrap_or(0)];
+        r.read_exact(&mut data).await.map_err(|e| e.to_string())?;
+        let t = h.reply_type;
+        replies.push((t, data));
+        let more = matches!(t, rep::SERVER | rep::INFO | rep::META_CONTEXT);
+        if !more {
+            return Ok(replies);
+        }
+    }
+}
+
+fn rep_name(t: u32) -> String {
+    match t {
+        rep::ERR_UNKNOWN => "NBD_REP_ERR_UNKNOWN".into(),
+        rep::ERR_POLICY => "NBD_REP_ERR_POLICY".into(),
+        rep::ERR_INVALID => "NBD_REP_ERR_INVALID".into(),
+        rep::ERR_TLS_REQD => "NBD_REP_ERR_TLS_REQD".into(),
+        rep::ERR_SHUTDOWN => "NBD_REP_ERR_SHUTDOWN".into(),
+        rep::ERR_BLOCK_SIZE_REQD => "NBD_REP_ERR_BLOCK_SIZE_REQD".into(),
+        rep::ERR_UNSUP => "NBD_REP_ERR_UNSUP".into(),
+        other => format!("reply type {other:#x}"),
+    }
+}
+
+/// Lists the exports of a server (`NBD_OPT_LIST`) as (name, description) pairs.
+pub async fn list_exports(endpoint: &Endpoint) -> Result<Vec<(String, String)>, ClientError> {
+    let server = endpoint.to_string();
+    let herr = |reason: String| ClientError::Handshake {
+        server: server.clone(),
+        export: String::new(),
+        reason,
+    };
+    let (mut r, mut w) = dial(endpoint)
+        .await
+        .map_err(|source| ClientError::Connect {
+            server: server.clone(),
+            source,
+        })?;
+    let mut g = [0u8; GREETING_LEN];
+    r.read_exact(&mut g)
+        .await
+        .map_err(|e| herr(e.to_string()))?;
+    hs::decode_greeting(&g).map_err(|e| herr(e.to_string()))?;
+    w.write_all(&client_flags::FIXED_NEWSTYLE.to_be_bytes())
+        .await
+        .map_err(|e| herr(e.to_string()))?;
+    let replies = option(&mut r, &mut w, opt::LIST, &[]).await.map_err(herr)?;
+    let mut out = Vec::new();
+    for (t, data) in replies {
+        match t {
+            rep::SERVER => out.push(hs::decode_rep_server(&data).map_err(|e| herr(e.to_string()))?),
+            rep::ACK => {}
+            other => return Err(herr(format!("list refused: {}", rep_name(other)))),
+        }
+    }
+    // A polite end: NBD_OPT_ABORT, whose reply we do not need.
+    let mut b = BytesMut::new();
+    hs::encode_option(&mut b, opt::ABORT, &[]);
+    let _ = w.write_all(&b).await;
+    Ok(out)
+}
+
+/// Reads replies until the connection fails, then fails every pending request.
+async fn reader_task(r: BoxRead, shared: Arc<Shared>, info: ExportInfo) {
+    let mut r = BufReader::with_capacity(256 * 1024, r);
+    let reason = loop {
+        match read_one(&mut r, &shared, &info).await {
+            Ok(()) => {}
+            Err(e) => break e,
+        }
+    };
+    let mut t = shared.table();
+    t.closed = Some(reason.clone());
+    for (_, p) in t.map.drain() {
+        let _ = p.tx.send(Err(RequestFailure::Disconnected(reason.clone())));
+    }
+}
+
+async fn read_one(
+    r: &mut BufReader<BoxRead>,
+    shared: &Shared,
+    info: &ExportInfo,
+) -> Result<(), String> {
+    let io = |e: io::Error| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            "server closed the connection".to_owned()
+        } else {
+            e.to_string()
+        }
+    };
+    let mut magic = [0u8; 4];
+    r.read_exact(&mut magic).await.map_err(io)?;
+    let magic = u32::from_be_bytes(magic);
+    let rest_len = tm::reply_header_rest(magic).map_err(|e| e.to_string())?;
+    let mut rest = [0u8; tm::CHUNK_HEADER_LEN];
+    r.read_exact(&mut rest[..rest_len]).await.map_err(io)?;
+    let header = tm::decode_reply_header(magic, &rest[..rest_len]).map_err(|e| e.to_string())?;
+
+    match header {
+        ReplyHeader::Simple { error, cookie } => {
+            let Some(mut p) = shared.table().map.remove(&cookie) else {
+                // A late reply to a request that timed out. Without structured
+                // replies its read payload length is unknown: the stream is lost.
+                if info.structured {
+                    return Ok(());
+                }
+                return Err(format!("simple reply for unknown cookie {cookie}"));
+            };
+            if error != 0 {
+                let _ = p.tx.send(Err(RequestFailure::Server {
+                    errno: Errno::from_code(error),
+                    message: String::new(),
+                }));
+                return Ok(());
+            }
+            if p.cmd == Command::Read {
+                if info.structured {
+                    return Err(
+                        "simple reply to a read after structured replies were negotiated".into(),
+                    );
+                }
+                r.read_exact(&mut p.buf).await.map_err(io)?;
+                let _ = p.tx.send(Ok(Done::Data(p.buf.freeze())));
+            } else {
+                let _ = p.tx.send(Ok(Done::Ok));
+            }
+            Ok(())
+        }
+        ReplyHeader::Chunk {
+            flags,
+            ty,
+            cookie,
+            length,
+        } => {
+            if !info.structured {
+                return Err("structured reply chunk without negotiation".into());
+            }
+            let taken = shared.table().map.remove(&cookie);
+            let Some(mut p) = taken else {
+                // Late chunks of a timed-out request: skip their payload.
+                let mut sink = tokio::io::sink();
+                tokio::io::copy(&mut (&mut *r).take(u64::from(length)), &mut sink)
+                    .await
+                    .map_err(io)?;
+                return Ok(());
+            };
+            chunk(r, &mut p, ty, length).await?;
+            if flags & reply::FLAG_DONE != 0 {
+                let result = match p.error.take() {
+                    Some(f) => Err(f),
+                    None => Ok(match p.cmd {
+                        Command::Read => Done::Data(p.buf.freeze()),
+                        Command::BlockStatus => Done::Extents(std::mem::take(&mut p.extents)),
+                        _ => Done::Ok,
+                    }),
+                };
+                let _ = p.tx.send(result);
+            } else {
+                shared.table().map.insert(cookie, p);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Applies one structured chunk to its pending request.
+async fn chunk(
+    r: &mut BufReader<BoxRead>,
+    p: &mut Pending,
+    ty: u16,
+    length: u32,
+) -> Result<(), String> {
+    let io = |e: io::Error| e.to_string();
+    if ty == reply::TYPE_OFFSET_DATA {
+        if p.cmd != Command::Read || length < 9 {
+            return Err(format!("bad OFFSET_DATA chunk of {length} bytes"));
+        }
+        let mut off = [0u8; 8];
+        r.read_exact(&mut off).await.map_err(io)?;
+        let off = u64::from_be_bytes(off);
+        let n = length - 8;
+        let start = off
+            .checked_sub(p.offset)
+            .filter(|s| s + u64::from(n) <= u64::from(p.length))
+            .ok_or_else(|| format!("OFFSET_DATA at {off}+{n} outside the request"))?;
+        let start = usize::try_from(start).map_err(|e| e.to_string())?;
+        let n = usize::try_from(n).map_err(|e| e.to_string())?;
+        r.read_exact(&mut p.buf[start..start + n])
+            .await
+            .map_err(io)?;
+        return Ok(());
+    }
+    if length > MAX_CHUNK_PAYLOAD {
+        return Err(format!("chunk type {ty} of {length} bytes is too long"));
+    }
+    let mut payload = vec![0u8; usize::try_from(length).unwrap_or(0)];
+    r.read_exact(&mut payload).await.map_err(io)?;
+    match ty {
+        reply::TYPE_NONE if length == 0 => {}
+        reply::TYPE_OFFSET_HOLE if p.cmd == Command::Read => {
+            let (off, n) = tm::decode_offset_hole(&payload).map_err(|e| e.to_string())?;
+            let inside = off
+                .checked_sub(p.offset)
+                .is_some_and(|s| s + u64::from(n) <= u64::from(p.length));
+            if !inside {
+                return Err(format!("OFFSET_HOLE at {off}+{n} outside the request"));
+            }
+            // The buffer starts zeroed; a hole needs no work.
+        }
+        reply::TYPE_BLOCK_STATUS if p.cmd == Command::BlockStatus => {
+            let (_, d) = tm::decode_block_status(&payload).map_err(|e| e.to_string())?;
+            if d.iter().any(|d| d.length == 0) {
+                return Err("block status descriptor of length 0".into());
+            }
+            p.extents = d;
+        }
+        t if t & reply::TYPE_ERROR_BIT != 0 => {
+            let (errno, message) = tm::decode_error(&payload).map_err(|e| e.to_string())?;
+            p.error.get_or_insert(RequestFailure::Server {
+                errno: Errno::from_code(errno),
+                message,
+            });
+        }
+        other => return Err(format!("unexpected chunk type {other} for {:?}", p.cmd)),
+    }
+    Ok(())
+}
+
+/// A client of one export over one or more connections.
+#[derive(Clone, Debug)]
+pub struct Client {
+    conns: Arc<Vec<Connection>>,
+}
+
+impl Client {
+    /// Connects `config.connections` times (once if the server forbids
+    /// multi-conn).
+    pub async fn connect(
+        endpoint: &Endpoint,
+        config: &ClientConfig,
+    ) -> Result<Client, ClientError> {
+        let first = Connection::connect(endpoint, config).await?;
+        let want = if first.info().multi_conn() {
+            config.connections.max(1)
+        } else {
+            1
+        };
+        let mut conns = vec![first];
+        for _ in 1..want {
+            conns.push(Connection::connect(endpoint, config).await?);
+        }
+        Ok(Client {
+            conns: Arc::new(conns),
+        })
+    }
+
+    /// What the server said about the export.
+    pub fn info(&self) -> &ExportInfo {
+        self.conns[0].info()
+    }
+
+    /// The export's size.
+    pub fn size(&self) -> u64 {
+        self.info().size
+    }
+
+    /// The connections in use.
+    pub fn connections(&self) -> &[Connection] {
+        &self.conns
+    }
+
+    /// The connection with the fewest requests in flight.
+    pub fn pick(&self) -> &Connection {
+        self.conns
+            .iter()
+            .min_by_key(|c| c.in_flight())
+            .unwrap_or(&self.conns[0])
+    }
+
+    /// Reads any length, split into requests of at most the maximum payload,
+    /// sent in parallel over the connections.
+    pub async fn read(&self, offset: u64, length: u64) -> Result<Bytes, ClientError> {
+        let max = u64::from(self.info().block_sizes.maximum.clamp(4096, 32 << 20));
+        if length <= max {
+            let len = u32::try_from(length).unwrap_or(u32::MAX);
+            return self.pick().read(offset, len).await;
+        }
+        let mut tasks = JoinSet::new();
+        let mut pos = 0;
+        while pos < length {
+            let n = (length - pos).min(max);
+            let conn = self.pick().clone();
+            let len = u32::try_from(n).unwrap_or(u32::MAX);
+            tasks.spawn(async move { (pos, conn.read(offset + pos, len).await) });
+            pos += n;
+        }
+        let mut out = BytesMut::zeroed(usize::try_from(length).unwrap_or(0));
+        while let Some(res) = tasks.join_next().await {
+            let (at, data) = res.map_err(|e| ClientError::Handshake {
+                server: String::new(),
+                export: String::new(),
+                reason: e.to_string(),
+            })?;
+            let data = data?;
+            let at = usize::try_from(at).unwrap_or(0);
+            out[at..at + data.len()].copy_from_slice(&data);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Writes `data` at `offset` on the least busy connection.
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ClientError> {
+        self.pick().write(offset, data, fua).await
+    }
+
+    /// Flushes every connection.
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        for c in self.conns.iter() {
+            c.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends a soft disconnect on every connection.
+    pub async fn disconnect(&self) -> Result<(), ClientError> {
+        for c in self.conns.iter() {
+            c.disconnect().await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,27 @@
+//! The NBD protocol for virtman.
+//!
+//! Every block path of virtman speaks NBD: VMs read their snapshots over it and
+//! hosts fetch image chunks from their parents over it. This crate is that layer:
+//!
+//! - [`proto`]: the wire format without I/O (constants, pure encoders and
+//!   decoders, request validation), property-tested and fuzzed;
+//! - [`export`]: the [`Export`] trait that anything served implements;
+//! - [`file`]: a file-backed export;
+//! - [`server`]: a tokio server for many exports, connections and requests in
+//!   flight, on TCP and unix sockets;
+//! - [`client`]: a tokio client with many requests in flight per connection,
+//!   several connections, and per-request timeouts.
+
+// Tests may cast freely; library code must use checked conversions.
+#![cfg_attr(test, allow(clippy::cast_possible_truncation))]
+
+pub mod client;
+pub mod export;
+pub mod file;
+pub mod proto;
+pub mod server;
+
+pub use client::{Client, ClientConfig, ClientError, Endpoint};
+pub use export::{Capabilities, Export, ExportError, Extent, ReadChunk};
+pub use file::FileExport;
+pub use server::{Listener, Server, ServerConfig};

@@ -1,0 +1,288 @@
+//! The NBD server: named exports, TCP and unix listeners, one task per
+//! connection, many requests in flight per connection.
+//!
+//! ```text
+//! Listener ──accept──► connection task
+//!                        ├─ handshake (server/handshake.rs): options until GO / EXPORT_NAME
+//!                        └─ transmission (server/transmission.rs):
+//!                             reader ──spawn per request──► export ──► reply ──mpsc──► writer
+//!                             (a byte budget bounds what is in flight)
+//! ```
+//!
+//! The server takes its listener and a [`CancellationToken`]; on cancellation
+//! it stops accepting, lets connections finish the requests in flight, and
+//! returns once every connection task has ended.
+
+mod handshake;
+mod transmission;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::export::Export;
+
+/// Tunables of the server. The defaults suit an agent serving a few hundred
+/// VMs and children on one host.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Bytes of request and reply payload one connection may hold in flight;
+    /// reading further requests waits until replies are sent. Bounds memory per
+    /// connection whatever the client does.
+    pub connection_budget: u32,
+    /// Time a client has to finish the handshake.
+    pub handshake_timeout: Duration,
+    /// Most connections served at once; further ones are closed at accept.
+    pub max_connections: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            connection_budget: 64 * 1024 * 1024,
+            handshake_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+        }
+    }
+}
+
+/// Counters of one server, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Connections accepted.
+    pub connections: AtomicU64,
+    /// Connections that reached the transmission phase.
+    pub sessions: AtomicU64,
+    /// Requests received in the transmission phase.
+    pub requests: AtomicU64,
+    /// Bytes of export data sent to clients (holes not counted).
+    pub bytes_read: AtomicU64,
+    /// Bytes written by clients.
+    pub bytes_written: AtomicU64,
+    /// Requests answered with an error.
+    pub errors: AtomicU64,
+}
+
+impl ServerStats {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Where a server accepts connections.
+#[derive(Debug)]
+pub enum Listener {
+    /// A TCP listener (children hosts, tools).
+    Tcp(TcpListener),
+    /// A unix socket listener (local VMs); the path is removed on shutdown.
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds a unix socket at `path`, replacing a stale socket file left there.
+    pub fn bind_unix(path: impl Into<PathBuf>) -> io::Result<Listener> {
+        let path = path.into();
+        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+            use std::os::unix::fs::FileTypeExt;
+            if meta.file_type().is_socket() {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        let l = UnixListener::bind(&path)?;
+        Ok(Listener::Unix(l, path))
+    }
+
+    /// A printable address.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp:?".into()),
+            Listener::Unix(_, p) => format!("unix:{}", p.display()),
+        }
+    }
+}
+
+/// An NBD server with a set of named exports that can change at run time.
+pub struct Server {
+    exports: RwLock<BTreeMap<String, Arc<dyn Export>>>,
+    config: ServerConfig,
+    stats: ServerStats,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("exports", &self.export_names())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Server {
+    /// A server with no exports yet.
+    pub fn new(config: ServerConfig) -> Arc<Server> {
+        Arc::new(Server {
+            exports: RwLock::new(BTreeMap::new()),
+            config,
+            stats: ServerStats::default(),
+        })
+    }
+
+    /// Adds or replaces the export called `name` (new connections see it).
+    pub fn add_export(&self, name: impl Into<String>, export: Arc<dyn Export>) {
+        self.exports_mut().insert(name.into(), export);
+    }
+
+    /// Removes an export; connections already using it keep it until they end.
+    pub fn remove_export(&self, name: &str) -> Option<Arc<dyn Export>> {
+        self.exports_mut().remove(name)
+    }
+
+    /// The names of the exports, sorted.
+    pub fn export_names(&self) -> Vec<String> {
+        self.exports_ref().keys().cloned().collect()
+    }
+
+    /// The server's counters.
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+
+    /// Looks an export up by name; the empty name is the default export, which
+    /// exists when the server has exactly one export.
+    fn lookup(&self, name: &str) -> Option<(String, Arc<dyn Export>)> {
+        let exports = self.exports_ref();
+        if let Some(e) = exports.get(name) {
+            return Some((name.to_owned(), Arc::clone(e)));
+        }
+        if name.is_empty() && exports.len() == 1 {
+            return exports
+                .iter()
+                .next()
+                .map(|(n, e)| (n.clone(), Arc::clone(e)));
+        }
+        None
+    }
+
+    fn exports_ref(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<dyn Export>>> {
+        // A panic while holding this lock cannot leave the map half-updated.
+        self.exports.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn exports_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<dyn Export>>> {
+        self.exports.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Accepts connections on `listener` until `shutdown` is cancelled, then
+    /// waits for every connection to end.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: Listener,
+        shutdown: CancellationToken,
+    ) -> io::Result<()> {
+        let tracker = TaskTracker::new();
+        let limit = Arc::new(tokio::sync::Semaphore::new(self.config.max_connections));
+        info!(listen = %listener.describe(), "NBD server listening");
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                a = accept(&listener) => a,
+            };
+            let (read, write, peer) = match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
+                warn!(%peer, "too many connections; closing");
+                continue;
+            };
+            ServerStats::add(&self.stats.connections, 1);
+            let server = Arc::clone(&self);
+            let shutdown = shutdown.clone();
+            tracker.spawn(async move {
+                let _permit = permit;
+                debug!(%peer, "connection opened");
+                server.connection(read, write, &peer, shutdown).await;
+                debug!(%peer, "connection closed");
+            });
+        }
+        tracker.close();
+        tracker.wait().await;
+        if let Listener::Unix(_, path) = &listener {
+            let _ = std::fs::remove_file(path);
+        }
+        info!(listen = %listener.describe(), "NBD server stopped");
+        Ok(())
+    }
+
+    /// Serves one connection from handshake to close.
+    pub async fn connection(
+        self: Arc<Self>,
+        mut read: BoxRead,
+        mut write: BoxWrite,
+        peer: &str,
+        shutdown: CancellationToken,
+    ) {
+        let negotiated = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = tokio::time::timeout(
+                self.config.handshake_timeout,
+                handshake::negotiate(&self, &mut read, &mut write),
+            ) => r,
+        };
+        let session = match negotiated {
+            Ok(Ok(Some(s))) => s,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                debug!(%peer, error = %e, "handshake ended");
+                return;
+            }
+            Err(_) => {
+                debug!(%peer, "handshake timed out");
+                return;
+            }
+        };
+        ServerStats::add(&self.stats.sessions, 1);
+        debug!(%peer, export = %session.name, structured = session.negotiated.structured, "transmission");
+        if let Err(e) = transmission::run(&self, session, read, write, peer, shutdown).await {
+            debug!(%peer, error = %e, "connection ended with error");
+        }
+    }
+}
+
+/// The read half of a connection.
+pub type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
+/// The write half of a connection.
+pub type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
+
+async fn accept(l: &Listener) -> io::Result<(BoxRead, BoxWrite, String)> {
+    match l {
+        Listener::Tcp(l) => {
+            let (s, addr) = l.accept().await?;
+            s.set_nodelay(true)?;
+            let (r, w) = s.into_split();
+            Ok((Box::new(r), Box::new(w), addr.to_string()))
+        }
+        Listener::Unix(l, path) => {
+            let (s, _) = l.accept().await?;
+            let (r, w) = s.into_split();
+            Ok((Box::new(r), Box::new(w), format!("unix:{}", path.display())))
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! The server side of fixed newstyle negotiation.
+//!
+//! Reads options one at a time and answers each, until the client enters
+//! transmission (`NBD_OPT_GO` acknowledged, or `NBD_OPT_EXPORT_NAME`), aborts,
+//! or breaks the protocol. Parsing is in [`crate::proto::handshake`]; this file
+//! only decides the answers and moves bytes.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{BoxRead, BoxWrite, Server};
+use crate::export::Export;
+use crate::proto::handshake::{
+    self as hs, ClientOption, GoRequest, HandshakeError, Info, MAX_OPTION_DATA, MetaRequest,
+    OPTION_HEADER_LEN, encode_option_reply,
+};
+use crate::proto::transmission::Negotiated;
+use crate::proto::{
+    BASE_ALLOCATION, client_flags, handshake_flags, info, opt, rep, transmission_flags,
+};
+
+/// Option data longer than this is not even skipped: the connection is closed.
+const MAX_SKIPPED_OPTION: u32 = 16 * 1024 * 1024;
+
+/// The id of `base:allocation` on every connection.
+pub(super) const BASE_ALLOCATION_ID: u32 = 1;
+
+/// What transmission needs from a finished handshake.
+pub(super) struct Session {
+    pub name: String,
+    pub export: Arc<dyn Export>,
+    pub negotiated: Negotiated,
+    /// Whether `base:allocation` was selected for this export.
+    pub base_allocation: bool,
+}
+
+/// Why a handshake ended without a session.
+#[derive(Debug, Error)]
+pub(super) enum NegotiationError {
+    /// The socket failed or closed.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// The client broke the protocol.
+    #[error(transparent)]
+    Protocol(#[from] HandshakeError),
+    /// Option data too long to even skip.
+    #[error("option {option} carries {length} bytes of data")]
+    OptionTooLong {
+        /// The option.
+        option: u32,
+        /// Its announced length.
+        length: u32,
+    },
+    /// `NBD_OPT_EXPORT_NAME` named an export that does not exist, or was bad.
+    #[error("export {0:?} refused")]
+    ExportNameRefused(String),
+}
+
+/// Runs the handshake; `Ok(None)` means the client aborted cleanly.
+pub(super) async fn negotiate(
+    server: &Server,
+    r: &mut BoxRead,
+    w: &mut BoxWrite,
+) -> Result<Option<Session>, NegotiationError> {
+    let offered = handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES;
+    w.write_all(&hs::encode_greeting(offered)).await?;
+    w.flush().await?;
+    let mut cflags = [0u8; 4];
+    r.read_exact(&mut cflags).await?;
+    let cflags = hs::decode_client_flags(cflags, offered)?;
+    let no_zeroes = cflags & client_flags::NO_ZEROES != 0;
+
+    let mut state = State::default();
+    let mut out = BytesMut::with_capacity(4096);
+    loop {
+        let mut header = [0u8; OPTION_HEADER_LEN];
+        r.read_exact(&mut header).await?;
+        let header = hs::decode_option_header(&header)?;
+        let (option, length) = (header.option, header.length);
+
+        if length > MAX_OPTION_DATA {
+            if option == opt::EXPORT_NAME || length > MAX_SKIPPED_OPTION {
+                return Err(NegotiationError::OptionTooLong { option, length });
+            }
+            skip(r, length).await?;
+            reply_error(&mut out, option, rep::ERR_TOO_BIG, "option data too long");
+            flush(w, &mut out).await?;
+            continue;
+        }
+        let mut data = vec![0u8; usize::try_from(length).unwrap_or(0)];
+        r.read_exact(&mut data).await?;
+
+        let parsed = match hs::parse_option(option, &data) {
+            Ok(p) => p,
+            Err(e) if option == opt::EXPORT_NAME => {
+                return Err(NegotiationError::ExportNameRefused(e.to_string()));
+            }
+            Err(e) => {
+                reply_error(&mut out, option, e.reply_type(), &e.to_string());
+                flush(w, &mut out).await?;
+                continue;
+            }
+        };
+
+        match parsed {
+            ClientOption::ExportName(name) => {
+                let Some((name, export)) = server.lookup(&name) else {
+                    return Err(NegotiationError::ExportNameRefused(name));
+                };
+                let negotiated = negotiated(&*export, state.structured);
+                hs::encode_export_name_reply(
+                    &mut out,
+                    negotiated.size,
+                    negotiated.flags,
+                    no_zeroes,
+                );
+                flush(w, &mut out).await?;
+                return Ok(Some(state.into_session(name, export, negotiated)));
+            }
+            ClientOption::Abort => {
+                encode_option_reply(&mut out, option, rep::ACK, &[]);
+                // The client may already have closed; that is fine.
+                let _ = flush(w, &mut out).await;
+                return Ok(None);
+            }
+            ClientOption::List => {
+                let exports: Vec<_> = server
+                    .exports_ref()
+                    .iter()
+                    .map(|(n, e)| (n.clone(), e.capabilities().description.unwrap_or_default()))
+                    .collect();
+                for (name, description) in exports {
+                    let data = hs::encode_rep_server(&name, &description);
+                    encode_option_reply(&mut out, option, rep::SERVER, &data);
+                }
+                encode_option_reply(&mut out, option, rep::ACK, &[]);
+            }
+            ClientOption::StartTls => {
+                reply_error(
+                    &mut out,
+                    option,
+                    rep::ERR_POLICY,
+                    "TLS is not configured on this server",
+                );
+            }
+            ClientOption::StructuredReply => {
+                if state.structured {
+                    reply_error(
+                        &mut out,
+                        option,
+                        rep::ERR_INVALID,
+                        "structured replies already negotiated",
+                    );
+                } else {
+                    state.structured = true;
+                    encode_option_reply(&mut out, option, rep::ACK, &[]);
+                }
+            }
+            ClientOption::ListMetaContext(m) | ClientOption::SetMetaContext(m) => {
+                let set = option == opt::SET_META_CONTEXT;
+                meta_context(server, &mut state, &mut out, option, m, set);
+            }
+            ClientOption::Info(req) | ClientOption::Go(req) => {
+                let go = option == opt::GO;
+                if let Some((name, export)) = info_or_go(server, &state, &mut out, option, &req)
+                    && go
+                {
+                    flush(w, &mut out).await?;
+                    let negotiated = negotiated(&*export, state.structured);
+                    return Ok(Some(state.into_session(name, export, negotiated)));
+                }
+            }
+            ClientOption::Unknown(code) => {
+                let msg = format!("option {code} is not supported");
+                reply_error(&mut out, option, rep::ERR_UNSUP, &msg);
+            }
+        }
+        flush(w, &mut out).await?;
+    }
+}
+
+/// Negotiation state that later options depend on.
+#[derive(Default)]
+struct State {
+    structured: bool,
+    /// The export `base:allocation` was selected for, if it was.
+    meta_export: Option<String>,
+}
+
+impl State {
+    fn into_session(
+        self,
+        name: String,
+        export: Arc<dyn Export>,
+        mut negotiated: Negotiated,
+    ) -> Session {
+        // Contexts count only if selected for the export finally chosen.
+        let base_allocation = self.structured && self.meta_export.as_deref() == Some(name.as_str());
+        negotiated.meta_contexts = base_allocation;
+        Session {
+            name,
+            export,
+            negotiated,
+            base_allocation,
+        }
+    }
+}
+
+/// The transmission flags and limits of an export for this connection.
+fn negotiated(export: &dyn Export, structured: bool) -> Negotiated {
+    let caps = export.capabilities();
+    let mut flags = transmission_flags::HAS_FLAGS | transmission_flags::SEND_CACHE;
+    if caps.read_only {
+        flags |= transmission_flags::READ_ONLY;
+    }
+    if caps.flush {
+        flags |= transmission_flags::SEND_FLUSH | transmission_flags::SEND_FUA;
+    }
+    if caps.trim && !caps.read_only {
+        flags |= transmission_flags::SEND_TRIM;
+    }
+    if caps.write_zeroes && !caps.read_only {
+        flags |= transmission_flags::SEND_WRITE_ZEROES;
+    }
+    if caps.multi_conn {
+        flags |= transmission_flags::CAN_MULTI_CONN;
+    }
+    if structured {
+        flags |= transmission_flags::SEND_DF;
+    }
+    Negotiated {
+        size: export.size(),
+        flags,
+        block_sizes: caps.block_sizes,
+        structured,
+        meta_contexts: false,
+    }
+}
+
+/// Answers `NBD_OPT_INFO` or `NBD_OPT_GO`; returns the export on success.
+fn info_or_go(
+    server: &Server,
+    state: &State,
+    out: &mut BytesMut,
+    option: u32,
+    req: &GoRequest,
+) -> Option<(String, Arc<dyn Export>)> {
+    let Some((name, export)) = server.lookup(&req.name) else {
+        let msg = format!("no export named {:?}", req.name);
+        reply_error(out, option, rep::ERR_UNKNOWN, &msg);
+        return None;
+    };
+    let n = negotiated(&*export, state.structured);
+    let caps = export.capabilities();
+    let mut infos = vec![Info::Export {
+        size: n.size,
+        flags: n.flags,
+    }];
+    // Block sizes are always sent: they cost nothing and tell the client the limits.
+    infos.push(Info::BlockSize(caps.block_sizes));
+    if req.requests.contains(&info::NAME) || name != req.name {
+        infos.push(Info::Name(name.clone()));
+    }
+    if req.requests.contains(&info::DESCRIPTION)
+        && let Some(d) = caps.description
+    {
+        infos.push(Info::Description(d));
+    }
+    for i in infos {
+        encode_option_reply(out, option, rep::INFO, &i.encode());
+    }
+    encode_option_reply(out, option, rep::ACK, &[]);
+    Some((name, export))
+}
+
+/// Answers `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`.
+fn meta_context(
+    server: &Server,
+    state: &mut State,
+    out: &mut BytesMut,
+    option: u32,
+    m: MetaRequest,
+    set: bool,
+) {
+    if set {
+        // SET replaces the selection even when it fails.
+        state.meta_export = None;
+    }
+    if !state.structured {
+        reply_error(
+            out,
+            option,
+            rep::ERR_INVALID,
+            "negotiate structured replies first",
+        );
+        return;
+    }
+    let Some((canonical, _)) = server.lookup(&m.name) else {
+        let msg = format!("no export named {:?}", m.name);
+        reply_error(out, option, rep::ERR_UNKNOWN, &msg);
+        return;
+    };
+    let matches = |q: &str| {
+        if set {
+            q == BASE_ALLOCATION
+        } else {
+            q == BASE_ALLOCATION || q == "base:"
+        }
+    };
+    let selected = if set {
+        m.queries.iter().any(|q| matches(q))
+    } else {
+        m.queries.is_empty() || m.queries.iter().any(|q| matches(q))
+    };
+    if selected {
+        let id = if set { BASE_ALLOCATION_ID } else { 0 };
+        let data = hs::encode_rep_meta_context(id, BASE_ALLOCATION);
+        encode_option_reply(out, option, rep::META_CONTEXT, &data);
+        if set {
+            state.meta_export = Some(canonical);
+        }
+    }
+    encode_option_reply(out, option, rep::ACK, &[]);
+}
+
+fn reply_error(out: &mut BytesMut, option: u32, reply_type: u32, message: &str) {
+    encode_option_reply(out, option, reply_type, message.as_bytes());
+}
+
+async fn flush(w: &mut BoxWrite, out: &mut BytesMut) -> std::io::Result<()> {
+    w.write_all(out).await?;
+    out.clear();
+    w.flush().await
+}
+
+async fn skip(r: &mut BoxRead, mut n: u32) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    while n > 0 {
+        let take = n.min(64 * 1024);
+        let k = usize::try_from(take).unwrap_or(0);
+        r.read_exact(&mut buf[..k]).await?;
+        n -= take;
+    }
+    Ok(())
+}

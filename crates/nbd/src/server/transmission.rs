@@ -1,0 +1,502 @@
+//! The transmission phase of one connection.
+//!
+//! ```text
+//!            ┌──────────── budget (bytes in flight) ────────────┐
+//! socket ─► reader ─ validate ─► spawn(execute) ─► reply parts ─► mpsc ─► writer ─► socket
+//!              │ invalid: error reply straight to the writer        (batches replies,
+//!              └ DISC / EOF / shutdown: stop reading, finish in flight   flushes when idle)
+//! ```
+//!
+//! Requests run concurrently and reply out of order. A semaphore counts the
+//! bytes each request holds (its payload or read buffer plus a fixed overhead)
+//! until its reply is written, so a client that floods requests or stops reading
+//! replies stalls only its own connection, with bounded memory.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::handshake::{BASE_ALLOCATION_ID, Session};
+use super::{BoxRead, BoxWrite, Server, ServerStats};
+use crate::export::{Export, ExportError, Extent, ReadChunk};
+use crate::proto::transmission::{
+    self as tm, Command, Descriptor, Negotiated, REQUEST_LEN, Request, RequestError,
+};
+use crate::proto::{Errno, cmd_flags, state};
+
+/// Bytes charged to every request besides its payload.
+const REQUEST_OVERHEAD: u32 = 4096;
+/// Most descriptors in one block status reply.
+const MAX_DESCRIPTORS: usize = 1024;
+/// How long a closing connection waits for its replies to drain.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+static ZEROES: [u8; 1 << 20] = [0u8; 1 << 20];
+
+/// Why a connection ended abnormally.
+#[derive(Debug, Error)]
+pub(super) enum TransmissionError {
+    /// The socket failed.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// The client sent garbage.
+    #[error(transparent)]
+    Protocol(#[from] RequestError),
+    /// A write payload too large to accept.
+    #[error("write payload of {0} bytes exceeds the maximum; disconnecting")]
+    PayloadTooLarge(u32),
+}
+
+/// One reply, as the byte segments to send, holding its budget until written.
+struct Outgoing {
+    parts: Vec<Bytes>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Everything a request task needs.
+struct Context {
+    export: Arc<dyn Export>,
+    negotiated: Negotiated,
+    base_allocation: bool,
+    name: String,
+}
+
+pub(super) async fn run(
+    server: &Arc<Server>,
+    session: Session,
+    read: BoxRead,
+    write: BoxWrite,
+    peer: &str,
+    shutdown: CancellationToken,
+) -> Result<(), TransmissionError> {
+    let budget_total = server.config.connection_budget.max(REQUEST_OVERHEAD * 2);
+    let budget = Arc::new(Semaphore::new(
+        usize::try_from(budget_total).unwrap_or(usize::MAX),
+    ));
+    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+    let writer = tokio::spawn(writer(write, rx));
+    let ctx = Arc::new(Context {
+        export: session.export,
+        negotiated: session.negotiated,
+        base_allocation: session.base_allocation,
+        name: session.name,
+    });
+
+    let result = reader(server, &ctx, read, &tx, &budget, budget_total, &shutdown).await;
+    drop(tx);
+    // Requests in flight hold senders; the writer ends when they are all done.
+    match tokio::time::timeout(DRAIN_TIMEOUT, writer).await {
+        Ok(Ok(Err(e))) => debug!(%peer, error = %e, "reply writer failed"),
+        Ok(_) => {}
+        Err(_) => warn!(%peer, "replies not drained in time; closing"),
+    }
+    result
+}
+
+async fn reader(
+    server: &Arc<Server>,
+    ctx: &Arc<Context>,
+    read: BoxRead,
+    tx: &mpsc::UnboundedSender<Outgoing>,
+    budget: &Arc<Semaphore>,
+    budget_total: u32,
+    shutdown: &CancellationToken,
+) -> Result<(), TransmissionError> {
+    let mut r = BufReader::with_capacity(64 * 1024, read);
+    let n = ctx.negotiated;
+    loop {
+        let mut header = [0u8; REQUEST_LEN];
+        let got = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(()),
+            g = r.read_exact(&mut header) => g,
+        };
+        match got {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        let req = tm::decode_request(&header)?;
+        ServerStats::add(&server.stats.requests, 1);
+
+        let cmd = match tm::validate(&req, &n) {
+            Ok(cmd) => cmd,
+            Err(errno) => {
+                let too_big = req.has_payload() && req.length > n.block_sizes.maximum;
+                if req.has_payload() && !too_big {
+                    skip(&mut r, req.length).await?;
+                }
+                ServerStats::add(&server.stats.errors, 1);
+                let msg = format!("{} refused", describe(&req));
+                let _ = tx.send(error_reply(&req, &n, errno, &msg));
+                if too_big {
+                    return Err(TransmissionError::PayloadTooLarge(req.length));
+                }
+                continue;
+            }
+        };
+        if cmd == Command::Disc {
+            return Ok(());
+        }
+
+        let payload_cost = match cmd {
+            Command::Read | Command::Write => req.length,
+            _ => 0,
+        };
+        let cost = payload_cost
+            .saturating_add(REQUEST_OVERHEAD)
+            .min(budget_total);
+        let permit = Arc::clone(budget)
+            .acquire_many_owned(cost)
+            .await
+            .map_err(|_| std::io::Error::other("budget closed"))?;
+        let payload = if cmd == Command::Write {
+            let len = usize::try_from(req.length).unwrap_or(0);
+            let mut buf = BytesMut::zeroed(len);
+            r.read_exact(&mut buf).await?;
+            buf.freeze()
+        } else {
+            Bytes::new()
+        };
+        let ctx = Arc::clone(ctx);
+        let tx = tx.clone();
+        let server = Arc::clone(server);
+        tokio::spawn(async move {
+            let reply = execute(&server, &ctx, &req, cmd, payload).await;
+            let mut out = match reply {
+                Ok(parts) => Outgoing {
+                    parts,
+                    _permit: None,
+                },
+                Err(e) => {
+                    ServerStats::add(&server.stats.errors, 1);
+                    warn!(export = %ctx.name, error = %e, "{} failed", describe(&req));
+                    let msg = format!("{} failed: {e}", describe(&req));
+                    error_reply(&req, &ctx.negotiated, e.errno(), &msg)
+                }
+            };
+            out._permit = Some(permit);
+            let _ = tx.send(out);
+        });
+    }
+}
+
+/// Sends replies in order of completion, batching those that are ready.
+async fn writer(write: BoxWrite, mut rx: mpsc::UnboundedReceiver<Outgoing>) -> std::io::Result<()> {
+    let mut w = BufWriter::with_capacity(256 * 1024, write);
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(out) = next {
+            for part in &out.parts {
+                w.write_all(part).await?;
+            }
+            drop(out);
+            next = rx.try_recv().ok();
+        }
+        w.flush().await?;
+    }
+    w.shutdown().await
+}
+
+fn describe(req: &Request) -> String {
+    let name = match Command::from_code(req.kind) {
+        Some(c) => format!("{c:?}"),
+        None => format!("command {}", req.kind),
+    };
+    format!("{name} of {} bytes at offset {}", req.length, req.offset)
+}
+
+async fn skip(r: &mut BufReader<BoxRead>, n: u32) -> std::io::Result<()> {
+    let mut left = u64::from(n);
+    let mut sink = tokio::io::sink();
+    let copied = tokio::io::copy(&mut (&mut *r).take(left), &mut sink).await?;
+    left -= copied;
+    if left > 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// Runs a validated request against the export and encodes its reply.
+async fn execute(
+    server: &Server,
+    ctx: &Context,
+    req: &Request,
+    cmd: Command,
+    payload: Bytes,
+) -> Result<Vec<Bytes>, ExportError> {
+    let e = &*ctx.export;
+    let fua = req.flags & cmd_flags::FUA != 0;
+    match cmd {
+        Command::Read => {
+            let chunks = if req.length == 0 {
+                Vec::new()
+            } else {
+                e.read(req.offset, req.length).await?
+            };
+            check_cover(&chunks, req.length)?;
+            let data: u64 = chunks
+                .iter()
+                .filter(|c| matches!(c, ReadChunk::Data(_)))
+                .map(|c| u64::from(c.len()))
+                .sum();
+            ServerStats::add(&server.stats.bytes_read, data);
+            Ok(read_reply(req, &ctx.negotiated, chunks))
+        }
+        Command::Write => {
+            let len = u64::from(req.length);
+            if req.length > 0 {
+                e.write(req.offset, payload, fua).await?;
+            }
+            ServerStats::add(&server.stats.bytes_written, len);
+            Ok(ok_reply(req))
+        }
+        Command::Flush => {
+            e.flush().await?;
+            Ok(ok_reply(req))
+        }
+        Command::Trim => {
+            if req.length > 0 {
+                e.trim(req.offset, req.length, fua).await?;
+            }
+            Ok(ok_reply(req))
+        }
+        Command::WriteZeroes => {
+            if req.length > 0 {
+                let may_trim = req.flags & cmd_flags::NO_HOLE == 0;
+                e.write_zeroes(req.offset, req.length, fua, may_trim)
+                    .await?;
+            }
+            Ok(ok_reply(req))
+        }
+        Command::Cache => {
+            if req.length > 0 {
+                e.cache(req.offset, req.length).await?;
+            }
+            Ok(ok_reply(req))
+        }
+        Command::BlockStatus => {
+            if req.length == 0 || !ctx.base_allocation {
+                return Err(ExportError::Invalid("empty block status request".into()));
+            }
+            let extents = e.block_status(req.offset, req.length).await?;
+            let req_one = req.flags & cmd_flags::REQ_ONE != 0;
+            let descriptors = descriptors(&extents, req.length, req_one);
+            if descriptors.is_empty() {
+                return Err(ExportError::Invalid("export returned no extents".into()));
+            }
+            let mut b = BytesMut::new();
+            tm::encode_block_status(&mut b, true, req.cookie, BASE_ALLOCATION_ID, &descriptors);
+            Ok(vec![b.freeze()])
+        }
+        Command::Disc => Ok(Vec::new()),
+    }
+}
+
+/// An export that returns a read of the wrong length is a bug; fail the request
+/// rather than send a malformed reply.
+fn check_cover(chunks: &[ReadChunk], len: u32) -> Result<(), ExportError> {
+    let total: u64 = chunks.iter().map(|c| u64::from(c.len())).sum();
+    if total != u64::from(len) || chunks.iter().any(ReadChunk::is_empty) {
+        return Err(ExportError::Io(std::io::Error::other(format!(
+            "export returned {total} bytes for a read of {len}"
+        ))));
+    }
+    Ok(())
+}
+
+fn ok_reply(req: &Request) -> Vec<Bytes> {
+    let mut b = BytesMut::with_capacity(tm::SIMPLE_REPLY_LEN);
+    tm::encode_simple_reply(&mut b, 0, req.cookie);
+    vec![b.freeze()]
+}
+
+fn error_reply(req: &Request, n: &Negotiated, errno: Errno, message: &str) -> Outgoing {
+    let mut b = BytesMut::with_capacity(64);
+    if n.structured {
+        tm::encode_error_chunk(&mut b, req.cookie, errno, message);
+    } else {
+        tm::encode_simple_reply(&mut b, errno.code(), req.cookie);
+    }
+    Outgoing {
+        parts: vec![b.freeze()],
+        _permit: None,
+    }
+}
+
+/// Zeroes as shared static slices, for holes that must be sent as data.
+fn zeroes(mut n: u32, parts: &mut Vec<Bytes>) {
+    while n > 0 {
+        let k = n.min(1 << 20);
+        parts.push(Bytes::from_static(
+            &ZEROES[..usize::try_from(k).unwrap_or(0)],
+        ));
+        n -= k;
+    }
+}
+
+fn read_reply(req: &Request, n: &Negotiated, chunks: Vec<ReadChunk>) -> Vec<Bytes> {
+    let mut parts = Vec::with_capacity(chunks.len() * 2 + 1);
+    let mut h = BytesMut::with_capacity(64);
+    let whole = !n.structured
+        || req.flags & cmd_flags::DF != 0
+        || chunks.len() <= 1 && matches!(chunks.first(), Some(ReadChunk::Data(_)));
+    if !n.structured {
+        tm::encode_simple_reply(&mut h, 0, req.cookie);
+        parts.push(h.freeze());
+        push_flat(chunks, &mut parts);
+        return parts;
+    }
+    if chunks.is_empty() {
+        tm::encode_done(&mut h, req.cookie);
+        return vec![h.freeze()];
+    }
+    if whole {
+        // One content chunk: data with any holes written out as zeroes.
+        tm::encode_offset_data_header(&mut h, true, req.cookie, req.offset, req.length);
+        parts.push(h.freeze());
+        push_flat(chunks, &mut parts);
+        return parts;
+    }
+    let last = chunks.len() - 1;
+    let mut offset = req.offset;
+    for (i, c) in chunks.into_iter().enumerate() {
+        let done = i == last;
+        let mut h = BytesMut::with_capacity(32);
+        let len = c.len();
+        match c {
+            ReadChunk::Data(b) => {
+                tm::encode_offset_data_header(&mut h, done, req.cookie, offset, len);
+                parts.push(h.freeze());
+                parts.push(b);
+            }
+            ReadChunk::Zero(z) => {
+                tm::encode_offset_hole(&mut h, done, req.cookie, offset, z);
+                parts.push(h.freeze());
+            }
+        }
+        offset += u64::from(len);
+    }
+    parts
+}
+
+fn push_flat(chunks: Vec<ReadChunk>, parts: &mut Vec<Bytes>) {
+    for c in chunks {
+        match c {
+            ReadChunk::Data(b) => parts.push(b),
+            ReadChunk::Zero(z) => zeroes(z, parts),
+        }
+    }
+}
+
+/// Turns extents into `base:allocation` descriptors: merged where the status is
+/// equal, cut to fit `u32`, and no more than the request needs.
+fn descriptors(extents: &[Extent], len: u32, req_one: bool) -> Vec<Descriptor> {
+    let mut out: Vec<Descriptor> = Vec::new();
+    let mut covered: u64 = 0;
+    for e in extents {
+        if covered >= u64::from(len) || e.length == 0 {
+            break;
+        }
+        let flags = if e.hole { state::HOLE } else { 0 } | if e.zero { state::ZERO } else { 0 };
+        // Keep descriptor lengths multiples of 512 where they are cut.
+        let max = u64::from(u32::MAX - 511);
+        let mut left = e.length;
+        while left > 0 {
+            let piece = left.min(max);
+            let piece32 = u32::try_from(piece).unwrap_or(u32::MAX - 511);
+            match out.last_mut() {
+                Some(d) if d.flags == flags && d.length.checked_add(piece32).is_some() => {
+                    d.length += piece32;
+                }
+                _ => out.push(Descriptor {
+                    length: piece32,
+                    flags,
+                }),
+            }
+            left -= piece;
+            covered += piece;
+            if covered >= u64::from(len) {
+                break;
+            }
+        }
+        if out.len() >= MAX_DESCRIPTORS {
+            break;
+        }
+    }
+    if req_one {
+        out.truncate(1);
+        if let Some(d) = out.first_mut() {
+            d.length = d.length.min(len);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptors_merge_and_respect_req_one() {
+        let ext = [
+            Extent {
+                length: 4096,
+                hole: false,
+                zero: false,
+            },
+            Extent {
+                length: 4096,
+                hole: false,
+                zero: false,
+            },
+            Extent {
+                length: 8192,
+                hole: true,
+                zero: true,
+            },
+        ];
+        let d = descriptors(&ext, 16384, false);
+        assert_eq!(
+            d,
+            vec![
+                Descriptor {
+                    length: 8192,
+                    flags: 0
+                },
+                Descriptor {
+                    length: 8192,
+                    flags: state::HOLE | state::ZERO
+                },
+            ]
+        );
+        let d = descriptors(&ext, 1000, true);
+        assert_eq!(
+            d,
+            vec![Descriptor {
+                length: 1000,
+                flags: 0
+            }]
+        );
+    }
+
+    #[test]
+    fn huge_extents_are_cut_to_u32() {
+        let ext = [Extent {
+            length: 1 << 40,
+            hole: true,
+            zero: true,
+        }];
+        let d = descriptors(&ext, u32::MAX, false);
+        // The first descriptor stops short of the request; the last may cross it.
+        assert_eq!(d.len(), 2);
+        assert!(d.iter().all(|d| d.length % 512 == 0));
+        assert!(u64::from(d[0].length) < u64::from(u32::MAX));
+    }
+}
