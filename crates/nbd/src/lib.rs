@@ -18,10 +18,12 @@
 pub mod client;
 pub mod export;
 pub mod file;
+pub mod mem;
 pub mod proto;
 pub mod server;
 
 pub use client::{Client, ClientConfig, ClientError, Endpoint};
 pub use export::{Capabilities, Export, ExportError, Extent, ReadChunk};
 pub use file::FileExport;
+pub use mem::MemExport;
 pub use server::{Listener, Server, ServerConfig};
