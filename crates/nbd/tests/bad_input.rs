@@ -1,7 +1,7 @@
 //! Bad input against a real server: each case gets the reply or errno the
 //! specification prescribes, or a closed connection, and never harms the
 //! server or other connections.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 mod common;
 

@@ -1,5 +1,5 @@
 //! Many clients, many connections, many requests in flight: every byte checked.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 mod common;
 

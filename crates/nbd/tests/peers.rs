@@ -1,7 +1,7 @@
 //! The virtman client against the servers users already run: qemu-nbd and
 //! nbdkit. Needs `qemu-nbd` (Debian qemu-utils) and `nbdkit`, which `.ci/run`
 //! installs; a missing tool fails the test with a message naming the package.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 mod common;
 

@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests: an in-process server on
 //! 127.0.0.1:0, and a raw protocol client that can send anything, including
 //! what a well-behaved client never would.
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(dead_code, clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
