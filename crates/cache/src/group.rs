@@ -1,0 +1,444 @@
+//! The cache group: one directory per host holding every cached volume and
+//! snapshot, with one capacity shared by all volumes.
+//!
+//! ```text
+//! GROUP/
+//!   LOCK                  flock(LOCK_EX|LOCK_NB) held while the group is open
+//!   volumes/NAME/         one cached volume (see crate::volume)
+//!   snapshots/NAME/       one VM snapshot (see crate::snapshot)
+//!   volumes/.NAME.new     a volume being created (removed at open)
+//!   */.NAME.del           an object being deleted (removed at open)
+//! ```
+//!
+//! Usage is the bytes of present chunks of all volumes. Storing a fetched
+//! chunk first reserves its bytes; when that would pass the capacity, the
+//! least recently used durable chunks of volumes nobody uses (no snapshot, no
+//! export) are evicted until usage drops to the low watermark. If nothing can
+//! be evicted the fetch fails with [`CacheError::NoSpace`] (ENOSPC on NBD).
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use virtman_image::{Manifest, checked::sync_dir, valid_name};
+
+use crate::error::CacheError;
+use crate::snapshot::Snapshot;
+use crate::volume::{CachedVolume, WeakVolume};
+
+/// Tunables of a cache group.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupConfig {
+    /// Most bytes of present chunks, over all volumes.
+    pub capacity: u64,
+    /// Eviction drains usage to this fraction of the capacity (0 < f <= 1), so
+    /// that a storm of misses does not evict one chunk per fetch.
+    pub low_watermark: f64,
+}
+
+impl GroupConfig {
+    /// A group of `capacity` bytes, draining to 90 % when full.
+    pub fn with_capacity(capacity: u64) -> GroupConfig {
+        GroupConfig {
+            capacity,
+            low_watermark: 0.9,
+        }
+    }
+}
+
+/// Capacity accounting and eviction, shared by the group and its volumes.
+#[derive(Debug)]
+pub(crate) struct Accounting {
+    capacity: u64,
+    low: u64,
+    used: AtomicU64,
+    clock: AtomicU64,
+    volumes: Mutex<Vec<WeakVolume>>,
+    evict_lock: Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Accounting {
+    pub(crate) fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub(crate) fn add_used(&self, bytes: u64) {
+        self.used.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    pub(crate) fn sub_used(&self, bytes: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(bytes))
+            });
+    }
+
+    pub(crate) fn register(&self, v: WeakVolume) {
+        let mut vols = lock(&self.volumes);
+        vols.retain(|w| w.strong_count() > 0);
+        vols.push(v);
+    }
+
+    fn try_add(&self, bytes: u64) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(bytes).filter(|&n| n <= self.capacity)
+            })
+            .is_ok()
+    }
+
+    /// Reserves `bytes` of capacity, evicting if needed (blocking).
+    pub(crate) fn reserve(&self, bytes: u64, volume: &str, chunk: u64) -> Result<(), CacheError> {
+        if self.try_add(bytes) {
+            return Ok(());
+        }
+        let _e = lock(&self.evict_lock);
+        loop {
+            if self.try_add(bytes) {
+                return Ok(());
+            }
+            let target = self.low.min(self.capacity.saturating_sub(bytes));
+            if self.evict_to(target) == 0 && !self.try_add(bytes) {
+                return Err(CacheError::NoSpace {
+                    volume: volume.to_owned(),
+                    chunk,
+                    used: self.used.load(Ordering::Acquire),
+                    capacity: self.capacity,
+                });
+            }
+        }
+    }
+
+    /// Evicts least recently used chunks of unused volumes until usage is at
+    /// most `target`. Returns bytes freed.
+    fn evict_to(&self, target: u64) -> u64 {
+        let vols: Vec<Arc<CachedVolume>> = lock(&self.volumes)
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        let mut cands: Vec<(u64, usize, u64)> = Vec::new();
+        for (k, v) in vols.iter().enumerate() {
+            cands.extend(v.evict_candidates().into_iter().map(|(t, i)| (t, k, i)));
+        }
+        cands.sort_unstable();
+        let used = self.used.load(Ordering::Acquire);
+        let mut need = used.saturating_sub(target);
+        let mut per_vol: Vec<Vec<u64>> = vec![Vec::new(); vols.len()];
+        for (_, k, i) in cands {
+            if need == 0 {
+                break;
+            }
+            let len = u64::from(vols[k].manifest().chunk_len(i));
+            per_vol[k].push(i);
+            need = need.saturating_sub(len);
+        }
+        let mut freed = 0;
+        for (k, list) in per_vol.iter().enumerate() {
+            if !list.is_empty() {
+                freed += vols[k].evict(list);
+            }
+        }
+        if freed > 0 {
+            tracing::debug!(freed, target, "evicted chunks");
+        }
+        freed
+    }
+}
+
+/// Usage of a cache group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Usage {
+    /// Bytes of present chunks.
+    pub used: u64,
+    /// The capacity.
+    pub capacity: u64,
+}
+
+#[derive(Debug)]
+struct GroupInner {
+    dir: PathBuf,
+    _lock: File,
+    acct: Arc<Accounting>,
+    volumes: Mutex<BTreeMap<String, Arc<CachedVolume>>>,
+    snapshots: Mutex<BTreeMap<String, Arc<Snapshot>>>,
+}
+
+/// A host's cache group. Cheap to clone; the lock is released when the last
+/// clone (and every volume and snapshot handle) is dropped.
+#[derive(Clone, Debug)]
+pub struct CacheGroup {
+    inner: Arc<GroupInner>,
+}
+
+const VOLUMES: &str = "volumes";
+const SNAPSHOTS: &str = "snapshots";
+
+fn check_name(what: &'static str, name: &str) -> Result<(), CacheError> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(CacheError::Name {
+            what,
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// Removes leftovers of interrupted creations and deletions (dot entries).
+fn clean_dir(dir: &Path) -> Result<Vec<String>, CacheError> {
+    let mut names = Vec::new();
+    let rd = fs::read_dir(dir).map_err(|e| CacheError::io("listing", dir, e))?;
+    for entry in rd {
+        let entry = entry.map_err(|e| CacheError::io("listing", dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            let p = entry.path();
+            fs::remove_dir_all(&p).map_err(|e| CacheError::io("removing leftover", &p, e))?;
+        } else if valid_name(&name) {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Renames `dir` aside and removes it (a crash leaves a dot entry that the
+/// next open removes).
+fn remove_dir(parent: &Path, name: &str) -> Result<(), CacheError> {
+    let from = parent.join(name);
+    let to = parent.join(format!(".{name}.del"));
+    fs::rename(&from, &to).map_err(|e| CacheError::io("removing", &from, e))?;
+    sync_dir(parent).map_err(|e| CacheError::io("syncing", parent, e))?;
+    fs::remove_dir_all(&to).map_err(|e| CacheError::io("removing", &to, e))
+}
+
+impl CacheGroup {
+    /// Opens (creating if needed) the group at `dir`, restoring every volume
+    /// and snapshot. Refused if another process (or another open handle) has
+    /// it, or if any volume's manifest or snapshot's map is refused.
+    pub fn open(dir: impl Into<PathBuf>, config: GroupConfig) -> Result<CacheGroup, CacheError> {
+        let dir = dir.into();
+        if !(config.low_watermark > 0.0 && config.low_watermark <= 1.0) {
+            return Err(CacheError::Config(format!(
+                "low watermark {} is not in (0, 1]",
+                config.low_watermark
+            )));
+        }
+        for d in [dir.clone(), dir.join(VOLUMES), dir.join(SNAPSHOTS)] {
+            fs::create_dir_all(&d).map_err(|e| CacheError::io("creating", &d, e))?;
+        }
+        let lock_path = dir.join("LOCK");
+        let lock_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(|e| CacheError::io("opening", &lock_path, e))?;
+        match rustix::fs::flock(
+            &lock_file,
+            rustix::fs::FlockOperation::NonBlockingLockExclusive,
+        ) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(CacheError::Locked { path: lock_path });
+            }
+            Err(e) => return Err(CacheError::io("locking", &lock_path, e.into())),
+        }
+        // Truncation to u64 of a fraction of the capacity is the intent here.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let low = ((config.capacity as f64) * config.low_watermark) as u64;
+        let acct = Arc::new(Accounting {
+            capacity: config.capacity,
+            low: low.min(config.capacity),
+            used: AtomicU64::new(0),
+            clock: AtomicU64::new(0),
+            volumes: Mutex::new(Vec::new()),
+            evict_lock: Mutex::new(()),
+        });
+        let mut volumes = BTreeMap::new();
+        let vdir = dir.join(VOLUMES);
+        for name in clean_dir(&vdir)? {
+            let v = CachedVolume::open(&name, &vdir.join(&name), Arc::clone(&acct))?;
+            volumes.insert(name, v);
+        }
+        let mut snapshots = BTreeMap::new();
+        let sdir = dir.join(SNAPSHOTS);
+        for name in clean_dir(&sdir)? {
+            let s = Snapshot::open(&name, &sdir.join(&name), &volumes)?;
+            snapshots.insert(name, Arc::new(s));
+        }
+        tracing::info!(dir = %dir.display(), volumes = volumes.len(), snapshots = snapshots.len(),
+            used = acct.used.load(Ordering::Acquire), capacity = config.capacity, "cache group open");
+        Ok(CacheGroup {
+            inner: Arc::new(GroupInner {
+                dir,
+                _lock: lock_file,
+                acct,
+                volumes: Mutex::new(volumes),
+                snapshots: Mutex::new(snapshots),
+            }),
+        })
+    }
+
+    /// The group's directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Bytes used and the capacity.
+    pub fn usage(&self) -> Usage {
+        Usage {
+            used: self.inner.acct.used.load(Ordering::Acquire),
+            capacity: self.inner.acct.capacity,
+        }
+    }
+
+    /// Adds a volume for the image with `manifest` under `name`; if a volume
+    /// of that name exists with the same image, returns it.
+    pub fn add_volume(
+        &self,
+        name: &str,
+        manifest: &Manifest,
+    ) -> Result<Arc<CachedVolume>, CacheError> {
+        check_name("volume", name)?;
+        let mut vols = lock(&self.inner.volumes);
+        if let Some(v) = vols.get(name) {
+            if v.manifest().id() == manifest.id() {
+                return Ok(Arc::clone(v));
+            }
+            return Err(CacheError::Exists {
+                what: "volume",
+                name: name.to_owned(),
+                detail: format!(" for image {}", v.manifest().id().short()),
+            });
+        }
+        let parent = self.inner.dir.join(VOLUMES);
+        let tmp = parent.join(format!(".{name}.new"));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir(&tmp).map_err(|e| CacheError::io("creating", &tmp, e))?;
+        CachedVolume::create_files(&tmp, manifest)?;
+        let dir = parent.join(name);
+        fs::rename(&tmp, &dir).map_err(|e| CacheError::io("creating", &dir, e))?;
+        sync_dir(&parent).map_err(|e| CacheError::io("syncing", &parent, e))?;
+        let v = CachedVolume::open(name, &dir, Arc::clone(&self.inner.acct))?;
+        vols.insert(name.to_owned(), Arc::clone(&v));
+        Ok(v)
+    }
+
+    /// The volume `name`.
+    pub fn volume(&self, name: &str) -> Option<Arc<CachedVolume>> {
+        lock(&self.inner.volumes).get(name).cloned()
+    }
+
+    /// Every volume, by name.
+    pub fn volumes(&self) -> Vec<Arc<CachedVolume>> {
+        lock(&self.inner.volumes).values().cloned().collect()
+    }
+
+    /// Removes the volume `name` and its files. Refused while a snapshot or
+    /// an export uses it.
+    pub fn remove_volume(&self, name: &str) -> Result<(), CacheError> {
+        let snaps = self.snapshots_of(name);
+        let mut vols = lock(&self.inner.volumes);
+        let Some(v) = vols.get(name) else {
+            return Err(CacheError::NotFound {
+                what: "volume",
+                name: name.to_owned(),
+            });
+        };
+        if !snaps.is_empty() || v.uses() > 0 {
+            return Err(CacheError::InUse {
+                what: "volume",
+                name: name.to_owned(),
+                users: if snaps.is_empty() {
+                    format!("{} exports or other users", v.uses())
+                } else {
+                    format!("snapshots {}", snaps.join(", "))
+                },
+            });
+        }
+        let v = Arc::clone(v);
+        vols.remove(name);
+        drop(vols);
+        self.inner.acct.sub_used(v.present_bytes());
+        remove_dir(&self.inner.dir.join(VOLUMES), name)
+    }
+
+    fn snapshots_of(&self, volume: &str) -> Vec<String> {
+        lock(&self.inner.snapshots)
+            .iter()
+            .filter(|(_, s)| s.base().name() == volume)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Creates the snapshot `name` over the volume `volume`.
+    pub fn create_snapshot(&self, name: &str, volume: &str) -> Result<Arc<Snapshot>, CacheError> {
+        check_name("snapshot", name)?;
+        let base = self.volume(volume).ok_or_else(|| CacheError::NotFound {
+            what: "volume",
+            name: volume.to_owned(),
+        })?;
+        let mut snaps = lock(&self.inner.snapshots);
+        if snaps.contains_key(name) {
+            return Err(CacheError::Exists {
+                what: "snapshot",
+                name: name.to_owned(),
+                detail: String::new(),
+            });
+        }
+        let parent = self.inner.dir.join(SNAPSHOTS);
+        let tmp = parent.join(format!(".{name}.new"));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir(&tmp).map_err(|e| CacheError::io("creating", &tmp, e))?;
+        Snapshot::create_files(&tmp, &base)?;
+        let dir = parent.join(name);
+        fs::rename(&tmp, &dir).map_err(|e| CacheError::io("creating", &dir, e))?;
+        sync_dir(&parent).map_err(|e| CacheError::io("syncing", &parent, e))?;
+        let vols = lock(&self.inner.volumes).clone();
+        let s = Arc::new(Snapshot::open(name, &dir, &vols)?);
+        snaps.insert(name.to_owned(), Arc::clone(&s));
+        Ok(s)
+    }
+
+    /// The snapshot `name`.
+    pub fn snapshot(&self, name: &str) -> Option<Arc<Snapshot>> {
+        lock(&self.inner.snapshots).get(name).cloned()
+    }
+
+    /// Every snapshot, by name.
+    pub fn snapshots(&self) -> Vec<Arc<Snapshot>> {
+        lock(&self.inner.snapshots).values().cloned().collect()
+    }
+
+    /// Deletes the snapshot `name`. Refused while it is exported or otherwise
+    /// held (any handle besides the group's).
+    pub fn delete_snapshot(&self, name: &str) -> Result<(), CacheError> {
+        let mut snaps = lock(&self.inner.snapshots);
+        let Some(s) = snaps.get(name) else {
+            return Err(CacheError::NotFound {
+                what: "snapshot",
+                name: name.to_owned(),
+            });
+        };
+        let holders = Arc::strong_count(s) - 1;
+        if holders > 0 {
+            return Err(CacheError::InUse {
+                what: "snapshot",
+                name: name.to_owned(),
+                users: format!("{holders} open handles or exports"),
+            });
+        }
+        snaps.remove(name);
+        drop(snaps);
+        remove_dir(&self.inner.dir.join(SNAPSHOTS), name)
+    }
+}

@@ -1,0 +1,30 @@
+//! virtman's cache group: one local cache per host for every image and VM.
+//!
+//! ```text
+//! NBD (VM, unix) ─► Snapshot ──► overlay file (written 4 KiB blocks)
+//!                        └─────► CachedVolume ─┬─ present: pread(data)
+//! NBD (children, TCP) ─► VolumeExport ─┘        └─ absent: Upstream::fetch ─► verify ─► store
+//!                                                                  (single flight, parallel)
+//! CacheGroup: the directory holding every volume and snapshot, one capacity,
+//! LRU eviction of chunks of unused volumes, a lock against a second process.
+//! ```
+//!
+//! - [`bitmap`]: atomic presence/allocation maps and their persisted form.
+//! - [`upstream`]: the [`Upstream`] trait and [`FileUpstream`].
+//! - [`volume`]: [`CachedVolume`] and its read-only [`VolumeExport`].
+//! - [`group`]: [`CacheGroup`], capacity and eviction.
+//! - [`snapshot`]: [`Snapshot`], the copy-on-write view a VM boots from.
+//! - [`error`]: [`CacheError`] and its mapping to NBD errors.
+
+pub mod bitmap;
+pub mod error;
+pub mod group;
+pub mod snapshot;
+pub mod upstream;
+pub mod volume;
+
+pub use error::CacheError;
+pub use group::{CacheGroup, GroupConfig, Usage};
+pub use snapshot::Snapshot;
+pub use upstream::{ChunkRequest, FileUpstream, Upstream, UpstreamError};
+pub use volume::{CachedVolume, VolumeExport, VolumeUse, flatten};
