@@ -425,6 +425,32 @@ impl Snapshot {
     }
 }
 
+impl Drop for Snapshot {
+    /// A clean close keeps every write: sync the overlay and save the map if
+    /// it changed since the last flush.
+    fn drop(&mut self) {
+        if self.generation.load(Ordering::Acquire) == self.saved.load(Ordering::Acquire) {
+            return;
+        }
+        let res = rustix::fs::fdatasync(&*self.overlay)
+            .map_err(io::Error::from)
+            .map_err(|e| self.io_err("syncing on close".into(), e))
+            .and_then(|()| {
+                bitmap::save(
+                    &MAP_FORMAT,
+                    &self.map_path,
+                    &map_prefix(self.base()),
+                    self.alloc.len(),
+                    &self.alloc.snapshot(),
+                )
+                .map_err(CacheError::from)
+            });
+        if let Err(e) = res {
+            tracing::warn!(snapshot = %self.name, error = %e, "saving the snapshot map on close failed");
+        }
+    }
+}
+
 /// Zeroes a block-aligned range of the overlay: a hole if the file system can
 /// punch one, else real zeroes.
 fn zero_range(f: &File, offset: u64, len: u64) -> io::Result<()> {

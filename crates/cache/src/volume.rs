@@ -125,6 +125,15 @@ impl std::fmt::Debug for CachedVolume {
     }
 }
 
+impl Drop for CachedVolume {
+    /// A clean close makes every stored chunk durable and recorded.
+    fn drop(&mut self) {
+        if let Err(e) = self.commit() {
+            tracing::warn!(volume = %self.name, error = %e, "committing chunks on close failed");
+        }
+    }
+}
+
 /// A use of a volume (a snapshot, an export to children): while one exists,
 /// the volume's chunks are not evicted and the volume cannot be removed.
 #[derive(Debug)]
