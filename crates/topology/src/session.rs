@@ -1,0 +1,1529 @@
+//! One image's session: the relay tree, its events and its repair rules.
+//!
+//! Every member has one *primary* parent, its place in the tree, and up to
+//! p - 1 *secondary* parents in other subtrees. The primary edges form a forest
+//! rooted at the *roots*: the origins, and members that reported a complete
+//! image (those are as good as an origin). Fan-out and depth refer to the
+//! primary tree; every parent, primary or secondary, sits strictly shallower
+//! than its child, so the parent graph can have no cycle.
+//!
+//! ```text
+//!   depth 0      origin ─────────────── complete node   (roots)
+//!               /  |   \                    |
+//!   depth 1    A   B    C   <- each depth-1 node starts a branch
+//!             / \   \    \
+//!   depth 2  a1  a2  b1   c1      a1: primary A, secondary B or C or a root
+//!                                 (never in its own branch A, never deeper)
+//! ```
+//!
+//! Rules and how they are kept:
+//! - **join**: the shallowest node with a free slot (fewest children first),
+//!   preferring the joiner's rack within that depth; then secondaries.
+//! - **leave / death** of a member X with children: the deepest leaf L (same
+//!   rack as X when one is near the front) takes X's place under X's parent
+//!   and adopts X's children, so the orphans keep their depth, branch and
+//!   siblings and only their primary changes. A root's orphans go to another
+//!   root's free slot, else to the shallowest free slot.
+//! - **rebalance**: after every event, while the deepest member is deeper
+//!   than `ceil(log_k N) + 1`, it moves to the shallowest free slot. A free
+//!   slot at least two levels up always exists when the bound is broken (a
+//!   counting argument on the levels above), so this ends.
+//! - **complete**: a member that holds the whole image becomes a root: it
+//!   drops its parents and its subtree moves up.
+//! - **report**: a child that cannot reach a parent is moved off it at once
+//!   (same depth first; a child with a subtree is never pushed deeper for a
+//!   report, it keeps the parent if no slot is as shallow); after `report_threshold` distinct reporters, or at
+//!   the first report when the parent's heartbeats are older than
+//!   `suspect_after`, the parent is declared dead.
+//! - **tick(now)**: members whose last heartbeat is older than the timeout
+//!   are dead; they are removed as above and cannot be anyone's parent after
+//!   the tick returns. They must join again.
+//!
+//! Every event returns an [`Outcome`]: whose parent list changed (and each
+//! changed list gets a new epoch), who died, who is gone. A change of an
+//! existing member's list counts in [`Stats::parent_changes`].
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use crate::NodeId;
+use crate::index::SlotIndex;
+use crate::settings::{Settings, SettingsError};
+
+/// How many candidates of one depth a bounded scan looks at before giving up
+/// on that depth; keeps a choice O(log N) when exclusions hide candidates.
+const SCAN_LIMIT: usize = 48;
+/// How many parents a node remembers having reported, to avoid choosing them again.
+const AVOID_MEMORY: usize = 4;
+/// Dead nodes are remembered (so their heartbeats are answered "dead", not
+/// "unknown") for this many heartbeat timeouts.
+const TOMBSTONE_TIMEOUTS: u32 = 16;
+
+/// Why an event was refused. A refused event changes nothing.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TopologyError {
+    /// The settings are not usable.
+    #[error("invalid settings: {0}")]
+    Settings(#[from] SettingsError),
+    /// A session was created without an origin.
+    #[error("a session needs at least one origin")]
+    NoOrigin,
+    /// The node joined before and has not left or died since.
+    #[error("node {0} is already in the session")]
+    AlreadyMember(NodeId),
+    /// The node is not in the session.
+    #[error("node {0} is not in the session")]
+    UnknownNode(NodeId),
+    /// The node was declared dead; it must join again.
+    #[error("node {0} was declared dead and must join again")]
+    Dead(NodeId),
+    /// The event does not apply to origins (they cannot leave or report).
+    #[error("node {0} is an origin")]
+    Origin(NodeId),
+    /// The progress fraction is not a number between 0 and 1.
+    #[error("progress must be a fraction between 0 and 1, got {0}")]
+    Progress(f64),
+}
+
+/// What a heartbeat says about the node's cache of the image.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Progress {
+    /// Fraction of the image's chunks the node holds, 0 to 1.
+    pub fraction: f64,
+    /// The node holds every chunk: it can serve as a root.
+    pub complete: bool,
+}
+
+/// The decisions one event produced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Nodes whose parent list is new or changed (read it with
+    /// [`Session::parents`]); each got a new epoch. Includes joined nodes.
+    pub changed: Vec<NodeId>,
+    /// Nodes this event declared dead.
+    pub dead: Vec<NodeId>,
+    /// Nodes no longer in the session (dead or left).
+    pub removed: Vec<NodeId>,
+}
+
+/// Counters since the session was created (or restored).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Joins accepted.
+    pub joins: u64,
+    /// Graceful leaves.
+    pub leaves: u64,
+    /// Nodes declared dead (timeout or reports).
+    pub deaths: u64,
+    /// Reports of an unreachable parent that were acted on.
+    pub reports: u64,
+    /// Times an existing member's parent list changed.
+    pub parent_changes: u64,
+    /// Moves made only to keep the depth bound.
+    pub rebalance_moves: u64,
+    /// Members that became roots by completing the image.
+    pub promotions: u64,
+}
+
+/// A read-only view of one node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeInfo {
+    /// The node.
+    pub id: NodeId,
+    /// Origins are permanent roots registered with the image.
+    pub origin: bool,
+    /// The member reported a complete image and is now a root.
+    pub complete: bool,
+    /// Hops from a root along primary parents.
+    pub depth: u32,
+    /// Primary parent first, then secondaries; empty for roots.
+    pub parents: Vec<NodeId>,
+    /// Primary (tree) children.
+    pub children: usize,
+    /// Nodes that use this one as a secondary parent.
+    pub secondary_children: usize,
+    /// Last reported fraction of chunks held.
+    pub progress: f64,
+    /// Time of the last heartbeat (or of the join, or of a restore).
+    pub last_seen: Duration,
+    /// Changes whenever the parent list changes.
+    pub epoch: u64,
+    /// The rack label given at join.
+    pub rack: Option<String>,
+}
+
+/// A node as persisted by a driver, for [`Session::restore`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedNode {
+    /// The node.
+    pub id: NodeId,
+    /// Its rack label.
+    pub rack: Option<String>,
+    /// Its parent list when saved, primary first.
+    pub parents: Vec<NodeId>,
+    /// It held the complete image.
+    pub complete: bool,
+    /// Its parent-list epoch when saved.
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Node {
+    pub(crate) rack: Option<u32>,
+    pub(crate) origin: bool,
+    pub(crate) complete: bool,
+    /// Detached during a repair: in no index, primary `None`, depth stale.
+    pub(crate) floating: bool,
+    pub(crate) depth: u32,
+    /// Label of the depth-1 subtree the node is in; 0 for roots.
+    pub(crate) branch: u64,
+    pub(crate) primary: Option<NodeId>,
+    pub(crate) secondaries: Vec<NodeId>,
+    pub(crate) children: BTreeSet<NodeId>,
+    pub(crate) sec_children: BTreeSet<NodeId>,
+    pub(crate) progress: f64,
+    pub(crate) last_seen: Duration,
+    pub(crate) deadline: Duration,
+    pub(crate) epoch: u64,
+    pub(crate) avoid: Vec<NodeId>,
+    pub(crate) reporters: BTreeMap<NodeId, Duration>,
+}
+
+impl Node {
+    fn new(rack: Option<u32>, origin: bool, now: Duration) -> Self {
+        Self {
+            rack,
+            origin,
+            complete: false,
+            floating: !origin,
+            depth: 0,
+            branch: 0,
+            primary: None,
+            secondaries: Vec::new(),
+            children: BTreeSet::new(),
+            sec_children: BTreeSet::new(),
+            progress: 0.0,
+            last_seen: now,
+            deadline: now,
+            epoch: 0,
+            avoid: Vec::new(),
+            reporters: BTreeMap::new(),
+        }
+    }
+
+    pub(crate) fn is_root(&self) -> bool {
+        self.origin || self.complete
+    }
+
+    pub(crate) fn parent_list(&self) -> Vec<NodeId> {
+        self.primary
+            .iter()
+            .chain(self.secondaries.iter())
+            .copied()
+            .collect()
+    }
+}
+
+/// One image's relay tree. See the module documentation for the rules.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub(crate) settings: Settings,
+    pub(crate) nodes: BTreeMap<NodeId, Node>,
+    pub(crate) primary_slots: SlotIndex,
+    pub(crate) secondary_slots: SlotIndex,
+    /// Members (non-roots) by depth: the deepest level is the last key.
+    pub(crate) by_depth: BTreeMap<u32, BTreeSet<NodeId>>,
+    deadlines: BTreeSet<(Duration, NodeId)>,
+    tombstones: BTreeMap<NodeId, Duration>,
+    tombstone_order: BTreeSet<(Duration, NodeId)>,
+    racks: BTreeMap<String, u32>,
+    rack_names: Vec<String>,
+    next_branch: u64,
+    stats: Stats,
+    // Per-event scratch: parent lists before the event, nodes created, dead, removed.
+    touched: BTreeMap<NodeId, Vec<NodeId>>,
+    created: BTreeSet<NodeId>,
+    dead: Vec<NodeId>,
+    removed: Vec<NodeId>,
+}
+
+impl Session {
+    /// A session whose roots are `origins` (at least one).
+    pub fn new(settings: Settings, origins: &[NodeId]) -> Result<Self, TopologyError> {
+        settings.validate()?;
+        if origins.is_empty() {
+            return Err(TopologyError::NoOrigin);
+        }
+        let mut s = Self {
+            settings,
+            nodes: BTreeMap::new(),
+            primary_slots: SlotIndex::default(),
+            secondary_slots: SlotIndex::default(),
+            by_depth: BTreeMap::new(),
+            deadlines: BTreeSet::new(),
+            tombstones: BTreeMap::new(),
+            tombstone_order: BTreeSet::new(),
+            racks: BTreeMap::new(),
+            rack_names: Vec::new(),
+            next_branch: 1,
+            stats: Stats::default(),
+            touched: BTreeMap::new(),
+            created: BTreeSet::new(),
+            dead: Vec::new(),
+            removed: Vec::new(),
+        };
+        for &o in origins {
+            if s.nodes.contains_key(&o) {
+                return Err(TopologyError::AlreadyMember(o));
+            }
+            s.nodes.insert(o, Node::new(None, true, Duration::ZERO));
+            s.reindex(o);
+        }
+        Ok(s)
+    }
+
+    /// Rebuilds a session after a restart from saved members. Saved parents
+    /// are kept where they still satisfy the rules; the rest are chosen
+    /// afresh (and get a new epoch). Every member counts as seen at `now`,
+    /// so nobody is declared dead before one full heartbeat timeout.
+    pub fn restore(
+        settings: Settings,
+        origins: &[NodeId],
+        saved: Vec<SavedNode>,
+        now: Duration,
+    ) -> Result<Self, TopologyError> {
+        let mut s = Self::new(settings, origins)?;
+        let mut by_id: BTreeMap<NodeId, SavedNode> = BTreeMap::new();
+        for n in saved {
+            if !s.nodes.contains_key(&n.id) {
+                by_id.insert(n.id, n);
+            }
+        }
+        let mut children_of: BTreeMap<NodeId, Vec<NodeId>> = BTreeMap::new();
+        for (&id, n) in &by_id {
+            let rack = n.rack.as_deref().map(|r| s.intern(r));
+            let mut node = Node::new(rack, false, now);
+            node.epoch = n.epoch;
+            s.nodes.insert(id, node);
+            s.set_deadline(id, now);
+            if n.complete {
+                if let Some(node) = s.nodes.get_mut(&id) {
+                    node.complete = true;
+                    node.floating = false;
+                }
+                s.place(id, None);
+            } else if let Some(&p) = n.parents.first() {
+                children_of.entry(p).or_default().push(id);
+            }
+        }
+        let k = s.fanout();
+        let mut queue: VecDeque<NodeId> = s
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.is_root())
+            .map(|(&id, _)| id)
+            .collect();
+        loop {
+            while let Some(p) = queue.pop_front() {
+                for c in children_of.remove(&p).unwrap_or_default() {
+                    let free = s.nodes.get(&p).is_some_and(|n| n.children.len() < k);
+                    let floating = s.nodes.get(&c).is_some_and(|n| n.floating);
+                    if free && floating {
+                        s.attach(c, p, None);
+                        queue.push_back(c);
+                    }
+                }
+            }
+            let Some(next) = s.nodes.iter().find(|(_, n)| n.floating).map(|(&id, _)| id) else {
+                break;
+            };
+            let rack = s.nodes.get(&next).and_then(|n| n.rack);
+            let target = s
+                .pick_primary(rack, None, None, Some(next), &[])
+                .or_else(|| origins.first().copied());
+            if let Some(t) = target {
+                s.attach(next, t, None);
+                queue.push_back(next);
+            }
+        }
+        // Secondaries, shallow members first so that depths are final.
+        let mut order: Vec<(u32, NodeId)> = s
+            .nodes
+            .iter()
+            .filter(|(_, n)| !n.is_root())
+            .map(|(&id, n)| (n.depth, id))
+            .collect();
+        order.sort_unstable();
+        let cap = s.settings.secondary_capacity();
+        let want = s.secondaries_wanted();
+        for &(_, id) in &order {
+            let saved_secs = by_id
+                .get(&id)
+                .map(|n| n.parents.iter().skip(1).copied().collect::<Vec<_>>())
+                .unwrap_or_default();
+            for sec in saved_secs {
+                let len = s.nodes.get(&id).map_or(0, |n| n.secondaries.len());
+                let has_room = s
+                    .nodes
+                    .get(&sec)
+                    .is_some_and(|n| n.sec_children.len() < cap);
+                let dup = s
+                    .nodes
+                    .get(&id)
+                    .is_some_and(|n| n.secondaries.contains(&sec));
+                if len < want && has_room && !dup && s.secondary_ok(id, sec) {
+                    s.link_secondary(id, sec);
+                }
+            }
+        }
+        // Only then fill short lists, so that no fill takes a slot a saved
+        // link needed.
+        for &(_, id) in &order {
+            s.fill_secondaries(id);
+        }
+        s.rebalance();
+        // Keep saved epochs where the list survived; bump the others.
+        s.touched.clear();
+        s.created.clear();
+        for (id, saved) in &by_id {
+            if let Some(n) = s.nodes.get_mut(id)
+                && n.parent_list() != saved.parents
+            {
+                n.epoch += 1;
+            }
+        }
+        s.stats = Stats::default();
+        Ok(s)
+    }
+
+    // ----- events -----
+
+    /// A member joins at `now`, optionally with a rack label.
+    pub fn join(
+        &mut self,
+        id: NodeId,
+        rack: Option<&str>,
+        now: Duration,
+    ) -> Result<Outcome, TopologyError> {
+        if self.nodes.contains_key(&id) {
+            return Err(TopologyError::AlreadyMember(id));
+        }
+        let rack = rack.map(|r| self.intern(r));
+        let Some(parent) = self.pick_primary(rack, None, None, None, &[]) else {
+            // Unreachable: a finite tree always has a node with a free slot.
+            return Err(TopologyError::UnknownNode(id));
+        };
+        if self.tombstones.remove(&id).is_some() {
+            self.tombstone_order.retain(|&(_, n)| n != id);
+        }
+        self.nodes.insert(id, Node::new(rack, false, now));
+        self.created.insert(id);
+        self.set_deadline(id, now);
+        let moved = self.attach(id, parent, None);
+        self.fix_after_move(&moved);
+        self.stats.joins += 1;
+        self.rebalance();
+        Ok(self.finish())
+    }
+
+    /// A member leaves gracefully; its children are re-attached.
+    pub fn leave(&mut self, id: NodeId, now: Duration) -> Result<Outcome, TopologyError> {
+        self.check_member(id)?;
+        self.remove_node(id, now, false);
+        self.stats.leaves += 1;
+        self.rebalance();
+        Ok(self.finish())
+    }
+
+    /// A member's heartbeat at `now`, with its progress. A member that reports
+    /// a complete image becomes a root.
+    pub fn heartbeat(
+        &mut self,
+        id: NodeId,
+        now: Duration,
+        progress: Progress,
+    ) -> Result<Outcome, TopologyError> {
+        if !progress.fraction.is_finite() || !(0.0..=1.0).contains(&progress.fraction) {
+            return Err(TopologyError::Progress(progress.fraction));
+        }
+        let node = self.lookup(id)?;
+        if node.origin {
+            return Ok(self.finish());
+        }
+        let promote = progress.complete && !node.complete;
+        let short = !node.is_root() && node.secondaries.len() < self.secondaries_wanted();
+        self.set_deadline(id, now);
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.progress = if progress.complete {
+                1.0
+            } else {
+                progress.fraction
+            };
+        }
+        if promote {
+            self.float(id);
+            if let Some(n) = self.nodes.get_mut(&id) {
+                n.complete = true;
+                n.floating = false;
+            }
+            let moved = self.place(id, None);
+            self.fix_after_move(&moved);
+            self.stats.promotions += 1;
+        } else if short {
+            self.fill_secondaries(id);
+        }
+        Ok(self.finish())
+    }
+
+    /// `reporter` could not reach `parent`, one of its parents.
+    pub fn report_unreachable(
+        &mut self,
+        reporter: NodeId,
+        parent: NodeId,
+        now: Duration,
+    ) -> Result<Outcome, TopologyError> {
+        self.check_member(reporter)?;
+        let Some(rn) = self.nodes.get(&reporter) else {
+            return Err(TopologyError::UnknownNode(reporter));
+        };
+        let is_primary = rn.primary == Some(parent);
+        if !is_primary && !rn.secondaries.contains(&parent) {
+            // Stale: the parent is gone or no longer this node's parent.
+            return Ok(self.finish());
+        }
+        self.stats.reports += 1;
+        let window = self.settings.heartbeat_timeout;
+        let threshold = usize::try_from(self.settings.report_threshold).unwrap_or(usize::MAX);
+        let suspect_after = self.settings.suspect_after;
+        if let Some(pn) = self.nodes.get_mut(&parent)
+            && !pn.origin
+        {
+            pn.reporters.insert(reporter, now);
+            pn.reporters
+                .retain(|_, &mut t| now.saturating_sub(t) <= window);
+            let stale = now.saturating_sub(pn.last_seen) >= suspect_after;
+            if stale || pn.reporters.len() >= threshold {
+                self.remove_node(parent, now, true);
+                self.rebalance();
+                return Ok(self.finish());
+            }
+        }
+        if let Some(rn) = self.nodes.get_mut(&reporter)
+            && !rn.avoid.contains(&parent)
+        {
+            if rn.avoid.len() >= AVOID_MEMORY {
+                rn.avoid.remove(0);
+            }
+            rn.avoid.push(parent);
+        }
+        if is_primary {
+            let rack = self.nodes.get(&reporter).and_then(|n| n.rack);
+            let level = self.nodes.get(&parent).map(|n| n.depth);
+            let avoid = self
+                .nodes
+                .get(&reporter)
+                .map(|n| n.avoid.clone())
+                .unwrap_or_default();
+            let branch = self.nodes.get(&reporter).map(|n| n.branch);
+            let leaf = self
+                .nodes
+                .get(&reporter)
+                .is_some_and(|n| n.children.is_empty());
+            // Never push a subtree deeper for one report: no slot as shallow
+            // as the old parent means the child keeps it (it still has its
+            // secondaries and the origin) until more reports or the timeout.
+            // A leaf may go anywhere.
+            let max = if leaf { None } else { level };
+            let target = self
+                .pick_in_branch(level, branch, reporter, &avoid)
+                .or_else(|| self.pick_primary(rack, level, max, Some(reporter), &avoid))
+                .or_else(|| self.pick_primary(rack, level, max, Some(reporter), &[parent]));
+            if let Some(t) = target {
+                self.float(reporter);
+                let moved = self.attach(reporter, t, None);
+                self.fix_after_move(&moved);
+            }
+            self.fix_secondaries(reporter);
+        } else {
+            self.unlink_secondary(reporter, parent);
+            self.fill_secondaries(reporter);
+        }
+        self.rebalance();
+        Ok(self.finish())
+    }
+
+    /// Advances time to `now`: members silent for longer than the heartbeat
+    /// timeout are declared dead and their children re-attached.
+    pub fn tick(&mut self, now: Duration) -> Outcome {
+        let timeout = self.settings.heartbeat_timeout;
+        while let Some(&(deadline, id)) = self.deadlines.first() {
+            // Dead strictly after the timeout: last_seen + timeout < now.
+            if deadline >= now {
+                break;
+            }
+            self.remove_node(id, now, true);
+        }
+        let keep = timeout.saturating_mul(TOMBSTONE_TIMEOUTS);
+        while let Some(&(t, id)) = self.tombstone_order.first() {
+            if now.saturating_sub(t) <= keep {
+                break;
+            }
+            self.tombstone_order.remove(&(t, id));
+            self.tombstones.remove(&id);
+        }
+        self.rebalance();
+        self.finish()
+    }
+
+    // ----- queries -----
+
+    /// The settings the session runs with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Counters since creation or restore.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Live nodes, origins included.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Always false in practice: a session keeps its origins.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Live members (not origins).
+    pub fn members(&self) -> usize {
+        self.nodes.values().filter(|n| !n.origin).count()
+    }
+
+    /// Whether `id` is a live node of the session.
+    pub fn contains(&self, id: NodeId) -> bool {
+        self.nodes.contains_key(&id)
+    }
+
+    /// Whether `id` was declared dead (and has not joined again).
+    pub fn is_dead(&self, id: NodeId) -> bool {
+        self.tombstones.contains_key(&id)
+    }
+
+    /// The node's parents, primary first; `None` if it is not in the session.
+    pub fn parents(&self, id: NodeId) -> Option<Vec<NodeId>> {
+        self.nodes.get(&id).map(Node::parent_list)
+    }
+
+    /// The node's parent-list epoch.
+    pub fn epoch(&self, id: NodeId) -> Option<u64> {
+        self.nodes.get(&id).map(|n| n.epoch)
+    }
+
+    /// The deepest member's depth (0 when there are only roots).
+    pub fn max_depth(&self) -> u32 {
+        self.by_depth.keys().next_back().copied().unwrap_or(0)
+    }
+
+    /// The depth bound for the current number of live nodes.
+    pub fn depth_bound(&self) -> u32 {
+        self.settings.depth_bound(self.nodes.len())
+    }
+
+    /// One node's view.
+    pub fn node(&self, id: NodeId) -> Option<NodeInfo> {
+        self.nodes.get(&id).map(|n| self.info(id, n))
+    }
+
+    /// Every live node's view, by id.
+    pub fn nodes(&self) -> impl Iterator<Item = NodeInfo> + '_ {
+        self.nodes.iter().map(|(&id, n)| self.info(id, n))
+    }
+
+    fn info(&self, id: NodeId, n: &Node) -> NodeInfo {
+        NodeInfo {
+            id,
+            origin: n.origin,
+            complete: n.complete,
+            depth: n.depth,
+            parents: n.parent_list(),
+            children: n.children.len(),
+            secondary_children: n.sec_children.len(),
+            progress: if n.origin { 1.0 } else { n.progress },
+            last_seen: n.last_seen,
+            epoch: n.epoch,
+            rack: n
+                .rack
+                .and_then(|r| self.rack_names.get(usize::try_from(r).ok()?))
+                .cloned(),
+        }
+    }
+
+    // ----- internals: lookups -----
+
+    fn fanout(&self) -> usize {
+        usize::try_from(self.settings.fanout).unwrap_or(usize::MAX)
+    }
+
+    fn secondaries_wanted(&self) -> usize {
+        usize::try_from(self.settings.parents.saturating_sub(1)).unwrap_or(0)
+    }
+
+    fn lookup(&self, id: NodeId) -> Result<&Node, TopologyError> {
+        match self.nodes.get(&id) {
+            Some(n) => Ok(n),
+            None if self.tombstones.contains_key(&id) => Err(TopologyError::Dead(id)),
+            None => Err(TopologyError::UnknownNode(id)),
+        }
+    }
+
+    fn check_member(&self, id: NodeId) -> Result<(), TopologyError> {
+        if self.lookup(id)?.origin {
+            return Err(TopologyError::Origin(id));
+        }
+        Ok(())
+    }
+
+    fn intern(&mut self, rack: &str) -> u32 {
+        if let Some(&r) = self.racks.get(rack) {
+            return r;
+        }
+        let r = u32::try_from(self.rack_names.len()).unwrap_or(u32::MAX);
+        self.racks.insert(rack.to_owned(), r);
+        self.rack_names.push(rack.to_owned());
+        r
+    }
+
+    /// Whether `c` is `top` or below it, walking primary parents up from `c`.
+    fn descends_from(&self, c: NodeId, top: NodeId) -> bool {
+        let mut cur = Some(c);
+        let mut steps = 0usize;
+        while let Some(id) = cur {
+            if id == top {
+                return true;
+            }
+            steps += 1;
+            if steps > self.nodes.len() {
+                return true; // a cycle: never attach there
+            }
+            cur = self.nodes.get(&id).and_then(|n| n.primary);
+        }
+        false
+    }
+
+    // ----- internals: indices -----
+
+    fn unindex(&mut self, id: NodeId) {
+        let k = self.fanout();
+        let cap = self.settings.secondary_capacity();
+        let Some(n) = self.nodes.get(&id) else { return };
+        if n.floating {
+            return;
+        }
+        if n.children.len() < k {
+            self.primary_slots
+                .remove(n.depth, n.rack, n.children.len(), id);
+        }
+        if n.sec_children.len() < cap {
+            self.secondary_slots
+                .remove(n.depth, n.rack, n.sec_children.len(), id);
+        }
+        if n.primary.is_some()
+            && let Some(set) = self.by_depth.get_mut(&n.depth)
+        {
+            set.remove(&id);
+            if set.is_empty() {
+                self.by_depth.remove(&n.depth);
+            }
+        }
+    }
+
+    fn reindex(&mut self, id: NodeId) {
+        let k = self.fanout();
+        let cap = self.settings.secondary_capacity();
+        let Some(n) = self.nodes.get(&id) else { return };
+        if n.floating {
+            return;
+        }
+        if n.children.len() < k {
+            self.primary_slots
+                .insert(n.depth, n.rack, n.children.len(), id);
+        }
+        if n.sec_children.len() < cap {
+            self.secondary_slots
+                .insert(n.depth, n.rack, n.sec_children.len(), id);
+        }
+        if n.primary.is_some() {
+            self.by_depth.entry(n.depth).or_default().insert(id);
+        }
+    }
+
+    fn set_deadline(&mut self, id: NodeId, now: Duration) {
+        let timeout = self.settings.heartbeat_timeout;
+        let Some(n) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        if n.origin {
+            return;
+        }
+        self.deadlines.remove(&(n.deadline, id));
+        n.last_seen = n.last_seen.max(now);
+        n.deadline = n.last_seen.saturating_add(timeout);
+        self.deadlines.insert((n.deadline, id));
+    }
+
+    // ----- internals: edges -----
+
+    /// Remembers `id`'s parent list as it was before this event.
+    fn touch(&mut self, id: NodeId) {
+        if !self.touched.contains_key(&id)
+            && let Some(n) = self.nodes.get(&id)
+        {
+            self.touched.insert(id, n.parent_list());
+        }
+    }
+
+    /// Detaches `id` from its primary parent and from every index.
+    fn float(&mut self, id: NodeId) {
+        self.touch(id);
+        self.unindex(id);
+        let Some(n) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        n.floating = true;
+        if let Some(p) = n.primary.take() {
+            self.unindex(p);
+            if let Some(pn) = self.nodes.get_mut(&p) {
+                pn.children.remove(&id);
+            }
+            self.reindex(p);
+        }
+    }
+
+    /// Attaches floating `id` under `parent` and recomputes positions in its
+    /// subtree. Returns the nodes whose depth or branch changed.
+    fn attach(&mut self, id: NodeId, parent: NodeId, label: Option<u64>) -> Vec<NodeId> {
+        self.touch(id);
+        self.unindex(parent);
+        if let Some(pn) = self.nodes.get_mut(&parent) {
+            pn.children.insert(id);
+        }
+        self.reindex(parent);
+        let mut was_secondary = false;
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.primary = Some(parent);
+            n.floating = false;
+            was_secondary = n.secondaries.contains(&parent);
+        }
+        let mut moved = self.place(id, label);
+        if was_secondary {
+            // The new primary was a secondary: drop it there; the caller's
+            // fix_after_move refills the list.
+            self.unlink_secondary(id, parent);
+            if !moved.contains(&id) {
+                moved.push(id);
+            }
+        }
+        moved
+    }
+
+    /// Recomputes depth and branch of `top` (already linked, not indexed or
+    /// indexed) and of its subtree where they changed; indexes them.
+    fn place(&mut self, top: NodeId, label: Option<u64>) -> Vec<NodeId> {
+        let mut moved = Vec::new();
+        let mut queue = VecDeque::from([(top, label)]);
+        while let Some((id, lbl)) = queue.pop_front() {
+            let Some(n) = self.nodes.get(&id) else {
+                continue;
+            };
+            let (old_depth, old_branch) = (n.depth, n.branch);
+            let (depth, branch) = if n.is_root() {
+                (0, 0)
+            } else {
+                let parent = n.primary.and_then(|p| self.nodes.get(&p));
+                match parent {
+                    None => (old_depth, old_branch),
+                    Some(pn) if pn.depth == 0 => {
+                        let b = match lbl {
+                            Some(b) => b,
+                            None if old_depth == 1 && old_branch != 0 => old_branch,
+                            None => {
+                                self.next_branch += 1;
+                                self.next_branch
+                            }
+                        };
+                        (1, b)
+                    }
+                    Some(pn) => (pn.depth + 1, pn.branch),
+                }
+            };
+            let changed = (depth, branch) != (old_depth, old_branch);
+            if id != top && !changed {
+                continue;
+            }
+            self.unindex(id);
+            if let Some(n) = self.nodes.get_mut(&id) {
+                n.depth = depth;
+                n.branch = branch;
+            }
+            self.reindex(id);
+            if changed {
+                moved.push(id);
+                if let Some(n) = self.nodes.get(&id) {
+                    queue.extend(n.children.iter().map(|&c| (c, None)));
+                }
+            }
+        }
+        moved
+    }
+
+    fn link_secondary(&mut self, z: NodeId, s: NodeId) {
+        self.touch(z);
+        self.unindex(s);
+        if let Some(sn) = self.nodes.get_mut(&s) {
+            sn.sec_children.insert(z);
+        }
+        self.reindex(s);
+        if let Some(zn) = self.nodes.get_mut(&z) {
+            zn.secondaries.push(s);
+        }
+    }
+
+    fn unlink_secondary(&mut self, z: NodeId, s: NodeId) {
+        self.touch(z);
+        self.unindex(s);
+        if let Some(sn) = self.nodes.get_mut(&s) {
+            sn.sec_children.remove(&z);
+        }
+        self.reindex(s);
+        if let Some(zn) = self.nodes.get_mut(&z) {
+            zn.secondaries.retain(|&x| x != s);
+        }
+    }
+
+    /// Whether `s` may be a secondary parent of `z`: strictly shallower, not
+    /// in `z`'s branch (roots are in none), not its primary, not avoided.
+    fn secondary_ok(&self, z: NodeId, s: NodeId) -> bool {
+        let (Some(zn), Some(sn)) = (self.nodes.get(&z), self.nodes.get(&s)) else {
+            return false;
+        };
+        z != s
+            && !zn.is_root()
+            && zn.primary.is_some()
+            && zn.primary != Some(s)
+            && !sn.floating
+            && sn.depth < zn.depth
+            && (sn.is_root() || sn.branch != zn.branch)
+            && !zn.avoid.contains(&s)
+    }
+
+    /// Drops `z`'s secondaries that broke a rule, then fills up to p - 1.
+    fn fix_secondaries(&mut self, z: NodeId) {
+        let Some(zn) = self.nodes.get(&z) else { return };
+        let current = zn.secondaries.clone();
+        let root = zn.is_root();
+        for s in current {
+            if root || !self.secondary_ok(z, s) {
+                self.unlink_secondary(z, s);
+            }
+        }
+        if !root {
+            self.fill_secondaries(z);
+        }
+    }
+
+    fn fill_secondaries(&mut self, z: NodeId) {
+        let want = self.secondaries_wanted();
+        while self
+            .nodes
+            .get(&z)
+            .is_some_and(|n| n.secondaries.len() < want)
+        {
+            match self.pick_secondary(z) {
+                Some(s) => self.link_secondary(z, s),
+                None => break,
+            }
+        }
+    }
+
+    /// After nodes changed depth or branch: their own secondaries, and those
+    /// of nodes using them as secondaries, are checked and refilled.
+    fn fix_after_move(&mut self, moved: &[NodeId]) {
+        for &m in moved {
+            self.fix_secondaries(m);
+        }
+        for &m in moved {
+            let users: Vec<NodeId> = self
+                .nodes
+                .get(&m)
+                .map(|n| n.sec_children.iter().copied().collect())
+                .unwrap_or_default();
+            for u in users {
+                if !self.secondary_ok(u, m) {
+                    self.fix_secondaries(u);
+                }
+            }
+        }
+    }
+
+    // ----- internals: choices -----
+
+    /// The best primary parent: `prefer` depth first if given, then the
+    /// shallowest depth with room (not deeper than `max_depth`); the rack's
+    /// least-loaded node first within a depth. Never `exclude` or a node
+    /// below it, never one of `avoid`.
+    fn pick_primary(
+        &self,
+        rack: Option<u32>,
+        prefer: Option<u32>,
+        max_depth: Option<u32>,
+        exclude: Option<NodeId>,
+        avoid: &[NodeId],
+    ) -> Option<NodeId> {
+        let ok =
+            |c: NodeId| !avoid.contains(&c) && exclude.is_none_or(|x| !self.descends_from(c, x));
+        let at_level = |depth: u32, limit: usize| -> Option<NodeId> {
+            if let Some(r) = rack
+                && let Some(c) = self
+                    .primary_slots
+                    .at_rack(r, depth)
+                    .take(limit)
+                    .find(|&c| ok(c))
+            {
+                return Some(c);
+            }
+            self.primary_slots.at(depth).take(limit).find(|&c| ok(c))
+        };
+        for limit in [SCAN_LIMIT, usize::MAX] {
+            if let Some(p) = prefer
+                && let Some(c) = at_level(p, limit)
+            {
+                return Some(c);
+            }
+            for depth in self.primary_slots.depths() {
+                if max_depth.is_some_and(|m| depth > m) {
+                    break;
+                }
+                if Some(depth) == prefer {
+                    continue;
+                }
+                if let Some(c) = at_level(depth, limit) {
+                    return Some(c);
+                }
+            }
+        }
+        None
+    }
+
+    /// A free slot at `depth` in `branch` (so that moving `id` there changes
+    /// no depth or branch below it), if one is near the front of the index.
+    fn pick_in_branch(
+        &self,
+        depth: Option<u32>,
+        branch: Option<u64>,
+        id: NodeId,
+        avoid: &[NodeId],
+    ) -> Option<NodeId> {
+        let (depth, branch) = (depth?, branch?);
+        if depth == 0 {
+            return None;
+        }
+        self.primary_slots.at(depth).take(SCAN_LIMIT).find(|&c| {
+            !avoid.contains(&c)
+                && self.nodes.get(&c).is_some_and(|n| n.branch == branch)
+                && !self.descends_from(c, id)
+        })
+    }
+
+    /// A secondary parent for `z`: same rack first, deeper levels first
+    /// (roots last: the origin is the parent of last resort), and a branch not
+    /// yet among `z`'s parents when one exists. Bounded scans: best effort.
+    fn pick_secondary(&self, z: NodeId) -> Option<NodeId> {
+        let zn = self.nodes.get(&z)?;
+        if zn.depth == 0 || zn.is_root() {
+            return None;
+        }
+        let used: BTreeSet<u64> = zn
+            .secondaries
+            .iter()
+            .filter_map(|s| self.nodes.get(s))
+            .filter(|n| !n.is_root())
+            .map(|n| n.branch)
+            .collect();
+        let eligible = |c: NodeId| !zn.secondaries.contains(&c) && self.secondary_ok(z, c);
+        let mut fallback = None;
+        let mut consider = |c: NodeId| -> Option<NodeId> {
+            if !eligible(c) {
+                return None;
+            }
+            let fresh = self
+                .nodes
+                .get(&c)
+                .is_some_and(|n| n.is_root() || !used.contains(&n.branch));
+            if fresh {
+                return Some(c);
+            }
+            fallback.get_or_insert(c);
+            None
+        };
+        if let Some(r) = zn.rack {
+            for depth in (1..zn.depth).rev() {
+                for c in self.secondary_slots.at_rack(r, depth).take(SCAN_LIMIT) {
+                    if let Some(c) = consider(c) {
+                        return Some(c);
+                    }
+                }
+            }
+        }
+        for depth in (0..zn.depth).rev() {
+            for c in self.secondary_slots.at(depth).take(SCAN_LIMIT) {
+                if let Some(c) = consider(c) {
+                    return Some(c);
+                }
+            }
+        }
+        fallback
+    }
+
+    /// A leaf deeper than `depth` to take a removed node's place: from the
+    /// deepest level, same rack first.
+    fn pick_replacement(&self, depth: u32, rack: Option<u32>) -> Option<NodeId> {
+        let (&deepest, set) = self.by_depth.last_key_value()?;
+        if deepest <= depth {
+            return None;
+        }
+        let mut first = None;
+        for &c in set.iter().take(SCAN_LIMIT) {
+            let Some(n) = self.nodes.get(&c) else {
+                continue;
+            };
+            if !n.children.is_empty() {
+                continue;
+            }
+            if rack.is_some() && n.rack == rack {
+                return Some(c);
+            }
+            first.get_or_insert(c);
+        }
+        first
+    }
+
+    // ----- internals: repair -----
+
+    fn remove_node(&mut self, x: NodeId, now: Duration, died: bool) {
+        let Some(xn) = self.nodes.get(&x) else { return };
+        let grand = xn.primary;
+        let depth = xn.depth;
+        let label = xn.branch;
+        let rack = xn.rack;
+        let deadline = xn.deadline;
+        let users: Vec<NodeId> = xn.sec_children.iter().copied().collect();
+        let secondaries = xn.secondaries.clone();
+        let orphans: Vec<NodeId> = xn.children.iter().copied().collect();
+        for &u in &users {
+            self.unlink_secondary(u, x);
+        }
+        for &s in &secondaries {
+            self.unlink_secondary(x, s);
+        }
+        self.float(x);
+        for &c in &orphans {
+            self.touch(c);
+            self.unindex(c);
+            if let Some(cn) = self.nodes.get_mut(&c) {
+                cn.primary = None;
+                cn.floating = true;
+            }
+        }
+        self.deadlines.remove(&(deadline, x));
+        self.nodes.remove(&x);
+        self.touched.remove(&x);
+        self.created.remove(&x);
+        self.removed.push(x);
+        if died {
+            self.dead.push(x);
+            self.stats.deaths += 1;
+            self.tombstones.insert(x, now);
+            self.tombstone_order.insert((now, x));
+        }
+        if !orphans.is_empty() {
+            match grand {
+                Some(g) => self.replace_with_leaf(g, depth, label, rack, &orphans),
+                None => self.reattach_orphans(&orphans),
+            }
+        }
+        for u in users {
+            self.fix_secondaries(u);
+        }
+    }
+
+    /// A leaf takes the removed node's place under `g` and adopts `orphans`.
+    fn replace_with_leaf(
+        &mut self,
+        g: NodeId,
+        depth: u32,
+        label: u64,
+        rack: Option<u32>,
+        orphans: &[NodeId],
+    ) {
+        let leaf = self.pick_replacement(depth, rack).or_else(|| {
+            orphans
+                .iter()
+                .copied()
+                .find(|c| self.nodes.get(c).is_some_and(|n| n.children.is_empty()))
+        });
+        let Some(leaf) = leaf else {
+            self.reattach_orphans(orphans);
+            return;
+        };
+        if !orphans.contains(&leaf) {
+            self.float(leaf);
+        }
+        let mut moved = self.attach(leaf, g, (depth == 1).then_some(label));
+        for &c in orphans {
+            if c != leaf {
+                moved.extend(self.attach(c, leaf, None));
+            }
+        }
+        // The leaf may now use secondaries of its old depth: check it even
+        // when its position label happened not to change.
+        if !moved.contains(&leaf) {
+            moved.push(leaf);
+        }
+        self.fix_after_move(&moved);
+    }
+
+    /// Orphans of a root: another root's free slot, else the shallowest one.
+    fn reattach_orphans(&mut self, orphans: &[NodeId]) {
+        let mut moved = Vec::new();
+        for &c in orphans {
+            let rack = self.nodes.get(&c).and_then(|n| n.rack);
+            let target = self
+                .pick_primary(rack, None, Some(0), Some(c), &[])
+                .or_else(|| self.pick_primary(rack, None, None, Some(c), &[]))
+                .or_else(|| self.any_origin());
+            if let Some(t) = target {
+                moved.extend(self.attach(c, t, None));
+            }
+        }
+        self.fix_after_move(&moved);
+    }
+
+    fn any_origin(&self) -> Option<NodeId> {
+        self.nodes.iter().find(|(_, n)| n.origin).map(|(&id, _)| id)
+    }
+
+    /// Moves the deepest leaves up while the depth bound is broken.
+    fn rebalance(&mut self) {
+        loop {
+            let bound = self.settings.depth_bound(self.nodes.len());
+            let Some((&deepest, set)) = self.by_depth.last_key_value() else {
+                break;
+            };
+            if deepest <= bound {
+                break;
+            }
+            let Some(&leaf) = set.first() else { break };
+            let (rack, avoid) = match self.nodes.get(&leaf) {
+                Some(n) => (n.rack, n.avoid.clone()),
+                None => break,
+            };
+            let Some(target) = self.pick_primary(
+                rack,
+                None,
+                Some(deepest.saturating_sub(2)),
+                Some(leaf),
+                &avoid,
+            ) else {
+                break;
+            };
+            self.float(leaf);
+            let mut moved = self.attach(leaf, target, None);
+            if !moved.contains(&leaf) {
+                moved.push(leaf);
+            }
+            self.fix_after_move(&moved);
+            self.stats.rebalance_moves += 1;
+        }
+    }
+
+    /// Ends an event: bumps epochs of changed lists and counts the changes.
+    fn finish(&mut self) -> Outcome {
+        let touched = std::mem::take(&mut self.touched);
+        let created = std::mem::take(&mut self.created);
+        let mut changed = Vec::new();
+        for (id, old) in touched {
+            let Some(n) = self.nodes.get_mut(&id) else {
+                continue;
+            };
+            let new = n.parent_list();
+            let is_new = created.contains(&id);
+            if is_new || new != old {
+                n.epoch += 1;
+                changed.push(id);
+                if !is_new && !n.is_root() {
+                    self.stats.parent_changes += 1;
+                }
+            }
+        }
+        Outcome {
+            changed,
+            dead: std::mem::take(&mut self.dead),
+            removed: std::mem::take(&mut self.removed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: Duration = Duration::ZERO;
+
+    fn settings(fanout: u32, parents: u32) -> Settings {
+        Settings {
+            fanout,
+            parents,
+            ..Settings::default()
+        }
+    }
+
+    fn session(fanout: u32, parents: u32, members: u64) -> Session {
+        let mut s = Session::new(settings(fanout, parents), &[NodeId(0)]).expect("session");
+        for i in 1..=members {
+            s.join(NodeId(i), None, T0).expect("join");
+        }
+        s.check_invariants().expect("invariants");
+        s
+    }
+
+    #[test]
+    fn joins_fill_the_tree_level_by_level() {
+        let s = session(2, 1, 14);
+        // 2 + 4 + 8 members: a full binary tree under the origin.
+        let depths: Vec<u32> = (1..=14)
+            .filter_map(|i| s.node(NodeId(i)))
+            .map(|n| n.depth)
+            .collect();
+        assert_eq!(depths.iter().filter(|&&d| d == 1).count(), 2);
+        assert_eq!(depths.iter().filter(|&&d| d == 2).count(), 4);
+        assert_eq!(depths.iter().filter(|&&d| d == 3).count(), 8);
+        assert_eq!(s.max_depth(), 3);
+    }
+
+    #[test]
+    fn a_dead_nodes_children_keep_their_depth_and_only_they_change() {
+        let mut s = session(2, 1, 14);
+        let victim = NodeId(1);
+        let info = s.node(victim).expect("victim");
+        assert_eq!(info.depth, 1);
+        let orphans: Vec<NodeId> = s
+            .nodes()
+            .filter(|n| n.parents == [victim])
+            .map(|n| n.id)
+            .collect();
+        assert_eq!(orphans.len(), 2);
+        let before: Vec<(NodeId, u32)> = orphans
+            .iter()
+            .map(|&o| (o, s.node(o).map_or(0, |n| n.depth)))
+            .collect();
+        let other_lists: Vec<(NodeId, Vec<NodeId>)> = s
+            .nodes()
+            .filter(|n| n.id != victim && !orphans.contains(&n.id))
+            .map(|n| (n.id, n.parents))
+            .collect();
+        // Everyone heartbeats but the victim, which then times out.
+        let later = Duration::from_secs(3);
+        for i in 2..=14 {
+            s.heartbeat(NodeId(i), later, Progress::default())
+                .expect("heartbeat");
+        }
+        let out = s.tick(Duration::from_secs(4) + Duration::from_millis(1));
+        assert_eq!(out.dead, vec![victim]);
+        s.check_invariants().expect("invariants");
+        for (o, depth) in before {
+            let n = s.node(o).expect("orphan still here");
+            assert_eq!(n.depth, depth, "orphan {o} kept its depth");
+            assert_ne!(n.parents, vec![victim]);
+        }
+        // A leaf took the victim's place: it and the two orphans changed, no one else.
+        let moved: Vec<NodeId> = other_lists
+            .iter()
+            .filter(|(id, old)| s.parents(*id).as_ref() != Some(old))
+            .map(|(id, _)| *id)
+            .collect();
+        assert_eq!(moved.len(), 1, "only the replacement leaf moved: {moved:?}");
+        assert_eq!(s.stats().parent_changes, 3);
+        assert_eq!(s.node(moved[0]).map(|n| n.depth), Some(1));
+    }
+
+    #[test]
+    fn death_is_declared_after_the_timeout_not_before() {
+        let mut s = session(4, 2, 3);
+        let timeout = s.settings().heartbeat_timeout;
+        assert!(
+            s.tick(timeout).dead.is_empty(),
+            "exactly at the timeout: alive"
+        );
+        let out = s.tick(timeout + Duration::from_millis(1));
+        assert_eq!(out.dead.len(), 3);
+        assert_eq!(
+            s.heartbeat(NodeId(1), timeout, Progress::default()),
+            Err(TopologyError::Dead(NodeId(1)))
+        );
+        s.join(NodeId(1), None, timeout)
+            .expect("a dead node may join again");
+    }
+
+    #[test]
+    fn same_rack_parents_are_preferred_at_equal_depth() {
+        let mut s = Session::new(settings(4, 2), &[NodeId(0)]).expect("session");
+        for (i, rack) in [(1, "a"), (2, "b"), (3, "c"), (4, "d")] {
+            s.join(NodeId(i), Some(rack), T0).expect("join");
+        }
+        // Level 1 is full; each new member picks the depth-1 node of its rack.
+        for (i, rack, want) in [(5, "c", 3), (6, "a", 1), (7, "c", 3), (8, "d", 4)] {
+            s.join(NodeId(i), Some(rack), T0).expect("join");
+            assert_eq!(
+                s.parents(NodeId(i)).and_then(|p| p.first().copied()),
+                Some(NodeId(want))
+            );
+        }
+        s.check_invariants().expect("invariants");
+    }
+
+    #[test]
+    fn secondaries_come_from_another_branch_and_the_origin_last() {
+        let mut s = Session::new(settings(2, 2), &[NodeId(0), NodeId(100)]).expect("session");
+        for i in 1..=12 {
+            s.join(NodeId(i), None, T0).expect("join");
+        }
+        s.check_invariants().expect("invariants");
+        for n in s.nodes().filter(|n| !n.origin) {
+            assert_eq!(n.parents.len(), 2, "{:?}", n);
+            if n.depth >= 2 {
+                // A deep node's secondary is a member of another branch, not an origin.
+                let sec = s.node(n.parents[1]).expect("secondary");
+                assert!(
+                    !sec.origin,
+                    "{:?} uses an origin while members were free",
+                    n
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_complete_member_becomes_a_root_and_its_subtree_moves_up() {
+        let mut s = session(2, 2, 14);
+        let n1 = s.node(NodeId(1)).expect("node");
+        assert_eq!(n1.depth, 1);
+        let child = s
+            .nodes()
+            .find(|n| n.parents.first() == Some(&NodeId(1)))
+            .expect("child");
+        let full = Progress {
+            fraction: 1.0,
+            complete: true,
+        };
+        s.heartbeat(NodeId(1), T0, full).expect("heartbeat");
+        s.check_invariants().expect("invariants");
+        assert_eq!(s.parents(NodeId(1)), Some(vec![]));
+        assert_eq!(s.node(child.id).map(|n| n.depth), Some(child.depth - 1));
+        // A new member can attach to the complete node as to an origin.
+        assert_eq!(s.stats().promotions, 1);
+    }
+
+    #[test]
+    fn a_report_moves_the_child_and_two_reports_kill_the_parent() {
+        let mut s = session(2, 1, 6);
+        let parent = NodeId(1);
+        let kids: Vec<NodeId> = s
+            .nodes()
+            .filter(|n| n.parents == [parent])
+            .map(|n| n.id)
+            .collect();
+        assert_eq!(kids.len(), 2);
+        s.heartbeat(parent, Duration::from_secs(1), Progress::default())
+            .expect("fresh");
+        s.report_unreachable(kids[0], parent, Duration::from_secs(1))
+            .expect("report");
+        assert!(
+            s.contains(parent),
+            "one report from a fresh parent only moves the child"
+        );
+        assert!(!s.parents(kids[0]).is_some_and(|p| p.contains(&parent)));
+        s.check_invariants().expect("invariants");
+        let out = s
+            .report_unreachable(kids[1], parent, Duration::from_secs(1))
+            .expect("report");
+        assert_eq!(out.dead, vec![parent]);
+        s.check_invariants().expect("invariants");
+    }
+
+    #[test]
+    fn a_report_on_a_silent_parent_kills_it_at_once() {
+        let mut s = session(2, 1, 6);
+        let parent = NodeId(1);
+        let kid = s.nodes().find(|n| n.parents == [parent]).expect("child").id;
+        let out = s
+            .report_unreachable(kid, parent, Duration::from_secs(3))
+            .expect("report");
+        assert_eq!(out.dead, vec![parent]);
+    }
+
+    #[test]
+    fn bad_events_are_refused_without_change() {
+        let mut s = session(4, 2, 3);
+        let before: Vec<NodeInfo> = s.nodes().collect();
+        assert_eq!(
+            s.join(NodeId(1), None, T0),
+            Err(TopologyError::AlreadyMember(NodeId(1)))
+        );
+        assert_eq!(
+            s.leave(NodeId(77), T0),
+            Err(TopologyError::UnknownNode(NodeId(77)))
+        );
+        assert_eq!(
+            s.leave(NodeId(0), T0),
+            Err(TopologyError::Origin(NodeId(0)))
+        );
+        let nan = Progress {
+            fraction: f64::NAN,
+            complete: false,
+        };
+        assert!(matches!(
+            s.heartbeat(NodeId(1), T0, nan),
+            Err(TopologyError::Progress(_))
+        ));
+        let big = Progress {
+            fraction: 1.5,
+            complete: false,
+        };
+        assert_eq!(
+            s.heartbeat(NodeId(1), T0, big),
+            Err(TopologyError::Progress(1.5))
+        );
+        assert_eq!(s.nodes().collect::<Vec<_>>(), before);
+        assert_eq!(
+            Session::new(settings(0, 2), &[NodeId(0)]).err(),
+            Some(TopologyError::Settings(SettingsError::Fanout(0)))
+        );
+        assert_eq!(
+            Session::new(settings(2, 2), &[]).err(),
+            Some(TopologyError::NoOrigin)
+        );
+    }
+
+    #[test]
+    fn leaves_rebalance_to_the_depth_bound() {
+        let mut s = session(2, 2, 62);
+        for i in (1..=62).step_by(2) {
+            s.leave(NodeId(i), T0).expect("leave");
+            s.check_invariants().expect("invariants");
+            assert!(s.max_depth() <= s.depth_bound());
+        }
+    }
+}
