@@ -4,6 +4,7 @@
 //! component a subcommand runs, calls that component's library `run`, and maps
 //! the error to an exit code. Each subcommand lives in its own module.
 
+mod image;
 mod serve;
 
 use std::io::IsTerminal;
@@ -28,6 +29,8 @@ struct Cli {
 enum Command {
     /// Serve a file over NBD (like qemu-nbd), until SIGINT or SIGTERM.
     Serve(serve::ServeArgs),
+    /// Import, list and verify images in the image store.
+    Image(image::ImageArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
     init_logging(&cli.log);
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Image(args) => image::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,196 @@
+//! `virtman image`: import, list and verify images in the image store.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use virtman_image::{DEFAULT_CHUNK_SIZE, ImageStore};
+
+/// Arguments of `virtman image`.
+#[derive(Debug, Args)]
+pub struct ImageArgs {
+    /// The image store directory.
+    #[arg(
+        long,
+        global = true,
+        env = "VIRTMAN_STORE",
+        default_value = "/var/lib/virtman/images"
+    )]
+    pub store: PathBuf,
+
+    #[command(subcommand)]
+    pub command: ImageCommand,
+}
+
+/// `virtman image` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Import a raw or qcow2 file into the store, computing its manifest.
+    #[command(after_help = "\
+Examples:
+  virtman image import debian-12.qcow2 --name debian-12
+  virtman image import disk.raw --name disk --chunk-size 1M --store ./images")]
+    Import {
+        /// The file to import (raw, or qcow2 converted with qemu-img).
+        file: PathBuf,
+        /// The image's name in the store.
+        #[arg(long)]
+        name: String,
+        /// Chunk size: a power of two from 4K to 16M (suffixes K, M).
+        #[arg(long, value_parser = parse_size, default_value_t = u64::from(DEFAULT_CHUNK_SIZE))]
+        chunk_size: u64,
+    },
+    /// List the images in the store.
+    Ls,
+    /// Re-read an image and check every chunk against its manifest.
+    Verify {
+        /// The image's name.
+        name: String,
+    },
+}
+
+/// Parses `65536`, `64K`, `64KiB`, `1M`, `1MiB`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let upper = t.to_ascii_uppercase();
+    let (num, mult) = if let Some(n) = upper.strip_suffix("KIB").or(upper.strip_suffix('K')) {
+        (n.to_owned(), 1u64 << 10)
+    } else if let Some(n) = upper.strip_suffix("MIB").or(upper.strip_suffix('M')) {
+        (n.to_owned(), 1u64 << 20)
+    } else {
+        (upper.clone(), 1)
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 256K, 1M, 65536)"))
+}
+
+fn progress(len: u64, what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    let style = ProgressStyle::with_template(
+        "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    )
+    .map(|s| s.progress_chars("=> "))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    pb.set_style(style);
+    pb.set_message(what.to_owned());
+    pb
+}
+
+fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n;
+    let mut u = 0;
+    while v >= 1024 && v.is_multiple_of(1024) && u + 1 < UNITS.len() {
+        v /= 1024;
+        u += 1;
+    }
+    format!("{v} {}", UNITS[u])
+}
+
+/// Runs `virtman image ...`.
+pub fn run(args: ImageArgs) -> anyhow::Result<()> {
+    let store = ImageStore::open(&args.store)
+        .with_context(|| format!("opening the image store {}", args.store.display()))?;
+    match args.command {
+        ImageCommand::Import {
+            file,
+            name,
+            chunk_size,
+        } => {
+            let chunk = u32::try_from(chunk_size).context("chunk size too large")?;
+            let len = std::fs::metadata(&file)
+                .with_context(|| format!("opening {}", file.display()))?
+                .len();
+            let pb = progress(len, "importing");
+            let img = store.import(&file, &name, chunk, &mut |done, total| {
+                pb.set_length(total);
+                pb.set_position(done);
+            })?;
+            pb.finish_and_clear();
+            let m = &img.manifest;
+            println!(
+                "imported {name}: {} bytes, {} chunks of {}, id {}",
+                m.size(),
+                m.chunks(),
+                human(u64::from(m.chunk_size())),
+                m.id()
+            );
+        }
+        ImageCommand::Ls => {
+            let list = store.list().context("listing the image store")?;
+            println!(
+                "{:<24} {:>14} {:>8} {:>8}  ID",
+                "NAME", "SIZE", "CHUNK", "CHUNKS"
+            );
+            for (name, img) in list {
+                match img {
+                    Ok(i) => println!(
+                        "{:<24} {:>14} {:>8} {:>8}  {}",
+                        name,
+                        i.manifest.size(),
+                        human(u64::from(i.manifest.chunk_size())),
+                        i.manifest.chunks(),
+                        i.manifest.id().short()
+                    ),
+                    Err(e) => println!("{name:<24} unusable: {e}"),
+                }
+            }
+        }
+        ImageCommand::Verify { name } => {
+            let img = store.open_image(&name)?;
+            let pb = progress(img.manifest.size(), "verifying");
+            let report = store.verify(&name, &mut |done, _| pb.set_position(done))?;
+            pb.finish_and_clear();
+            if !report.bad_chunks.is_empty() {
+                let shown: Vec<String> = report
+                    .bad_chunks
+                    .iter()
+                    .take(20)
+                    .map(u64::to_string)
+                    .collect();
+                bail!(
+                    "image {name:?}: {} of {} chunks do not match the manifest: {}{}",
+                    report.bad_chunks.len(),
+                    report.chunks,
+                    shown.join(", "),
+                    if report.bad_chunks.len() > 20 {
+                        ", ..."
+                    } else {
+                        ""
+                    }
+                );
+            }
+            println!(
+                "{name}: all {} chunks match the manifest (id {})",
+                report.chunks,
+                img.manifest.id()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("256KiB"), Ok(262_144));
+        assert_eq!(parse_size("1m"), Ok(1 << 20));
+        assert!(parse_size("1G").is_err());
+        assert!(parse_size("x").is_err());
+        assert_eq!(human(262_144), "256 KiB");
+        assert_eq!(human(1000), "1000 B");
+    }
+}
