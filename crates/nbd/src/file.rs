@@ -27,6 +27,9 @@ const HOLE_CHECK_MIN: u32 = 64 * 1024;
 /// Most extents returned by one block status call.
 const MAX_EXTENTS: usize = 1024;
 
+/// Longest read tried inline from the page cache.
+const INLINE_READ_MAX: u32 = 128 * 1024;
+
 /// A file served over NBD.
 #[derive(Debug, Clone)]
 pub struct FileExport {
@@ -124,6 +127,39 @@ fn read_exact(file: &File, offset: u64, len: u32) -> io::Result<Bytes> {
     Ok(buf.freeze())
 }
 
+/// Reads from the page cache only: `None` if any of it would have to wait for
+/// the disk (or the kernel does not support `RWF_NOWAIT` here).
+fn read_nowait(file: &File, offset: u64, len: u32) -> Option<Vec<ReadChunk>> {
+    let mut chunks = Vec::new();
+    let mut pos = offset;
+    let extents = if len < HOLE_CHECK_MIN {
+        vec![Extent {
+            length: u64::from(len),
+            hole: false,
+            zero: false,
+        }]
+    } else {
+        extents(file, offset, u64::from(len), usize::MAX).ok()?
+    };
+    for e in extents {
+        let n = u32::try_from(e.length).ok()?;
+        if e.hole {
+            chunks.push(ReadChunk::Zero(n));
+        } else {
+            let size = usize::try_from(n).ok()?;
+            let mut buf = BytesMut::zeroed(size);
+            let mut slices = [std::io::IoSliceMut::new(&mut buf)];
+            let flags = rustix::io::ReadWriteFlags::NOWAIT;
+            match rustix::io::preadv2(file, &mut slices, pos, flags) {
+                Ok(got) if got == size => chunks.push(ReadChunk::Data(buf.freeze())),
+                _ => return None,
+            }
+        }
+        pos += e.length;
+    }
+    Some(chunks)
+}
+
 fn read_sparse(file: &File, offset: u64, len: u32) -> io::Result<Vec<ReadChunk>> {
     if len < HOLE_CHECK_MIN {
         return Ok(vec![ReadChunk::Data(read_exact(file, offset, len)?)]);
@@ -197,6 +233,15 @@ impl Export for FileExport {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, ExportError> {
+        // First try the page cache without blocking (`RWF_NOWAIT`) on the calling
+        // task, saving a hand-off to the blocking pool; a miss falls back to it.
+        // Only short reads: a long one inline would hold up the requests queued
+        // behind it, while on the pool several proceed in parallel.
+        if len <= INLINE_READ_MAX
+            && let Some(chunks) = read_nowait(&self.file, offset, len)
+        {
+            return Ok(chunks);
+        }
         self.blocking(move |f| read_sparse(f, offset, len)).await
     }
 

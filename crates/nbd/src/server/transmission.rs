@@ -1,25 +1,33 @@
 //! The transmission phase of one connection.
 //!
 //! ```text
-//!            ┌──────────── budget (bytes in flight) ────────────┐
-//! socket ─► reader ─ validate ─► spawn(execute) ─► reply parts ─► mpsc ─► writer ─► socket
-//!              │ invalid: error reply straight to the writer        (batches replies,
-//!              └ DISC / EOF / shutdown: stop reading, finish in flight   flushes when idle)
+//!            ┌──────────── budget (bytes in flight) ─────────────┐
+//! socket ─► reader ─ validate ─► execute ─ready─► batch ─(no request buffered)─► writer ─► socket
+//!              │                    └─pending─► task ─► its own reply ─────────► writer
+//!              │ invalid: error reply into the batch
+//!              └ DISC / EOF / shutdown: stop reading, finish what is in flight
 //! ```
 //!
-//! Requests run concurrently and reply out of order. A semaphore counts the
-//! bytes each request holds (its payload or read buffer plus a fixed overhead)
-//! until its reply is written, so a client that floods requests or stops reading
-//! replies stalls only its own connection, with bounded memory.
+//! Requests run concurrently and reply out of order. A request whose export
+//! call completes at once (a warm page cache) is answered on the reader task,
+//! and its reply batched with the others until no request is left in the read
+//! buffer: one write per burst, no task hand-off. A request that must wait
+//! becomes a task that writes its own reply. A semaphore counts the bytes each
+//! request holds (its payload or read buffer plus a fixed overhead) until its
+//! reply is written, so a client that floods requests or stops reading replies
+//! stalls only its own connection, with bounded memory.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::handshake::{BASE_ALLOCATION_ID, Session};
@@ -59,6 +67,11 @@ struct Outgoing {
     _permit: Option<OwnedSemaphorePermit>,
 }
 
+/// The socket's write half, shared by the reader (which writes the replies of
+/// requests it completed itself, in batches) and the tasks of requests that had
+/// to wait (which write their own).
+type SharedWriter = Arc<tokio::sync::Mutex<BufWriter<BoxWrite>>>;
+
 /// Everything a request task needs.
 struct Context {
     export: Arc<dyn Export>,
@@ -79,38 +92,63 @@ pub(super) async fn run(
     let budget = Arc::new(Semaphore::new(
         usize::try_from(budget_total).unwrap_or(usize::MAX),
     ));
-    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
-    let writer = tokio::spawn(writer(write, rx));
+    let writer: SharedWriter = Arc::new(tokio::sync::Mutex::new(BufWriter::with_capacity(
+        256 * 1024,
+        write,
+    )));
     let ctx = Arc::new(Context {
         export: session.export,
         negotiated: session.negotiated,
         base_allocation: session.base_allocation,
         name: session.name,
     });
+    let tasks = TaskTracker::new();
+    let io = Io {
+        writer: Arc::clone(&writer),
+        budget,
+        budget_total,
+        tasks: tasks.clone(),
+    };
 
-    let result = reader(server, &ctx, read, &tx, &budget, budget_total, &shutdown).await;
-    drop(tx);
-    // Requests in flight hold senders; the writer ends when they are all done.
-    match tokio::time::timeout(DRAIN_TIMEOUT, writer).await {
-        Ok(Ok(Err(e))) => debug!(%peer, error = %e, "reply writer failed"),
-        Ok(_) => {}
-        Err(_) => warn!(%peer, "replies not drained in time; closing"),
+    let result = reader(server, &ctx, read, &io, &shutdown).await;
+    // Let requests in flight finish and write their replies, then close.
+    tasks.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(%peer, "requests in flight did not finish in time; closing");
+    }
+    let mut w = writer.lock().await;
+    if let Err(e) = w.shutdown().await {
+        debug!(%peer, error = %e, "closing the socket failed");
     }
     result
+}
+
+/// The connection's shared write side and limits.
+struct Io {
+    writer: SharedWriter,
+    budget: Arc<Semaphore>,
+    budget_total: u32,
+    tasks: TaskTracker,
 }
 
 async fn reader(
     server: &Arc<Server>,
     ctx: &Arc<Context>,
     read: BoxRead,
-    tx: &mpsc::UnboundedSender<Outgoing>,
-    budget: &Arc<Semaphore>,
-    budget_total: u32,
+    io: &Io,
     shutdown: &CancellationToken,
 ) -> Result<(), TransmissionError> {
     let mut r = BufReader::with_capacity(64 * 1024, read);
     let n = ctx.negotiated;
+    // Replies of requests completed here, written when no request is buffered.
+    let mut batch: Vec<Outgoing> = Vec::new();
     loop {
+        if r.buffer().len() < REQUEST_LEN {
+            write_batch(&io.writer, &mut batch).await?;
+        }
         let mut header = [0u8; REQUEST_LEN];
         let got = tokio::select! {
             biased;
@@ -119,7 +157,10 @@ async fn reader(
         };
         match got {
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                write_batch(&io.writer, &mut batch).await?;
+                return Ok(());
+            }
             Err(e) => return Err(e.into()),
         }
         let req = tm::decode_request(&header)?;
@@ -134,14 +175,16 @@ async fn reader(
                 }
                 ServerStats::add(&server.stats.errors, 1);
                 let msg = format!("{} refused", describe(&req));
-                let _ = tx.send(error_reply(&req, &n, errno, &msg));
+                batch.push(error_reply(&req, &n, errno, &msg));
                 if too_big {
+                    write_batch(&io.writer, &mut batch).await?;
                     return Err(TransmissionError::PayloadTooLarge(req.length));
                 }
                 continue;
             }
         };
         if cmd == Command::Disc {
+            write_batch(&io.writer, &mut batch).await?;
             return Ok(());
         }
 
@@ -151,11 +194,18 @@ async fn reader(
         };
         let cost = payload_cost
             .saturating_add(REQUEST_OVERHEAD)
-            .min(budget_total);
-        let permit = Arc::clone(budget)
-            .acquire_many_owned(cost)
-            .await
-            .map_err(|_| std::io::Error::other("budget closed"))?;
+            .min(io.budget_total);
+        let permit = match Arc::clone(&io.budget).try_acquire_many_owned(cost) {
+            Ok(p) => p,
+            Err(_) => {
+                // Out of budget: send what is ready, then wait for replies to drain.
+                write_batch(&io.writer, &mut batch).await?;
+                Arc::clone(&io.budget)
+                    .acquire_many_owned(cost)
+                    .await
+                    .map_err(|_| std::io::Error::other("budget closed"))?
+            }
+        };
         let payload = if cmd == Command::Write {
             let len = usize::try_from(req.length).unwrap_or(0);
             let mut buf = BytesMut::zeroed(len);
@@ -165,9 +215,8 @@ async fn reader(
             Bytes::new()
         };
         let ctx = Arc::clone(ctx);
-        let tx = tx.clone();
         let server = Arc::clone(server);
-        tokio::spawn(async move {
+        let mut work = Box::pin(async move {
             let reply = execute(&server, &ctx, &req, cmd, payload).await;
             let mut out = match reply {
                 Ok(parts) => Outgoing {
@@ -182,26 +231,64 @@ async fn reader(
                 }
             };
             out._permit = Some(permit);
-            let _ = tx.send(out);
+            out
         });
+        // Most requests on a warm export complete at once: run them here and
+        // spawn a task only for those that must wait.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match work.as_mut().poll(&mut cx) {
+            Poll::Ready(out) => batch.push(out),
+            Poll::Pending => {
+                let writer = Arc::clone(&io.writer);
+                io.tasks.spawn(async move {
+                    let out = work.await;
+                    let mut w = writer.lock().await;
+                    // A failed write means the client is gone; the reader sees it too.
+                    let _ = write_out(&mut w, &out).await;
+                    let _ = w.flush().await;
+                });
+            }
+        }
     }
 }
 
-/// Sends replies in order of completion, batching those that are ready.
-async fn writer(write: BoxWrite, mut rx: mpsc::UnboundedReceiver<Outgoing>) -> std::io::Result<()> {
-    let mut w = BufWriter::with_capacity(256 * 1024, write);
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some(out) = next {
-            for part in &out.parts {
-                w.write_all(part).await?;
-            }
-            drop(out);
-            next = rx.try_recv().ok();
-        }
-        w.flush().await?;
+/// Writes the replies the reader has collected, and flushes.
+async fn write_batch(writer: &SharedWriter, batch: &mut Vec<Outgoing>) -> std::io::Result<()> {
+    if batch.is_empty() {
+        return Ok(());
     }
-    w.shutdown().await
+    let mut w = writer.lock().await;
+    for out in batch.drain(..) {
+        write_out(&mut w, &out).await?;
+    }
+    w.flush().await
+}
+
+/// Replies at least this long bypass the buffer: header and data go to the
+/// socket in one vectored write, without a copy.
+const DIRECT_WRITE_MIN: usize = 128 * 1024;
+
+async fn write_out(w: &mut BufWriter<BoxWrite>, out: &Outgoing) -> std::io::Result<()> {
+    let total: usize = out.parts.iter().map(Bytes::len).sum();
+    if total < DIRECT_WRITE_MIN {
+        for part in &out.parts {
+            w.write_all(part).await?;
+        }
+        return Ok(());
+    }
+    w.flush().await?;
+    let sock = w.get_mut();
+    let mut slices: Vec<std::io::IoSlice<'_>> =
+        out.parts.iter().map(|p| std::io::IoSlice::new(p)).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = sock.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        std::io::IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
 }
 
 fn describe(req: &Request) -> String {
