@@ -43,6 +43,9 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Most connections served at once; further ones are closed at accept.
     pub max_connections: usize,
+    /// How long a closing connection waits for its requests in flight (an
+    /// export stuck on a dead upstream must not hold shutdown forever).
+    pub drain_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -51,6 +54,7 @@ impl Default for ServerConfig {
             connection_budget: 64 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(30),
             max_connections: 4096,
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }

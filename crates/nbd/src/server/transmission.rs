@@ -20,7 +20,6 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use thiserror::Error;
@@ -42,8 +41,6 @@ use crate::proto::{Errno, cmd_flags, state};
 const REQUEST_OVERHEAD: u32 = 4096;
 /// Most descriptors in one block status reply.
 const MAX_DESCRIPTORS: usize = 1024;
-/// How long a closing connection waits for its replies to drain.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 static ZEROES: [u8; 1 << 20] = [0u8; 1 << 20];
 
@@ -113,7 +110,7 @@ pub(super) async fn run(
     let result = reader(server, &ctx, read, &io, &shutdown).await;
     // Let requests in flight finish and write their replies, then close.
     tasks.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait())
+    if tokio::time::timeout(server.config.drain_timeout, tasks.wait())
         .await
         .is_err()
     {

@@ -1,0 +1,151 @@
+//! The client's own behaviour: per-request timeouts, errors that name the
+//! server, export, offset and length, and a connection that survives both.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use common::{TestServer, pattern};
+use virtman_nbd::client::{RequestFailure, list_exports};
+use virtman_nbd::proto::Errno;
+use virtman_nbd::{
+    Capabilities, Client, ClientConfig, Export, ExportError, MemExport, ReadChunk, ServerConfig,
+};
+
+/// Reads at offset 0 never complete; everything else reads zeroes.
+struct Stuck;
+
+#[async_trait]
+impl Export for Stuck {
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::read_only()
+    }
+    async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, ExportError> {
+        if offset == 0 {
+            std::future::pending::<()>().await;
+        }
+        Ok(vec![ReadChunk::Zero(len)])
+    }
+}
+
+#[tokio::test]
+async fn a_stuck_request_times_out_with_context_and_the_connection_lives_on() {
+    let stuck: Arc<dyn Export> = Arc::new(Stuck);
+    let config = ServerConfig {
+        drain_timeout: Duration::from_millis(100),
+        ..ServerConfig::default()
+    };
+    let s = TestServer::start(config, vec![("stuck", stuck)]).await;
+    let c = Client::connect(
+        &s.endpoint(),
+        &ClientConfig {
+            export: "stuck".into(),
+            request_timeout: Duration::from_millis(300),
+            ..ClientConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let err = c.read(0, 4096).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(
+            err,
+            virtman_nbd::ClientError::Request {
+                failure: RequestFailure::Timeout(_),
+                ..
+            }
+        ),
+        "{text}"
+    );
+    for needle in [
+        &s.addr.to_string(),
+        "\"stuck\"",
+        "offset 0",
+        "4096 bytes",
+        "read",
+    ] {
+        assert!(text.contains(needle), "{text:?} lacks {needle:?}");
+    }
+    // Other requests on the same connection still work, holes and all.
+    let got = c.read(65536, 8192).await.unwrap();
+    assert!(got.iter().all(|&b| b == 0) && got.len() == 8192);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn server_errors_carry_errno_and_context() {
+    let ro: Arc<dyn Export> = Arc::new(MemExport::new(pattern(1 << 20, 5)).read_only());
+    let s = TestServer::start(ServerConfig::default(), vec![("ro", ro)]).await;
+    let c = Client::connect(
+        &s.endpoint(),
+        &ClientConfig {
+            export: "ro".into(),
+            ..ClientConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(c.info().read_only());
+    let err = c
+        .write(8192, Bytes::from_static(b"hello"), false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.errno(), Some(Errno::Perm));
+    let text = err.to_string();
+    assert!(
+        text.contains("offset 8192") && text.contains("5 bytes"),
+        "{text}"
+    );
+    let err = c.read((1 << 20) - 10, 20).await.unwrap_err();
+    assert_eq!(err.errno(), Some(Errno::Inval));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_export_and_dead_server_are_clear_errors() {
+    let e: Arc<dyn Export> = Arc::new(MemExport::new(vec![0; 4096]));
+    let s = TestServer::start(ServerConfig::default(), vec![("a", e)]).await;
+    let err = Client::connect(
+        &s.endpoint(),
+        &ClientConfig {
+            export: "b".into(),
+            ..ClientConfig::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("NBD_REP_ERR_UNKNOWN") && text.contains("\"b\""),
+        "{text}"
+    );
+    let list = list_exports(&s.endpoint()).await.unwrap();
+    assert_eq!(list, vec![("a".to_string(), String::new())]);
+
+    // A connection whose server goes away fails its requests, it does not hang.
+    let c = Client::connect(
+        &s.endpoint(),
+        &ClientConfig {
+            export: "a".into(),
+            ..ClientConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let endpoint = s.endpoint();
+    s.stop().await;
+    let err = c.read(0, 512).await.unwrap_err();
+    assert!(err.to_string().contains("connection"), "{err}");
+    let err = Client::connect(&endpoint, &ClientConfig::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot connect"), "{err}");
+}
