@@ -196,3 +196,51 @@ impl From<CacheError> for ExportError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use virtman_nbd::proto::Errno;
+
+    use super::*;
+
+    #[test]
+    fn errno_mapping_keeps_context() {
+        let full = CacheError::NoSpace {
+            volume: "deb".into(),
+            chunk: 3,
+            used: 10,
+            capacity: 10,
+        };
+        assert!(full.is_no_space());
+        let shared = CacheError::Shared(Arc::new(full));
+        assert!(shared.is_no_space());
+        let e = ExportError::from(shared);
+        assert_eq!(e.errno(), Errno::NoSpc);
+        assert!(e.to_string().contains("deb") && e.to_string().contains("chunk 3"));
+        let disk = CacheError::io(
+            "volume x: writing",
+            "/g/data",
+            io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error()),
+        );
+        assert!(disk.is_no_space());
+        assert_eq!(ExportError::from(disk).errno(), Errno::NoSpc);
+        let past = CacheError::PastEnd {
+            name: "x".into(),
+            offset: 5,
+            len: 10,
+            size: 8,
+        };
+        assert_eq!(ExportError::from(past).errno(), Errno::Inval);
+        let bad = CacheError::BadChunk {
+            volume: "deb".into(),
+            chunk: 1,
+            offset: 65536,
+            len: 65536,
+            got: 10,
+            source_name: "parent 10.0.0.2:10809".into(),
+        };
+        let e = ExportError::from(bad);
+        assert_eq!(e.errno(), Errno::Io);
+        assert!(e.to_string().contains("10.0.0.2"), "{e}");
+    }
+}

@@ -107,3 +107,26 @@ impl Upstream for FileUpstream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn file_upstream_reads_and_reports_short_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        std::fs::write(&p, b"0123456789").unwrap();
+        let up = FileUpstream::open(&p).unwrap();
+        let req = |offset, len| ChunkRequest {
+            image: virtman_image::ImageId([0; 32]),
+            index: 0,
+            offset,
+            len,
+        };
+        assert_eq!(&up.fetch(req(2, 4)).await.unwrap()[..], b"2345");
+        // Past the end: short, for the volume to refuse.
+        assert_eq!(&up.fetch(req(8, 4)).await.unwrap()[..], b"89");
+        assert!(up.name().contains(&p.display().to_string()));
+    }
+}
