@@ -35,19 +35,27 @@ async fn concurrent_sector_writes_into_one_block_all_land() {
             let s = Arc::clone(&s);
             set.spawn(async move {
                 let d = vec![(round as u8) ^ (k as u8 + 1); 512];
-                Export::write(&*s, block + k * 512, Bytes::from(d), false).await.unwrap();
+                Export::write(&*s, block + k * 512, Bytes::from(d), false)
+                    .await
+                    .unwrap();
             });
         }
         while set.join_next().await.is_some() {}
         let got = s.read_bytes(block, 4096).await.unwrap();
         for k in 0..7usize {
             assert!(
-                got[k * 512..(k + 1) * 512].iter().all(|&b| b == (round as u8) ^ (k as u8 + 1)),
+                got[k * 512..(k + 1) * 512]
+                    .iter()
+                    .all(|&b| b == (round as u8) ^ (k as u8 + 1)),
                 "round {round}: sector {k} lost"
             );
         }
         let b = block as usize;
-        assert_eq!(&got[3584..], &data[b + 3584..b + 4096], "round {round}: base sector lost");
+        assert_eq!(
+            &got[3584..],
+            &data[b + 3584..b + 4096],
+            "round {round}: base sector lost"
+        );
     }
 }
 
@@ -59,7 +67,9 @@ async fn damaged_snapshot_map_is_refused_naming_the_file() {
         {
             let g = setup(dir.path(), &data);
             let s = g.create_snapshot("vm", "img").unwrap();
-            s.write(0, Bytes::from(vec![7u8; 4096]), true).await.unwrap();
+            s.write(0, Bytes::from(vec![7u8; 4096]), true)
+                .await
+                .unwrap();
         }
         let p = dir.path().join("snapshots/vm/map");
         let mut b = std::fs::read(&p).unwrap();
@@ -85,8 +95,13 @@ async fn snapshots_are_private_and_deleted_cleanly() {
     let g = setup(dir.path(), &data);
     let a = g.create_snapshot("a", "img").unwrap();
     let b = g.create_snapshot("b", "img").unwrap();
-    assert!(matches!(g.create_snapshot("a", "img"), Err(CacheError::Exists { .. })));
-    a.write(100, Bytes::from(vec![1u8; 5000]), false).await.unwrap();
+    assert!(matches!(
+        g.create_snapshot("a", "img"),
+        Err(CacheError::Exists { .. })
+    ));
+    a.write(100, Bytes::from(vec![1u8; 5000]), false)
+        .await
+        .unwrap();
     assert_eq!(&b.read_bytes(0, 8192).await.unwrap()[..], &data[..8192]);
     assert_eq!(a.allocated_blocks(), 2);
     assert_eq!(g.volume("img").unwrap().uses(), 2);
