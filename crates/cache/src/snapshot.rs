@@ -58,8 +58,8 @@ pub const MAP_FORMAT: Format = Format {
 };
 
 /// A VM's writable view of a cached volume. Create and open it through
-/// [`crate::CacheGroup`]; export it with [`Snapshot::export`] or directly
-/// (it implements [`Export`]).
+/// [`crate::CacheGroup`]; serve it over NBD as an `Arc<Snapshot>` (it
+/// implements [`Export`]).
 #[derive(Debug)]
 pub struct Snapshot {
     name: String,
