@@ -58,19 +58,17 @@ async fn fills_on_demand_single_flight_and_survives_reopen() {
         assert!(data.windows(o.len()).any(|w| w == &o[..]));
     }
     // A read spanning chunks 2..=6 (chunk 3 is all zero): four fetches, in
-    // parallel (well under 4 x 50 ms).
-    let t = std::time::Instant::now();
+    // parallel (each upstream fetch takes 50 ms, so they overlap).
     let got = v
         .read_bytes(2 * u64::from(CHUNK) + 5, 5 * CHUNK - 10)
         .await
         .unwrap();
-    let dt = t.elapsed();
     let s = 2 * CHUNK as usize + 5;
     assert_eq!(&got[..], &data[s..s + 5 * CHUNK as usize - 10]);
     assert_eq!(up.fetches.load(Ordering::SeqCst), 5);
     assert!(
-        dt < Duration::from_millis(190),
-        "chunks of one read fetched one by one: {dt:?}"
+        up.max_in_flight.load(Ordering::SeqCst) >= 2,
+        "chunks of one read were fetched one by one"
     );
     assert!(!v.is_present(3), "zero chunks are never fetched or stored");
     // The short last chunk.

@@ -38,6 +38,9 @@ pub struct MemUpstream {
     pub data: Arc<Vec<u8>>,
     pub fetches: AtomicU64,
     pub delay: Duration,
+    /// Fetches in progress now, and the most seen at once.
+    pub in_flight: AtomicU64,
+    pub max_in_flight: AtomicU64,
 }
 
 impl MemUpstream {
@@ -46,6 +49,8 @@ impl MemUpstream {
             data: Arc::new(data),
             fetches: AtomicU64::new(0),
             delay: Duration::ZERO,
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
         })
     }
     pub fn slow(data: Vec<u8>, delay: Duration) -> Arc<MemUpstream> {
@@ -53,6 +58,8 @@ impl MemUpstream {
             data: Arc::new(data),
             fetches: AtomicU64::new(0),
             delay,
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
         })
     }
 }
@@ -64,9 +71,12 @@ impl Upstream for MemUpstream {
     }
     async fn fetch(&self, req: ChunkRequest) -> Result<Bytes, UpstreamError> {
         self.fetches.fetch_add(1, Ordering::SeqCst);
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
         let s = req.offset as usize;
         Ok(Bytes::copy_from_slice(&self.data[s..s + req.len as usize]))
     }
