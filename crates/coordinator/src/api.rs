@@ -1,0 +1,265 @@
+//! The wire types of the coordinator's HTTP+JSON API, version 1.
+//!
+//! Requests reject unknown fields, so a typo is an error rather than a
+//! silently ignored setting. Every error answer is an [`ErrorBody`].
+//!
+//! ```text
+//!   POST /v1/images                    RegisterImage  -> ImageInfo
+//!   POST /v1/sessions/{image}/join     JoinRequest    -> Assignment (+ timing)
+//!   POST /v1/sessions/{image}/leave    LeaveRequest   -> 204
+//!   POST /v1/sessions/{image}/report   ReportRequest  -> Assignment
+//!   POST /v1/heartbeat                 HeartbeatRequest -> HeartbeatResponse
+//!   GET  /v1/sessions/{image}          TreeView        GET /v1/nodes/{node}  NodeState
+//! ```
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Registers an image and the origins that serve it whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterImage {
+    /// Image name: 1 to 128 characters of `A-Z a-z 0-9 . _ : -`.
+    pub name: String,
+    /// Image size in bytes, above zero.
+    pub size: u64,
+    /// BLAKE3 digest of the image's manifest, 64 lowercase hex digits.
+    pub manifest_digest: String,
+    /// Addresses (host:port) of the origins, 1 to 16: the roots of the tree
+    /// and every node's parent of last resort.
+    pub origins: Vec<String>,
+    /// Fan-out k for this image's tree (2 to 1024); the coordinator's
+    /// default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fanout: Option<u32>,
+    /// Parents per node p for this image (1 to 16); the coordinator's
+    /// default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parents: Option<u32>,
+}
+
+/// A registered image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ImageInfo {
+    /// Image name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Manifest digest.
+    pub manifest_digest: String,
+    /// Origin addresses.
+    pub origins: Vec<String>,
+    /// Fan-out k of the image's tree.
+    pub fanout: u32,
+    /// Parents per node p.
+    pub parents: u32,
+    /// Live members of the image's session (origins not counted).
+    pub members: u64,
+}
+
+/// A node asks to join an image's session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// The node's name, unique in the cluster (same rules as image names).
+    pub node: String,
+    /// Where the node's base export for this image listens (host:port).
+    pub addr: String,
+    /// Free-form labels; `rack` is used to prefer parents in the same rack.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A node leaves an image's session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaveRequest {
+    /// The node's name.
+    pub node: String,
+}
+
+/// A child could not reach one of its parents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReportRequest {
+    /// The reporting node.
+    pub node: String,
+    /// The parent it could not reach, by name.
+    pub parent: String,
+}
+
+/// A node to fetch from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Parent {
+    /// The parent's name (`origin:N` for origins).
+    pub node: String,
+    /// Its base export address.
+    pub addr: String,
+}
+
+/// Whom a node fetches one image from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Assignment {
+    /// The image.
+    pub image: String,
+    /// Changes whenever `parents` changes; send it back as `known_epoch`.
+    pub epoch: u64,
+    /// Parents in order of preference: the tree parent first. Empty when the
+    /// node holds the complete image (it is a root).
+    pub parents: Vec<Parent>,
+    /// The image's origins: the parents of last resort, after `parents`.
+    pub origins: Vec<String>,
+}
+
+/// The answer to a join.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JoinResponse {
+    /// The node's parents for the image.
+    pub assignment: Assignment,
+    /// How often to heartbeat, in milliseconds.
+    pub heartbeat_interval_ms: u64,
+    /// Silence longer than this (milliseconds) and the node is declared dead.
+    pub heartbeat_timeout_ms: u64,
+}
+
+/// One image's part of a heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionBeat {
+    /// The image.
+    pub image: String,
+    /// Fraction of the image's chunks the node holds, 0 to 1.
+    pub progress: f64,
+    /// The node holds every chunk: it becomes a root for the others.
+    #[serde(default)]
+    pub complete: bool,
+    /// The epoch of the parent list the node has; 0 if none.
+    #[serde(default)]
+    pub known_epoch: u64,
+}
+
+/// One call per node for all its sessions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatRequest {
+    /// The node's name.
+    pub node: String,
+    /// Each session the node is in (at most 1024, no image twice).
+    pub sessions: Vec<SessionBeat>,
+}
+
+/// The answer to a heartbeat: only the parent lists the node does not have.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HeartbeatResponse {
+    /// Assignments whose epoch differs from the `known_epoch` sent.
+    pub changed: Vec<Assignment>,
+    /// How often to heartbeat, in milliseconds.
+    pub heartbeat_interval_ms: u64,
+}
+
+/// One node as seen in a session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NodeView {
+    /// The node's name.
+    pub node: String,
+    /// Its address for this image.
+    pub addr: String,
+    /// An origin of the image.
+    pub origin: bool,
+    /// Reported the complete image (a root now).
+    pub complete: bool,
+    /// Hops from a root along tree parents.
+    pub depth: u32,
+    /// Parent names, tree parent first.
+    pub parents: Vec<String>,
+    /// Tree children.
+    pub children: u64,
+    /// Nodes using this one as a secondary parent.
+    pub secondary_children: u64,
+    /// Last reported fraction of chunks held.
+    pub progress: f64,
+    /// Milliseconds since the last heartbeat.
+    pub silent_ms: u64,
+    /// Parent-list epoch.
+    pub epoch: u64,
+    /// The node's labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Counters of one session since the coordinator started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SessionStats {
+    /// Joins accepted.
+    pub joins: u64,
+    /// Graceful leaves.
+    pub leaves: u64,
+    /// Nodes declared dead.
+    pub deaths: u64,
+    /// Unreachable-parent reports acted on.
+    pub reports: u64,
+    /// Changes of existing members' parent lists (repairs and rebalancing).
+    pub parent_changes: u64,
+    /// Moves made only to keep the depth bound.
+    pub rebalance_moves: u64,
+    /// Members that completed the image and became roots.
+    pub promotions: u64,
+}
+
+/// A session's whole tree.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TreeView {
+    /// The image.
+    pub image: String,
+    /// Fan-out k.
+    pub fanout: u32,
+    /// Parents per node p.
+    pub parents_per_node: u32,
+    /// The deepest a member may be now: ceil(log_k N) + 1.
+    pub depth_bound: u32,
+    /// The deepest member now.
+    pub max_depth: u32,
+    /// Every live node, origins first, then by name.
+    pub nodes: Vec<NodeView>,
+    /// Counters.
+    pub stats: SessionStats,
+}
+
+/// One session of a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NodeSession {
+    /// The image.
+    pub image: String,
+    /// The node in that session.
+    pub view: NodeView,
+}
+
+/// A node's state across sessions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NodeState {
+    /// The node's name.
+    pub node: String,
+    /// Sessions it is a live member of.
+    pub sessions: Vec<NodeSession>,
+    /// Images where it was declared dead and must join again.
+    pub dead_in: Vec<String>,
+}
+
+/// Every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// A stable code: `bad_request`, `unauthorized`, `unknown_image`,
+    /// `unknown_node`, `already_joined`, `dead`, `conflict`,
+    /// `payload_too_large`, `not_found`, `method_not_allowed`, `internal`.
+    pub error: String,
+    /// What is wrong, for a human.
+    pub message: String,
+}
+
+/// Liveness answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: String,
+}

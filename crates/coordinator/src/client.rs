@@ -1,0 +1,188 @@
+//! A typed client of the coordinator API, for agents and `virtman tree`.
+//!
+//! ```text
+//!   Client::new("http://127.0.0.1:7600", Some(token))
+//!     .join("debian", &JoinRequest{..}) ──POST /v1/sessions/debian/join──► coordinator
+//!     ◄── Ok(JoinResponse) | Err(ClientError::Api{status, code, message})
+//! ```
+//!
+//! Error answers are decoded into [`ClientError::Api`] with the server's
+//! stable code, so callers can act on `dead` (join again) or
+//! `already_joined` without parsing messages.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::api::{
+    Assignment, ErrorBody, HeartbeatRequest, HeartbeatResponse, ImageInfo, JoinRequest,
+    JoinResponse, LeaveRequest, NodeState, RegisterImage, ReportRequest, TreeView,
+};
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The base URL is not an http(s) URL.
+    #[error("coordinator URL {0:?} must start with http:// or https://")]
+    Url(String),
+    /// The request could not be sent or the answer not read.
+    #[error("coordinator request failed: {0}")]
+    Http(#[from] reqwest::Error),
+    /// The coordinator refused the request.
+    #[error("coordinator answered {status} {code}: {message}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// Stable error code (see [`ErrorBody`]).
+        code: String,
+        /// The coordinator's message.
+        message: String,
+    },
+}
+
+impl ClientError {
+    /// The server's error code, if the server answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// A coordinator client. Cheap to clone (shares its connection pool).
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    /// A client of the coordinator at `base_url` (e.g. `http://127.0.0.1:7600`),
+    /// sending `token` on state-changing calls.
+    pub fn new(base_url: &str, token: Option<String>) -> Result<Self, ClientError> {
+        let base = base_url.trim_end_matches('/').to_owned();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(ClientError::Url(base_url.to_owned()));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(3))
+            .build()?;
+        Ok(Self { http, base, token })
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<Option<T>, ClientError> {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await?;
+        let status = resp.status();
+        if status == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        if status.is_success() {
+            return Ok(Some(resp.json().await?));
+        }
+        let text = resp.text().await.unwrap_or_default();
+        let (code, message) = match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(e) => (e.error, e.message),
+            Err(_) => ("unknown".to_owned(), text),
+        };
+        Err(ClientError::Api {
+            status: status.as_u16(),
+            code,
+            message,
+        })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call::<(), T>(Method::GET, path, None)
+            .await?
+            .ok_or_else(|| empty_answer(path))
+    }
+
+    async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.call(Method::POST, path, Some(body))
+            .await?
+            .ok_or_else(|| empty_answer(path))
+    }
+
+    /// Registers an image (idempotent for the same record).
+    pub async fn register_image(&self, req: &RegisterImage) -> Result<ImageInfo, ClientError> {
+        self.post("/v1/images", req).await
+    }
+
+    /// Every registered image.
+    pub async fn images(&self) -> Result<Vec<ImageInfo>, ClientError> {
+        self.get("/v1/images").await
+    }
+
+    /// Joins `image`'s session.
+    pub async fn join(&self, image: &str, req: &JoinRequest) -> Result<JoinResponse, ClientError> {
+        self.post(&format!("/v1/sessions/{image}/join"), req).await
+    }
+
+    /// Leaves `image`'s session.
+    pub async fn leave(&self, image: &str, req: &LeaveRequest) -> Result<(), ClientError> {
+        self.call::<_, serde_json::Value>(
+            Method::POST,
+            &format!("/v1/sessions/{image}/leave"),
+            Some(req),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Reports an unreachable parent; returns the node's parents now.
+    pub async fn report(
+        &self,
+        image: &str,
+        req: &ReportRequest,
+    ) -> Result<Assignment, ClientError> {
+        self.post(&format!("/v1/sessions/{image}/report"), req)
+            .await
+    }
+
+    /// Sends one heartbeat for all of a node's sessions.
+    pub async fn heartbeat(
+        &self,
+        req: &HeartbeatRequest,
+    ) -> Result<HeartbeatResponse, ClientError> {
+        self.post("/v1/heartbeat", req).await
+    }
+
+    /// `image`'s tree.
+    pub async fn tree(&self, image: &str) -> Result<TreeView, ClientError> {
+        self.get(&format!("/v1/sessions/{image}")).await
+    }
+
+    /// A node's state.
+    pub async fn node(&self, node: &str) -> Result<NodeState, ClientError> {
+        self.get(&format!("/v1/nodes/{node}")).await
+    }
+}
+
+fn empty_answer(path: &str) -> ClientError {
+    ClientError::Api {
+        status: 204,
+        code: "empty".into(),
+        message: format!("{path} answered without a body"),
+    }
+}

@@ -1,0 +1,425 @@
+//! The HTTP layer: routes, bearer-token authentication, JSON extraction with
+//! JSON errors, metrics and the OpenAPI document.
+//!
+//! ```text
+//!   request ─► body limit ─► route ─► Authorized? (POST only) ─► ApiJson<T>
+//!           ─► Handle::command ─► state task ─► JSON answer | ErrorBody
+//! ```
+//!
+//! Every refusal, including those axum would answer in plain text (bad
+//! JSON, unknown fields, wrong content type, oversized body, unknown route,
+//! wrong method), is turned into an [`ErrorBody`] with a 4xx status.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::de::DeserializeOwned;
+use subtle::ConstantTimeEq;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::api::{
+    Assignment, ErrorBody, Health, HeartbeatRequest, HeartbeatResponse, ImageInfo, JoinRequest,
+    JoinResponse, LeaveRequest, NodeSession, NodeState, NodeView, Parent, RegisterImage,
+    ReportRequest, SessionBeat, SessionStats, TreeView,
+};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::state::Handle;
+
+/// The shared secret that state-changing calls must present as
+/// `Authorization: Bearer <token>`. Only its BLAKE3 digest is kept, and a
+/// candidate is compared digest to digest in constant time, so neither the
+/// secret's bytes nor its length leak through timing.
+#[derive(Clone)]
+pub struct Token {
+    digest: [u8; 32],
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(..)")
+    }
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Tokens must be at least 16 characters.
+    #[error("a token must be at least 16 characters, got {0}")]
+    TooShort(usize),
+    /// Tokens must be printable ASCII without spaces (they go in a header).
+    #[error("a token must be printable ASCII without spaces")]
+    BadCharacters,
+}
+
+impl Token {
+    /// The smallest accepted token length.
+    pub const MIN_LEN: usize = 16;
+
+    /// A token from its secret (surrounding whitespace is trimmed).
+    pub fn new(secret: &str) -> Result<Self, TokenError> {
+        let secret = secret.trim();
+        if secret.len() < Self::MIN_LEN {
+            return Err(TokenError::TooShort(secret.len()));
+        }
+        if !secret.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(TokenError::BadCharacters);
+        }
+        Ok(Self {
+            digest: *blake3::hash(secret.as_bytes()).as_bytes(),
+        })
+    }
+
+    /// Whether `candidate` is the secret, in constant time.
+    pub fn verify(&self, candidate: &str) -> bool {
+        let d = blake3::hash(candidate.as_bytes());
+        d.as_bytes().ct_eq(&self.digest).into()
+    }
+}
+
+/// What every handler shares.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The way to the state task.
+    pub handle: Handle,
+    /// The bearer token.
+    pub token: Arc<Token>,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Proof that the request carried the right bearer token.
+#[derive(Debug)]
+pub struct Authorized;
+
+impl FromRequestParts<AppState> for Authorized {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let value = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer token"))?;
+        let value = value
+            .to_str()
+            .map_err(|_| ApiError::unauthorized("the Authorization header is not text"))?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| ApiError::unauthorized("the Authorization header must be Bearer"))?;
+        if state.token.verify(token.trim()) {
+            Ok(Authorized)
+        } else {
+            Err(ApiError::unauthorized("wrong token"))
+        }
+    }
+}
+
+/// `axum::Json` whose refusals are [`ErrorBody`] answers.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Self(v)),
+            Err(rejection) => Err(json_rejection(&rejection)),
+        }
+    }
+}
+
+fn json_rejection(r: &JsonRejection) -> ApiError {
+    let status = r.status();
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        _ => "bad_request",
+    };
+    ApiError::new(status, code, r.body_text())
+}
+
+/// `axum::extract::Path<String>` whose refusals are [`ErrorBody`] answers.
+#[derive(Debug)]
+pub struct ApiPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ApiPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(Self(v)),
+            Err(r) => Err(path_rejection(&r)),
+        }
+    }
+}
+
+fn path_rejection(r: &PathRejection) -> ApiError {
+    ApiError::new(r.status(), "bad_request", r.body_text())
+}
+
+/// Builds the router for `state`, refusing bodies above `max_body` bytes.
+pub fn router(state: AppState, max_body: usize) -> Router {
+    Router::new()
+        .route("/v1/images", post(register_image).get(list_images))
+        .route("/v1/images/{image}", get(get_image))
+        .route("/v1/sessions/{image}", get(tree))
+        .route("/v1/sessions/{image}/join", post(join))
+        .route("/v1/sessions/{image}/leave", post(leave))
+        .route("/v1/sessions/{image}/report", post(report))
+        .route("/v1/heartbeat", post(heartbeat))
+        .route("/v1/nodes/{node}", get(node))
+        .route("/v1/health", get(health))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}
+
+/// Registers an image (idempotent when the same record is sent again).
+#[utoipa::path(post, path = "/v1/images", tag = "images",
+    request_body = RegisterImage, security(("bearer" = [])),
+    responses(
+        (status = 201, description = "registered", body = ImageInfo),
+        (status = 200, description = "already registered with the same record", body = ImageInfo),
+        (status = 400, description = "bad input", body = ErrorBody),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 409, description = "registered with another record", body = ErrorBody),
+    ))]
+async fn register_image(
+    State(s): State<AppState>,
+    _auth: Authorized,
+    ApiJson(req): ApiJson<RegisterImage>,
+) -> Result<(StatusCode, Json<ImageInfo>), ApiError> {
+    let (created, info) = s.handle.register_image(req).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(info)))
+}
+
+/// Lists registered images.
+#[utoipa::path(get, path = "/v1/images", tag = "images",
+    responses((status = 200, description = "all images", body = Vec<ImageInfo>)))]
+async fn list_images(State(s): State<AppState>) -> Result<Json<Vec<ImageInfo>>, ApiError> {
+    Ok(Json(s.handle.images().await?))
+}
+
+/// One image.
+#[utoipa::path(get, path = "/v1/images/{image}", tag = "images",
+    params(("image" = String, Path, description = "image name")),
+    responses(
+        (status = 200, description = "the image", body = ImageInfo),
+        (status = 404, description = "unknown image", body = ErrorBody),
+    ))]
+async fn get_image(
+    State(s): State<AppState>,
+    ApiPath(image): ApiPath,
+) -> Result<Json<ImageInfo>, ApiError> {
+    Ok(Json(s.handle.image(image).await?))
+}
+
+/// Joins an image's session; the answer holds the node's parents.
+#[utoipa::path(post, path = "/v1/sessions/{image}/join", tag = "sessions",
+    params(("image" = String, Path, description = "image name")),
+    request_body = JoinRequest, security(("bearer" = [])),
+    responses(
+        (status = 200, description = "joined", body = JoinResponse),
+        (status = 400, description = "bad input", body = ErrorBody),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "unknown image", body = ErrorBody),
+        (status = 409, description = "already joined", body = ErrorBody),
+    ))]
+async fn join(
+    State(s): State<AppState>,
+    _auth: Authorized,
+    ApiPath(image): ApiPath,
+    ApiJson(req): ApiJson<JoinRequest>,
+) -> Result<Json<JoinResponse>, ApiError> {
+    Ok(Json(s.handle.join(image, req).await?))
+}
+
+/// Leaves an image's session; the node's children are re-attached.
+#[utoipa::path(post, path = "/v1/sessions/{image}/leave", tag = "sessions",
+    params(("image" = String, Path, description = "image name")),
+    request_body = LeaveRequest, security(("bearer" = [])),
+    responses(
+        (status = 204, description = "left"),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "unknown image or node", body = ErrorBody),
+        (status = 410, description = "the node was declared dead", body = ErrorBody),
+    ))]
+async fn leave(
+    State(s): State<AppState>,
+    _auth: Authorized,
+    ApiPath(image): ApiPath,
+    ApiJson(req): ApiJson<LeaveRequest>,
+) -> Result<StatusCode, ApiError> {
+    s.handle.leave(image, req).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Reports a parent the node cannot reach; the answer is its new list.
+#[utoipa::path(post, path = "/v1/sessions/{image}/report", tag = "sessions",
+    params(("image" = String, Path, description = "image name")),
+    request_body = ReportRequest, security(("bearer" = [])),
+    responses(
+        (status = 200, description = "the reporter's parents now", body = Assignment),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "unknown image or node", body = ErrorBody),
+        (status = 410, description = "the reporter was declared dead", body = ErrorBody),
+    ))]
+async fn report(
+    State(s): State<AppState>,
+    _auth: Authorized,
+    ApiPath(image): ApiPath,
+    ApiJson(req): ApiJson<ReportRequest>,
+) -> Result<Json<Assignment>, ApiError> {
+    Ok(Json(s.handle.report(image, req).await?))
+}
+
+/// One heartbeat per node for all its sessions; the answer carries the
+/// parent lists whose epoch differs from what the node sent.
+#[utoipa::path(post, path = "/v1/heartbeat", tag = "sessions",
+    request_body = HeartbeatRequest, security(("bearer" = [])),
+    responses(
+        (status = 200, description = "changed parent lists", body = HeartbeatResponse),
+        (status = 400, description = "bad input", body = ErrorBody),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "unknown image or node", body = ErrorBody),
+        (status = 410, description = "declared dead: join again", body = ErrorBody),
+    ))]
+async fn heartbeat(
+    State(s): State<AppState>,
+    _auth: Authorized,
+    ApiJson(req): ApiJson<HeartbeatRequest>,
+) -> Result<Json<HeartbeatResponse>, ApiError> {
+    let started = Instant::now();
+    let result = s.handle.heartbeat(req).await;
+    s.metrics
+        .heartbeat_seconds
+        .observe(started.elapsed().as_secs_f64());
+    Ok(Json(result?))
+}
+
+/// A session's tree: every node with depth, parents and progress.
+#[utoipa::path(get, path = "/v1/sessions/{image}", tag = "sessions",
+    params(("image" = String, Path, description = "image name")),
+    responses(
+        (status = 200, description = "the tree", body = TreeView),
+        (status = 404, description = "unknown image", body = ErrorBody),
+    ))]
+async fn tree(
+    State(s): State<AppState>,
+    ApiPath(image): ApiPath,
+) -> Result<Json<TreeView>, ApiError> {
+    Ok(Json(s.handle.tree(image).await?))
+}
+
+/// A node's state in every session.
+#[utoipa::path(get, path = "/v1/nodes/{node}", tag = "nodes",
+    params(("node" = String, Path, description = "node name")),
+    responses(
+        (status = 200, description = "the node", body = NodeState),
+        (status = 404, description = "unknown node", body = ErrorBody),
+    ))]
+async fn node(
+    State(s): State<AppState>,
+    ApiPath(node): ApiPath,
+) -> Result<Json<NodeState>, ApiError> {
+    Ok(Json(s.handle.node(node).await?))
+}
+
+/// Liveness.
+#[utoipa::path(get, path = "/v1/health", tag = "meta",
+    responses((status = 200, description = "up", body = Health)))]
+async fn health() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
+
+/// This document.
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "meta",
+    responses((status = 200, description = "the OpenAPI document")))]
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], openapi_json()).into_response()
+}
+
+/// Prometheus metrics (OpenMetrics text).
+#[utoipa::path(get, path = "/metrics", tag = "meta",
+    responses((status = 200, description = "metrics in the OpenMetrics text format")))]
+async fn metrics(State(s): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+struct BearerSecurity;
+
+impl Modify for BearerSecurity {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "virtman coordinator",
+        version = "1",
+        description = "Relay trees per image: registration, join, leave, heartbeat, reports, trees.",
+        license(name = "Apache-2.0")
+    ),
+    paths(register_image, list_images, get_image, join, leave, report, heartbeat, tree, node,
+        health, openapi, metrics),
+    components(schemas(RegisterImage, ImageInfo, JoinRequest, JoinResponse, LeaveRequest,
+        ReportRequest, Assignment, Parent, HeartbeatRequest, SessionBeat, HeartbeatResponse,
+        TreeView, NodeView, SessionStats, NodeState, NodeSession, ErrorBody, Health)),
+    modifiers(&BearerSecurity),
+)]
+struct ApiDoc;
+
+/// The OpenAPI document of the API, pretty-printed JSON with a final newline
+/// (the committed `openapi.json` must equal it).
+pub fn openapi_json() -> String {
+    let mut s = ApiDoc::openapi()
+        .to_pretty_json()
+        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    s.push('\n');
+    s
+}

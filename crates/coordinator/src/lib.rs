@@ -1,0 +1,140 @@
+//! `virtman-coordinator`: the service that arranges each image's hosts into a
+//! relay tree, takes their heartbeats, declares the silent ones dead and
+//! repairs the tree, over a versioned HTTP+JSON API.
+//!
+//! ```text
+//!   agents ──HTTP+JSON (/v1)──► http (axum) ──Command──► state task ──► Session per image
+//!                                   │                        │         (virtman-topology)
+//!   Prometheus ──/metrics──► metrics│                        └──► store (redb, group commit)
+//! ```
+//!
+//! Modules: [`api`] (wire types), [`http`] (routes, auth, OpenAPI), [`state`]
+//! (the task that owns the state), [`store`] (redb), [`metrics`],
+//! [`config`], [`validate`], [`error`], and [`client`] (a reqwest client
+//! for agents and the CLI).
+//!
+//! A service is started with [`Coordinator::open`] (recovers from the data
+//! directory, starts the state task) and [`Coordinator::serve`] on a listener
+//! the caller bound, until the [`CancellationToken`] is cancelled.
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod state;
+pub mod store;
+pub mod validate;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use client::{Client, ClientError};
+pub use config::CoordinatorConfig;
+pub use error::{ApiError, CoordinatorError};
+pub use http::{Token, TokenError, openapi_json};
+
+/// Everything a coordinator needs to start.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Tunables.
+    pub config: CoordinatorConfig,
+    /// The bearer token for state-changing calls.
+    pub token: Token,
+    /// Where the redb file lives (created if missing).
+    pub data_dir: PathBuf,
+}
+
+/// A running coordinator: its router and its state task.
+#[derive(Debug)]
+pub struct Coordinator {
+    router: Router,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    metrics: Arc<metrics::Metrics>,
+}
+
+impl Coordinator {
+    /// Opens the store in the data directory, recovers images and sessions,
+    /// and starts the state task, which stops when `shutdown` is cancelled.
+    /// Must be called inside a tokio runtime.
+    pub fn open(options: Options, shutdown: CancellationToken) -> Result<Self, CoordinatorError> {
+        let settings = options
+            .config
+            .settings()
+            .map_err(CoordinatorError::Config)?;
+        std::fs::create_dir_all(&options.data_dir).map_err(|source| CoordinatorError::DataDir {
+            path: options.data_dir.clone(),
+            source,
+        })?;
+        let (store, loaded) = store::Store::open(&options.data_dir)?;
+        let metrics = Arc::new(metrics::Metrics::new());
+        let state = state::State::recover(
+            options.config.clone(),
+            settings,
+            store,
+            loaded,
+            Arc::clone(&metrics),
+        )?;
+        let (handle, rx) = state::State::channel();
+        let tracker = TaskTracker::new();
+        tracker.spawn(state.run(rx, shutdown.clone()));
+        tracker.close();
+        let app = http::AppState {
+            handle,
+            token: Arc::new(options.token),
+            metrics: Arc::clone(&metrics),
+        };
+        let router = http::router(app, options.config.max_body_bytes);
+        Ok(Self {
+            router,
+            tracker,
+            shutdown,
+            metrics,
+        })
+    }
+
+    /// The router, for serving or for in-process requests in tests.
+    pub fn router(&self) -> Router {
+        self.router.clone()
+    }
+
+    /// This coordinator's metrics.
+    pub fn metrics(&self) -> Arc<metrics::Metrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// Serves HTTP on `listener` until the shutdown token is cancelled, then
+    /// waits for in-flight requests and for the state task to end (its last
+    /// batch committed, the store closed).
+    pub async fn serve(self, listener: TcpListener) -> Result<(), CoordinatorError> {
+        let shutdown = self.shutdown.clone();
+        let result = axum::serve(listener, self.router.clone())
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        self.stop().await;
+        result.map_err(CoordinatorError::Serve)
+    }
+
+    /// Cancels the shutdown token and waits for the state task to end.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        drop(self.router);
+        self.tracker.wait().await;
+    }
+}
+
+/// Opens a coordinator and serves it on `listener` until `shutdown`.
+pub async fn run(
+    options: Options,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), CoordinatorError> {
+    Coordinator::open(options, shutdown)?.serve(listener).await
+}

@@ -1,0 +1,266 @@
+//! Durable state in redb: images and session members, written in one
+//! transaction per batch of commands (group commit) before any of them is
+//! answered.
+//!
+//! ```text
+//!   coordinator.redb
+//!   ├── meta     "format" ─► 1
+//!   ├── images   name ─► ImageRecord (JSON)
+//!   └── members  (image, node) ─► MemberRecord (JSON: addr, labels,
+//!                                  parents by name, complete, epoch)
+//! ```
+//!
+//! Liveness (last heartbeats) is not stored: after a restart every member
+//! counts as seen at the restart, so nobody is declared dead before one full
+//! heartbeat timeout. Records are checked when read: a record that does not
+//! parse is an error naming its key, not a panic.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
+const MEMBERS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("members");
+const FORMAT: u64 = 1;
+
+/// The file inside the data directory.
+pub const FILE_NAME: &str = "coordinator.redb";
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// redb failed (I/O, corruption it detected, a second open).
+    #[error("redb: {0}")]
+    Redb(#[from] redb::Error),
+    /// A record could not be decoded.
+    #[error("record {key} does not decode: {source}")]
+    Corrupt {
+        /// The record's key.
+        key: String,
+        /// The decoding error.
+        source: serde_json::Error,
+    },
+    /// The file was written by an unknown format version.
+    #[error("store format {0} is not supported (expected {FORMAT})")]
+    Format(u64),
+}
+
+fn redb_err(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Redb(e.into())
+}
+
+/// A registered image as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageRecord {
+    /// Image name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Manifest digest.
+    pub manifest_digest: String,
+    /// Origin addresses.
+    pub origins: Vec<String>,
+    /// Fan-out override.
+    #[serde(default)]
+    pub fanout: Option<u32>,
+    /// Parents-per-node override.
+    #[serde(default)]
+    pub parents: Option<u32>,
+}
+
+/// One member of one session as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberRecord {
+    /// The node's address for this image.
+    pub addr: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// Its parents by name, tree parent first.
+    pub parents: Vec<String>,
+    /// It held the complete image.
+    pub complete: bool,
+    /// Its parent-list epoch.
+    pub epoch: u64,
+}
+
+/// Writes to apply in one transaction.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Images to insert or replace.
+    pub images: Vec<ImageRecord>,
+    /// Members to insert or replace: (image, node, record).
+    pub members: BTreeMap<(String, String), MemberRecord>,
+    /// Members to delete: (image, node).
+    pub removed: Vec<(String, String)>,
+}
+
+impl Batch {
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.images.is_empty() && self.members.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// Everything read back at start.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// Images, by name.
+    pub images: Vec<ImageRecord>,
+    /// Members: (image, node, record), ordered by image then node.
+    pub members: Vec<(String, String, MemberRecord)>,
+}
+
+/// The open database.
+#[derive(Debug)]
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir` and reads everything back.
+    pub fn open(dir: &Path) -> Result<(Self, Loaded), StoreError> {
+        let db = Database::create(dir.join(FILE_NAME)).map_err(redb_err)?;
+        let txn = db.begin_write().map_err(redb_err)?;
+        let mut loaded = Loaded::default();
+        {
+            let mut meta = txn.open_table(META).map_err(redb_err)?;
+            let format = meta.get("format").map_err(redb_err)?.map(|g| g.value());
+            match format {
+                None => {
+                    meta.insert("format", FORMAT).map_err(redb_err)?;
+                }
+                Some(FORMAT) => {}
+                Some(other) => return Err(StoreError::Format(other)),
+            }
+            let images = txn.open_table(IMAGES).map_err(redb_err)?;
+            for entry in images.iter().map_err(redb_err)? {
+                let (k, v) = entry.map_err(redb_err)?;
+                let record: ImageRecord =
+                    serde_json::from_slice(v.value()).map_err(|source| StoreError::Corrupt {
+                        key: format!("images/{}", k.value()),
+                        source,
+                    })?;
+                loaded.images.push(record);
+            }
+            let members = txn.open_table(MEMBERS).map_err(redb_err)?;
+            for entry in members.iter().map_err(redb_err)? {
+                let (k, v) = entry.map_err(redb_err)?;
+                let (image, node) = k.value();
+                let record: MemberRecord =
+                    serde_json::from_slice(v.value()).map_err(|source| StoreError::Corrupt {
+                        key: format!("members/{image}/{node}"),
+                        source,
+                    })?;
+                loaded
+                    .members
+                    .push((image.to_owned(), node.to_owned(), record));
+            }
+        }
+        txn.commit().map_err(redb_err)?;
+        Ok((Self { db }, loaded))
+    }
+
+    /// Applies `batch` in one durable transaction.
+    pub fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(redb_err)?;
+        {
+            let mut images = txn.open_table(IMAGES).map_err(redb_err)?;
+            for image in &batch.images {
+                let bytes = encode(image);
+                images
+                    .insert(image.name.as_str(), bytes.as_slice())
+                    .map_err(redb_err)?;
+            }
+            let mut members = txn.open_table(MEMBERS).map_err(redb_err)?;
+            for (image, node) in &batch.removed {
+                members
+                    .remove((image.as_str(), node.as_str()))
+                    .map_err(redb_err)?;
+            }
+            for ((image, node), record) in &batch.members {
+                let bytes = encode(record);
+                members
+                    .insert((image.as_str(), node.as_str()), bytes.as_slice())
+                    .map_err(redb_err)?;
+            }
+        }
+        txn.commit().map_err(redb_err)?;
+        Ok(())
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Plain structs of strings, numbers and string maps always serialize.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_survives_reopen_and_removals_apply() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = ImageRecord {
+            name: "debian".into(),
+            size: 1 << 30,
+            manifest_digest: "ab".repeat(32),
+            origins: vec!["10.0.0.1:10809".into()],
+            fanout: None,
+            parents: Some(3),
+        };
+        let member = MemberRecord {
+            addr: "10.0.0.2:10809".into(),
+            labels: BTreeMap::from([("rack".into(), "r1".into())]),
+            parents: vec!["origin:0".into()],
+            complete: false,
+            epoch: 3,
+        };
+        {
+            let (store, loaded) = Store::open(dir.path()).expect("open");
+            assert!(loaded.images.is_empty());
+            let mut batch = Batch::default();
+            batch.images.push(image.clone());
+            batch
+                .members
+                .insert(("debian".into(), "n1".into()), member.clone());
+            batch
+                .members
+                .insert(("debian".into(), "n2".into()), member.clone());
+            store.commit(&batch).expect("commit");
+            let mut batch = Batch::default();
+            batch.removed.push(("debian".into(), "n2".into()));
+            store.commit(&batch).expect("commit");
+        }
+        let (_store, loaded) = Store::open(dir.path()).expect("reopen");
+        assert_eq!(loaded.images, vec![image]);
+        assert_eq!(
+            loaded.members,
+            vec![("debian".to_owned(), "n1".to_owned(), member)]
+        );
+    }
+
+    #[test]
+    fn a_corrupt_record_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let db = Database::create(dir.path().join(FILE_NAME)).expect("create");
+            let txn = db.begin_write().expect("txn");
+            {
+                let mut images = txn.open_table(IMAGES).expect("table");
+                images.insert("x", b"{not json".as_slice()).expect("insert");
+            }
+            txn.commit().expect("commit");
+        }
+        let err = Store::open(dir.path()).expect_err("corrupt");
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    }
+}
