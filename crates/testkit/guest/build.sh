@@ -36,10 +36,16 @@ need dpkg-deb dpkg
 PATH=$PATH:/usr/sbin:/sbin
 
 # --- kernel ---------------------------------------------------------------
+resolve_kernel() {
+  apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+    awk '/Depends: linux-image-[0-9]/{print $2; exit}'
+}
 pkg=${KERNEL_PKG:-}
-if [ -z "$pkg" ]; then
-  pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
-        awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+[ -n "$pkg" ] || pkg=$(resolve_kernel)
+if [ -z "$pkg" ] && [ "$(id -u)" -eq 0 ]; then
+  # A fresh machine may have no package lists yet.
+  apt-get update -q >&2 || true
+  pkg=$(resolve_kernel)
 fi
 [ -n "$pkg" ] || { echo "build.sh: cannot resolve linux-image-cloud-amd64 (run apt-get update)" >&2; exit 1; }
 deb=$(ls "$out"/debs/"${pkg}"_*.deb 2>/dev/null | sort -V | tail -1 || true)
@@ -130,7 +136,7 @@ disk="$work/disk"
 mkdir -p "$disk"
 echo "virtman test guest disk" >"$disk/marker.txt"
 : >"$disk/boots.txt"
-mkfs.ext4 -q -F -L virtman-guest -d "$disk" "$work/disk.raw" 16M
+mkfs.ext4 -q -F -L virtman-guest -d "$disk" "$work/disk.raw" 16M >/dev/null
 
 for f in vmlinuz initrd.cpio disk.raw; do mv -f "$work/$f" "$out/$f"; done
 cp "$script" "$out/build.sh.stamp.tmp" && mv -f "$out/build.sh.stamp.tmp" "$out/build.sh.stamp"
