@@ -73,3 +73,19 @@ for spec in "randread 4k 16" "read 1m 4"; do
     done
 done
 exec 9>&-
+
+echo
+echo "# cold fill through the NBD export: nbdcopy of a cold volume (chunk $CHUNK) to null:"
+mkfifo "$WORK/stdin2"
+"$BIN" "$WORK/img.raw" "$WORK/gc" "$CHUNK" $((VPORT + 10)) cold < "$WORK/stdin2" > "$WORK/cold.log" &
+PIDS+=($!)
+exec 8> "$WORK/stdin2"
+for _ in $(seq 600); do
+    grep -q serving "$WORK/cold.log" 2>/dev/null && break
+    sleep 0.1
+done
+t0=$(date +%s.%N)
+nbdcopy "nbd://127.0.0.1:$((VPORT + 10))/vol" null:
+t1=$(date +%s.%N)
+python3 -c "print('cold fill via nbdcopy: %.0f MB/s' % ($SIZE_MIB * 1048576 / 1e6 / ($t1 - $t0)))"
+exec 8>&-

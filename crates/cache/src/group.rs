@@ -29,13 +29,19 @@ use crate::snapshot::Snapshot;
 use crate::volume::{CachedVolume, WeakVolume};
 
 /// Tunables of a cache group.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GroupConfig {
     /// Most bytes of present chunks, over all volumes.
     pub capacity: u64,
     /// Eviction drains usage to this fraction of the capacity (0 < f <= 1), so
     /// that a storm of misses does not evict one chunk per fetch.
+    #[serde(default = "default_low_watermark")]
     pub low_watermark: f64,
+}
+
+fn default_low_watermark() -> f64 {
+    0.9
 }
 
 impl GroupConfig {
@@ -43,7 +49,7 @@ impl GroupConfig {
     pub fn with_capacity(capacity: u64) -> GroupConfig {
         GroupConfig {
             capacity,
-            low_watermark: 0.9,
+            low_watermark: default_low_watermark(),
         }
     }
 }
@@ -333,6 +339,14 @@ impl CacheGroup {
         Ok(v)
     }
 
+    /// The volume holding the image `id`, if any.
+    pub fn volume_by_image(&self, id: &virtman_image::ImageId) -> Option<Arc<CachedVolume>> {
+        lock(&self.inner.volumes)
+            .values()
+            .find(|v| v.manifest().id() == *id)
+            .cloned()
+    }
+
     /// The volume `name`.
     pub fn volume(&self, name: &str) -> Option<Arc<CachedVolume>> {
         lock(&self.inner.volumes).get(name).cloned()
@@ -440,5 +454,40 @@ impl CacheGroup {
         snaps.remove(name);
         drop(snaps);
         remove_dir(&self.inner.dir.join(SNAPSHOTS), name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_parses_strictly() {
+        let c: GroupConfig = serde_json::from_str(r#"{"capacity": 1000}"#).unwrap();
+        assert_eq!(c, GroupConfig::with_capacity(1000));
+        assert!(serde_json::from_str::<GroupConfig>(r#"{"capacity": 1, "x": 2}"#).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        for bad in [0.0, -1.0, 1.5, f64::NAN] {
+            let err = CacheGroup::open(
+                dir.path(),
+                GroupConfig {
+                    capacity: 10,
+                    low_watermark: bad,
+                },
+            )
+            .unwrap_err();
+            assert!(matches!(err, CacheError::Config(_)), "{err}");
+        }
+    }
+
+    #[test]
+    fn volume_by_image_finds_the_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = CacheGroup::open(dir.path(), GroupConfig::with_capacity(1 << 20)).unwrap();
+        let m = Manifest::of_bytes(&[1u8; 10_000], 4096).unwrap();
+        let v = g.add_volume("x", &m).unwrap();
+        assert!(Arc::ptr_eq(&g.volume_by_image(&m.id()).unwrap(), &v));
+        let other = Manifest::of_bytes(&[2u8; 10_000], 4096).unwrap();
+        assert!(g.volume_by_image(&other.id()).is_none());
     }
 }
