@@ -1,9 +1,20 @@
 //! The virtman agent: the daemon on every host.
 //!
+//! - [`agent`]: the daemon: cache group, base and VM exports, the
+//!   coordinator loop, VMs;
+//! - [`control`]: the control API on a local unix socket, and its client;
+//! - [`metrics`]: Prometheus metrics read from live counters;
+//! - [`origin`]: serving an image whole and counting what leaves;
 //! - [`upstream`]: fetching chunks from parents in the relay tree, spread by
 //!   load, with failover and reports of bad parents.
 
 // Tests may cast freely; library code must use checked conversions.
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
+pub mod agent;
+pub mod control;
+pub mod metrics;
+pub mod origin;
 pub mod upstream;
+
+pub use agent::{Agent, AgentConfig, AgentError, Status, VmInfo};

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::mpsc;
 use virtman_cache::{ChunkRequest, Upstream, UpstreamError};
 use virtman_image::Manifest;
@@ -80,7 +81,7 @@ pub struct BadParent {
 }
 
 /// Counters of one volume's fetching, for metrics and tests.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FetchStats {
     /// Chunks fetched from parents that are not origins.
     pub from_parents: AtomicU64,
@@ -92,6 +93,22 @@ pub struct FetchStats {
     pub failovers: AtomicU64,
     /// Chunks a source sent wrong.
     pub lies: AtomicU64,
+    /// Seconds per fetch, every attempt included.
+    pub latency: Histogram,
+}
+
+impl Default for FetchStats {
+    fn default() -> Self {
+        FetchStats {
+            from_parents: AtomicU64::new(0),
+            from_origins: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            failovers: AtomicU64::new(0),
+            lies: AtomicU64::new(0),
+            // 100 µs to about 13 s.
+            latency: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+        }
+    }
 }
 
 struct Conn {
@@ -285,6 +302,15 @@ impl Upstream for Parents {
     }
 
     async fn fetch(&self, req: ChunkRequest) -> Result<Bytes, UpstreamError> {
+        let started = Instant::now();
+        let res = self.fetch_any(req).await;
+        self.stats.latency.observe(started.elapsed().as_secs_f64());
+        res
+    }
+}
+
+impl Parents {
+    async fn fetch_any(&self, req: ChunkRequest) -> Result<Bytes, UpstreamError> {
         let mut failures = Vec::new();
         for (i, conn) in self.candidates().into_iter().enumerate() {
             if i > 0 {

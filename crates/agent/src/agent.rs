@@ -1,0 +1,977 @@
+//! The agent: one per host. It owns the host's cache group, serves base exports
+//! to children over TCP and VM snapshots over a local unix socket, and follows
+//! the coordinator's parent lists.
+//!
+//! ```text
+//!             coordinator ◄─ join / heartbeat / report ─┐
+//!                                                       │ (control loop: assignments, re-joins)
+//!  image store ─► origin export (CountingExport) ──┐    │
+//!                                                  ├─ base server (TCP) ──► children
+//!  cache group ─► cached volume ─► VolumeExport ───┘
+//!       │              ▲ misses: Parents (upstream.rs) ─► parents' base exports … origin
+//!       └► snapshots ──┴─ vm server (unix socket) ──► qemu
+//! ```
+//!
+//! Every image this host takes part in is an entry of `images`: either an
+//! origin (it holds the image whole in its store) or a member (a cached volume
+//! fed by parents). Manifests travel over NBD too: each node exports
+//! `manifest/IMAGE`, and a joining node checks what it reads against the digest
+//! the coordinator registered.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+use virtman_cache::{CacheError, CacheGroup, CachedVolume, GroupConfig, Snapshot, Upstream};
+use virtman_coordinator::api::{
+    Assignment, HeartbeatRequest, JoinRequest, LeaveRequest, RegisterImage, ReportRequest,
+    SessionBeat,
+};
+use virtman_image::{ImageStore, Manifest, StoredImage};
+use virtman_nbd::{
+    Client, ClientConfig, Endpoint, Export, FileExport, Listener, MemExport, Server, ServerConfig,
+};
+
+use crate::origin::{CountingExport, SendCounts};
+use crate::upstream::{BadParent, FetchConfig, Parents, Source};
+
+/// Settings of an agent.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// This node's name, unique in the cluster.
+    pub name: String,
+    /// Where the cache group, the sockets and (by default) the image store live.
+    pub data_dir: PathBuf,
+    /// The image store this node serves as an origin (default `DATA_DIR/images`).
+    pub image_store: Option<PathBuf>,
+    /// Coordinator base URL.
+    pub coordinator: String,
+    /// Bearer token for the coordinator.
+    pub token: Option<String>,
+    /// The address children reach this node's base exports at (`host:port`).
+    pub advertise: String,
+    /// Cache group capacity in bytes.
+    pub cache_size: u64,
+    /// Labels sent on join (e.g. `rack`).
+    pub labels: BTreeMap<String, String>,
+    /// Fetching from parents.
+    pub fetch: FetchConfig,
+    /// Heartbeat period until the coordinator says otherwise.
+    pub heartbeat_interval: Duration,
+}
+
+/// Why an agent operation failed.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    /// The coordinator does not know the image.
+    #[error("unknown image {0:?}: no origin has registered it with the coordinator")]
+    UnknownImage(String),
+    /// A VM of that name exists.
+    #[error("a VM named {0:?} already exists")]
+    VmExists(String),
+    /// No VM of that name.
+    #[error("no VM named {0:?}")]
+    NoVm(String),
+    /// The image is not on this host.
+    #[error("image {0:?} is not cached on this host")]
+    NotCached(String),
+    /// Still in use.
+    #[error("{0}")]
+    InUse(String),
+    /// The coordinator refused or is unreachable.
+    #[error("coordinator: {0}")]
+    Coordinator(String),
+    /// The manifest could not be obtained or did not match.
+    #[error("manifest of image {image:?}: {reason}")]
+    Manifest {
+        /// The image.
+        image: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The cache group failed.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    /// Local I/O failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A bad request.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// One image this host takes part in.
+enum Role {
+    /// Holds the image whole.
+    Origin { export: Arc<CountingExport> },
+    /// A cached volume fed by parents.
+    Member {
+        volume: Arc<CachedVolume>,
+        parents: Arc<Parents>,
+        epoch: AtomicU64,
+    },
+}
+
+struct ImageEntry {
+    manifest: Arc<Manifest>,
+    role: Role,
+}
+
+/// A VM as the agent reports it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VmInfo {
+    /// The VM's name (its snapshot's name).
+    pub name: String,
+    /// Its image.
+    pub image: String,
+    /// Its NBD URI (qemu syntax).
+    pub uri: String,
+    /// Bytes the VM has written (allocated in its overlay).
+    pub written_bytes: u64,
+}
+
+/// One image as the agent reports it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ImageStatus {
+    /// Image name.
+    pub name: String,
+    /// `origin` or `member`.
+    pub role: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Fraction of chunks held (1 for an origin).
+    pub progress: f64,
+    /// Parent names, in order of preference (members).
+    pub parents: Vec<String>,
+    /// Bytes fetched from each source (name, is origin, bytes).
+    pub fetched: Vec<(String, bool, u64)>,
+    /// Chunks fetched from origins (members).
+    pub from_origins: u64,
+    /// Fetches that moved to another source.
+    pub failovers: u64,
+    /// What an origin sent.
+    pub sent: Option<OriginSent>,
+}
+
+/// What an origin sent (see [`SendCounts`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OriginSent {
+    /// Bytes sent.
+    pub bytes: u64,
+    /// Chunks sent at least once.
+    pub chunks_sent: u64,
+    /// The most times one chunk was sent.
+    pub max_per_chunk: u32,
+}
+
+/// The whole status of a host.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    /// Node name.
+    pub node: String,
+    /// Address children use.
+    pub advertise: String,
+    /// Images.
+    pub images: Vec<ImageStatus>,
+    /// VMs.
+    pub vms: Vec<VmInfo>,
+    /// Cache bytes used.
+    pub cache_used: u64,
+    /// Cache capacity.
+    pub cache_capacity: u64,
+    /// Bytes served to children.
+    pub served_to_children: u64,
+    /// Bytes served to VMs.
+    pub served_to_vms: u64,
+    /// Whether the last coordinator call succeeded.
+    pub coordinator_ok: bool,
+}
+
+/// Counters of one member image.
+#[derive(Debug)]
+pub struct MemberStats {
+    /// The image.
+    pub image: String,
+    /// Bytes per source (name, is origin, bytes).
+    pub by_source: Vec<(String, bool, u64)>,
+    /// Failovers.
+    pub failovers: u64,
+    /// Wrong chunks received.
+    pub lies: u64,
+    /// Local reads.
+    pub hits: u64,
+    /// Reads that needed a fetch.
+    pub misses: u64,
+    /// Chunks evicted.
+    pub evicted: u64,
+    /// Fetch latency.
+    pub latency: prometheus_client::metrics::histogram::Histogram,
+}
+
+/// The agent.
+pub struct Agent {
+    config: AgentConfig,
+    group: CacheGroup,
+    store: ImageStore,
+    base: Arc<Server>,
+    vms: Arc<Server>,
+    vm_socket: PathBuf,
+    coord: virtman_coordinator::Client,
+    images: Mutex<BTreeMap<String, Arc<ImageEntry>>>,
+    /// Serialises joins so one image is joined once.
+    join_lock: tokio::sync::Mutex<()>,
+    reports: mpsc::UnboundedSender<BadParent>,
+    reports_rx: Mutex<Option<mpsc::UnboundedReceiver<BadParent>>>,
+    coordinator_ok: std::sync::atomic::AtomicBool,
+    heartbeat_ms: AtomicU64,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("name", &self.config.name)
+            .field("advertise", &self.config.advertise)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The manifest export's name for an image.
+pub fn manifest_export(image: &str) -> String {
+    format!("manifest/{image}")
+}
+
+impl Agent {
+    /// Opens the cache group and image store and prepares the servers. Nothing
+    /// is served until [`Agent::run`].
+    pub fn open(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
+        let io = |what: String| move |source| AgentError::Io { what, source };
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(io(format!("creating {}", config.data_dir.display())))?;
+        let group = CacheGroup::open(
+            config.data_dir.join("cache"),
+            GroupConfig::with_capacity(config.cache_size),
+        )?;
+        let store_dir = config
+            .image_store
+            .clone()
+            .unwrap_or_else(|| config.data_dir.join("images"));
+        let store = ImageStore::open(&store_dir)
+            .map_err(io(format!("opening image store {}", store_dir.display())))?;
+        let coord = virtman_coordinator::Client::new(&config.coordinator, config.token.clone())
+            .map_err(|e| AgentError::Coordinator(e.to_string()))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let hb = u64::try_from(config.heartbeat_interval.as_millis()).unwrap_or(1000);
+        Ok(Arc::new(Agent {
+            vm_socket: config.data_dir.join("vms.sock"),
+            base: Server::new(ServerConfig::default()),
+            vms: Server::new(ServerConfig::default()),
+            group,
+            store,
+            coord,
+            images: Mutex::new(BTreeMap::new()),
+            join_lock: tokio::sync::Mutex::new(()),
+            reports: tx,
+            reports_rx: Mutex::new(Some(rx)),
+            coordinator_ok: std::sync::atomic::AtomicBool::new(false),
+            heartbeat_ms: AtomicU64::new(hb.max(50)),
+            config,
+        }))
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The unix socket VMs connect to.
+    pub fn vm_socket(&self) -> &Path {
+        &self.vm_socket
+    }
+
+    /// The base export server (children).
+    pub fn base_server(&self) -> &Arc<Server> {
+        &self.base
+    }
+
+    /// The VM export server.
+    pub fn vm_server(&self) -> &Arc<Server> {
+        &self.vms
+    }
+
+    /// Serves until `shutdown`: base exports on `listener`, VM exports on the
+    /// unix socket, and the coordinator loop.
+    pub async fn run(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), AgentError> {
+        let tasks = TaskTracker::new();
+        let vm_listener =
+            Listener::bind_unix(self.vm_socket.clone()).map_err(|source| AgentError::Io {
+                what: format!("listening on {}", self.vm_socket.display()),
+                source,
+            })?;
+        tasks.spawn(Arc::clone(&self.base).serve(Listener::Tcp(listener), shutdown.clone()));
+        tasks.spawn(Arc::clone(&self.vms).serve(vm_listener, shutdown.clone()));
+
+        self.restore();
+        let me = Arc::clone(&self);
+        let stop = shutdown.clone();
+        tasks.spawn(async move { me.control_loop(stop).await });
+        tasks.close();
+        shutdown.cancelled().await;
+        tasks.wait().await;
+        // Make what was fetched durable before exiting.
+        for v in self.group.volumes() {
+            if let Err(e) = v.sync().await {
+                warn!(volume = v.name(), error = %e, "sync on exit failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves origin images and the volumes and snapshots a restart left.
+    fn restore(self: &Arc<Self>) {
+        match self.store.list() {
+            Ok(list) => {
+                for (name, img) in list {
+                    match img {
+                        Ok(img) => self.add_origin(img),
+                        Err(e) => warn!(image = %name, error = %e, "skipping unreadable image"),
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot list the image store"),
+        }
+        for s in self.group.snapshots() {
+            self.vms
+                .add_export(s.name().to_owned(), s as Arc<dyn Export>);
+        }
+    }
+
+    fn add_origin(&self, img: StoredImage) {
+        let file = match FileExport::open(&img.data_path, true) {
+            Ok(f) => f.with_description(format!("virtman origin of image {}", img.name)),
+            Err(e) => {
+                warn!(image = %img.name, error = %e, "cannot open image data");
+                return;
+            }
+        };
+        let export = Arc::new(CountingExport::new(
+            Arc::new(file),
+            img.manifest.chunk_size(),
+        ));
+        self.base
+            .add_export(img.name.clone(), Arc::clone(&export) as Arc<dyn Export>);
+        self.base.add_export(
+            manifest_export(&img.name),
+            Arc::new(MemExport::new(img.manifest.encode()).read_only()),
+        );
+        info!(image = %img.name, size = img.manifest.size(), "serving as origin");
+        lock(&self.images).insert(
+            img.name.clone(),
+            Arc::new(ImageEntry {
+                manifest: Arc::new(img.manifest),
+                role: Role::Origin { export },
+            }),
+        );
+    }
+
+    async fn register_origins(&self) -> Result<(), AgentError> {
+        let origins: Vec<(String, Arc<Manifest>)> = lock(&self.images)
+            .iter()
+            .filter(|(_, e)| matches!(e.role, Role::Origin { .. }))
+            .map(|(n, e)| (n.clone(), Arc::clone(&e.manifest)))
+            .collect();
+        for (name, m) in origins {
+            let req = RegisterImage {
+                name: name.clone(),
+                size: m.size(),
+                manifest_digest: m.id().to_hex(),
+                origins: vec![self.config.advertise.clone()],
+                fanout: None,
+                parents: None,
+            };
+            self.coord
+                .register_image(&req)
+                .await
+                .map_err(|e| AgentError::Coordinator(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Registers origins, re-joins restored volumes, then heartbeats and
+    /// applies parent changes and reports until shutdown. A coordinator that
+    /// is down is retried; meanwhile the agent serves with what it has.
+    async fn control_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut reports = lock(&self.reports_rx).take();
+        let mut registered = false;
+        let mut rejoined = false;
+        let mut down_logged = false;
+        loop {
+            if !registered {
+                match self.register_origins().await {
+                    Ok(()) => registered = true,
+                    Err(e) => warn!(error = %e, "registering origin images failed; will retry"),
+                }
+            }
+            if !rejoined {
+                rejoined = self.rejoin_restored().await;
+            }
+            match self.heartbeat().await {
+                Ok(()) => down_logged = false,
+                Err(e) => {
+                    self.coordinator_ok.store(false, Ordering::Relaxed);
+                    if !down_logged {
+                        warn!(error = %e, "coordinator unreachable; serving with the parents we have");
+                        down_logged = true;
+                    }
+                }
+            }
+            let period = Duration::from_millis(self.heartbeat_ms.load(Ordering::Relaxed));
+            let sleep = tokio::time::sleep(period);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = &mut sleep => break,
+                    Some(r) = async { match reports.as_mut() { Some(rx) => rx.recv().await, None => None } } => {
+                        self.report(r).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Joins again the sessions of volumes restored from disk. Returns whether
+    /// every one succeeded.
+    async fn rejoin_restored(self: &Arc<Self>) -> bool {
+        let mut ok = true;
+        for v in self.group.volumes() {
+            let name = v.name().to_owned();
+            if lock(&self.images).contains_key(&name) {
+                continue;
+            }
+            if let Err(e) = self.ensure_image(&name).await {
+                warn!(image = %name, error = %e, "re-joining restored image failed; will retry");
+                ok = false;
+            }
+        }
+        ok
+    }
+
+    async fn heartbeat(&self) -> Result<(), AgentError> {
+        let members: Vec<(String, Arc<ImageEntry>)> = lock(&self.images)
+            .iter()
+            .filter(|(_, e)| matches!(e.role, Role::Member { .. }))
+            .map(|(n, e)| (n.clone(), Arc::clone(e)))
+            .collect();
+        let sessions = members
+            .iter()
+            .filter_map(|(name, e)| match &e.role {
+                Role::Member { volume, epoch, .. } => {
+                    let chunks = e.manifest.chunks().max(1);
+                    let held = volume.present_chunks();
+                    Some(SessionBeat {
+                        image: name.clone(),
+                        progress: held as f64 / chunks as f64,
+                        complete: held >= e.manifest.chunks(),
+                        known_epoch: epoch.load(Ordering::Relaxed),
+                    })
+                }
+                Role::Origin { .. } => None,
+            })
+            .collect();
+        let req = HeartbeatRequest {
+            node: self.config.name.clone(),
+            sessions,
+        };
+        match self.coord.heartbeat(&req).await {
+            Ok(resp) => {
+                self.coordinator_ok.store(true, Ordering::Relaxed);
+                self.heartbeat_ms
+                    .store(resp.heartbeat_interval_ms.max(50), Ordering::Relaxed);
+                for a in resp.changed {
+                    self.apply(&a);
+                }
+                Ok(())
+            }
+            Err(e) if matches!(e.code(), Some("dead") | Some("unknown_node")) => {
+                // Declared dead (or the coordinator forgot us): join again.
+                info!(error = %e, "coordinator does not count us as live; joining again");
+                self.coordinator_ok.store(true, Ordering::Relaxed);
+                for (name, _) in members {
+                    if let Err(e) = self.join(&name).await {
+                        warn!(image = %name, error = %e, "re-join failed");
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => Err(AgentError::Coordinator(e.to_string())),
+        }
+    }
+
+    /// Applies a parent list from the coordinator.
+    fn apply(&self, a: &Assignment) {
+        let entry = lock(&self.images).get(&a.image).cloned();
+        let Some(entry) = entry else { return };
+        if let Role::Member { parents, epoch, .. } = &entry.role {
+            let list: Vec<Source> = a
+                .parents
+                .iter()
+                .filter(|p| p.node != self.config.name)
+                .map(|p| Source {
+                    name: p.node.clone(),
+                    addr: p.addr.clone(),
+                })
+                .collect();
+            debug!(image = %a.image, epoch = a.epoch, parents = ?list, "new parents");
+            parents.set(list);
+            epoch.store(a.epoch, Ordering::Relaxed);
+        }
+    }
+
+    async fn report(&self, r: BadParent) {
+        if r.parent.name.starts_with("origin") {
+            return; // origins are not tree members
+        }
+        let req = ReportRequest {
+            node: self.config.name.clone(),
+            parent: r.parent.name.clone(),
+        };
+        match self.coord.report(&r.image, &req).await {
+            Ok(a) => self.apply(&a),
+            Err(e) => {
+                debug!(image = %r.image, parent = %r.parent.name, error = %e, "report failed")
+            }
+        }
+    }
+
+    /// Joins the image's session with the coordinator, returning the assignment.
+    async fn join(&self, image: &str) -> Result<Assignment, AgentError> {
+        let req = JoinRequest {
+            node: self.config.name.clone(),
+            addr: self.config.advertise.clone(),
+            labels: self.config.labels.clone(),
+        };
+        match self.coord.join(image, &req).await {
+            Ok(resp) => {
+                self.heartbeat_ms
+                    .store(resp.heartbeat_interval_ms.max(50), Ordering::Relaxed);
+                self.apply(&resp.assignment);
+                Ok(resp.assignment)
+            }
+            Err(e) if e.code() == Some("unknown_image") => {
+                Err(AgentError::UnknownImage(image.to_owned()))
+            }
+            Err(e) if e.code() == Some("already_joined") => {
+                // A restart before the coordinator noticed: the next heartbeat
+                // (known epoch 0) brings the parent list.
+                Ok(Assignment {
+                    image: image.to_owned(),
+                    epoch: 0,
+                    parents: Vec::new(),
+                    origins: Vec::new(),
+                })
+            }
+            Err(e) => Err(AgentError::Coordinator(e.to_string())),
+        }
+    }
+
+    /// Makes sure this host takes part in `image`: joins its session, gets its
+    /// manifest, and creates (or reopens) its cached volume and base export.
+    pub async fn ensure_image(self: &Arc<Self>, image: &str) -> Result<(), AgentError> {
+        if lock(&self.images).contains_key(image) {
+            return Ok(());
+        }
+        let _g = self.join_lock.lock().await;
+        if lock(&self.images).contains_key(image) {
+            return Ok(());
+        }
+        let info = self
+            .coord
+            .images()
+            .await
+            .map_err(|e| AgentError::Coordinator(e.to_string()))?
+            .into_iter()
+            .find(|i| i.name == image)
+            .ok_or_else(|| AgentError::UnknownImage(image.to_owned()))?;
+        let assignment = self.join(image).await?;
+        let origins: Vec<Source> = info
+            .origins
+            .iter()
+            .enumerate()
+            .map(|(i, a)| Source {
+                name: format!("origin:{i}"),
+                addr: a.clone(),
+            })
+            .collect();
+
+        let volume = match self.group.volume(image) {
+            Some(v) if v.manifest().id().to_hex() == info.manifest_digest => v,
+            Some(_) => {
+                return Err(AgentError::Manifest {
+                    image: image.to_owned(),
+                    reason: "the cached volume holds another version of the image; evict it first"
+                        .into(),
+                });
+            }
+            None => {
+                let mut sources: Vec<String> =
+                    assignment.parents.iter().map(|p| p.addr.clone()).collect();
+                sources.extend(info.origins.iter().cloned());
+                let m = fetch_manifest(image, &info.manifest_digest, &sources).await?;
+                self.group.add_volume(image, &m)?
+            }
+        };
+        let manifest = Arc::new(volume.manifest().clone());
+        let parents = Arc::new(Parents::new(
+            image,
+            Arc::clone(&manifest),
+            origins,
+            self.config.fetch.clone(),
+            self.reports.clone(),
+        ));
+        parents.set(
+            assignment
+                .parents
+                .iter()
+                .map(|p| Source {
+                    name: p.node.clone(),
+                    addr: p.addr.clone(),
+                })
+                .collect(),
+        );
+        volume.set_upstream(Some(Arc::clone(&parents) as Arc<dyn Upstream>));
+        self.base.add_export(
+            image.to_owned(),
+            Arc::new(volume.export()) as Arc<dyn Export>,
+        );
+        self.base.add_export(
+            manifest_export(image),
+            Arc::new(MemExport::new(manifest.encode()).read_only()),
+        );
+        lock(&self.images).insert(
+            image.to_owned(),
+            Arc::new(ImageEntry {
+                manifest,
+                role: Role::Member {
+                    volume,
+                    parents,
+                    epoch: AtomicU64::new(assignment.epoch),
+                },
+            }),
+        );
+        info!(image, parents = ?assignment.parents.iter().map(|p| &p.node).collect::<Vec<_>>(), "joined");
+        Ok(())
+    }
+
+    /// Creates a VM's snapshot over `image`, joining the image first if needed.
+    pub async fn create_vm(
+        self: &Arc<Self>,
+        name: &str,
+        image: &str,
+    ) -> Result<VmInfo, AgentError> {
+        if self.group.snapshot(name).is_some() {
+            return Err(AgentError::VmExists(name.to_owned()));
+        }
+        let origin = matches!(
+            lock(&self.images)
+                .get(image)
+                .map(|e| matches!(e.role, Role::Origin { .. })),
+            Some(true)
+        );
+        if origin {
+            return Err(AgentError::Invalid(format!(
+                "image {image:?} is an origin image on this host; VMs run on member hosts"
+            )));
+        }
+        self.ensure_image(image).await?;
+        let snap = self.group.create_snapshot(name, image)?;
+        self.vms
+            .add_export(name.to_owned(), Arc::clone(&snap) as Arc<dyn Export>);
+        Ok(self.vm_info(&snap))
+    }
+
+    fn vm_info(&self, s: &Snapshot) -> VmInfo {
+        VmInfo {
+            name: s.name().to_owned(),
+            image: s.base().name().to_owned(),
+            uri: format!(
+                "nbd+unix:///{}?socket={}",
+                s.name(),
+                self.vm_socket.display()
+            ),
+            written_bytes: s.allocated_blocks() * 4096,
+        }
+    }
+
+    /// The VMs of this host.
+    pub fn list_vms(&self) -> Vec<VmInfo> {
+        self.group
+            .snapshots()
+            .iter()
+            .map(|s| self.vm_info(s))
+            .collect()
+    }
+
+    /// Removes a VM's snapshot (refused while a client still has it open).
+    pub fn remove_vm(&self, name: &str) -> Result<(), AgentError> {
+        if self.group.snapshot(name).is_none() {
+            return Err(AgentError::NoVm(name.to_owned()));
+        }
+        let export = self.vms.remove_export(name);
+        match self.group.delete_snapshot(name) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if let Some(x) = export {
+                    self.vms.add_export(name.to_owned(), x);
+                }
+                Err(AgentError::InUse(format!(
+                    "VM {name:?} is still in use (stop its qemu first): {e}"
+                )))
+            }
+        }
+    }
+
+    /// Drops an image's cached volume and leaves its session. Refused while VMs
+    /// use it.
+    pub async fn evict_image(&self, image: &str) -> Result<(), AgentError> {
+        let vms: Vec<String> = self
+            .list_vms()
+            .into_iter()
+            .filter(|v| v.image == image)
+            .map(|v| v.name)
+            .collect();
+        if !vms.is_empty() {
+            return Err(AgentError::InUse(format!(
+                "image {image:?} is used by VMs {vms:?}; remove them first"
+            )));
+        }
+        let entry = lock(&self.images).get(image).cloned();
+        match entry.as_deref().map(|e| &e.role) {
+            Some(Role::Origin { .. }) => {
+                return Err(AgentError::Invalid(format!(
+                    "image {image:?} is an origin image here; remove it from the image store instead"
+                )));
+            }
+            Some(Role::Member { volume, .. }) => volume.set_upstream(None),
+            None if self.group.volume(image).is_none() => {
+                return Err(AgentError::NotCached(image.to_owned()));
+            }
+            None => {}
+        }
+        let base = self.base.remove_export(image);
+        let man = self.base.remove_export(&manifest_export(image));
+        lock(&self.images).remove(image);
+        drop(entry);
+        let leave = LeaveRequest {
+            node: self.config.name.clone(),
+        };
+        if let Err(e) = self.coord.leave(image, &leave).await {
+            warn!(image, error = %e, "leaving the session failed");
+        }
+        if let Err(e) = self.group.remove_volume(image) {
+            // Children still connected hold it; put things back as they were.
+            if let Some(b) = base {
+                self.base.add_export(image.to_owned(), b);
+            }
+            if let Some(m) = man {
+                self.base.add_export(manifest_export(image), m);
+            }
+            return Err(AgentError::InUse(format!(
+                "image {image:?} is still in use by children: {e}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The cached volume of an image this host is a member for.
+    pub fn volume(&self, image: &str) -> Option<Arc<CachedVolume>> {
+        match lock(&self.images).get(image).map(|e| &e.role) {
+            Some(Role::Member { volume, .. }) => Some(Arc::clone(volume)),
+            _ => None,
+        }
+    }
+
+    /// What an origin image sent so far.
+    pub fn origin_counts(&self, image: &str) -> Option<SendCounts> {
+        match lock(&self.images).get(image).map(|e| &e.role) {
+            Some(Role::Origin { export }) => Some(export.counts()),
+            _ => None,
+        }
+    }
+
+    /// Counters of every member image, for metrics.
+    pub fn member_stats(&self) -> Vec<MemberStats> {
+        let entries: Vec<(String, Arc<ImageEntry>)> = lock(&self.images)
+            .iter()
+            .map(|(n, e)| (n.clone(), Arc::clone(e)))
+            .collect();
+        entries
+            .into_iter()
+            .filter_map(|(image, e)| match &e.role {
+                Role::Member {
+                    volume, parents, ..
+                } => {
+                    let v = volume.stats();
+                    let f = parents.stats();
+                    Some(MemberStats {
+                        image,
+                        by_source: parents.bytes_by_source(),
+                        failovers: f.failovers.load(Ordering::Relaxed),
+                        lies: f.lies.load(Ordering::Relaxed),
+                        hits: v.hits.load(Ordering::Relaxed),
+                        misses: v.misses.load(Ordering::Relaxed),
+                        evicted: v.evicted_chunks.load(Ordering::Relaxed),
+                        latency: f.latency.clone(),
+                    })
+                }
+                Role::Origin { .. } => None,
+            })
+            .collect()
+    }
+
+    /// What every origin image sent, for metrics.
+    pub fn origin_stats(&self) -> Vec<(String, SendCounts)> {
+        lock(&self.images)
+            .iter()
+            .filter_map(|(n, e)| match &e.role {
+                Role::Origin { export } => Some((n.clone(), export.counts())),
+                Role::Member { .. } => None,
+            })
+            .collect()
+    }
+
+    /// The cache group's usage.
+    pub fn cache_usage(&self) -> virtman_cache::Usage {
+        self.group.usage()
+    }
+
+    /// The host's status.
+    pub fn status(&self) -> Status {
+        let entries: Vec<(String, Arc<ImageEntry>)> = lock(&self.images)
+            .iter()
+            .map(|(n, e)| (n.clone(), Arc::clone(e)))
+            .collect();
+        let images = entries
+            .into_iter()
+            .map(|(name, e)| match &e.role {
+                Role::Origin { export } => {
+                    let c = export.counts();
+                    ImageStatus {
+                        name,
+                        role: "origin".into(),
+                        size: e.manifest.size(),
+                        progress: 1.0,
+                        parents: Vec::new(),
+                        fetched: Vec::new(),
+                        from_origins: 0,
+                        failovers: 0,
+                        sent: Some(OriginSent {
+                            bytes: c.bytes,
+                            chunks_sent: c.chunks_sent,
+                            max_per_chunk: c.max_per_chunk,
+                        }),
+                    }
+                }
+                Role::Member {
+                    volume, parents, ..
+                } => ImageStatus {
+                    name,
+                    role: "member".into(),
+                    size: e.manifest.size(),
+                    progress: volume.present_chunks() as f64 / e.manifest.chunks().max(1) as f64,
+                    parents: parents.current().into_iter().map(|s| s.name).collect(),
+                    fetched: parents.bytes_by_source(),
+                    from_origins: parents.stats().from_origins.load(Ordering::Relaxed),
+                    failovers: parents.stats().failovers.load(Ordering::Relaxed),
+                    sent: None,
+                },
+            })
+            .collect();
+        let usage = self.group.usage();
+        Status {
+            node: self.config.name.clone(),
+            advertise: self.config.advertise.clone(),
+            images,
+            vms: self.list_vms(),
+            cache_used: usage.used,
+            cache_capacity: usage.capacity,
+            served_to_children: self.base.stats().bytes_read.load(Ordering::Relaxed),
+            served_to_vms: self.vms.stats().bytes_read.load(Ordering::Relaxed),
+            coordinator_ok: self.coordinator_ok.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Reads `manifest/IMAGE` from the first source that has it and whose bytes
+/// match the registered digest.
+async fn fetch_manifest(
+    image: &str,
+    digest: &str,
+    sources: &[String],
+) -> Result<Manifest, AgentError> {
+    let mut why = Vec::new();
+    for addr in sources {
+        let cfg = ClientConfig {
+            export: manifest_export(image),
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(3),
+            connections: 1,
+        };
+        let got = async {
+            let c = Client::connect(&Endpoint::Tcp(addr.clone()), &cfg)
+                .await
+                .map_err(|e| e.to_string())?;
+            let bytes = c.read(0, c.size()).await.map_err(|e| e.to_string())?;
+            let _ = c.disconnect().await;
+            let path = PathBuf::from(format!("nbd://{addr}/{}", manifest_export(image)));
+            let m = Manifest::decode(&path, &bytes).map_err(|e| e.to_string())?;
+            if m.id().to_hex() != digest {
+                return Err(format!(
+                    "digest {} is not the registered {digest}",
+                    m.id().to_hex()
+                ));
+            }
+            Ok(m)
+        }
+        .await;
+        match got {
+            Ok(m) => return Ok(m),
+            Err(e) => why.push(format!("{addr}: {e}")),
+        }
+    }
+    Err(AgentError::Manifest {
+        image: image.to_owned(),
+        reason: format!("no source gave it: {}", why.join("; ")),
+    })
+}
+
+/// Resolves the address to advertise for a bound listener.
+pub fn advertise_for(bound: SocketAddr, advertise: Option<&str>) -> Result<String, AgentError> {
+    match advertise {
+        Some(a) => Ok(a.to_owned()),
+        None if bound.ip().is_unspecified() => Err(AgentError::Invalid(format!(
+            "listening on {bound}: give --advertise HOST:PORT, the address children use"
+        ))),
+        None => Ok(bound.to_string()),
+    }
+}

@@ -1,0 +1,152 @@
+//! Prometheus metrics of an agent, read from its live counters at scrape time.
+//!
+//! | metric | labels | what |
+//! | --- | --- | --- |
+//! | `virtman_fetched_bytes_total` | image, source, origin | bytes fetched from each parent or origin |
+//! | `virtman_fetch_failovers_total` | image | fetches that moved on to another source |
+//! | `virtman_fetch_lies_total` | image | chunks a source sent wrong |
+//! | `virtman_fetch_seconds` | image | histogram of chunk fetch latency (all attempts of one fetch) |
+//! | `virtman_cache_hits_total`, `_misses_total` | image | chunk pieces read locally / needing a fetch |
+//! | `virtman_cache_evicted_chunks_total` | image | chunks evicted |
+//! | `virtman_cache_used_bytes`, `_capacity_bytes` | | the cache group's usage |
+//! | `virtman_served_bytes_total` | to=children\|vms | bytes served over the base and VM exports |
+//! | `virtman_origin_sent_bytes_total` | image | bytes an origin sent |
+//! | `virtman_origin_max_sends_per_chunk` | image | the most times an origin sent one chunk |
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+
+use crate::agent::Agent;
+
+/// Reads an agent's counters on every scrape.
+#[derive(Debug)]
+pub struct AgentCollector {
+    agent: Arc<Agent>,
+}
+
+impl AgentCollector {
+    /// A collector for `agent`.
+    pub fn new(agent: Arc<Agent>) -> AgentCollector {
+        AgentCollector { agent }
+    }
+}
+
+fn gauge(v: u64) -> ConstGauge<i64> {
+    ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+impl Collector for AgentCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let a = &self.agent;
+        let members = a.member_stats();
+
+        let mut m = enc.encode_descriptor(
+            "fetched_bytes",
+            "Bytes fetched from each parent or origin",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in &members {
+            for (source, origin, bytes) in &s.by_source {
+                let labels = [
+                    ("image", s.image.as_str()),
+                    ("source", source.as_str()),
+                    ("origin", if *origin { "true" } else { "false" }),
+                ];
+                ConstCounter::new(*bytes).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        type Get = fn(&crate::agent::MemberStats) -> u64;
+        let per_image: [(&str, &str, Get); 5] = [
+            (
+                "fetch_failovers",
+                "Fetches that moved on to another source",
+                |s| s.failovers,
+            ),
+            (
+                "fetch_lies",
+                "Chunks a source sent that did not match the manifest",
+                |s| s.lies,
+            ),
+            (
+                "cache_hits",
+                "Chunk pieces read from the local cache",
+                |s| s.hits,
+            ),
+            ("cache_misses", "Chunk pieces that needed a fetch", |s| {
+                s.misses
+            }),
+            ("cache_evicted_chunks", "Chunks evicted", |s| s.evicted),
+        ];
+        for (name, help, get) in per_image {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for s in &members {
+                ConstCounter::new(get(s))
+                    .encode(m.encode_family(&[("image", s.image.as_str())])?)?;
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "fetch_seconds",
+            "Latency of one chunk fetch, all attempts included",
+            None,
+            MetricType::Histogram,
+        )?;
+        for s in &members {
+            s.latency
+                .encode(m.encode_family(&[("image", s.image.as_str())])?)?;
+        }
+
+        let usage = a.cache_usage();
+        gauge(usage.used).encode(enc.encode_descriptor(
+            "cache_used_bytes",
+            "Bytes of present chunks in the cache group",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        gauge(usage.capacity).encode(enc.encode_descriptor(
+            "cache_capacity_bytes",
+            "Capacity of the cache group",
+            None,
+            MetricType::Gauge,
+        )?)?;
+
+        let mut m = enc.encode_descriptor(
+            "served_bytes",
+            "Bytes served over the base exports (children) and VM exports",
+            None,
+            MetricType::Counter,
+        )?;
+        let children = a.base_server().stats().bytes_read.load(Ordering::Relaxed);
+        let vms = a.vm_server().stats().bytes_read.load(Ordering::Relaxed);
+        ConstCounter::new(children).encode(m.encode_family(&[("to", "children")])?)?;
+        ConstCounter::new(vms).encode(m.encode_family(&[("to", "vms")])?)?;
+
+        let origins = a.origin_stats();
+        let mut m = enc.encode_descriptor(
+            "origin_sent_bytes",
+            "Bytes an origin sent",
+            None,
+            MetricType::Counter,
+        )?;
+        for (image, c) in &origins {
+            ConstCounter::new(c.bytes).encode(m.encode_family(&[("image", image.as_str())])?)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "origin_max_sends_per_chunk",
+            "The most times an origin sent any one chunk",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (image, c) in &origins {
+            gauge(u64::from(c.max_per_chunk))
+                .encode(m.encode_family(&[("image", image.as_str())])?)?;
+        }
+        Ok(())
+    }
+}
