@@ -4,8 +4,10 @@
 //! component a subcommand runs, calls that component's library `run`, and maps
 //! the error to an exit code. Each subcommand lives in its own module.
 
+mod coordinator;
 mod image;
 mod serve;
+mod tree;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -31,6 +33,10 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Import, list and verify images in the image store.
     Image(image::ImageArgs),
+    /// Run the coordinator: relay trees per image, heartbeats, repair (HTTP+JSON API).
+    Coordinator(coordinator::CoordinatorArgs),
+    /// Print an image's relay tree from the coordinator, as text or JSON.
+    Tree(tree::TreeArgs),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +45,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Image(args) => image::run(args),
+        Command::Coordinator(args) => coordinator::run(args),
+        Command::Tree(args) => tree::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,195 @@
+//! `virtman coordinator`: run the coordinator service until SIGINT or SIGTERM.
+//!
+//! ```text
+//!   args ─► CoordinatorConfig + Token + data dir ─► virtman_coordinator::Coordinator
+//!        ─► bind --listen ─► print "listening on http://ADDR" ─► serve until a signal
+//! ```
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+use virtman_coordinator::{Coordinator, CoordinatorConfig, Options, Token};
+
+/// Arguments of `virtman coordinator`.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+The coordinator keeps one relay tree per image: agents join an image's session,
+heartbeat once per interval for all their sessions, and learn whom to fetch from
+(their parents) in the answers. A node silent for longer than the timeout is
+declared dead and its children are re-attached. State is kept in DATA_DIR
+(redb) and recovered at the next start.
+
+State-changing calls need `Authorization: Bearer <token>`. The token is read
+from --token-file; without it, DATA_DIR/token is used, and created with a
+random token (mode 0600) on first start.
+
+Examples:
+  virtman coordinator                                  # 127.0.0.1:7600, ./virtman-coordinator
+  virtman coordinator --listen 0.0.0.0:7600 --data-dir /var/lib/virtman/coordinator \\
+      --token-file /etc/virtman/token --fanout 8 --parents 2
+  curl http://127.0.0.1:7600/v1/openapi.json           # the API
+  curl http://127.0.0.1:7600/metrics                   # Prometheus metrics
+  virtman tree debian-12                               # print a session's tree")]
+pub struct CoordinatorArgs {
+    /// Address to listen on. Port 0 picks a free port; the address bound is
+    /// printed on stdout as `listening on http://ADDR`.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:7600")]
+    pub listen: String,
+
+    /// Directory for the durable state (created if missing).
+    #[arg(long, value_name = "DIR", default_value = "virtman-coordinator")]
+    pub data_dir: PathBuf,
+
+    /// File holding the bearer token (at least 16 printable characters).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// Fan-out k: the most tree children a node serves (2 to 1024). Images may
+    /// override it when they are registered.
+    #[arg(long, value_name = "K", default_value_t = 4)]
+    pub fanout: u32,
+
+    /// Parents per node p: the tree parent plus p-1 parents in other subtrees,
+    /// for failover and load spreading (1 to 16).
+    #[arg(long, value_name = "P", default_value_t = 2)]
+    pub parents: u32,
+
+    /// How often agents heartbeat (e.g. 1s, 500ms).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// Silence after which a node is declared dead (longer than the interval).
+    #[arg(long, value_name = "DURATION", default_value = "4s", value_parser = parse_duration)]
+    pub heartbeat_timeout: Duration,
+}
+
+/// Parses `500ms`, `2s`, `1.5s`, `1m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => s.split_at(i),
+        None => return Err(format!("{s:?} needs a unit: ms, s or m")),
+    };
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 2s or 1m"))?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Reads the token file, or creates `data_dir/token` with a random token.
+fn load_token(args: &CoordinatorArgs) -> anyhow::Result<Token> {
+    let path = match &args.token_file {
+        Some(p) => p.clone(),
+        None => {
+            let p = args.data_dir.join("token");
+            if !p.exists() {
+                create_token(&p)?;
+                tracing::info!(path = %p.display(), "created a new token");
+            }
+            p
+        }
+    };
+    let secret = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading the token file {}", path.display()))?;
+    Token::new(&secret).with_context(|| format!("token file {}", path.display()))
+}
+
+fn create_token(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom for a token")?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(f, "{hex}").with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Runs the coordinator until SIGINT or SIGTERM.
+pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let config = CoordinatorConfig {
+        fanout: args.fanout,
+        parents: args.parents,
+        heartbeat_interval_ms: millis(args.heartbeat_interval),
+        heartbeat_timeout_ms: millis(args.heartbeat_timeout),
+        suspect_after_ms: millis(args.heartbeat_interval.saturating_mul(2)),
+        tick_ms: millis(args.heartbeat_interval / 4).max(1),
+        ..CoordinatorConfig::default()
+    };
+    if let Err(e) = config.settings() {
+        bail!("invalid settings: {e}");
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let token = load_token(&args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        let addr = listener.local_addr().context("reading the bound address")?;
+        let shutdown = CancellationToken::new();
+        let options = Options {
+            config,
+            token,
+            data_dir: args.data_dir.clone(),
+        };
+        let coordinator = Coordinator::open(options, shutdown.clone())
+            .with_context(|| format!("opening the state in {}", args.data_dir.display()))?;
+        // The one line on stdout: scripts and tests read the bound address here.
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on http://{addr}").context("writing to stdout")?;
+        out.flush().context("writing to stdout")?;
+        drop(out);
+        tracing::info!(%addr, data_dir = %args.data_dir.display(), "coordinator serving");
+        let server = tokio::spawn(coordinator.serve(listener));
+        crate::serve::wait_for_signal().await?;
+        tracing::info!("signal received; stopping");
+        shutdown.cancel();
+        server
+            .await
+            .context("coordinator task panicked")?
+            .context("coordinator failed")?;
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}

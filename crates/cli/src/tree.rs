@@ -1,0 +1,201 @@
+//! `virtman tree IMAGE`: print a session's relay tree, as text or JSON.
+//!
+//! ```text
+//!   debian: 5 nodes (4 members), fan-out 2, 2 parents per node, depth 2 of at most 4
+//!   origin:0  10.0.0.1:10809  origin
+//!   ├── h1  10.0.1.1:10809  depth 1  40%  parents origin:0
+//!   │   └── h3  10.0.1.3:10809  depth 2  10%  parents h1, h2
+//!   └── h2  10.0.1.2:10809  depth 1  35%  parents origin:0
+//! ```
+//!
+//! Nodes hang under their tree (first) parent; the other parents are listed.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use anyhow::Context;
+use clap::Args;
+use virtman_coordinator::Client;
+use virtman_coordinator::api::{NodeView, TreeView};
+
+/// Arguments of `virtman tree`.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  virtman tree debian-12
+  virtman tree debian-12 --coordinator http://10.0.0.5:7600 --json | jq '.nodes[].depth'")]
+pub struct TreeArgs {
+    /// The image whose session to print.
+    pub image: String,
+
+    /// The coordinator's base URL.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "VIRTMAN_COORDINATOR",
+        default_value = "http://127.0.0.1:7600"
+    )]
+    pub coordinator: String,
+
+    /// Print the tree as JSON (the API's TreeView) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Fetches and prints the tree.
+pub fn run(args: TreeArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let tree = runtime.block_on(async {
+        let client = Client::new(&args.coordinator, None)?;
+        client.tree(&args.image).await
+    });
+    let tree = tree.with_context(|| {
+        format!(
+            "reading the tree of {:?} from {}",
+            args.image, args.coordinator
+        )
+    })?;
+    let text = if args.json {
+        let mut s = serde_json::to_string_pretty(&tree).context("encoding JSON")?;
+        s.push('\n');
+        s
+    } else {
+        render(&tree)
+    };
+    print!("{text}");
+    Ok(())
+}
+
+fn line(n: &NodeView) -> String {
+    let mut s = format!("{}  {}", n.node, n.addr);
+    if n.origin {
+        s.push_str("  origin");
+        return s;
+    }
+    let _ = write!(s, "  depth {}  {:.0}%", n.depth, n.progress * 100.0);
+    if n.complete {
+        s.push_str("  complete");
+    }
+    if n.parents.is_empty() {
+        s.push_str("  (root)");
+    } else {
+        let _ = write!(s, "  parents {}", n.parents.join(", "));
+    }
+    if n.silent_ms > 0 {
+        let _ = write!(s, "  silent {:.1}s", n.silent_ms as f64 / 1000.0);
+    }
+    s
+}
+
+/// The tree as indented text, children under their tree parent.
+pub fn render(tree: &TreeView) -> String {
+    let members = tree.nodes.iter().filter(|n| !n.origin).count();
+    let mut out = format!(
+        "{}: {} nodes ({members} members), fan-out {}, {} parents per node, depth {} of at most {}\n",
+        tree.image,
+        tree.nodes.len(),
+        tree.fanout,
+        tree.parents_per_node,
+        tree.max_depth,
+        tree.depth_bound
+    );
+    let mut children: BTreeMap<&str, Vec<&NodeView>> = BTreeMap::new();
+    let mut roots = Vec::new();
+    for n in &tree.nodes {
+        match n.parents.first() {
+            Some(p) => children.entry(p.as_str()).or_default().push(n),
+            None => roots.push(n),
+        }
+    }
+    fn walk(
+        out: &mut String,
+        n: &NodeView,
+        prefix: &str,
+        children: &BTreeMap<&str, Vec<&NodeView>>,
+        depth_left: usize,
+    ) {
+        let Some(kids) = children.get(n.node.as_str()) else {
+            return;
+        };
+        if depth_left == 0 {
+            return;
+        }
+        for (i, k) in kids.iter().enumerate() {
+            let last = i + 1 == kids.len();
+            let _ = writeln!(
+                out,
+                "{prefix}{}{}",
+                if last { "└── " } else { "├── " },
+                line(k)
+            );
+            let next = format!("{prefix}{}", if last { "    " } else { "│   " });
+            walk(out, k, &next, children, depth_left - 1);
+        }
+    }
+    for r in roots {
+        let _ = writeln!(out, "{}", line(r));
+        walk(&mut out, r, "", &children, tree.nodes.len());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtman_coordinator::api::SessionStats;
+
+    fn node(name: &str, parents: &[&str], depth: u32, origin: bool) -> NodeView {
+        NodeView {
+            node: name.into(),
+            addr: format!("{name}:1"),
+            origin,
+            complete: false,
+            depth,
+            parents: parents.iter().map(|p| (*p).to_owned()).collect(),
+            children: 0,
+            secondary_children: 0,
+            progress: 0.5,
+            silent_ms: 0,
+            epoch: 1,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn children_hang_under_their_tree_parent() {
+        let tree = TreeView {
+            image: "img".into(),
+            fanout: 2,
+            parents_per_node: 2,
+            depth_bound: 3,
+            max_depth: 2,
+            nodes: vec![
+                node("origin:0", &[], 0, true),
+                node("a", &["origin:0"], 1, false),
+                node("b", &["origin:0"], 1, false),
+                node("c", &["a", "b"], 2, false),
+            ],
+            stats: SessionStats {
+                joins: 3,
+                leaves: 0,
+                deaths: 0,
+                reports: 0,
+                parent_changes: 0,
+                rebalance_moves: 0,
+                promotions: 0,
+            },
+        };
+        let text = render(&tree);
+        let expected = "\
+img: 4 nodes (3 members), fan-out 2, 2 parents per node, depth 2 of at most 3
+origin:0  origin:0:1  origin
+├── a  a:1  depth 1  50%  parents origin:0
+│   └── c  c:1  depth 2  50%  parents a, b
+└── b  b:1  depth 1  50%  parents origin:0
+";
+        assert_eq!(text, expected);
+    }
+}
