@@ -260,10 +260,13 @@ pub fn manifest_export(image: &str) -> String {
 impl Agent {
     /// Opens the cache group and image store and prepares the servers. Nothing
     /// is served until [`Agent::run`].
-    pub fn open(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
+    pub fn open(mut config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         let io = |what: String| move |source| AgentError::Io { what, source };
         std::fs::create_dir_all(&config.data_dir)
             .map_err(io(format!("creating {}", config.data_dir.display())))?;
+        // Absolute, so the socket paths in VM URIs work from any directory.
+        config.data_dir = std::path::absolute(&config.data_dir)
+            .map_err(io(format!("resolving {}", config.data_dir.display())))?;
         let group = CacheGroup::open(
             config.data_dir.join("cache"),
             GroupConfig::with_capacity(config.cache_size),
@@ -428,7 +431,10 @@ impl Agent {
         loop {
             if !registered {
                 match self.register_origins().await {
-                    Ok(()) => registered = true,
+                    Ok(()) => {
+                        registered = true;
+                        self.coordinator_ok.store(true, Ordering::Relaxed);
+                    }
                     Err(e) => warn!(error = %e, "registering origin images failed; will retry"),
                 }
             }
@@ -499,6 +505,11 @@ impl Agent {
                 Role::Origin { .. } => None,
             })
             .collect();
+        let sessions: Vec<SessionBeat> = sessions;
+        if sessions.is_empty() {
+            // Nothing to report: an origin-only host is not a session member.
+            return Ok(());
+        }
         let req = HeartbeatRequest {
             node: self.config.name.clone(),
             sessions,

@@ -13,7 +13,7 @@
 //!
 //! Errors are `{"error": code, "message": text}` with a 4xx/5xx status.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Json;
@@ -153,16 +153,16 @@ async fn metrics(State(c): State<Arc<Ctx>>) -> Response {
 /// Serves the control API on a unix socket at `path` until `shutdown`.
 pub async fn serve(
     agent: Arc<Agent>,
-    path: &Path,
+    path: PathBuf,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(path);
-    let listener = tokio::net::UnixListener::bind(path)?;
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)?;
     let app = router(agent);
     let res = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;
-    let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(&path);
     res
 }
 

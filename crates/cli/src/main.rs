@@ -4,10 +4,13 @@
 //! component a subcommand runs, calls that component's library `run`, and maps
 //! the error to an exit code. Each subcommand lives in its own module.
 
+mod agent;
 mod coordinator;
 mod image;
 mod serve;
 mod tree;
+mod units;
+mod vm;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -37,6 +40,12 @@ enum Command {
     Coordinator(coordinator::CoordinatorArgs),
     /// Print an image's relay tree from the coordinator, as text or JSON.
     Tree(tree::TreeArgs),
+    /// Run the agent of this host: cache group, exports to children and VMs.
+    Agent(agent::AgentArgs),
+    /// Create, list, remove and boot VMs on this host's agent.
+    Vm(vm::VmArgs),
+    /// Show this host's images, parents, VMs and cache usage.
+    Status(vm::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +56,9 @@ fn main() -> ExitCode {
         Command::Image(args) => image::run(args),
         Command::Coordinator(args) => coordinator::run(args),
         Command::Tree(args) => tree::run(args),
+        Command::Agent(args) => agent::run(args),
+        Command::Vm(args) => vm::run(args),
+        Command::Status(args) => vm::status(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,161 @@
+//! `virtman agent`: the daemon on each host.
+//!
+//! ```text
+//!   args ─► AgentConfig ─► Agent::open (cache group, image store)
+//!        ─► bind --listen (base exports) ─► print "listening on ADDR"
+//!        ─► Agent::run + control API on DATA_DIR/agent.sock ─► until a signal
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+use virtman_agent::upstream::FetchConfig;
+use virtman_agent::{Agent, AgentConfig};
+
+use crate::units::parse_size;
+
+/// Where agents keep their data unless told otherwise.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/virtman/agent";
+
+/// Arguments of `virtman agent`.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+The agent keeps this host's cache group (one capacity for every image), serves
+each cached image read-only to child hosts over NBD (--listen), serves each
+VM's copy-on-write snapshot on a local unix socket (DATA_DIR/vms.sock), and
+follows the parent lists the coordinator gives it. Images in its image store
+(`virtman image import --store DATA_DIR/images`) are registered with the
+coordinator and served whole: this host is their origin.
+
+The CLI talks to the agent on DATA_DIR/agent.sock: `virtman vm create`,
+`virtman vm ls`, `virtman status`, ... Prometheus metrics are served there too
+(`curl --unix-socket DATA_DIR/agent.sock http://agent/metrics`).
+
+Examples:
+  virtman agent --coordinator http://10.0.0.1:7600 --data-dir /var/lib/virtman/agent \\
+      --listen 0.0.0.0:10810 --advertise 10.0.0.5:10810 --cache-size 50G --labels rack=r1
+  virtman agent --coordinator http://127.0.0.1:7600 --data-dir ./a1 --listen 127.0.0.1:0")]
+pub struct AgentArgs {
+    /// Coordinator base URL.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:7600")]
+    pub coordinator: String,
+
+    /// Directory for the cache group, sockets and the default image store.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+
+    /// Address the base exports listen on (children hosts connect here). Port
+    /// 0 picks a free port; the address is printed as `listening on ADDR`.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:10810")]
+    pub listen: String,
+
+    /// Address children use to reach --listen, when it differs (needed with
+    /// 0.0.0.0).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
+
+    /// Capacity of the cache group (e.g. 512M, 50G).
+    #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = parse_size)]
+    pub cache_size: u64,
+
+    /// File holding the coordinator's bearer token.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// Labels for the coordinator, e.g. `rack=r1` (repeat or separate with commas).
+    #[arg(long, value_name = "KEY=VALUE", value_delimiter = ',')]
+    pub labels: Vec<String>,
+
+    /// This node's name in the cluster (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+
+    /// Image store served as origin (default DATA_DIR/images).
+    #[arg(long, value_name = "DIR")]
+    pub image_store: Option<PathBuf>,
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "host".to_owned())
+}
+
+/// Reads a token file (trimmed); an empty file is an error.
+pub fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+    let t = std::fs::read_to_string(path)
+        .with_context(|| format!("reading token file {}", path.display()))?;
+    let t = t.trim().to_owned();
+    if t.is_empty() {
+        bail!("token file {} is empty", path.display());
+    }
+    Ok(t)
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(agent(args))
+}
+
+async fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    let mut labels = BTreeMap::new();
+    for l in &args.labels {
+        let Some((k, v)) = l.split_once('=') else {
+            bail!("label {l:?} is not KEY=VALUE");
+        };
+        labels.insert(k.trim().to_owned(), v.trim().to_owned());
+    }
+    let token = match &args.token_file {
+        Some(p) => Some(read_token(p)?),
+        None => None,
+    };
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let bound = listener.local_addr().context("reading the bound address")?;
+    let advertise = virtman_agent::agent::advertise_for(bound, args.advertise.as_deref())?;
+    let config = AgentConfig {
+        name: args.name.clone().unwrap_or_else(host_name),
+        data_dir: args.data_dir.clone(),
+        image_store: args.image_store.clone(),
+        coordinator: args.coordinator.clone(),
+        token,
+        advertise,
+        cache_size: args.cache_size,
+        labels,
+        fetch: FetchConfig::default(),
+        heartbeat_interval: std::time::Duration::from_secs(1),
+    };
+    let agent = Agent::open(config).context("starting the agent")?;
+    println!("listening on {bound}");
+    tracing::info!(node = agent.name(), %bound, data_dir = %args.data_dir.display(), "agent started");
+
+    let shutdown = CancellationToken::new();
+    let control_path = args.data_dir.join("agent.sock");
+    let control = tokio::spawn(virtman_agent::control::serve(
+        Arc::clone(&agent),
+        control_path,
+        shutdown.clone(),
+    ));
+    let main = tokio::spawn(Arc::clone(&agent).run(listener, shutdown.clone()));
+    tokio::select! {
+        r = crate::serve::wait_for_signal() => r?,
+        r = control => {
+            r.context("control API task failed")?.context("control API failed")?;
+        }
+    }
+    tracing::info!("signal received; stopping");
+    shutdown.cancel();
+    main.await.context("agent task failed")??;
+    Ok(())
+}

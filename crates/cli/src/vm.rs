@@ -1,0 +1,272 @@
+//! `virtman vm` and `virtman status`: the agent's control API from the shell.
+//!
+//! ```text
+//!   virtman vm create NAME --image IMAGE ─► POST /v1/vms ─► prints the NBD URI
+//!   virtman vm ls | rm NAME | boot NAME  ─► GET / DELETE /v1/vms, then qemu
+//!   virtman status [--json]              ─► GET /v1/status
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use virtman_agent::control::ControlClient;
+
+use crate::agent::DEFAULT_DATA_DIR;
+
+/// Where to find the agent.
+#[derive(Debug, Args)]
+pub struct AgentSocket {
+    /// The agent's data directory (its control socket is DATA_DIR/agent.sock).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR, global = true)]
+    pub data_dir: PathBuf,
+}
+
+impl AgentSocket {
+    fn client(&self) -> ControlClient {
+        ControlClient::new(self.data_dir.join("agent.sock"))
+    }
+}
+
+/// Arguments of `virtman vm`.
+#[derive(Debug, Args)]
+pub struct VmArgs {
+    #[command(flatten)]
+    agent: AgentSocket,
+    #[command(subcommand)]
+    command: VmCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum VmCommand {
+    /// Create a VM's copy-on-write snapshot of an image and print its NBD URI.
+    /// Joins the image's relay tree first if this host has not yet.
+    Create {
+        /// The VM's name (letters, digits, `. _ : -`).
+        name: String,
+        /// The image it boots.
+        #[arg(long)]
+        image: String,
+    },
+    /// List this host's VMs.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a VM's snapshot (its writes are lost). Refused while qemu has it open.
+    Rm {
+        /// The VM.
+        name: String,
+    },
+    /// Boot a VM under qemu from its snapshot, in the foreground.
+    #[command(after_help = "\
+Examples:
+  virtman vm boot vm1 --kernel vmlinuz --initrd initrd.img --append 'root=/dev/vda console=ttyS0'
+  virtman vm boot vm1                 # a guest with its own bootloader")]
+    Boot {
+        /// The VM.
+        name: String,
+        /// Kernel to boot directly (without it, the disk's bootloader runs).
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Initial ramdisk (with --kernel).
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Kernel command line (with --kernel).
+        #[arg(long, default_value = "console=ttyS0")]
+        append: String,
+        /// Memory in MiB.
+        #[arg(long, default_value_t = 512)]
+        memory: u32,
+        /// Extra qemu arguments (repeat for each).
+        #[arg(long = "qemu-arg", allow_hyphen_values = true)]
+        qemu_args: Vec<String>,
+        /// The qemu binary.
+        #[arg(long, default_value = "qemu-system-x86_64")]
+        qemu: String,
+    },
+}
+
+/// Arguments of `virtman status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    agent: AgentSocket,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Runs `virtman vm`.
+pub fn run(args: VmArgs) -> anyhow::Result<()> {
+    let c = args.agent.client();
+    let rt = runtime()?;
+    match args.command {
+        VmCommand::Create { name, image } => {
+            let vm = rt.block_on(c.create_vm(&name, &image))?;
+            println!("{}", vm.uri);
+        }
+        VmCommand::Ls { json } => {
+            let vms = rt.block_on(c.list_vms())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&vms)?);
+            } else {
+                println!("{:<20} {:<20} {:>12}  URI", "NAME", "IMAGE", "WRITTEN");
+                for v in vms {
+                    println!(
+                        "{:<20} {:<20} {:>12}  {}",
+                        v.name,
+                        v.image,
+                        human(v.written_bytes),
+                        v.uri
+                    );
+                }
+            }
+        }
+        VmCommand::Rm { name } => rt.block_on(c.remove_vm(&name))?,
+        VmCommand::Boot {
+            name,
+            kernel,
+            initrd,
+            append,
+            memory,
+            qemu_args,
+            qemu,
+        } => {
+            let vms = rt.block_on(c.list_vms())?;
+            let Some(vm) = vms.into_iter().find(|v| v.name == name) else {
+                bail!("no VM named {name:?} on this host (see `virtman vm ls`)");
+            };
+            let mut cmd = qemu_command(
+                &qemu,
+                &vm.uri,
+                memory,
+                kernel.as_deref(),
+                initrd.as_deref(),
+                &append,
+            )?;
+            cmd.args(&qemu_args);
+            let status = cmd
+                .status()
+                .with_context(|| format!("starting {qemu} (install qemu-system-x86)"))?;
+            if !status.success() {
+                bail!("qemu exited with {status}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The qemu command line that boots `uri` (KVM when available, else TCG).
+pub fn qemu_command(
+    qemu: &str,
+    uri: &str,
+    memory: u32,
+    kernel: Option<&Path>,
+    initrd: Option<&Path>,
+    append: &str,
+) -> anyhow::Result<Command> {
+    let mut cmd = Command::new(qemu);
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    cmd.args(["-machine", if kvm { "accel=kvm" } else { "accel=tcg" }])
+        .args(["-m", &memory.to_string()])
+        .args(["-nographic", "-no-reboot"])
+        .args([
+            "-drive",
+            &format!("file={uri},format=raw,if=virtio,cache=none"),
+        ]);
+    match (kernel, initrd) {
+        (Some(k), i) => {
+            cmd.arg("-kernel").arg(k).args(["-append", append]);
+            if let Some(i) = i {
+                cmd.arg("-initrd").arg(i);
+            }
+        }
+        (None, Some(_)) => bail!("--initrd needs --kernel"),
+        (None, None) => {}
+    }
+    Ok(cmd)
+}
+
+/// Runs `virtman status`.
+pub fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let s = runtime()?.block_on(args.agent.client().status())?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    println!(
+        "node {} at {}  (coordinator {})",
+        s.node,
+        s.advertise,
+        if s.coordinator_ok {
+            "reachable"
+        } else {
+            "UNREACHABLE"
+        }
+    );
+    println!(
+        "cache {} of {} used; served {} to children, {} to VMs",
+        human(s.cache_used),
+        human(s.cache_capacity),
+        human(s.served_to_children),
+        human(s.served_to_vms)
+    );
+    println!(
+        "\n{:<20} {:<7} {:>10} {:>7}  PARENTS / SENT",
+        "IMAGE", "ROLE", "SIZE", "HELD"
+    );
+    for i in &s.images {
+        let detail = match &i.sent {
+            Some(o) => format!(
+                "sent {} ({} chunks, at most {}x each)",
+                human(o.bytes),
+                o.chunks_sent,
+                o.max_per_chunk
+            ),
+            None => format!("{} (failovers {})", i.parents.join(", "), i.failovers),
+        };
+        println!(
+            "{:<20} {:<7} {:>10} {:>6.1}%  {}",
+            i.name,
+            i.role,
+            human(i.size),
+            i.progress * 100.0,
+            detail
+        );
+    }
+    println!("\n{} VMs", s.vms.len());
+    for v in &s.vms {
+        println!("  {:<20} {:<20} {}", v.name, v.image, v.uri);
+    }
+    Ok(())
+}
+
+/// Bytes in binary units.
+pub fn human(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

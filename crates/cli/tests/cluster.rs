@@ -1,0 +1,448 @@
+//! Hierarchical attaching end to end, with real processes on loopback: a
+//! coordinator, an origin agent and several member agents (`virtman` binaries),
+//! VMs created with `virtman vm create`, and the image read back through each
+//! VM's snapshot export with the virtman NBD client.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use virtman_agent::control::ControlClient;
+use virtman_nbd::{Client, ClientConfig, Endpoint};
+
+const BIN: &str = env!("CARGO_BIN_EXE_virtman");
+const CHUNK: usize = 256 * 1024;
+
+/// A child process, killed on drop; its output is kept for failure messages.
+struct Proc {
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    /// Starts `virtman ARGS` and waits for `listening on ADDR` on its stdout.
+    fn start(args: &[&str]) -> (Proc, String) {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("VIRTMAN_LOG", "info,virtman_agent=debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        let l1 = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(a) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(a.trim_start_matches("http://").to_owned());
+                }
+                l1.lock().unwrap().push_str(&format!("{line}\n"));
+            }
+        });
+        let l2 = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                l2.lock().unwrap().push_str(&format!("{line}\n"));
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("{args:?} did not start: {}", log.lock().unwrap()));
+        (Proc { child, log }, addr)
+    }
+
+    fn signal(&self, sig: &str) {
+        Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    fn stop(mut self) {
+        self.signal("-TERM");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                assert!(s.success(), "exit {s}: {}", self.log.lock().unwrap());
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "did not stop: {}",
+                self.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    coordinator: Proc,
+    url: String,
+    _origin: Proc,
+    agents: Vec<Option<Proc>>,
+    image: Vec<u8>,
+}
+
+impl Cluster {
+    /// A coordinator (fan-out 2, fast heartbeats), an origin holding a random
+    /// image `img`, and `n` member agents a1..an.
+    fn start(n: usize, size: usize) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "cluster-test-token-0123456789\n").unwrap();
+        let image = pattern(size, 11);
+        let raw = dir.path().join("img.raw");
+        std::fs::write(&raw, &image).unwrap();
+        let store = dir.path().join("origin/images");
+        let out = Command::new(BIN)
+            .args(["image", "import"])
+            .arg(&raw)
+            .args(["--name", "img", "--store"])
+            .arg(&store)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        let (coordinator, addr) = Proc::start(&[
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir.path().join("coord").to_str().unwrap(),
+            "--token-file",
+            token.to_str().unwrap(),
+            "--fanout",
+            "2",
+            "--parents",
+            "2",
+            "--heartbeat-interval",
+            "200ms",
+            "--heartbeat-timeout",
+            "1s",
+        ]);
+        let url = format!("http://{addr}");
+        let args = Self::agent_args(dir.path(), &url, "origin");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (origin, _) = Proc::start(&args);
+        let mut c = Cluster {
+            dir,
+            coordinator,
+            url,
+            _origin: origin,
+            agents: Vec::new(),
+            image,
+        };
+        // Let the origin register the image.
+        c.wait_for(|c| c.tree().is_some(), "the image to be registered");
+        for i in 1..=n {
+            let p = c.start_agent(i);
+            c.agents.push(Some(p));
+        }
+        c
+    }
+
+    fn agent_args(dir: &Path, url: &str, name: &str) -> Vec<String> {
+        vec![
+            "agent".into(),
+            "--coordinator".into(),
+            url.into(),
+            "--token-file".into(),
+            dir.join("token").to_str().unwrap().into(),
+            "--data-dir".into(),
+            dir.join(name).to_str().unwrap().into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--name".into(),
+            name.into(),
+            "--cache-size".into(),
+            "256M".into(),
+        ]
+    }
+
+    fn start_agent(&self, i: usize) -> Proc {
+        let args = Self::agent_args(self.dir.path(), &self.url, &format!("a{i}"));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proc::start(&args).0
+    }
+
+    fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("a{i}"))
+    }
+
+    fn control(&self, name: &str) -> ControlClient {
+        ControlClient::new(self.dir.path().join(name).join("agent.sock"))
+    }
+
+    /// `virtman vm create` on agent `i`; returns the VM's unix socket.
+    fn vm_create(&self, i: usize, vm: &str) -> PathBuf {
+        let out = Command::new(BIN)
+            .args(["vm", "create", vm, "--image", "img", "--data-dir"])
+            .arg(self.data_dir(i))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "vm create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let uri = String::from_utf8(out.stdout).unwrap();
+        let sock = uri.trim().split("socket=").nth(1).unwrap();
+        PathBuf::from(sock)
+    }
+
+    /// The session's tree as JSON, once the image is registered.
+    fn tree(&self) -> Option<serde_json::Value> {
+        let out = Command::new(BIN)
+            .args(["tree", "img", "--json", "--coordinator", &self.url])
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    fn wait_for(&self, mut ok: impl FnMut(&Cluster) -> bool, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ok(self) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; coordinator log:\n{}",
+                self.coordinator.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Reads the whole export at `sock` chunk by chunk, adding to `progress`.
+async fn read_vm(sock: PathBuf, export: String, size: usize, progress: Arc<AtomicU64>) -> Vec<u8> {
+    let c = Client::connect(
+        &Endpoint::Unix(sock),
+        &ClientConfig {
+            export,
+            request_timeout: Duration::from_secs(60),
+            ..ClientConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::with_capacity(size);
+    let mut off = 0;
+    while off < size {
+        let n = CHUNK.min(size - off);
+        out.extend_from_slice(&c.read(off as u64, n as u64).await.unwrap());
+        off += n;
+        progress.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    out
+}
+
+fn metric(text: &str, name: &str, labels: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l.contains(labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaves_read_the_image_through_the_tree_and_the_origin_sends_each_chunk_a_few_times() {
+    let c = Cluster::start(6, 8 << 20);
+    let mut reads = tokio::task::JoinSet::new();
+    for i in 1..=6 {
+        let sock = c.vm_create(i, &format!("vm{i}"));
+        let (size, export) = (c.image.len(), format!("vm{i}"));
+        reads.spawn(read_vm(sock, export, size, Arc::default()));
+    }
+    while let Some(r) = reads.join_next().await {
+        assert!(
+            r.unwrap() == c.image,
+            "a VM read bytes that differ from the image"
+        );
+    }
+    // The tree is within its bound and everyone has parents.
+    let tree = c.tree().unwrap();
+    assert!(tree["max_depth"].as_u64().unwrap() <= tree["depth_bound"].as_u64().unwrap());
+    assert_eq!(tree["nodes"].as_array().unwrap().len(), 7);
+    // The origin sent each chunk at most a small constant number of times:
+    // once per tree child of the origin (fan-out 2), not once per host.
+    let origin = c.control("origin").status().await.unwrap();
+    let sent = origin.images[0].sent.unwrap();
+    let chunks = (c.image.len() / CHUNK) as u64;
+    assert_eq!(sent.chunks_sent, chunks);
+    assert!(
+        sent.max_per_chunk <= 2,
+        "origin sent a chunk {} times",
+        sent.max_per_chunk
+    );
+    let text = c.control("origin").metrics().await.unwrap();
+    assert_eq!(
+        metric(&text, "virtman_origin_max_sends_per_chunk", "image=\"img\""),
+        u64::from(sent.max_per_chunk)
+    );
+    assert!(sent.bytes <= 2 * c.image.len() as u64);
+    // Leaves at depth 2 fetched from parents, not from the origin.
+    for i in 1..=6 {
+        let s = c.control(&format!("a{i}")).status().await.unwrap();
+        let img = &s.images[0];
+        assert!((img.progress - 1.0).abs() < 1e-9);
+        let depth = tree["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node"] == format!("a{i}"))
+            .unwrap()["depth"]
+            .as_u64()
+            .unwrap();
+        if depth >= 2 {
+            assert_eq!(
+                img.from_origins, 0,
+                "a{i} at depth {depth} fetched from the origin"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_middle_agent_killed_mid_read_fails_no_read_and_the_tree_is_repaired() {
+    let mut c = Cluster::start(6, 16 << 20);
+    let socks: Vec<PathBuf> = (1..=6).map(|i| c.vm_create(i, &format!("vm{i}"))).collect();
+    let tree = c.tree().unwrap();
+    // A member at depth 1 with children: the one to kill.
+    let nodes = tree["nodes"].as_array().unwrap().clone();
+    let victim = nodes
+        .iter()
+        .find(|n| n["depth"] == 1 && n["children"].as_u64().unwrap() > 0)
+        .map(|n| n["node"].as_str().unwrap().to_owned())
+        .expect("a middle node");
+    let victim_i: usize = victim[1..].parse().unwrap();
+    let mut reads = tokio::task::JoinSet::new();
+    let progress: Arc<AtomicU64> = Arc::default();
+    for i in (1..=6).filter(|&i| i != victim_i) {
+        let sock = socks[i - 1].clone();
+        let (size, export) = (c.image.len(), format!("vm{i}"));
+        reads.spawn(read_vm(sock, export, size, Arc::clone(&progress)));
+    }
+    // Kill the middle agent once the reads are well under way.
+    let started = Instant::now();
+    while progress.load(Ordering::Relaxed) < 6 << 20 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "reads do not progress"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.agents[victim_i - 1].take().unwrap().signal("-KILL");
+    while let Some(r) = reads.join_next().await {
+        assert!(
+            r.unwrap() == c.image,
+            "a read returned wrong bytes after the kill"
+        );
+    }
+    // The kill really hit readers: some survivor failed over from the victim.
+    let mut failovers = 0;
+    for i in (1..=6).filter(|&i| i != victim_i) {
+        failovers += c.control(&format!("a{i}")).status().await.unwrap().images[0].failovers;
+    }
+    assert!(
+        failovers > 0,
+        "no fetch ever failed over: the kill came too late"
+    );
+    // The coordinator declares the victim dead and nobody keeps it as a parent.
+    c.wait_for(
+        |c| {
+            let t = c.tree().unwrap();
+            let nodes = t["nodes"].as_array().unwrap();
+            nodes.iter().all(|n| {
+                n["node"] != victim.as_str()
+                    && n["parents"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .all(|p| p != victim.as_str())
+            }) && t["stats"]["deaths"].as_u64().unwrap() >= 1
+        },
+        "the tree to be repaired",
+    );
+    let t = c.tree().unwrap();
+    assert!(t["max_depth"].as_u64().unwrap() <= t["depth_bound"].as_u64().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_resumes_without_refetching_what_it_held() {
+    let mut c = Cluster::start(1, 8 << 20);
+    let sock = c.vm_create(1, "vm1");
+    // Read the first half through the VM, then restart the agent.
+    let half = c.image.len() / 2;
+    {
+        let client = Client::connect(
+            &Endpoint::Unix(sock.clone()),
+            &ClientConfig {
+                export: "vm1".into(),
+                ..ClientConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert!(client.read(0, half as u64).await.unwrap()[..] == c.image[..half]);
+        client.disconnect().await.unwrap();
+    }
+    let before = c.control("a1").status().await.unwrap();
+    assert!((before.images[0].progress - 0.5).abs() < 1e-9, "{before:?}");
+    c.agents[0].take().unwrap().stop();
+    c.agents[0] = Some(c.start_agent(1));
+    // The VM is still there, and its data too.
+    c.wait_for(
+        |_| std::fs::metadata(&sock).is_ok(),
+        "the restarted agent's VM socket",
+    );
+    let progress = Arc::default();
+    let all = read_vm(sock, "vm1".into(), c.image.len(), progress).await;
+    assert!(all == c.image);
+    let text = c.control("a1").metrics().await.unwrap();
+    let fetched: u64 = text
+        .lines()
+        .filter(|l| l.starts_with("virtman_fetched_bytes_total"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(
+        fetched,
+        (c.image.len() - half) as u64,
+        "refetched what it held"
+    );
+}
