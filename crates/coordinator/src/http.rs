@@ -112,9 +112,15 @@ impl FromRequestParts<AppState> for Authorized {
         let value = value
             .to_str()
             .map_err(|_| ApiError::unauthorized("the Authorization header is not text"))?;
-        let token = value
-            .strip_prefix("Bearer ")
-            .ok_or_else(|| ApiError::unauthorized("the Authorization header must be Bearer"))?;
+        // The scheme is case-insensitive (RFC 9110); the token is not.
+        let token = match value.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token,
+            _ => {
+                return Err(ApiError::unauthorized(
+                    "the Authorization header must be Bearer",
+                ));
+            }
+        };
         if state.token.verify(token.trim()) {
             Ok(Authorized)
         } else {

@@ -309,8 +309,16 @@ async fn state_changing_calls_need_the_token() {
     assert_eq!(tree.nodes.len(), 1);
     let err = anon.join("img", &join_req("x", "r")).await.unwrap_err();
     assert_eq!(api_code(&err), (401, "unauthorized".into()));
-    // The right token works.
-    c.client.join("img", &join_req("x", "r")).await.unwrap();
+    // The right token works, whatever the scheme's case.
+    let resp = http
+        .post(c.url("/v1/sessions/img/join"))
+        .header("authorization", format!("bearer {TOKEN}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    c.client.join("img", &join_req("y", "r")).await.unwrap();
     c.stop().await;
 }
 
