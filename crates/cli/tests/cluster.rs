@@ -105,7 +105,7 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
 
 struct Cluster {
     dir: tempfile::TempDir,
-    coordinator: Proc,
+    coordinator: Option<Proc>,
     url: String,
     _origin: Proc,
     agents: Vec<Option<Proc>>,
@@ -159,7 +159,7 @@ impl Cluster {
         let (origin, _) = Proc::start(&args);
         let mut c = Cluster {
             dir,
-            coordinator,
+            coordinator: Some(coordinator),
             url,
             _origin: origin,
             agents: Vec::new(),
@@ -241,7 +241,10 @@ impl Cluster {
             assert!(
                 Instant::now() < deadline,
                 "timed out waiting for {what}; coordinator log:\n{}",
-                self.coordinator.log.lock().unwrap()
+                self.coordinator
+                    .as_ref()
+                    .map(|p| p.log.lock().unwrap().clone())
+                    .unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -444,5 +447,59 @@ async fn a_restarted_agent_resumes_without_refetching_what_it_held() {
         fetched,
         (c.image.len() - half) as u64,
         "refetched what it held"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clear_errors_and_a_coordinator_outage_do_not_stop_the_vms() {
+    let mut c = Cluster::start(2, 4 << 20);
+    let vm_create = |i: usize, vm: &str, image: &str| {
+        Command::new(BIN)
+            .args(["vm", "create", vm, "--image", image, "--data-dir"])
+            .arg(c.data_dir(i))
+            .output()
+            .unwrap()
+    };
+    let out = vm_create(1, "x", "no-such-image");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown image"),
+        "{out:?}"
+    );
+    let sock1 = c.vm_create(1, "vm1");
+    let out = vm_create(1, "vm1", "img");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already exists"),
+        "{out:?}"
+    );
+    let out = vm_create(1, "bad/name", "img");
+    assert!(!out.status.success());
+    let sock2 = c.vm_create(2, "vm2");
+
+    // The coordinator dies; the agents keep serving with the parents they have.
+    drop(c.coordinator.take());
+    let (a, b) = tokio::join!(
+        read_vm(sock1, "vm1".into(), c.image.len(), Arc::default()),
+        read_vm(sock2, "vm2".into(), c.image.len(), Arc::default()),
+    );
+    assert!(a == c.image && b == c.image);
+    // Within a few heartbeats, the status says the coordinator is down.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.control("a1").status().await.unwrap().coordinator_ok {
+        assert!(
+            Instant::now() < deadline,
+            "status never reported the coordinator down"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // VMs can be listed and removed meanwhile; an unknown one is a clear error.
+    let out = Command::new(BIN)
+        .args(["vm", "rm", "nope", "--data-dir"])
+        .arg(c.data_dir(1))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no VM named"),
+        "{out:?}"
     );
 }
