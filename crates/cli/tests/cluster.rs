@@ -116,10 +116,14 @@ impl Cluster {
     /// A coordinator (fan-out 2, fast heartbeats), an origin holding a random
     /// image `img`, and `n` member agents a1..an.
     fn start(n: usize, size: usize) -> Cluster {
+        Cluster::with_image(n, pattern(size, 11))
+    }
+
+    /// The same, with the origin serving `image`.
+    fn with_image(n: usize, image: Vec<u8>) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("token");
         std::fs::write(&token, "cluster-test-token-0123456789\n").unwrap();
-        let image = pattern(size, 11);
         let raw = dir.path().join("img.raw");
         std::fs::write(&raw, &image).unwrap();
         let store = dir.path().join("origin/images");
@@ -502,4 +506,58 @@ async fn clear_errors_and_a_coordinator_outage_do_not_stop_the_vms() {
         String::from_utf8_lossy(&out.stderr).contains("no VM named"),
         "{out:?}"
     );
+}
+
+#[test]
+fn a_real_vm_boots_two_levels_below_the_origin_and_its_writes_stay_in_its_snapshot() {
+    use virtman_testkit::guest::{self, BOOTS_FILE, BootOptions, Drive, MARKER};
+    let assets = guest::assets().unwrap();
+    let image = std::fs::read(&assets.disk_template).unwrap();
+    let c = Cluster::with_image(3, image.clone());
+    // a1 and a2 join first and sit under the origin; a3 lands at depth 2.
+    c.vm_create(1, "vm1");
+    c.vm_create(2, "vm2");
+    let sock = c.vm_create(3, "vm3");
+    let tree = c.tree().unwrap();
+    let a3 = tree["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == "a3")
+        .unwrap()
+        .clone();
+    assert_eq!(a3["depth"], 2, "{tree}");
+
+    let uri = format!("nbd+unix:///vm3?socket={}", sock.display());
+    let opts = BootOptions {
+        boot_id: "tree-1".into(),
+        ..BootOptions::default()
+    };
+    let result = guest::boot(&Drive::Nbd(uri.clone()), &assets, &opts).unwrap();
+    assert_eq!(result.marker, MARKER, "console:\n{}", result.console);
+
+    // The guest's write is in vm3's snapshot, and nowhere else.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = |uri: &str, name: &str| {
+        let out = dir.path().join(name);
+        let st = Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", uri])
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        out
+    };
+    let vm3 = copy(&uri, "vm3.raw");
+    assert_eq!(
+        guest::read_disk_file(&vm3, BOOTS_FILE).unwrap(),
+        "boot tree-1\n"
+    );
+    let vm1_sock = c.data_dir(1).join("vms.sock");
+    let vm1 = copy(
+        &format!("nbd+unix:///vm1?socket={}", vm1_sock.display()),
+        "vm1.raw",
+    );
+    assert_eq!(guest::read_disk_file(&vm1, BOOTS_FILE).unwrap(), "");
+    assert!(std::fs::read(c.dir.path().join("img.raw")).unwrap() == image);
 }
