@@ -300,6 +300,7 @@ impl Session {
             }
         }
         let mut children_of: BTreeMap<NodeId, Vec<NodeId>> = BTreeMap::new();
+        let mut unplaced: BTreeSet<NodeId> = BTreeSet::new();
         for (&id, n) in &by_id {
             let rack = n.rack.as_deref().map(|r| s.intern(r));
             let mut node = Node::new(rack, false, now);
@@ -312,7 +313,10 @@ impl Session {
                     node.floating = false;
                 }
                 s.place(id, None);
-            } else if let Some(&p) = n.parents.first() {
+                continue;
+            }
+            unplaced.insert(id);
+            if let Some(&p) = n.parents.first() {
                 children_of.entry(p).or_default().push(id);
             }
         }
@@ -327,14 +331,14 @@ impl Session {
             while let Some(p) = queue.pop_front() {
                 for c in children_of.remove(&p).unwrap_or_default() {
                     let free = s.nodes.get(&p).is_some_and(|n| n.children.len() < k);
-                    let floating = s.nodes.get(&c).is_some_and(|n| n.floating);
-                    if free && floating {
+                    if free && unplaced.remove(&c) {
                         s.attach(c, p, None);
                         queue.push_back(c);
                     }
                 }
             }
-            let Some(next) = s.nodes.iter().find(|(_, n)| n.floating).map(|(&id, _)| id) else {
+            // Saved parent gone, full, or a cycle: choose afresh.
+            let Some(next) = unplaced.pop_first() else {
                 break;
             };
             let rack = s.nodes.get(&next).and_then(|n| n.rack);
@@ -413,8 +417,8 @@ impl Session {
             // Unreachable: a finite tree always has a node with a free slot.
             return Err(TopologyError::UnknownNode(id));
         };
-        if self.tombstones.remove(&id).is_some() {
-            self.tombstone_order.retain(|&(_, n)| n != id);
+        if let Some(died) = self.tombstones.remove(&id) {
+            self.tombstone_order.remove(&(died, id));
         }
         self.nodes.insert(id, Node::new(rack, false, now));
         self.created.insert(id);
@@ -1515,6 +1519,36 @@ mod tests {
             Session::new(settings(2, 2), &[]).err(),
             Some(TopologyError::NoOrigin)
         );
+    }
+
+    #[test]
+    fn restore_repairs_broken_saved_state() {
+        let saved = |id: u64, parents: &[u64]| SavedNode {
+            id: NodeId(id),
+            rack: None,
+            parents: parents.iter().map(|&p| NodeId(p)).collect(),
+            complete: false,
+            epoch: 7,
+        };
+        // A cycle (1 <-> 2), a missing parent (3 under 99), a child of it (4),
+        // a self-parent (5), and a secondary deeper than its child (6).
+        let nodes = vec![
+            saved(1, &[2]),
+            saved(2, &[1]),
+            saved(3, &[99]),
+            saved(4, &[3]),
+            saved(5, &[5]),
+            saved(6, &[0, 4]),
+        ];
+        let s = Session::restore(settings(2, 2), &[NodeId(0)], nodes, T0).expect("restore");
+        s.check_invariants().expect("invariants");
+        assert_eq!(s.members(), 6);
+        assert_eq!(
+            s.node(NodeId(6)).map(|n| n.parents.first().copied()),
+            Some(Some(NodeId(0)))
+        );
+        // A list that had to change gets a new epoch; others keep theirs.
+        assert!(s.nodes().filter(|n| !n.origin).all(|n| n.epoch >= 7));
     }
 
     #[test]
