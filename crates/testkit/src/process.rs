@@ -79,7 +79,7 @@ impl ChildGuard {
         self
     }
 
-    /// The process id.
+    /// The process id (0 once [`ChildGuard::stop`] has reaped the child).
     #[must_use]
     pub fn id(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)

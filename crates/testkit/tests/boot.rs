@@ -84,7 +84,7 @@ fn guest_boots_from_qemu_nbd() {
 }
 
 #[test]
-fn a_missing_disk_fails_with_the_console_text() {
+fn a_disk_without_ext4_fails_with_the_console_text() {
     let assets = guest::assets().unwrap();
     let dir = tempfile::tempdir().unwrap();
     // A disk without an ext4 file system: the guest's mount fails and it says so.
@@ -96,7 +96,7 @@ fn a_missing_disk_fails_with_the_console_text() {
 }
 
 #[test]
-fn a_hung_guest_times_out_and_qemu_is_killed() {
+fn a_boot_past_its_timeout_fails_and_qemu_is_killed() {
     let assets = guest::assets().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.raw");
