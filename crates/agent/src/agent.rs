@@ -748,12 +748,13 @@ impl Agent {
         if self.group.snapshot(name).is_none() {
             return Err(AgentError::NoVm(name.to_owned()));
         }
-        let export = self.vms.remove_export(name);
+        // Drop the server's handle first: deletion is refused while any is held.
+        let was_exported = self.vms.remove_export(name).is_some();
         match self.group.delete_snapshot(name) {
             Ok(()) => Ok(()),
             Err(e) => {
-                if let Some(x) = export {
-                    self.vms.add_export(name.to_owned(), x);
+                if was_exported && let Some(s) = self.group.snapshot(name) {
+                    self.vms.add_export(name.to_owned(), s as Arc<dyn Export>);
                 }
                 Err(AgentError::InUse(format!(
                     "VM {name:?} is still in use (stop its qemu first): {e}"
@@ -764,7 +765,7 @@ impl Agent {
 
     /// Drops an image's cached volume and leaves its session. Refused while VMs
     /// use it.
-    pub async fn evict_image(&self, image: &str) -> Result<(), AgentError> {
+    pub async fn evict_image(self: &Arc<Self>, image: &str) -> Result<(), AgentError> {
         let vms: Vec<String> = self
             .list_vms()
             .into_iter()
@@ -789,8 +790,9 @@ impl Agent {
             }
             None => {}
         }
-        let base = self.base.remove_export(image);
-        let man = self.base.remove_export(&manifest_export(image));
+        // Drop every handle of ours: removal is refused while any is held.
+        self.base.remove_export(image);
+        self.base.remove_export(&manifest_export(image));
         lock(&self.images).remove(image);
         drop(entry);
         let leave = LeaveRequest {
@@ -800,15 +802,12 @@ impl Agent {
             warn!(image, error = %e, "leaving the session failed");
         }
         if let Err(e) = self.group.remove_volume(image) {
-            // Children still connected hold it; put things back as they were.
-            if let Some(b) = base {
-                self.base.add_export(image.to_owned(), b);
-            }
-            if let Some(m) = man {
-                self.base.add_export(manifest_export(image), m);
+            // Children still connected hold it: keep serving it as before.
+            if let Err(re) = self.ensure_image(image).await {
+                warn!(image, error = %re, "re-joining after a refused eviction failed");
             }
             return Err(AgentError::InUse(format!(
-                "image {image:?} is still in use by children: {e}"
+                "image {image:?} is still in use by children, so it stays cached: {e}"
             )));
         }
         Ok(())

@@ -150,14 +150,20 @@ async fn metrics(State(c): State<Arc<Ctx>>) -> Response {
     }
 }
 
-/// Serves the control API on a unix socket at `path` until `shutdown`.
+/// Binds the control socket at `path` (replacing a stale one).
+pub fn bind(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    let _ = std::fs::remove_file(path);
+    tokio::net::UnixListener::bind(path)
+}
+
+/// Serves the control API on `listener` (bound at `path`, removed at the end)
+/// until `shutdown`.
 pub async fn serve(
     agent: Arc<Agent>,
+    listener: tokio::net::UnixListener,
     path: PathBuf,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path)?;
     let app = router(agent);
     let res = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -137,17 +137,21 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         heartbeat_interval: std::time::Duration::from_secs(1),
     };
     let agent = Agent::open(config).context("starting the agent")?;
-    println!("listening on {bound}");
+    let control_path = args.data_dir.join("agent.sock");
+    let control_listener = virtman_agent::control::bind(&control_path)
+        .with_context(|| format!("listening on {}", control_path.display()))?;
     tracing::info!(node = agent.name(), %bound, data_dir = %args.data_dir.display(), "agent started");
 
     let shutdown = CancellationToken::new();
-    let control_path = args.data_dir.join("agent.sock");
     let control = tokio::spawn(virtman_agent::control::serve(
         Arc::clone(&agent),
+        control_listener,
         control_path,
         shutdown.clone(),
     ));
     let main = tokio::spawn(Arc::clone(&agent).run(listener, shutdown.clone()));
+    // Ready: the control socket is bound and the exports are being served.
+    println!("listening on {bound}");
     tokio::select! {
         r = crate::serve::wait_for_signal() => r?,
         r = control => {

@@ -1,4 +1,5 @@
-//! `virtman image`: import, list and verify images in the image store.
+//! `virtman image`: import, list and verify images in the image store; evict
+//! an image's cached volume from this host's agent.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -7,6 +8,8 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use virtman_image::{DEFAULT_CHUNK_SIZE, ImageStore};
+
+use crate::units::{human, parse_size};
 
 /// Arguments of `virtman image`.
 #[derive(Debug, Args)]
@@ -49,24 +52,16 @@ Examples:
         /// The image's name.
         name: String,
     },
-}
-
-/// Parses `65536`, `64K`, `64KiB`, `1M`, `1MiB`.
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let upper = t.to_ascii_uppercase();
-    let (num, mult) = if let Some(n) = upper.strip_suffix("KIB").or(upper.strip_suffix('K')) {
-        (n.to_owned(), 1u64 << 10)
-    } else if let Some(n) = upper.strip_suffix("MIB").or(upper.strip_suffix('M')) {
-        (n.to_owned(), 1u64 << 20)
-    } else {
-        (upper.clone(), 1)
-    };
-    num.trim()
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("{s:?} is not a size (e.g. 256K, 1M, 65536)"))
+    /// Drop an image's cached volume on this host's agent and leave its relay
+    /// tree (refused while VMs use it). The last VM of an image leaving does
+    /// not drop the cache; this does.
+    Evict {
+        /// The image's name.
+        name: String,
+        /// The agent's data directory (its control socket is DATA_DIR/agent.sock).
+        #[arg(long, value_name = "DIR", default_value = crate::agent::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
 }
 
 fn progress(len: u64, what: &str) -> ProgressBar {
@@ -84,22 +79,22 @@ fn progress(len: u64, what: &str) -> ProgressBar {
     pb
 }
 
-fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n;
-    let mut u = 0;
-    while v >= 1024 && v.is_multiple_of(1024) && u + 1 < UNITS.len() {
-        v /= 1024;
-        u += 1;
-    }
-    format!("{v} {}", UNITS[u])
-}
-
 /// Runs `virtman image ...`.
 pub fn run(args: ImageArgs) -> anyhow::Result<()> {
-    let store = ImageStore::open(&args.store)
-        .with_context(|| format!("opening the image store {}", args.store.display()))?;
+    let open = || {
+        ImageStore::open(&args.store)
+            .with_context(|| format!("opening the image store {}", args.store.display()))
+    };
     match args.command {
+        ImageCommand::Evict { name, data_dir } => {
+            let client = virtman_agent::control::ControlClient::new(data_dir.join("agent.sock"));
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(client.evict(&name))?;
+            println!("evicted {name}");
+        }
         ImageCommand::Import {
             file,
             name,
@@ -110,6 +105,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("opening {}", file.display()))?
                 .len();
             let pb = progress(len, "importing");
+            let store = open()?;
             let img = store.import(&file, &name, chunk, &mut |done, total| {
                 pb.set_length(total);
                 pb.set_position(done);
@@ -125,6 +121,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
             );
         }
         ImageCommand::Ls => {
+            let store = open()?;
             let list = store.list().context("listing the image store")?;
             println!(
                 "{:<24} {:>14} {:>8} {:>8}  ID",
@@ -145,6 +142,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
             }
         }
         ImageCommand::Verify { name } => {
+            let store = open()?;
             let img = store.open_image(&name)?;
             let pb = progress(img.manifest.size(), "verifying");
             let report = store.verify(&name, &mut |done, _| pb.set_position(done))?;

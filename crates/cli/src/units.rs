@@ -22,9 +22,32 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is not a size (e.g. 65536, 256K, 512M, 10G)"))
 }
 
+/// Bytes in binary units: exact when the size is a whole number of the unit
+/// (`256 KiB`), else with one decimal (`1.5 GiB`).
+pub fn human(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut u = 0;
+    while u + 1 < UNITS.len() && b >= 1u64 << (10 * (u + 1)) {
+        u += 1;
+    }
+    let unit = 1u64 << (10 * u);
+    if b.is_multiple_of(unit) {
+        format!("{} {}", b / unit, UNITS[u])
+    } else {
+        format!("{:.1} {}", b as f64 / unit as f64, UNITS[u])
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{human, parse_size};
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(256 << 10), "256 KiB");
+        assert_eq!(human(3 << 29), "1.5 GiB");
+    }
 
     #[test]
     fn sizes() {

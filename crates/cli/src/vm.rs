@@ -14,6 +14,7 @@ use clap::{Args, Subcommand};
 use virtman_agent::control::ControlClient;
 
 use crate::agent::DEFAULT_DATA_DIR;
+use crate::units::human;
 
 /// Where to find the agent.
 #[derive(Debug, Args)]
@@ -253,20 +254,4 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         println!("  {:<20} {:<20} {}", v.name, v.image, v.uri);
     }
     Ok(())
-}
-
-/// Bytes in binary units.
-pub fn human(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }

@@ -452,6 +452,48 @@ async fn a_restarted_agent_resumes_without_refetching_what_it_held() {
         (c.image.len() - half) as u64,
         "refetched what it held"
     );
+
+    // Evicting the image is refused while its VM exists, then drops the cache
+    // and leaves the tree.
+    let cli = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .arg("--data-dir")
+            .arg(c.data_dir(1))
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["image", "evict", "img"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("used by VMs"),
+        "{out:?}"
+    );
+    // The reader's connection may take a moment to close on the agent's side.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = cli(&["vm", "rm", "vm1"]);
+        if out.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "vm rm kept failing: {out:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = cli(&["image", "evict", "img"]);
+    assert!(out.status.success(), "{out:?}");
+    let s = c.control("a1").status().await.unwrap();
+    assert!(
+        s.images.is_empty() && s.vms.is_empty() && s.cache_used == 0,
+        "{s:?}"
+    );
+    let t = c.tree().unwrap();
+    assert!(
+        t["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["node"] != "a1"),
+        "{t}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
