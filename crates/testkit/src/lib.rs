@@ -8,6 +8,24 @@
 //! - [`guest`]: a tiny Linux guest (Debian cloud kernel, busybox initramfs,
 //!   small ext4 disk) built once per target dir, and a qemu boot of it from any
 //!   NBD URI or raw file, with the serial console captured.
+//!
+//! Booting the guest from an NBD export in a test (add `virtman-testkit` to
+//! the crate's `[dev-dependencies]`):
+//!
+//! ```no_run
+//! use virtman_testkit::guest::{self, BOOTS_FILE, BootOptions, Drive, MARKER};
+//!
+//! let assets = guest::assets().unwrap(); // built once, cached in target/
+//! let disk = std::path::Path::new("/tmp/t/disk.raw");
+//! assets.copy_disk(disk).unwrap(); // never boot the template itself
+//! // ... serve `disk` over NBD at /tmp/t/nbd.sock, export "disk" ...
+//! let opts = BootOptions { boot_id: "vm1".into(), ..BootOptions::default() };
+//! let uri = "nbd+unix:///disk?socket=/tmp/t/nbd.sock".to_owned();
+//! let booted = guest::boot(&Drive::Nbd(uri), &assets, &opts).unwrap();
+//! assert_eq!(booted.marker, MARKER);
+//! // ... stop the server, then check where the guest's write went:
+//! assert_eq!(guest::read_disk_file(disk, BOOTS_FILE).unwrap(), "boot vm1\n");
+//! ```
 
 pub mod guest;
 mod process;

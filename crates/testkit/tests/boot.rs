@@ -110,3 +110,18 @@ fn a_boot_past_its_timeout_fails_and_qemu_is_killed() {
     assert!(matches!(err, guest::GuestError::Timeout { .. }), "{err}");
     assert!(start.elapsed() < Duration::from_secs(10));
 }
+
+#[test]
+fn an_unreachable_nbd_server_fails_with_qemus_error() {
+    let assets = guest::assets().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let uri = format!(
+        "nbd+unix:///disk?socket={}",
+        dir.path().join("nobody.sock").display()
+    );
+    let start = Instant::now();
+    let err = guest::boot(&Drive::Nbd(uri), &assets, &opts("unreachable")).unwrap_err();
+    assert!(matches!(err, guest::GuestError::Failed { .. }), "{err}");
+    assert!(err.to_string().contains("nobody.sock"), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(30));
+}
