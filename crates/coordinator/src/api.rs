@@ -22,21 +22,27 @@ use utoipa::ToSchema;
 #[serde(deny_unknown_fields)]
 pub struct RegisterImage {
     /// Image name: 1 to 128 characters of `A-Z a-z 0-9 . _ : -`.
+    #[schema(pattern = "^[A-Za-z0-9._:-]{1,128}$", min_length = 1, max_length = 128)]
     pub name: String,
     /// Image size in bytes, above zero.
+    #[schema(minimum = 1)]
     pub size: u64,
     /// BLAKE3 digest of the image's manifest, 64 lowercase hex digits.
+    #[schema(pattern = "^[0-9a-f]{64}$")]
     pub manifest_digest: String,
-    /// Addresses (host:port) of the origins, 1 to 16: the roots of the tree
-    /// and every node's parent of last resort.
+    /// Addresses (host:port) of the origins, 1 to 16, distinct: the roots of
+    /// the tree and every node's parent of last resort.
+    #[schema(min_items = 1, max_items = 16)]
     pub origins: Vec<String>,
     /// Fan-out k for this image's tree (2 to 1024); the coordinator's
     /// default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 2, maximum = 1024)]
     pub fanout: Option<u32>,
     /// Parents per node p for this image (1 to 16); the coordinator's
     /// default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 16)]
     pub parents: Option<u32>,
 }
 
@@ -63,11 +69,15 @@ pub struct ImageInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JoinRequest {
-    /// The node's name, unique in the cluster (same rules as image names).
+    /// The node's name, unique in the cluster: 1 to 128 characters of
+    /// `A-Z a-z 0-9 . _ -`.
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,128}$", min_length = 1, max_length = 128)]
     pub node: String,
     /// Where the node's base export for this image listens (host:port).
+    #[schema(pattern = "^[!-~]{1,256}$", min_length = 1, max_length = 256)]
     pub addr: String,
-    /// Free-form labels; `rack` is used to prefer parents in the same rack.
+    /// Free-form labels (at most 32, keys and values 1 to 64 characters);
+    /// `rack` is used to prefer parents in the same rack.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }
@@ -77,6 +87,7 @@ pub struct JoinRequest {
 #[serde(deny_unknown_fields)]
 pub struct LeaveRequest {
     /// The node's name.
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,128}$", min_length = 1, max_length = 128)]
     pub node: String,
 }
 
@@ -85,8 +96,10 @@ pub struct LeaveRequest {
 #[serde(deny_unknown_fields)]
 pub struct ReportRequest {
     /// The reporting node.
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,128}$", min_length = 1, max_length = 128)]
     pub node: String,
-    /// The parent it could not reach, by name.
+    /// The parent it could not reach, by name (`origin:N` for origins).
+    #[schema(min_length = 1, max_length = 128)]
     pub parent: String,
 }
 
@@ -129,8 +142,10 @@ pub struct JoinResponse {
 #[serde(deny_unknown_fields)]
 pub struct SessionBeat {
     /// The image.
+    #[schema(pattern = "^[A-Za-z0-9._:-]{1,128}$", min_length = 1, max_length = 128)]
     pub image: String,
     /// Fraction of the image's chunks the node holds, 0 to 1.
+    #[schema(minimum = 0.0, maximum = 1.0)]
     pub progress: f64,
     /// The node holds every chunk: it becomes a root for the others.
     #[serde(default)]
@@ -145,8 +160,10 @@ pub struct SessionBeat {
 #[serde(deny_unknown_fields)]
 pub struct HeartbeatRequest {
     /// The node's name.
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,128}$", min_length = 1, max_length = 128)]
     pub node: String,
     /// Each session the node is in (at most 1024, no image twice).
+    #[schema(max_items = 1024)]
     pub sessions: Vec<SessionBeat>,
 }
 

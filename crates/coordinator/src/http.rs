@@ -214,6 +214,9 @@ async fn method_not_allowed() -> ApiError {
         (status = 400, description = "bad input", body = ErrorBody),
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 409, description = "registered with another record", body = ErrorBody),
+        (status = 413, description = "body too large", body = ErrorBody),
+        (status = 415, description = "not application/json", body = ErrorBody),
+        (status = 422, description = "JSON of the wrong shape or with unknown fields", body = ErrorBody),
     ))]
 async fn register_image(
     State(s): State<AppState>,
@@ -260,6 +263,9 @@ async fn get_image(
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 404, description = "unknown image", body = ErrorBody),
         (status = 409, description = "already joined", body = ErrorBody),
+        (status = 413, description = "body too large", body = ErrorBody),
+        (status = 415, description = "not application/json", body = ErrorBody),
+        (status = 422, description = "JSON of the wrong shape or with unknown fields", body = ErrorBody),
     ))]
 async fn join(
     State(s): State<AppState>,
@@ -275,10 +281,14 @@ async fn join(
     params(("image" = String, Path, description = "image name")),
     request_body = LeaveRequest, security(("bearer" = [])),
     responses(
+        (status = 400, description = "bad input", body = ErrorBody),
         (status = 204, description = "left"),
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 404, description = "unknown image or node", body = ErrorBody),
         (status = 410, description = "the node was declared dead", body = ErrorBody),
+        (status = 413, description = "body too large", body = ErrorBody),
+        (status = 415, description = "not application/json", body = ErrorBody),
+        (status = 422, description = "JSON of the wrong shape or with unknown fields", body = ErrorBody),
     ))]
 async fn leave(
     State(s): State<AppState>,
@@ -295,10 +305,14 @@ async fn leave(
     params(("image" = String, Path, description = "image name")),
     request_body = ReportRequest, security(("bearer" = [])),
     responses(
+        (status = 400, description = "bad input", body = ErrorBody),
         (status = 200, description = "the reporter's parents now", body = Assignment),
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 404, description = "unknown image or node", body = ErrorBody),
         (status = 410, description = "the reporter was declared dead", body = ErrorBody),
+        (status = 413, description = "body too large", body = ErrorBody),
+        (status = 415, description = "not application/json", body = ErrorBody),
+        (status = 422, description = "JSON of the wrong shape or with unknown fields", body = ErrorBody),
     ))]
 async fn report(
     State(s): State<AppState>,
@@ -319,6 +333,9 @@ async fn report(
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 404, description = "unknown image or node", body = ErrorBody),
         (status = 410, description = "declared dead: join again", body = ErrorBody),
+        (status = 413, description = "body too large", body = ErrorBody),
+        (status = 415, description = "not application/json", body = ErrorBody),
+        (status = 422, description = "JSON of the wrong shape or with unknown fields", body = ErrorBody),
     ))]
 async fn heartbeat(
     State(s): State<AppState>,
@@ -352,6 +369,7 @@ async fn tree(
     params(("node" = String, Path, description = "node name")),
     responses(
         (status = 200, description = "the node", body = NodeState),
+        (status = 400, description = "not a node name", body = ErrorBody),
         (status = 404, description = "unknown node", body = ErrorBody),
     ))]
 async fn node(
