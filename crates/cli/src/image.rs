@@ -175,20 +175,3 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("65536"), Ok(65536));
-        assert_eq!(parse_size("64K"), Ok(65536));
-        assert_eq!(parse_size("256KiB"), Ok(262_144));
-        assert_eq!(parse_size("1m"), Ok(1 << 20));
-        assert!(parse_size("1G").is_err());
-        assert!(parse_size("x").is_err());
-        assert_eq!(human(262_144), "256 KiB");
-        assert_eq!(human(1000), "1000 B");
-    }
-}

@@ -45,6 +45,7 @@ mod tests {
     #[test]
     fn human_sizes() {
         assert_eq!(human(512), "512 B");
+        assert_eq!(human(1000), "1000 B");
         assert_eq!(human(256 << 10), "256 KiB");
         assert_eq!(human(3 << 29), "1.5 GiB");
     }
