@@ -1,0 +1,450 @@
+//! One simulated storm's parameters, their defaults and their validation, and
+//! the parsers of the units the CLI takes (durations, link rates, failure waves).
+//!
+//! ```text
+//!   Config ──validate()──► refused with a ConfigError, or run by engine::run
+//!     mode, hosts, vms, trace, links, latency, topology settings,
+//!     agent timeouts, failure waves, second image, seed, bounds
+//! ```
+//!
+//! Defaults mirror the real components: the coordinator's heartbeat (1 s),
+//! timeout (4 s) and tick (250 ms), the agent's request timeout (5 s) and
+//! cool-down (3 s), 256 KiB chunks, and gigabit links with 100 µs per hop.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use virtman_topology::Settings;
+
+use crate::trace::Trace;
+
+/// How VMs get their image's blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Relay trees: each host fetches missing chunks from its parents.
+    Virtman,
+    /// Every host fetches missing chunks from the origin; one cache per host.
+    CacheOnly,
+    /// Every VM reads the origin directly (exact byte ranges), no cache.
+    Direct,
+}
+
+impl Mode {
+    /// The mode's name as the CLI spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Virtman => "virtman",
+            Mode::CacheOnly => "cache-only",
+            Mode::Direct => "direct",
+        }
+    }
+}
+
+/// A wave of host failures.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct FailureWave {
+    /// Fraction of the hosts killed (0 to 1], chosen with the run's seed.
+    pub fraction: f64,
+    /// When they die (silently: no more heartbeats, no replies).
+    pub at: Duration,
+    /// If set, the killed hosts come back this long after `at`, keep their
+    /// cached chunks, join again and restart their VMs from the beginning.
+    pub recover_after: Option<Duration>,
+}
+
+/// A second image whose VMs start mid-storm (its own origin and tree).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SecondImage {
+    /// When its VMs start.
+    pub at: Duration,
+    /// How many VMs of it start (placed round-robin over the hosts).
+    pub vms: u32,
+}
+
+/// Everything one run needs. Build with [`Config::new`] and adjust fields.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How blocks travel.
+    pub mode: Mode,
+    /// Hosts (agents). VMs are placed round-robin: VM i on host i mod hosts.
+    pub hosts: u32,
+    /// VMs of the first image.
+    pub vms: u32,
+    /// The most VMs one host can hold (memory, cores); more is refused.
+    pub max_vms_per_host: u32,
+    /// The boot every VM replays (shared by both images).
+    pub trace: Arc<Trace>,
+    /// Chunk size of the cached volumes (bytes, a power of two).
+    pub chunk_size: u32,
+    /// Each host's uplink and downlink rate, bits per second.
+    pub link_rate: f64,
+    /// The origin's uplink rate, bits per second.
+    pub origin_rate: f64,
+    /// Fraction of hosts (chosen with the seed) whose links run at `slow_rate`.
+    pub slow_fraction: f64,
+    /// The slow hosts' link rate, bits per second.
+    pub slow_rate: f64,
+    /// One-way latency of one hop (a request or the tail of a reply).
+    pub hop_latency: Duration,
+    /// The tree's settings, given to the real topology state machine.
+    pub topology: Settings,
+    /// How often agents heartbeat (and learn their new parents).
+    pub heartbeat_interval: Duration,
+    /// How often the coordinator ticks (checks for timeouts).
+    pub tick_interval: Duration,
+    /// The agent's per-request timeout before it fails over to the next source.
+    pub request_timeout: Duration,
+    /// How long a parent that failed is tried only after the healthy ones.
+    pub cool_down: Duration,
+    /// VMs start uniformly at random within this window after time zero.
+    pub start_spread: Duration,
+    /// Failure waves.
+    pub failures: Vec<FailureWave>,
+    /// The origin(s) die at this time, if set (the run may then not finish).
+    pub origin_fail_at: Option<Duration>,
+    /// A second image arriving mid-storm, if set.
+    pub second_image: Option<SecondImage>,
+    /// Rates are recomputed (exact max-min) at most this often; between two
+    /// recomputations a new flow takes the capacity left free on its links.
+    /// Zero recomputes at every change (exact; fine below ~1,000 hosts).
+    pub rate_interval: Duration,
+    /// Virtual time after which the run stops and reports what never booted.
+    pub max_time: Duration,
+    /// Seed of every random choice (start times, victims, slow hosts).
+    pub seed: u64,
+    /// Every host joins the tree at time zero, before any VM starts, in
+    /// reverse host order (so host 0, where VM 0 runs, is the deepest): the
+    /// relay-chain experiment, a cold read through a tree of idle hosts.
+    pub prejoin: bool,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    /// No hosts or no VMs.
+    #[error("a storm needs at least one host and one VM (got {hosts} hosts, {vms} VMs)")]
+    Empty {
+        /// Hosts asked for.
+        hosts: u32,
+        /// VMs asked for.
+        vms: u32,
+    },
+    /// More VMs than the hosts can hold.
+    #[error("{vms} VMs do not fit on {hosts} hosts of at most {per_host} VMs each (at most {max})")]
+    TooManyVms {
+        /// VMs asked for (both images).
+        vms: u64,
+        /// Hosts.
+        hosts: u32,
+        /// Limit per host.
+        per_host: u32,
+        /// hosts * per_host.
+        max: u64,
+    },
+    /// A link rate is zero, negative or not a number.
+    #[error("{what} must be a positive rate, got {rate} bit/s")]
+    Rate {
+        /// Which rate.
+        what: &'static str,
+        /// The value.
+        rate: f64,
+    },
+    /// The chunk size is not a power of two between 4 KiB and 16 MiB.
+    #[error("chunk size must be a power of two between 4 KiB and 16 MiB, got {0}")]
+    ChunkSize(u32),
+    /// A fraction is outside its range.
+    #[error("{what} must be a fraction in (0, 1], got {value}")]
+    Fraction {
+        /// Which fraction.
+        what: &'static str,
+        /// The value.
+        value: f64,
+    },
+    /// An event is scheduled at or after the end of the simulated time.
+    #[error("{what} at {at:?} is not before the end of the run ({max:?}; raise --max-time)")]
+    AfterEnd {
+        /// Which event.
+        what: &'static str,
+        /// Its time.
+        at: Duration,
+        /// The bound.
+        max: Duration,
+    },
+    /// A timing setting is zero where it cannot be.
+    #[error("{0} must be above zero")]
+    Zero(&'static str),
+    /// The tree settings are refused by the topology crate.
+    #[error("tree settings: {0}")]
+    Topology(#[from] virtman_topology::SettingsError),
+}
+
+impl Config {
+    /// A storm of `vms` VMs on `hosts` hosts replaying `trace`, with defaults.
+    pub fn new(mode: Mode, hosts: u32, vms: u32, trace: Arc<Trace>) -> Self {
+        Self {
+            mode,
+            hosts,
+            vms,
+            max_vms_per_host: 128,
+            trace,
+            chunk_size: 256 << 10,
+            link_rate: 1e9,
+            origin_rate: 1e9,
+            slow_fraction: 0.0,
+            slow_rate: 1e8,
+            hop_latency: Duration::from_micros(100),
+            topology: Settings::default(),
+            heartbeat_interval: Duration::from_secs(1),
+            tick_interval: Duration::from_millis(250),
+            request_timeout: Duration::from_secs(5),
+            cool_down: Duration::from_secs(3),
+            start_spread: Duration::ZERO,
+            failures: Vec::new(),
+            origin_fail_at: None,
+            second_image: None,
+            rate_interval: if hosts > 1000 {
+                Duration::from_millis(5)
+            } else {
+                Duration::ZERO
+            },
+            max_time: Duration::from_secs(3600),
+            seed: 1,
+            prejoin: false,
+        }
+    }
+
+    /// All VMs of both images.
+    pub fn total_vms(&self) -> u64 {
+        u64::from(self.vms) + self.second_image.map_or(0, |s| u64::from(s.vms))
+    }
+
+    /// The longest a read can stall because hosts died, in this model: a
+    /// death is seen by the coordinator within the heartbeat timeout plus a
+    /// tick, every agent has new parents one heartbeat later, and a request
+    /// sent to the dead host before that fails after the request timeout;
+    /// from then on no request goes to a dead host.
+    pub fn failover_time(&self) -> Duration {
+        self.topology.heartbeat_timeout
+            + self.tick_interval
+            + self.heartbeat_interval
+            + self.request_timeout
+    }
+
+    /// Refuses impossible scenarios with a message that says why.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.hosts == 0 || self.vms == 0 {
+            return Err(ConfigError::Empty {
+                hosts: self.hosts,
+                vms: self.vms,
+            });
+        }
+        let max = u64::from(self.hosts) * u64::from(self.max_vms_per_host);
+        // Both images' VMs share the hosts: VM i of either image goes on host i mod H.
+        let per_host_needed = u64::from(self.vms).div_ceil(u64::from(self.hosts))
+            + self
+                .second_image
+                .map_or(0, |s| u64::from(s.vms).div_ceil(u64::from(self.hosts)));
+        if per_host_needed > u64::from(self.max_vms_per_host) {
+            return Err(ConfigError::TooManyVms {
+                vms: self.total_vms(),
+                hosts: self.hosts,
+                per_host: self.max_vms_per_host,
+                max,
+            });
+        }
+        for (what, rate) in [
+            ("the link rate", self.link_rate),
+            ("the origin's rate", self.origin_rate),
+            ("the slow hosts' rate", self.slow_rate),
+        ] {
+            if !rate.is_finite() || rate < 1.0 {
+                return Err(ConfigError::Rate { what, rate });
+            }
+        }
+        if !self.chunk_size.is_power_of_two() || !(4096..=(16 << 20)).contains(&self.chunk_size) {
+            return Err(ConfigError::ChunkSize(self.chunk_size));
+        }
+        if !(0.0..=1.0).contains(&self.slow_fraction) {
+            return Err(ConfigError::Fraction {
+                what: "the slow-host fraction",
+                value: self.slow_fraction,
+            });
+        }
+        for (what, d) in [
+            ("the heartbeat interval", self.heartbeat_interval),
+            ("the tick interval", self.tick_interval),
+            ("the request timeout", self.request_timeout),
+            ("the run's time bound", self.max_time),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Zero(what));
+            }
+        }
+        self.topology.validate()?;
+        for w in &self.failures {
+            if !(w.fraction > 0.0 && w.fraction <= 1.0) {
+                return Err(ConfigError::Fraction {
+                    what: "a failure wave's fraction",
+                    value: w.fraction,
+                });
+            }
+            self.before_end("a failure wave", w.at)?;
+        }
+        if let Some(t) = self.origin_fail_at {
+            self.before_end("the origin's failure", t)?;
+        }
+        if let Some(s) = self.second_image {
+            self.before_end("the second image", s.at)?;
+        }
+        self.before_end("the last VM start", self.start_spread)?;
+        Ok(())
+    }
+
+    fn before_end(&self, what: &'static str, at: Duration) -> Result<(), ConfigError> {
+        if at >= self.max_time {
+            return Err(ConfigError::AfterEnd {
+                what,
+                at,
+                max: self.max_time,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Parses a duration: `250ms`, `10s`, `1.5s`, `100us`, `2m`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = t.strip_suffix("us").or_else(|| t.strip_suffix("µs")) {
+        (n, 1e-6)
+    } else if let Some(n) = t.strip_suffix("ns") {
+        (n, 1e-9)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (t, 1.0)
+    };
+    num.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .and_then(|v| Duration::try_from_secs_f64(v * scale).ok())
+        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 250ms, 10s, 1.5s, 2m)"))
+}
+
+/// Parses a link rate in bits per second: `1G`, `100M`, `10Gbit`, `2.5G`,
+/// `1000000000`; `B/s` suffixes (`125MB/s`) are bytes per second.
+pub fn parse_rate(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let (t, bytes) = match t.strip_suffix("B/s") {
+        Some(n) => (n, true),
+        None => (
+            t.strip_suffix("bit/s")
+                .or_else(|| t.strip_suffix("bit"))
+                .or_else(|| t.strip_suffix("bps"))
+                .unwrap_or(t),
+            false,
+        ),
+    };
+    let (num, scale) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 1e3),
+        Some('M') => (&t[..t.len() - 1], 1e6),
+        Some('G') => (&t[..t.len() - 1], 1e9),
+        Some('T') => (&t[..t.len() - 1], 1e12),
+        _ => (t, 1.0),
+    };
+    let factor = if bytes { 8.0 } else { 1.0 };
+    num.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .map(|v| v * scale * factor)
+        .ok_or_else(|| format!("{s:?} is not a link rate (e.g. 1G, 100M, 10Gbit, 125MB/s)"))
+}
+
+/// A parsed `--fail` argument: a wave of hosts, or the origin.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FailSpec {
+    /// `5%@10s` or `5%@10s+30s` (recover 30 s later).
+    Wave(FailureWave),
+    /// `origin@10s`: every origin dies.
+    Origin(Duration),
+}
+
+/// Parses `5%@10s`, `5%@10s+30s` or `origin@10s`.
+pub fn parse_fail(s: &str) -> Result<FailSpec, String> {
+    let bad = || format!("{s:?} is not a failure (e.g. 5%@10s, 5%@10s+30s, origin@20s)");
+    let (what, when) = s.split_once('@').ok_or_else(bad)?;
+    let (at, recover) = match when.split_once('+') {
+        Some((a, r)) => (parse_duration(a)?, Some(parse_duration(r)?)),
+        None => (parse_duration(when)?, None),
+    };
+    if what.trim() == "origin" {
+        if recover.is_some() {
+            return Err(bad());
+        }
+        return Ok(FailSpec::Origin(at));
+    }
+    let pct = what
+        .trim()
+        .strip_suffix('%')
+        .and_then(|p| p.trim().parse::<f64>().ok())
+        .filter(|p| p.is_finite())
+        .ok_or_else(bad)?;
+    Ok(FailSpec::Wave(FailureWave {
+        fraction: pct / 100.0,
+        at,
+        recover_after: recover,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_parse() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("100us"), Ok(Duration::from_micros(100)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_rate("1G"), Ok(1e9));
+        assert_eq!(parse_rate("100M"), Ok(1e8));
+        assert_eq!(parse_rate("10Gbit"), Ok(1e10));
+        assert_eq!(parse_rate("125MB/s"), Ok(1e9));
+        assert!(parse_rate("fast").is_err());
+        assert_eq!(
+            parse_fail("5%@10s"),
+            Ok(FailSpec::Wave(FailureWave {
+                fraction: 0.05,
+                at: Duration::from_secs(10),
+                recover_after: None
+            }))
+        );
+        assert_eq!(
+            parse_fail("10%@2s+30s"),
+            Ok(FailSpec::Wave(FailureWave {
+                fraction: 0.1,
+                at: Duration::from_secs(2),
+                recover_after: Some(Duration::from_secs(30))
+            }))
+        );
+        assert_eq!(
+            parse_fail("origin@20s"),
+            Ok(FailSpec::Origin(Duration::from_secs(20)))
+        );
+        assert!(parse_fail("5@10s").is_err());
+        assert!(parse_fail("5%").is_err());
+    }
+}

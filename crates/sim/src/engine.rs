@@ -1,0 +1,1020 @@
+//! The event loop: hosts, VMs, cached volumes and chunk requests on virtual
+//! time, with the real topology state machine deciding parents.
+//!
+//! ```text
+//!   heap of (time ns, seq, event) ── pop the earliest ──► handle ──► push new events
+//!
+//!   VmStart ─► (first VM of a host: Session::join) ─► VmRead
+//!   VmRead ──► chunks present? ── all ──► read done ─► think ─► VmRead … boot done
+//!                 │ absent: join the chunk's fetch (single flight) or start one
+//!   fetch ──► candidates: parents by least outstanding, cooling ones, origin last
+//!          ──► Arrive at the source (one hop later)
+//!   Arrive ─► source has it: queue a transfer on the pair source→requester
+//!          ─► source fetching it: wait on that fetch (cut-through: the
+//!             child's miss became the parent's miss)
+//!          ─► source absent: start the source's own fetch, wait on it
+//!          ─► source dead: Timeout at sent + request timeout
+//!   PairDone (net.rs) ─► Deliver one hop later ─► chunk present, waiters served
+//!   Timeout ─► cool the source, report it (Session::report_unreachable),
+//!              next candidate
+//!   Heartbeat (each host, 1 s) ─► Session::heartbeat ─► new parents
+//!   Tick (coordinator, 250 ms) ─► Session::tick(now): deaths, repairs
+//!   Wave / Recover / OriginFail: hosts or origins die (silently) or return
+//! ```
+//!
+//! Everything is ordered: the heap breaks ties by insertion sequence, maps
+//! that are iterated are sorted first, and every random choice comes from the
+//! seeded [`Rng`], so a seed gives the same report byte for byte. The run
+//! ends when every VM booted (or died with its host), or at `max_time`, when
+//! the VMs that never booted are listed.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::time::Duration;
+
+use virtman_topology::{NodeId, Progress, Session, TopologyError};
+
+use crate::config::{Config, Mode};
+use crate::net::{Completion, Net, Transfer};
+use crate::report::{Raw, Report};
+use crate::rng::Rng;
+use crate::{SimError, Trace};
+
+/// A slab with generation-checked handles, so that a stale event never
+/// touches a reused slot.
+#[derive(Debug)]
+struct Slab<T> {
+    items: Vec<(u32, Option<T>)>,
+    free: Vec<u32>,
+}
+
+impl<T> Slab<T> {
+    fn new() -> Self {
+        Self {
+            items: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+    fn insert(&mut self, v: T) -> (u32, u32) {
+        if let Some(id) = self.free.pop() {
+            let slot = &mut self.items[id as usize];
+            slot.1 = Some(v);
+            return (id, slot.0);
+        }
+        let id = u32::try_from(self.items.len()).unwrap_or(u32::MAX);
+        self.items.push((0, Some(v)));
+        (id, 0)
+    }
+    fn get(&self, id: u32, gen_: u32) -> Option<&T> {
+        match self.items.get(id as usize) {
+            Some((g, Some(v))) if *g == gen_ => Some(v),
+            _ => None,
+        }
+    }
+    fn get_mut(&mut self, id: u32, gen_: u32) -> Option<&mut T> {
+        match self.items.get_mut(id as usize) {
+            Some((g, Some(v))) if *g == gen_ => Some(v),
+            _ => None,
+        }
+    }
+    fn remove(&mut self, id: u32, gen_: u32) -> Option<T> {
+        let slot = self.items.get_mut(id as usize)?;
+        if slot.0 != gen_ || slot.1.is_none() {
+            return None;
+        }
+        slot.0 = slot.0.wrapping_add(1);
+        self.free.push(id);
+        slot.1.take()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Ev {
+    VmStart { vm: u32, gen_: u32 },
+    VmRead { vm: u32, gen_: u32 },
+    Arrive { req: u32, gen_: u32 },
+    Timeout { req: u32, gen_: u32 },
+    Deliver { req: u32, gen_: u32 },
+    PairDone { pair: u32, version: u32 },
+    Heartbeat { host: u32, image: u32, gen_: u32 },
+    Tick { image: u32 },
+    Recompute,
+    Retry { fetch: u32, gen_: u32 },
+    Wave { index: u32 },
+    Recover { host: u32 },
+    OriginFail,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Waiter {
+    Vm { vm: u32, gen_: u32 },
+    Req { req: u32, gen_: u32 },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Owner {
+    Fetch { id: u32, gen_: u32 },
+    Vm { vm: u32, gen_: u32 },
+}
+
+#[derive(Debug)]
+struct Req {
+    owner: Owner,
+    /// Net node asked.
+    src: u32,
+    /// Requesting host.
+    dst: u32,
+    image: u32,
+    chunk: u32,
+    bytes: u64,
+    sent: u64,
+    /// Pair tag (image, or a VM's own connection in direct mode).
+    tag: u32,
+    timeout_set: bool,
+}
+
+#[derive(Debug)]
+struct Fetch {
+    host: u32,
+    image: u32,
+    chunk: u32,
+    waiters: Vec<Waiter>,
+    cands: Vec<u32>,
+    next: usize,
+}
+
+#[derive(Debug, Default)]
+struct Volume {
+    joined: bool,
+    present: Vec<u64>,
+    count: u32,
+    inflight: HashMap<u32, (u32, u32)>,
+    /// Parents as net nodes, origins excluded (they are always tried last).
+    parents: Vec<u32>,
+    outstanding: Vec<(u32, u32)>,
+    cooling: Vec<(u32, u64)>,
+    hb_gen: u32,
+}
+
+impl Volume {
+    fn has(&self, chunk: u32) -> bool {
+        self.present
+            .get((chunk / 64) as usize)
+            .is_some_and(|w| w & (1 << (chunk % 64)) != 0)
+    }
+    fn set(&mut self, chunk: u32) {
+        if let Some(w) = self.present.get_mut((chunk / 64) as usize) {
+            let bit = 1 << (chunk % 64);
+            if *w & bit == 0 {
+                *w |= bit;
+                self.count += 1;
+            }
+        }
+    }
+    fn bump(&mut self, node: u32, up: bool) {
+        match self.outstanding.iter_mut().find(|(n, _)| *n == node) {
+            Some((_, c)) => {
+                *c = if up { *c + 1 } else { c.saturating_sub(1) };
+            }
+            None if up => self.outstanding.push((node, 1)),
+            None => {}
+        }
+    }
+    fn load(&self, node: u32) -> u32 {
+        self.outstanding
+            .iter()
+            .find(|(n, _)| *n == node)
+            .map_or(0, |(_, c)| *c)
+    }
+}
+
+#[derive(Debug)]
+struct Host {
+    alive: bool,
+    vols: Vec<Volume>,
+    vms: Vec<u32>,
+    recovering: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct Vm {
+    pub host: u32,
+    pub image: u32,
+    pub start: u64,
+    pub gen_: u32,
+    pub next: u32,
+    pub pending: u32,
+    pub issued: u64,
+    pub boot: Option<u64>,
+    pub lost: bool,
+    pub max_wait: u64,
+    pub bytes_read: u64,
+    pub depth: u32,
+}
+
+pub(crate) struct ImageState {
+    pub session: Option<Session>,
+    pub origin: u32,
+    pub chunks: u32,
+}
+
+/// The running simulation.
+pub(crate) struct Engine<'a> {
+    cfg: &'a Config,
+    trace: &'a Trace,
+    now: u64,
+    seq: u64,
+    heap: BinaryHeap<Reverse<(u64, u64, Ev)>>,
+    pub net: Net,
+    hosts: Vec<Host>,
+    pub images: Vec<ImageState>,
+    pub vms: Vec<Vm>,
+    fetches: Slab<Fetch>,
+    reqs: Slab<Req>,
+    out: Vec<Completion>,
+    unfinished: u64,
+    origin_alive: bool,
+    chunk: u64,
+    lat: u64,
+    rng: Rng,
+    pub raw: Raw,
+}
+
+fn ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn node_id(host: u32) -> NodeId {
+    NodeId(u64::from(host) + 1)
+}
+
+/// Runs one storm to its end and reports it.
+pub fn run(cfg: &Config) -> Result<Report, SimError> {
+    cfg.validate()?;
+    cfg.trace.validate()?;
+    let mut e = Engine::new(cfg)?;
+    e.start();
+    e.run_loop();
+    Ok(e.finish())
+}
+
+impl<'a> Engine<'a> {
+    fn new(cfg: &'a Config) -> Result<Self, SimError> {
+        let trace: &Trace = &cfg.trace;
+        let hosts = cfg.hosts;
+        let n_images: u32 = if cfg.second_image.is_some() { 2 } else { 1 };
+        let chunk = u64::from(cfg.chunk_size);
+        let chunks = u32::try_from(trace.image_size.div_ceil(chunk))
+            .map_err(|_| SimError::ImageTooLarge(trace.image_size))?;
+        let mut rng = Rng::new(cfg.seed, 1);
+        // Links: slow hosts chosen with the seed; origins after the hosts.
+        let mut up = vec![cfg.link_rate; hosts as usize];
+        let slow = count_of(cfg.slow_fraction, hosts);
+        if slow > 0 {
+            let mut ids: Vec<u32> = (0..hosts).collect();
+            rng.shuffle(&mut ids);
+            for &h in ids.iter().take(slow as usize) {
+                up[h as usize] = cfg.slow_rate;
+            }
+        }
+        let mut down = up.clone();
+        for _ in 0..n_images {
+            up.push(cfg.origin_rate);
+            down.push(cfg.origin_rate);
+        }
+        let net = Net::new(&up, &down, ns(cfg.rate_interval));
+        let words = (chunks as usize).div_ceil(64);
+        let hosts_v = (0..hosts)
+            .map(|_| Host {
+                alive: true,
+                vols: (0..n_images)
+                    .map(|_| Volume {
+                        present: vec![0; if cfg.mode == Mode::Direct { 0 } else { words }],
+                        ..Volume::default()
+                    })
+                    .collect(),
+                vms: Vec::new(),
+                recovering: false,
+            })
+            .collect();
+        let mut images = Vec::new();
+        for i in 0..n_images {
+            let session = if cfg.mode == Mode::Virtman {
+                Some(Session::new(cfg.topology, &[NodeId(0)])?)
+            } else {
+                None
+            };
+            images.push(ImageState {
+                session,
+                origin: hosts + i,
+                chunks,
+            });
+        }
+        Ok(Self {
+            cfg,
+            trace,
+            now: 0,
+            seq: 0,
+            heap: BinaryHeap::new(),
+            net,
+            hosts: hosts_v,
+            images,
+            vms: Vec::new(),
+            fetches: Slab::new(),
+            reqs: Slab::new(),
+            out: Vec::new(),
+            unfinished: 0,
+            origin_alive: true,
+            chunk,
+            lat: ns(cfg.hop_latency),
+            rng,
+            raw: Raw::default(),
+        })
+    }
+
+    fn push(&mut self, at: u64, ev: Ev) {
+        self.seq += 1;
+        self.heap.push(Reverse((at, self.seq, ev)));
+    }
+
+    fn start(&mut self) {
+        let cfg = self.cfg;
+        let spread = ns(cfg.start_spread);
+        let place = |e: &mut Self, count: u32, image: u32, at: u64| {
+            for i in 0..count {
+                let host = i % cfg.hosts;
+                let jitter = if spread > 0 {
+                    e.rng.below(spread + 1)
+                } else {
+                    0
+                };
+                let vm = u32::try_from(e.vms.len()).unwrap_or(u32::MAX);
+                e.vms.push(Vm {
+                    host,
+                    image,
+                    start: at + jitter,
+                    gen_: 0,
+                    next: 0,
+                    pending: 0,
+                    issued: 0,
+                    boot: None,
+                    lost: false,
+                    max_wait: 0,
+                    bytes_read: 0,
+                    depth: 0,
+                });
+                e.hosts[host as usize].vms.push(vm);
+                e.push(at + jitter, Ev::VmStart { vm, gen_: 0 });
+            }
+        };
+        if cfg.prejoin && cfg.mode != Mode::Direct {
+            for host in (0..cfg.hosts).rev() {
+                for image in 0..u32::try_from(self.images.len()).unwrap_or(0) {
+                    self.join(host, image);
+                }
+            }
+        }
+        place(self, cfg.vms, 0, 0);
+        if let Some(s) = cfg.second_image {
+            place(self, s.vms, 1, ns(s.at));
+        }
+        self.unfinished = self.vms.len() as u64;
+        if cfg.mode == Mode::Virtman {
+            for image in 0..u32::try_from(self.images.len()).unwrap_or(0) {
+                self.push(ns(cfg.tick_interval), Ev::Tick { image });
+            }
+        }
+        for (i, w) in cfg.failures.iter().enumerate() {
+            let index = u32::try_from(i).unwrap_or(u32::MAX);
+            self.push(ns(w.at), Ev::Wave { index });
+        }
+        if let Some(t) = cfg.origin_fail_at {
+            self.push(ns(t), Ev::OriginFail);
+        }
+    }
+
+    fn run_loop(&mut self) {
+        let end = ns(self.cfg.max_time);
+        while self.unfinished > 0 {
+            let Some(Reverse((t, _, ev))) = self.heap.pop() else {
+                break;
+            };
+            if t > end {
+                self.raw.timed_out = true;
+                self.now = end;
+                break;
+            }
+            self.now = t;
+            self.raw.events += 1;
+            self.handle(ev);
+            self.flush_net();
+        }
+        if self.unfinished > 0 && !self.raw.timed_out {
+            self.raw.timed_out = true;
+        }
+    }
+
+    fn flush_net(&mut self) {
+        for (t, pair, version) in std::mem::take(&mut self.out) {
+            self.push(t, Ev::PairDone { pair, version });
+        }
+        if let Some(at) = self.net.wants_recompute(self.now) {
+            self.push(at, Ev::Recompute);
+        }
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::VmStart { vm, gen_ } => self.vm_start(vm, gen_),
+            Ev::VmRead { vm, gen_ } => self.issue_read(vm, gen_),
+            Ev::Arrive { req, gen_ } => self.arrive(req, gen_),
+            Ev::Timeout { req, gen_ } => self.timeout(req, gen_),
+            Ev::Deliver { req, gen_ } => self.deliver(req, gen_),
+            Ev::PairDone { pair, version } => {
+                if let Some((t, _, _)) = self.net.complete(pair, version, self.now, &mut self.out) {
+                    let at = self.now + self.lat;
+                    self.push(
+                        at,
+                        Ev::Deliver {
+                            req: t.req,
+                            gen_: t.req_gen,
+                        },
+                    );
+                }
+            }
+            Ev::Heartbeat { host, image, gen_ } => self.heartbeat(host, image, gen_),
+            Ev::Tick { image } => {
+                if let Some(s) = self.images[image as usize].session.as_mut() {
+                    let _ = s.tick(Duration::from_nanos(self.now));
+                }
+                let at = self.now + ns(self.cfg.tick_interval);
+                self.push(at, Ev::Tick { image });
+            }
+            Ev::Recompute => self.net.recompute(self.now, &mut self.out),
+            Ev::Retry { fetch, gen_ } => {
+                let Some(f) = self.fetches.get(fetch, gen_) else {
+                    return;
+                };
+                let (host, image) = (f.host, f.image);
+                let cands = self.candidates(host, image);
+                if let Some(f) = self.fetches.get_mut(fetch, gen_) {
+                    f.cands = cands;
+                    f.next = 0;
+                }
+                self.send_attempt(fetch, gen_);
+            }
+            Ev::Wave { index } => self.wave(index),
+            Ev::Recover { host } => self.recover(host),
+            Ev::OriginFail => {
+                self.origin_alive = false;
+                for i in 0..self.images.len() {
+                    let origin = self.images[i].origin;
+                    self.abort_node(origin);
+                }
+            }
+        }
+    }
+
+    // ----- VMs and reads -----
+
+    fn vm_start(&mut self, vm: u32, gen_: u32) {
+        let Some(v) = self.vms.get(vm as usize) else {
+            return;
+        };
+        if v.gen_ != gen_ || !self.hosts[v.host as usize].alive {
+            return;
+        }
+        let (host, image) = (v.host, v.image);
+        if self.cfg.mode != Mode::Direct && !self.hosts[host as usize].vols[image as usize].joined {
+            self.join(host, image);
+        }
+        let first = self.trace.reads.first().map_or(0, |r| r.at_us);
+        if let Some(v) = self.vms.get_mut(vm as usize) {
+            v.next = 0;
+        }
+        let at = self.now + first * 1000;
+        self.push(at, Ev::VmRead { vm, gen_ });
+    }
+
+    fn issue_read(&mut self, vm: u32, gen_: u32) {
+        let Some(v) = self.vms.get_mut(vm as usize) else {
+            return;
+        };
+        if v.gen_ != gen_ {
+            return;
+        }
+        let Some(read) = self.trace.reads.get(v.next as usize).copied() else {
+            return;
+        };
+        v.issued = self.now;
+        let (host, image) = (v.host, v.image);
+        if self.cfg.mode == Mode::Direct {
+            v.pending = 1;
+            let origin = self.images[image as usize].origin;
+            let tag = 2 + vm;
+            self.send_req(
+                Owner::Vm { vm, gen_ },
+                origin,
+                host,
+                image,
+                0,
+                read.length,
+                tag,
+            );
+            return;
+        }
+        let first = u32::try_from(read.offset / self.chunk).unwrap_or(u32::MAX);
+        let last = u32::try_from((read.offset + read.length - 1) / self.chunk).unwrap_or(u32::MAX);
+        let mut pending = 0;
+        for c in first..=last {
+            let vol = &mut self.hosts[host as usize].vols[image as usize];
+            if vol.has(c) {
+                continue;
+            }
+            pending += 1;
+            let w = Waiter::Vm { vm, gen_ };
+            if let Some(&(fid, fgen)) = vol.inflight.get(&c)
+                && let Some(f) = self.fetches.get_mut(fid, fgen)
+            {
+                f.waiters.push(w);
+                continue;
+            }
+            self.start_fetch(host, image, c, w);
+        }
+        if let Some(v) = self.vms.get_mut(vm as usize) {
+            v.pending = pending;
+        }
+        if pending == 0 {
+            self.read_done(vm);
+        }
+    }
+
+    fn read_done(&mut self, vm: u32) {
+        let now = self.now;
+        let Some(v) = self.vms.get_mut(vm as usize) else {
+            return;
+        };
+        let idx = v.next as usize;
+        let Some(read) = self.trace.reads.get(idx) else {
+            return;
+        };
+        v.max_wait = v.max_wait.max(now - v.issued);
+        v.bytes_read += read.length;
+        v.next += 1;
+        let gen_ = v.gen_;
+        match self.trace.reads.get(idx + 1) {
+            Some(next) => {
+                let think = next.at_us.saturating_sub(read.at_us) * 1000;
+                self.push(now + think, Ev::VmRead { vm, gen_ });
+            }
+            None => {
+                let (host, image) = (v.host, v.image);
+                v.boot = Some(now);
+                self.unfinished -= 1;
+                let depth = match &self.images[image as usize].session {
+                    Some(s) => s.node(node_id(host)).map_or(0, |n| n.depth),
+                    None => 1,
+                };
+                if let Some(v) = self.vms.get_mut(vm as usize) {
+                    v.depth = depth;
+                }
+            }
+        }
+    }
+
+    // ----- fetching -----
+
+    fn chunk_bytes(&self, chunk: u32) -> u64 {
+        let start = u64::from(chunk) * self.chunk;
+        (start + self.chunk).min(self.trace.image_size) - start
+    }
+
+    fn start_fetch(&mut self, host: u32, image: u32, chunk: u32, w: Waiter) {
+        let cands = self.candidates(host, image);
+        let (id, gen_) = self.fetches.insert(Fetch {
+            host,
+            image,
+            chunk,
+            waiters: vec![w],
+            cands,
+            next: 0,
+        });
+        self.hosts[host as usize].vols[image as usize]
+            .inflight
+            .insert(chunk, (id, gen_));
+        self.raw.fetches += 1;
+        self.send_attempt(id, gen_);
+    }
+
+    /// The agent's order: healthy parents by least outstanding (stable),
+    /// parents cooling down, then the origin.
+    fn candidates(&self, host: u32, image: u32) -> Vec<u32> {
+        let vol = &self.hosts[host as usize].vols[image as usize];
+        let mut healthy: Vec<(u32, usize, u32)> = Vec::new();
+        let mut cooling = Vec::new();
+        for (i, &p) in vol.parents.iter().enumerate() {
+            let cool = vol
+                .cooling
+                .iter()
+                .any(|&(n, until)| n == p && until > self.now);
+            if cool {
+                cooling.push(p);
+            } else {
+                healthy.push((vol.load(p), i, p));
+            }
+        }
+        healthy.sort_unstable();
+        let mut c: Vec<u32> = healthy.into_iter().map(|(_, _, p)| p).collect();
+        c.extend(cooling);
+        c.push(self.images[image as usize].origin);
+        c
+    }
+
+    fn send_attempt(&mut self, fid: u32, fgen: u32) {
+        let Some(f) = self.fetches.get_mut(fid, fgen) else {
+            return;
+        };
+        let Some(&src) = f.cands.get(f.next) else {
+            // Every source failed: the guest retries the read after a cool-down.
+            let at = self.now + ns(self.cfg.cool_down);
+            self.push(
+                at,
+                Ev::Retry {
+                    fetch: fid,
+                    gen_: fgen,
+                },
+            );
+            return;
+        };
+        f.next += 1;
+        let (host, image, chunk) = (f.host, f.image, f.chunk);
+        self.hosts[host as usize].vols[image as usize].bump(src, true);
+        let bytes = self.chunk_bytes(chunk);
+        self.send_req(
+            Owner::Fetch {
+                id: fid,
+                gen_: fgen,
+            },
+            src,
+            host,
+            image,
+            chunk,
+            bytes,
+            image,
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send_req(
+        &mut self,
+        owner: Owner,
+        src: u32,
+        dst: u32,
+        image: u32,
+        chunk: u32,
+        bytes: u64,
+        tag: u32,
+    ) {
+        let (req, gen_) = self.reqs.insert(Req {
+            owner,
+            src,
+            dst,
+            image,
+            chunk,
+            bytes,
+            sent: self.now,
+            tag,
+            timeout_set: false,
+        });
+        self.raw.requests += 1;
+        let at = self.now + self.lat;
+        self.push(at, Ev::Arrive { req, gen_ });
+    }
+
+    fn is_origin(&self, node: u32) -> bool {
+        node >= self.cfg.hosts
+    }
+
+    fn alive(&self, node: u32) -> bool {
+        if self.is_origin(node) {
+            self.origin_alive
+        } else {
+            self.hosts[node as usize].alive
+        }
+    }
+
+    fn arrive(&mut self, req: u32, gen_: u32) {
+        let Some(r) = self.reqs.get(req, gen_) else {
+            return;
+        };
+        let (src, image, chunk) = (r.src, r.image, r.chunk);
+        if !self.alive(src) {
+            self.doom(req, gen_);
+            return;
+        }
+        if self.is_origin(src) {
+            self.serve(req, gen_);
+            return;
+        }
+        let vol = &mut self.hosts[src as usize].vols[image as usize];
+        if vol.has(chunk) {
+            self.serve(req, gen_);
+            return;
+        }
+        let w = Waiter::Req { req, gen_ };
+        if let Some(&(fid, fgen)) = vol.inflight.get(&chunk)
+            && let Some(f) = self.fetches.get_mut(fid, fgen)
+        {
+            f.waiters.push(w);
+            return;
+        }
+        self.start_fetch(src, image, chunk, w);
+    }
+
+    /// The request will never be answered: its sender times out.
+    fn doom(&mut self, req: u32, gen_: u32) {
+        let timeout = ns(self.cfg.request_timeout);
+        let Some(r) = self.reqs.get_mut(req, gen_) else {
+            return;
+        };
+        if r.timeout_set {
+            return;
+        }
+        r.timeout_set = true;
+        let at = (r.sent + timeout).max(self.now);
+        self.push(at, Ev::Timeout { req, gen_ });
+    }
+
+    fn serve(&mut self, req: u32, gen_: u32) {
+        let Some(r) = self.reqs.get(req, gen_) else {
+            return;
+        };
+        if !self.hosts[r.dst as usize].alive {
+            self.reqs.remove(req, gen_);
+            return;
+        }
+        let pair = self.net.pair(r.src, r.dst, r.tag);
+        let t = Transfer {
+            req,
+            req_gen: gen_,
+            bytes: r.bytes,
+        };
+        self.net.enqueue(pair, t, self.now, &mut self.out);
+    }
+
+    fn deliver(&mut self, req: u32, gen_: u32) {
+        let Some(r) = self.reqs.remove(req, gen_) else {
+            return;
+        };
+        match r.owner {
+            Owner::Vm { vm, gen_ } => {
+                if self.vms.get(vm as usize).is_some_and(|v| v.gen_ == gen_) {
+                    self.read_done(vm);
+                }
+            }
+            Owner::Fetch { id, gen_: fgen } => {
+                let Some(f) = self.fetches.remove(id, fgen) else {
+                    return;
+                };
+                let vol = &mut self.hosts[f.host as usize].vols[f.image as usize];
+                vol.bump(r.src, false);
+                vol.set(f.chunk);
+                vol.inflight.remove(&f.chunk);
+                for w in f.waiters {
+                    match w {
+                        Waiter::Vm { vm, gen_ } => {
+                            let Some(v) = self.vms.get_mut(vm as usize) else {
+                                continue;
+                            };
+                            if v.gen_ != gen_ {
+                                continue;
+                            }
+                            v.pending = v.pending.saturating_sub(1);
+                            if v.pending == 0 {
+                                self.read_done(vm);
+                            }
+                        }
+                        Waiter::Req { req, gen_ } => self.serve(req, gen_),
+                    }
+                }
+            }
+        }
+    }
+
+    fn timeout(&mut self, req: u32, gen_: u32) {
+        let Some(r) = self.reqs.remove(req, gen_) else {
+            return;
+        };
+        self.raw.timeouts += 1;
+        match r.owner {
+            Owner::Vm { vm, gen_ } => {
+                // Direct mode: the VM's NBD client reconnects and retries.
+                if let Some(v) = self.vms.get(vm as usize)
+                    && v.gen_ == gen_
+                {
+                    self.send_req(r.owner, r.src, r.dst, r.image, r.chunk, r.bytes, r.tag);
+                }
+            }
+            Owner::Fetch { id, gen_: fgen } => {
+                if self.fetches.get(id, fgen).is_none() {
+                    return;
+                }
+                let until = self.now + ns(self.cfg.cool_down);
+                let vol = &mut self.hosts[r.dst as usize].vols[r.image as usize];
+                vol.bump(r.src, false);
+                vol.cooling.retain(|&(n, t)| n != r.src && t > self.now);
+                vol.cooling.push((r.src, until));
+                self.raw.failovers += 1;
+                if !self.is_origin(r.src)
+                    && let Some(s) = self.images[r.image as usize].session.as_mut()
+                {
+                    let _ = s.report_unreachable(
+                        node_id(r.dst),
+                        node_id(r.src),
+                        Duration::from_nanos(self.now),
+                    );
+                }
+                self.send_attempt(id, fgen);
+            }
+        }
+    }
+
+    // ----- the control path -----
+
+    fn join(&mut self, host: u32, image: u32) {
+        let now = Duration::from_nanos(self.now);
+        if let Some(s) = self.images[image as usize].session.as_mut() {
+            match s.join(node_id(host), None, now) {
+                Ok(_) | Err(TopologyError::AlreadyMember(_)) => {}
+                Err(_) => return,
+            }
+        }
+        let vol = &mut self.hosts[host as usize].vols[image as usize];
+        vol.joined = true;
+        vol.hb_gen = vol.hb_gen.wrapping_add(1);
+        let gen_ = vol.hb_gen;
+        self.refresh_parents(host, image);
+        if self.images[image as usize].session.is_some() {
+            let at = self.now + ns(self.cfg.heartbeat_interval);
+            self.push(at, Ev::Heartbeat { host, image, gen_ });
+        }
+    }
+
+    fn refresh_parents(&mut self, host: u32, image: u32) {
+        let list = self.images[image as usize]
+            .session
+            .as_ref()
+            .and_then(|s| s.parents(node_id(host)))
+            .unwrap_or_default();
+        let parents: Vec<u32> = list
+            .into_iter()
+            .filter(|p| p.0 != 0)
+            .filter_map(|p| u32::try_from(p.0 - 1).ok())
+            .collect();
+        self.hosts[host as usize].vols[image as usize].parents = parents;
+    }
+
+    fn heartbeat(&mut self, host: u32, image: u32, gen_: u32) {
+        let h = &self.hosts[host as usize];
+        let vol = &h.vols[image as usize];
+        if !h.alive || vol.hb_gen != gen_ {
+            return;
+        }
+        let chunks = self.images[image as usize].chunks;
+        let progress = Progress {
+            fraction: f64::from(vol.count) / f64::from(chunks.max(1)),
+            complete: vol.count >= chunks,
+        };
+        let now = Duration::from_nanos(self.now);
+        if let Some(s) = self.images[image as usize].session.as_mut() {
+            self.raw.heartbeats += 1;
+            if s.heartbeat(node_id(host), now, progress).is_err() {
+                // Declared dead (or unknown): the agent joins again.
+                let _ = s.join(node_id(host), None, now);
+            }
+        }
+        self.refresh_parents(host, image);
+        let at = self.now + ns(self.cfg.heartbeat_interval);
+        self.push(at, Ev::Heartbeat { host, image, gen_ });
+    }
+
+    fn wave(&mut self, index: u32) {
+        let Some(w) = self.cfg.failures.get(index as usize).copied() else {
+            return;
+        };
+        let mut alive: Vec<u32> = (0..self.cfg.hosts)
+            .filter(|&h| self.hosts[h as usize].alive)
+            .collect();
+        let n = count_of(w.fraction, self.cfg.hosts).min(u32::try_from(alive.len()).unwrap_or(0));
+        self.rng.shuffle(&mut alive);
+        let mut victims: Vec<u32> = alive.into_iter().take(n as usize).collect();
+        victims.sort_unstable();
+        for &h in &victims {
+            self.kill(h, w.recover_after.is_some());
+        }
+        if let Some(after) = w.recover_after {
+            let at = self.now + ns(after);
+            for &host in &victims {
+                self.push(at, Ev::Recover { host });
+            }
+        }
+        self.raw.killed += u64::from(n);
+    }
+
+    fn kill(&mut self, host: u32, will_recover: bool) {
+        let h = &mut self.hosts[host as usize];
+        if !h.alive {
+            return;
+        }
+        h.alive = false;
+        h.recovering = will_recover;
+        let vms = h.vms.clone();
+        for vm in vms {
+            let v = &mut self.vms[vm as usize];
+            v.gen_ = v.gen_.wrapping_add(1);
+            if v.boot.is_none() && !v.lost && !will_recover {
+                v.lost = true;
+                self.unfinished -= 1;
+            }
+        }
+        // Its fetches die; the children waiting on them time out.
+        for image in 0..self.images.len() {
+            let vol = &mut self.hosts[host as usize].vols[image];
+            let mut inflight: Vec<(u32, (u32, u32))> = vol.inflight.drain().collect();
+            inflight.sort_unstable();
+            vol.joined = false;
+            vol.outstanding.clear();
+            vol.cooling.clear();
+            vol.hb_gen = vol.hb_gen.wrapping_add(1);
+            for (_, (fid, fgen)) in inflight {
+                if let Some(f) = self.fetches.remove(fid, fgen) {
+                    for w in f.waiters {
+                        if let Waiter::Req { req, gen_ } = w {
+                            self.doom(req, gen_);
+                        }
+                    }
+                }
+            }
+        }
+        self.abort_node(host);
+    }
+
+    fn abort_node(&mut self, node: u32) {
+        for (t, src, _) in self.net.abort_node(node, self.now) {
+            if src == node {
+                self.doom(t.req, t.req_gen);
+            } else {
+                self.reqs.remove(t.req, t.req_gen);
+            }
+        }
+    }
+
+    fn recover(&mut self, host: u32) {
+        let h = &mut self.hosts[host as usize];
+        if h.alive {
+            return;
+        }
+        h.alive = true;
+        h.recovering = false;
+        let vms = h.vms.clone();
+        for vm in vms {
+            let v = &mut self.vms[vm as usize];
+            if v.boot.is_none() && !v.lost {
+                // Its VMs start over (the cache kept its chunks).
+                v.gen_ = v.gen_.wrapping_add(1);
+                v.bytes_read = 0;
+                let gen_ = v.gen_;
+                let at = self.now.max(v.start);
+                self.push(at, Ev::VmStart { vm, gen_ });
+            }
+        }
+        self.raw.recovered += 1;
+    }
+
+    fn finish(self) -> Report {
+        crate::report::build(
+            self.cfg,
+            self.now,
+            &self.vms,
+            &self.images,
+            &self.net,
+            self.origin_nodes(),
+            self.raw,
+        )
+    }
+
+    fn origin_nodes(&self) -> Vec<u32> {
+        self.images.iter().map(|i| i.origin).collect()
+    }
+}
+
+/// `fraction` of `n`, rounded, at least 1 when the fraction is above zero.
+fn count_of(fraction: f64, n: u32) -> u32 {
+    if fraction <= 0.0 {
+        return 0;
+    }
+    let c = (fraction * f64::from(n)).round();
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let c = c.clamp(1.0, f64::from(n)) as u32;
+    c
+}

@@ -1,0 +1,283 @@
+//! The simulator's required tests: determinism, conservation, closed forms,
+//! failure waves, bad input, and properties of small random storms.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use virtman_sim::{
+    Config, ConfigError, FailureWave, Mode, Read, SecondImage, SimError, SyntheticSpec, Trace, run,
+};
+
+const CHUNK: u32 = 256 << 10;
+
+fn trace(working_set: u64, think: Duration, seed: u64) -> Arc<Trace> {
+    Arc::new(
+        Trace::synthetic(
+            &SyntheticSpec {
+                image_size: 256 << 20,
+                working_set,
+                chunk_size: CHUNK,
+                read_size: 128 << 10,
+                think,
+            },
+            seed,
+        )
+        .unwrap(),
+    )
+}
+
+fn storm(mode: Mode, hosts: u32, vms: u32) -> Config {
+    let mut c = Config::new(mode, hosts, vms, trace(8 << 20, Duration::from_secs(2), 7));
+    c.start_spread = Duration::from_millis(500);
+    c
+}
+
+/// One read per chunk, no think time: reads are strictly sequential.
+fn chunk_reads(n: u64) -> Arc<Trace> {
+    Arc::new(Trace {
+        image_size: 64 << 20,
+        reads: (0..n)
+            .map(|i| Read {
+                at_us: 0,
+                offset: i * u64::from(CHUNK),
+                length: u64::from(CHUNK),
+            })
+            .collect(),
+    })
+}
+
+#[test]
+fn determinism_same_seed_same_output() {
+    for mode in [Mode::Virtman, Mode::CacheOnly, Mode::Direct] {
+        let mut c = storm(mode, 30, 90);
+        c.failures.push(FailureWave {
+            fraction: 0.1,
+            at: Duration::from_secs(1),
+            recover_after: Some(Duration::from_secs(3)),
+        });
+        let a = serde_json::to_string(&run(&c).unwrap()).unwrap();
+        let b = serde_json::to_string(&run(&c).unwrap()).unwrap();
+        assert_eq!(a, b, "{mode:?}");
+        c.seed = 2;
+        let d = serde_json::to_string(&run(&c).unwrap()).unwrap();
+        assert_ne!(a, d, "{mode:?}: another seed gives another storm");
+    }
+}
+
+#[test]
+fn conservation_bytes_and_whole_traces() {
+    let hosts = 40;
+    let r = run(&storm(Mode::Virtman, hosts, 160)).unwrap();
+    assert_eq!(r.bytes_sent, r.bytes_received);
+    assert_eq!(r.booted, 160);
+    assert_eq!(r.vms_read_whole_trace, 160);
+    // Single flight and no failures: every host receives each chunk exactly once.
+    assert_eq!(r.bytes_received, u64::from(hosts) * r.working_set_bytes);
+    // The origin serves only its direct children (at most k of them), once each.
+    assert!(
+        r.origin_copies <= f64::from(r.fanout) + 1e-9,
+        "{}",
+        r.origin_copies
+    );
+    assert_eq!(r.counters.timeouts, 0);
+
+    let r = run(&storm(Mode::CacheOnly, hosts, 160)).unwrap();
+    assert_eq!(r.bytes_sent, r.bytes_received);
+    assert_eq!(r.origin_bytes, u64::from(hosts) * r.working_set_bytes);
+    assert_eq!(r.vms_read_whole_trace, 160);
+
+    let c = storm(Mode::Direct, hosts, 160);
+    let bytes = c.trace.bytes();
+    let r = run(&c).unwrap();
+    assert_eq!(r.bytes_sent, r.bytes_received);
+    assert_eq!(r.origin_bytes, 160 * bytes);
+    assert_eq!(r.vms_read_whole_trace, 160);
+}
+
+#[test]
+fn closed_form_one_host_one_vm() {
+    let n = 10;
+    let mut c = Config::new(Mode::Virtman, 1, 1, chunk_reads(n));
+    c.hop_latency = Duration::from_micros(200);
+    let r = run(&c).unwrap();
+    // Per chunk: the request goes one hop, the chunk comes back at 1 Gbit/s plus one hop.
+    let per_chunk = 2.0 * 200e-6 + f64::from(CHUNK) * 8.0 / 1e9;
+    let expect = per_chunk * n as f64;
+    assert!(
+        (r.boot_s.max - expect).abs() / expect < 0.01,
+        "{} vs {expect}",
+        r.boot_s.max
+    );
+    assert_eq!(r.origin_bytes, n * u64::from(CHUNK));
+}
+
+#[test]
+fn closed_form_chain_without_contention() {
+    // Fan-out 2, one parent, every host joined first in reverse order: host 0
+    // (VM 0's) is the deepest, and the chain above it is idle.
+    for (hosts, depth) in [(2u32, 1u32), (6, 2), (14, 3), (30, 4)] {
+        let n = 8;
+        let mut c = Config::new(Mode::Virtman, hosts, 1, chunk_reads(n));
+        c.topology.fanout = 2;
+        c.topology.parents = 1;
+        c.prejoin = true;
+        c.hop_latency = Duration::from_micros(300);
+        c.link_rate = 1e9;
+        c.origin_rate = 1e9;
+        let r = run(&c).unwrap();
+        assert_eq!(r.depths.len(), 1);
+        assert_eq!(r.depths[0].depth, depth, "{hosts} hosts");
+        let d = f64::from(depth);
+        // d hops down for the request, then d store-and-forward hops back.
+        let per_chunk = d * 300e-6 + d * (300e-6 + f64::from(CHUNK) * 8.0 / 1e9);
+        let expect = per_chunk * n as f64;
+        let got = r.boot_s.max;
+        assert!(
+            (got - expect).abs() / expect < 0.01,
+            "depth {depth}: {got} vs {expect}"
+        );
+    }
+}
+
+#[test]
+fn failure_wave_with_two_parents_waits_at_most_the_failover_time() {
+    let mut c = storm(Mode::Virtman, 60, 180);
+    c.trace = trace(16 << 20, Duration::from_secs(6), 3);
+    c.topology.parents = 2;
+    let clean = run(&c).unwrap();
+    assert_eq!(clean.counters.timeouts, 0);
+    for seed in 1..=3 {
+        let mut f = c.clone();
+        f.seed = seed;
+        f.failures.push(FailureWave {
+            fraction: 0.1,
+            at: Duration::from_secs(2),
+            recover_after: None,
+        });
+        let r = run(&f).unwrap();
+        assert_eq!(r.counters.killed, 6);
+        assert!(r.counters.timeouts > 0, "seed {seed}: the wave hit someone");
+        assert_eq!(r.never_booted, 0, "seed {seed}");
+        assert_eq!(r.booted + r.lost, 180);
+        let bound = clean.max_read_wait_s + f.failover_time().as_secs_f64();
+        assert!(
+            r.max_read_wait_s <= bound,
+            "seed {seed}: a read waited {} s, bound {bound} s",
+            r.max_read_wait_s
+        );
+        // Without backup parents the storm still finishes (the origin is the last resort).
+        let mut one = f.clone();
+        one.topology.parents = 1;
+        let r1 = run(&one).unwrap();
+        assert_eq!(r1.never_booted, 0);
+    }
+}
+
+#[test]
+fn dead_origin_reports_the_vms_that_never_booted() {
+    let mut c = storm(Mode::Virtman, 10, 20);
+    c.origin_fail_at = Some(Duration::from_millis(200));
+    c.max_time = Duration::from_secs(60);
+    let r = run(&c).unwrap();
+    assert!(r.counters.timed_out);
+    assert_eq!(r.never_booted, 20);
+    assert_eq!(r.never_booted_ids.len(), 20);
+    assert!(r.all_booted_s.is_none());
+    assert!(r.text().contains("NEVER BOOTED"));
+    for mode in [Mode::CacheOnly, Mode::Direct] {
+        let mut c = c.clone();
+        c.mode = mode;
+        let r = run(&c).unwrap();
+        assert_eq!(r.never_booted, 20, "{mode:?}");
+    }
+}
+
+#[test]
+fn impossible_scenarios_are_refused() {
+    let c = storm(Mode::Virtman, 2, 1000);
+    assert!(matches!(
+        run(&c),
+        Err(SimError::Config(ConfigError::TooManyVms { .. }))
+    ));
+    let mut c = storm(Mode::Virtman, 2, 4);
+    c.link_rate = 0.0;
+    let e = run(&c).unwrap_err();
+    assert!(e.to_string().contains("link rate"), "{e}");
+    let mut c = storm(Mode::Virtman, 2, 4);
+    c.failures.push(FailureWave {
+        fraction: 0.5,
+        at: Duration::from_secs(7200),
+        recover_after: None,
+    });
+    let e = run(&c).unwrap_err();
+    assert!(e.to_string().contains("before the end"), "{e}");
+    let mut c = storm(Mode::Virtman, 2, 4);
+    c.topology.fanout = 1;
+    assert!(run(&c).is_err());
+    let mut c = storm(Mode::Virtman, 0, 4);
+    c.hosts = 0;
+    assert!(run(&c).is_err());
+}
+
+#[test]
+fn second_image_mid_storm_and_slow_hosts() {
+    let mut c = storm(Mode::Virtman, 20, 40);
+    c.second_image = Some(SecondImage {
+        at: Duration::from_secs(1),
+        vms: 20,
+    });
+    let r = run(&c).unwrap();
+    assert_eq!(r.images.len(), 2);
+    assert_eq!(r.booted, 60);
+    assert!(r.images.iter().all(|i| i.origin_bytes > 0));
+    let mut s = storm(Mode::Virtman, 20, 40);
+    let fast = run(&s).unwrap();
+    s.slow_fraction = 0.5;
+    s.slow_rate = 1e7;
+    let slow = run(&s).unwrap();
+    assert_eq!(slow.booted, 40);
+    assert!(slow.boot_s.max > fast.boot_s.max);
+}
+
+#[test]
+fn coalesced_rates_stay_close_to_exact() {
+    let mut c = storm(Mode::CacheOnly, 30, 60);
+    let exact = run(&c).unwrap();
+    c.rate_interval = Duration::from_millis(5);
+    let coarse = run(&c).unwrap();
+    assert_eq!(exact.origin_bytes, coarse.origin_bytes);
+    let (a, b) = (exact.all_booted_s.unwrap(), coarse.all_booted_s.unwrap());
+    assert!((a - b).abs() / a < 0.1, "{a} vs {b}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn small_storms_boot_every_vm_and_conserve_bytes(
+        hosts in 1u32..16,
+        per_host in 1u32..4,
+        mode in prop_oneof![Just(Mode::Virtman), Just(Mode::CacheOnly), Just(Mode::Direct)],
+        fanout in 2u32..5,
+        parents in 1u32..4,
+        seed in 0u64..1000,
+    ) {
+        let mut c = Config::new(mode, hosts, hosts * per_host, trace(2 << 20, Duration::from_millis(500), seed));
+        c.topology.fanout = fanout;
+        c.topology.parents = parents;
+        c.start_spread = Duration::from_millis(300);
+        c.seed = seed;
+        let r = run(&c).unwrap();
+        prop_assert_eq!(r.booted, u64::from(hosts * per_host));
+        prop_assert_eq!(r.vms_read_whole_trace, r.booted);
+        prop_assert_eq!(r.bytes_sent, r.bytes_received);
+        if mode != Mode::Direct {
+            prop_assert_eq!(r.bytes_received, u64::from(hosts) * r.working_set_bytes);
+        }
+        if let Some(t) = r.tree {
+            prop_assert!(t.max_depth <= t.depth_bound);
+        }
+    }
+}
