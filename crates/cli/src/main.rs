@@ -8,6 +8,7 @@ mod agent;
 mod coordinator;
 mod image;
 mod serve;
+mod sim;
 mod tree;
 mod units;
 mod vm;
@@ -46,6 +47,8 @@ enum Command {
     Vm(vm::VmArgs),
     /// Show this host's images, parents, VMs and cache usage.
     Status(vm::StatusArgs),
+    /// Simulate a boot storm of many hosts on virtual time (text, JSON, SVG chart).
+    Sim(sim::SimArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
         Command::Agent(args) => agent::run(args),
         Command::Vm(args) => vm::run(args),
         Command::Status(args) => vm::status(args),
+        Command::Sim(args) => sim::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
