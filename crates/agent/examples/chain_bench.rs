@@ -118,7 +118,7 @@ async fn main() -> anyhow::Result<()> {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                *b = (x >> 24) as u8;
+                *b = x.to_be_bytes()[4];
             }
             f.write_all(&buf)?;
         }
