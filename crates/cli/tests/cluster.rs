@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use virtman_agent::control::ControlClient;
 use virtman_nbd::{Client, ClientConfig, Endpoint};
+use virtman_testkit::pattern;
 
 const BIN: &str = env!("CARGO_BIN_EXE_virtman");
 const CHUNK: usize = 256 * 1024;
@@ -89,18 +90,6 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 struct Cluster {

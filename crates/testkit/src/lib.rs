@@ -5,6 +5,7 @@
 //! - [`ChildGuard`]: a child process that is stopped (SIGTERM, then SIGKILL)
 //!   and reaped when the guard is dropped, so a failing test leaves nothing
 //!   running.
+//! - [`pattern`]: deterministic test data.
 //! - [`guest`]: a tiny Linux guest (Debian cloud kernel, busybox initramfs,
 //!   small ext4 disk) built once per target dir, and a qemu boot of it from any
 //!   NBD URI or raw file, with the serial console captured.
@@ -31,3 +32,17 @@ pub mod guest;
 mod process;
 
 pub use process::{ChildGuard, tool};
+
+/// Deterministic pseudo-random bytes (xorshift), so a test's data differs in
+/// every byte position and between seeds, and a wrong offset shows.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_be_bytes()[4]
+        })
+        .collect()
+}

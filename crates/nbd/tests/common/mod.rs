@@ -15,6 +15,7 @@ use virtman_nbd::proto::handshake::{self as hs, GoRequest, MetaRequest};
 use virtman_nbd::proto::transmission::{self as tm, Request};
 use virtman_nbd::proto::{client_flags, opt, rep};
 use virtman_nbd::{Export, Listener, Server, ServerConfig};
+pub use virtman_testkit::pattern;
 
 /// A server running in the test's runtime; stopped on drop.
 pub struct TestServer {
@@ -205,17 +206,4 @@ impl Raw {
         }
         (cookie, 0)
     }
-}
-
-/// Deterministic pseudo-random bytes.
-pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
