@@ -972,10 +972,16 @@ impl Client {
         }
         let mut out = BytesMut::zeroed(usize::try_from(length).unwrap_or(0));
         while let Some(res) = tasks.join_next().await {
-            let (at, data) = res.map_err(|e| ClientError::Handshake {
-                server: String::new(),
-                export: String::new(),
-                reason: e.to_string(),
+            let (at, data) = res.map_err(|e| {
+                let c = &self.conns[0].inner;
+                ClientError::Request {
+                    server: c.server.clone(),
+                    export: c.export.clone(),
+                    op: "read",
+                    offset,
+                    length,
+                    failure: RequestFailure::Disconnected(format!("read task ended: {e}")),
+                }
             })?;
             let data = data?;
             let at = usize::try_from(at).unwrap_or(0);
