@@ -105,7 +105,7 @@ pub struct SimArgs {
     /// Virtual time after which the run stops and lists the VMs that never booted.
     #[arg(long, value_parser = parse_duration, default_value = "1h")]
     pub max_time: Duration,
-    /// Recompute max-min rates at most this often (default: 0 up to 1,000 hosts, else 5ms).
+    /// Recompute max-min rates at most this often (0: at every change, exact; larger is an approximation).
     #[arg(long, value_parser = parse_duration)]
     pub rate_interval: Option<Duration>,
     /// Seed of every random choice.

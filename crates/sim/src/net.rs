@@ -15,12 +15,14 @@
 //! ```
 //!
 //! Rates change only when a pair becomes busy or idle (a pair that goes on to
-//! its next queued transfer keeps its rate). Recomputing is global, so at
-//! large scale it is coalesced: at most once per `rate_interval` of virtual
-//! time; in between, a pair that becomes busy takes the capacity still free
-//! on both its links (never more than a link can carry), and the next
-//! recomputation makes the rates fair again. With an interval of zero every
-//! change is recomputed at once and the model is exact. A pair whose rate
+//! its next queued transfer keeps its rate). Max-min rates split over the
+//! connected components of busy pairs (pairs linked by shared links), so a
+//! recomputation walks out from the links that changed and redoes only their
+//! components: exact, and cheap while busy pairs form small clusters (a
+//! tree), as costly as a global pass when they do not (one busy origin).
+//! Optionally (`rate_interval` above zero) recomputations are coalesced to
+//! one per interval; in between, a pair that becomes busy takes the capacity
+//! still free on both its links (never more than a link can carry). A pair whose rate
 //! changes keeps the bytes already sent: its remaining bytes are settled at
 //! the old rate and its completion rescheduled (the old event carries a stale
 //! version and is ignored).
@@ -57,6 +59,11 @@ struct Pair {
     version: u32,
     /// Position in `Net::active` while busy.
     active: Option<u32>,
+    /// Positions in the busy lists of its uplink and downlink.
+    at_up: u32,
+    at_down: u32,
+    /// The recomputation that last collected it.
+    mark: u64,
 }
 
 /// A completion the engine must schedule: (time ns, pair, version).
@@ -84,7 +91,10 @@ pub(crate) struct Net {
     /// Capacity in bytes/s: uplinks at `0..nodes`, downlinks at `nodes..2*nodes`.
     cap: Vec<f64>,
     used: Vec<f64>,
-    busy_on: Vec<u32>,
+    /// Busy pairs on each link.
+    on_link: Vec<Vec<u32>>,
+    /// Links whose set of busy pairs changed since the last recomputation.
+    changed: Vec<u32>,
     pairs: Vec<Pair>,
     index: HashMap<(u32, u32, u32), u32>,
     by_node: Vec<Vec<u32>>,
@@ -113,7 +123,8 @@ impl Net {
         Self {
             nodes,
             used: vec![0.0; 2 * nodes],
-            busy_on: vec![0; 2 * nodes],
+            on_link: vec![Vec::new(); 2 * nodes],
+            changed: Vec::new(),
             cap,
             pairs: Vec::new(),
             index: HashMap::new(),
@@ -145,6 +156,9 @@ impl Net {
             last: 0,
             version: 0,
             active: None,
+            at_up: 0,
+            at_down: 0,
+            mark: 0,
         });
         self.index.insert((src, dst, tag), id);
         if let Some(v) = self.by_node.get_mut(src as usize) {
@@ -187,11 +201,17 @@ impl Net {
         }
         self.used[u] += rate;
         self.used[d] += rate;
-        self.busy_on[u] += 1;
-        self.busy_on[d] += 1;
+        let at_up = u32::try_from(self.on_link[u].len()).unwrap_or(u32::MAX);
+        self.on_link[u].push(pair);
+        let at_down = u32::try_from(self.on_link[d].len()).unwrap_or(u32::MAX);
+        self.on_link[d].push(pair);
+        self.changed.push(u32::try_from(u).unwrap_or(u32::MAX));
+        self.changed.push(u32::try_from(d).unwrap_or(u32::MAX));
         let pos = u32::try_from(self.active.len()).unwrap_or(u32::MAX);
         self.active.push(pair);
         if let Some(p) = self.pairs.get_mut(pair as usize) {
+            p.at_up = at_up;
+            p.at_down = at_down;
             p.rate = rate;
             p.active = Some(pos);
             p.version = p.version.wrapping_add(1);
@@ -213,13 +233,28 @@ impl Net {
         p.rate = 0.0;
         p.version = p.version.wrapping_add(1);
         let (u, d) = (p.src as usize, self.nodes + p.dst as usize);
-        for l in [u, d] {
-            self.busy_on[l] = self.busy_on[l].saturating_sub(1);
-            self.used[l] = if self.busy_on[l] == 0 {
+        let (at_up, at_down) = (p.at_up as usize, p.at_down as usize);
+        for (l, at) in [(u, at_up), (d, at_down)] {
+            let list = &mut self.on_link[l];
+            if at < list.len() {
+                list.swap_remove(at);
+                if let Some(&moved) = list.get(at)
+                    && let Some(m) = self.pairs.get_mut(moved as usize)
+                {
+                    let at = u32::try_from(at).unwrap_or(u32::MAX);
+                    if l < self.nodes {
+                        m.at_up = at;
+                    } else {
+                        m.at_down = at;
+                    }
+                }
+            }
+            self.used[l] = if self.on_link[l].is_empty() {
                 0.0
             } else {
                 (self.used[l] - rate).max(0.0)
             };
+            self.changed.push(u32::try_from(l).unwrap_or(u32::MAX));
         }
         let pos = pos as usize;
         self.active.swap_remove(pos);
@@ -319,7 +354,40 @@ impl Net {
         self.dirty = false;
         self.last_recompute = Some(now);
         self.recomputes += 1;
-        let n = self.active.len();
+        #[cfg(debug_assertions)]
+        self.check_feasible();
+        // Max-min rates split over connected components (pairs sharing links,
+        // transitively): only the components of the links that changed can
+        // get new rates. Collect their busy pairs.
+        let mark = self.recomputes;
+        let mut comp: Vec<u32> = Vec::new();
+        let mut stack: Vec<u32> = std::mem::take(&mut self.changed);
+        let mut seen_links: Vec<u32> = Vec::new();
+        while let Some(l) = stack.pop() {
+            let li = l as usize;
+            if self.local[li] != u32::MAX {
+                continue;
+            }
+            self.local[li] = 0;
+            seen_links.push(l);
+            for &pid in &self.on_link[li] {
+                let p = &mut self.pairs[pid as usize];
+                if p.mark == mark {
+                    continue;
+                }
+                p.mark = mark;
+                comp.push(pid);
+                let (u, d) = (p.src as usize, self.nodes + p.dst as usize);
+                let other = if u == li { d } else { u };
+                if self.local[other] == u32::MAX {
+                    stack.push(u32::try_from(other).unwrap_or(u32::MAX));
+                }
+            }
+        }
+        for &l in &seen_links {
+            self.local[l as usize] = u32::MAX;
+        }
+        let n = comp.len();
         if n == 0 {
             return;
         }
@@ -327,7 +395,7 @@ impl Net {
         let mut links: Vec<usize> = Vec::new();
         let mut count: Vec<u32> = Vec::new();
         let mut ends: Vec<(u32, u32)> = Vec::with_capacity(n);
-        for &pid in &self.active {
+        for &pid in &comp {
             let p = &self.pairs[pid as usize];
             let (u, d) = (p.src as usize, self.nodes + p.dst as usize);
             let mut local_of = |l: usize| {
@@ -403,7 +471,7 @@ impl Net {
             self.used[l] = 0.0;
             self.local[l] = u32::MAX;
         }
-        for (i, &pid) in self.active.iter().enumerate() {
+        for (i, &pid) in comp.iter().enumerate() {
             let r = if rate[i].is_nan() { 0.0 } else { rate[i] };
             let p = &mut self.pairs[pid as usize];
             self.used[p.src as usize] += r;
@@ -420,6 +488,31 @@ impl Net {
             if r > 0.0 {
                 out.push((now + ns_for(p.remaining, r), pid, p.version));
             }
+        }
+    }
+}
+
+impl Net {
+    /// Debug builds: no link carries more than its capacity, `used` is right.
+    #[cfg(debug_assertions)]
+    fn check_feasible(&self) {
+        let mut sum = vec![0.0f64; self.cap.len()];
+        for &pid in &self.active {
+            let p = &self.pairs[pid as usize];
+            sum[p.src as usize] += p.rate;
+            sum[self.nodes + p.dst as usize] += p.rate;
+        }
+        for (l, s) in sum.iter().enumerate() {
+            assert!(
+                *s <= self.cap[l] * (1.0 + 1e-6) + 1.0,
+                "link {l} carries {s} > {}",
+                self.cap[l]
+            );
+            assert!(
+                (*s - self.used[l]).abs() <= self.cap[l] * 1e-6 + 1.0,
+                "link {l}: used {} vs {s}",
+                self.used[l]
+            );
         }
     }
 }
