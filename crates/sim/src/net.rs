@@ -492,9 +492,10 @@ impl Net {
     }
 }
 
+#[cfg(any(test, debug_assertions))]
 impl Net {
     /// Debug builds: no link carries more than its capacity, `used` is right.
-    #[cfg(debug_assertions)]
+    #[cfg(any(test, debug_assertions))]
     fn check_feasible(&self) {
         let mut sum = vec![0.0f64; self.cap.len()];
         for &pid in &self.active {
@@ -540,6 +541,7 @@ fn ns_for(bytes: f64, rate: f64) -> u64 {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 
@@ -564,6 +566,53 @@ mod tests {
             }
         }
         done
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+
+        /// After a recomputation, rates are max-min fair: no link carries
+        /// more than its capacity, and every busy pair crosses a saturated
+        /// link on which no other pair gets more than it does.
+        #[test]
+        fn rates_are_max_min_fair(
+            caps in proptest::collection::vec((1u32..100, 1u32..100), 2..8),
+            flows in proptest::collection::vec((0usize..8, 0usize..8), 1..24),
+        ) {
+            let up: Vec<f64> = caps.iter().map(|c| f64::from(c.0) * 8e6).collect();
+            let down: Vec<f64> = caps.iter().map(|c| f64::from(c.1) * 8e6).collect();
+            let n = caps.len();
+            let mut net = Net::new(&up, &down, 0);
+            let mut out = Vec::new();
+            for (i, &(s, d)) in flows.iter().enumerate() {
+                let (s, d) = (s % n, d % n);
+                if s == d {
+                    continue;
+                }
+                let p = net.pair(s as u32, d as u32, 0);
+                net.enqueue(p, Transfer { req: i as u32, req_gen: 0, bytes: 1 << 20 }, 0, &mut out);
+            }
+            net.recompute(0, &mut out);
+            net.check_feasible();
+            let link_of = |p: &Pair| [p.src as usize, n + p.dst as usize];
+            let mut load = vec![0.0f64; 2 * n];
+            let mut top = vec![0.0f64; 2 * n];
+            for &pid in &net.active {
+                let p = &net.pairs[pid as usize];
+                for l in link_of(p) {
+                    load[l] += p.rate;
+                    top[l] = top[l].max(p.rate);
+                }
+            }
+            for &pid in &net.active {
+                let p = &net.pairs[pid as usize];
+                proptest::prop_assert!(p.rate > 0.0);
+                let bottleneck = link_of(p).into_iter().any(|l| {
+                    load[l] >= net.cap[l] * (1.0 - 1e-9) && p.rate >= top[l] * (1.0 - 1e-9)
+                });
+                proptest::prop_assert!(bottleneck, "pair {}->{} at {} has no bottleneck", p.src, p.dst, p.rate);
+            }
+        }
     }
 
     #[test]
