@@ -146,6 +146,14 @@ pub enum CacheError {
     /// A background task failed.
     #[error("{0}")]
     Task(String),
+    /// A boot profile (file or peer's export) does not fit the image.
+    #[error("boot profile {path}: {reason}")]
+    BadProfile {
+        /// The file or peer it came from.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl CacheError {

@@ -14,17 +14,20 @@
 //! - [`volume`]: [`CachedVolume`] and its read-only [`VolumeExport`].
 //! - [`group`]: [`CacheGroup`], capacity and eviction.
 //! - [`snapshot`]: [`Snapshot`], the copy-on-write view a VM boots from.
+//! - [`profile`]: [`BootProfile`], the recorded first-touch order of chunks.
 //! - [`error`]: [`CacheError`] and its mapping to NBD errors.
 
 pub mod bitmap;
 pub mod error;
 pub mod group;
+pub mod profile;
 pub mod snapshot;
 pub mod upstream;
 pub mod volume;
 
 pub use error::CacheError;
 pub use group::{CacheGroup, GroupConfig, Usage};
+pub use profile::{BootProfile, ProfileEntry};
 pub use snapshot::Snapshot;
 pub use upstream::{ChunkRequest, FileUpstream, Upstream, UpstreamError};
 pub use volume::{CachedVolume, VolumeExport, VolumeUse, flatten};

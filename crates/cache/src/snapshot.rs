@@ -272,6 +272,7 @@ impl Snapshot {
                     .await?;
                 out.push(ReadChunk::Data(data));
             } else {
+                self.base().record_boot_read(pos, u64::from(n));
                 out.extend(self.base().read(pos, n).await?);
             }
             pos = run_end;

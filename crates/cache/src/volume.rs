@@ -50,6 +50,7 @@ use virtman_nbd::{Capabilities, Export, ExportError, Extent, ReadChunk};
 use crate::bitmap::{self, AtomicBitmap};
 use crate::error::CacheError;
 use crate::group::Accounting;
+use crate::profile::{BootProfile, PROFILE_FILE, Recorder};
 use crate::upstream::{ChunkRequest, Upstream};
 
 /// File name of a volume's manifest.
@@ -84,6 +85,11 @@ pub struct VolumeStats {
     pub fetch_errors: AtomicU64,
     /// Chunks evicted.
     pub evicted_chunks: AtomicU64,
+    /// Chunks fetched by [`CachedVolume::prefetch`] (boot profile, pin,
+    /// CMD_CACHE hints) rather than by a read.
+    pub prefetched_chunks: AtomicU64,
+    /// Bytes of those chunks.
+    pub prefetched_bytes: AtomicU64,
 }
 
 /// One image's cached copy. Created and opened by [`crate::CacheGroup`].
@@ -113,6 +119,11 @@ pub struct CachedVolume {
     acct: Arc<Accounting>,
     rebuilt: bool,
     stats: VolumeStats,
+    /// First touches of chunks by VMs (the boot profile).
+    profile: Recorder,
+    profile_path: PathBuf,
+    /// Reads waiting on a fetch right now (prefetch yields to them).
+    demand_waiting: AtomicUsize,
 }
 
 impl std::fmt::Debug for CachedVolume {
@@ -130,6 +141,9 @@ impl Drop for CachedVolume {
     fn drop(&mut self) {
         if let Err(e) = self.commit() {
             tracing::warn!(volume = %self.name, error = %e, "committing chunks on close failed");
+        }
+        if let Err(e) = self.save_profile() {
+            tracing::warn!(volume = %self.name, error = %e, "saving the boot profile on close failed");
         }
     }
 }
@@ -282,6 +296,16 @@ impl CachedVolume {
             .sum();
         acct.add_used(bytes);
         let n = usize::try_from(chunks).unwrap_or(0);
+        let profile_path = dir.join(PROFILE_FILE);
+        let loaded = if rebuilt || !profile_path.exists() {
+            BootProfile::default()
+        } else {
+            BootProfile::load(&profile_path, &manifest).unwrap_or_else(|e| {
+                tracing::warn!(volume = name, error = %e, "boot profile refused; recording anew");
+                BootProfile::default()
+            })
+        };
+        let profile = Recorder::new(chunks, loaded);
         let vol = Arc::new(CachedVolume {
             name: name.to_owned(),
             dir: dir.to_path_buf(),
@@ -302,6 +326,9 @@ impl CachedVolume {
             acct: Arc::clone(&acct),
             rebuilt,
             stats: VolumeStats::default(),
+            profile,
+            profile_path,
+            demand_waiting: AtomicUsize::new(0),
         });
         acct.register(Arc::downgrade(&vol));
         Ok(vol)
@@ -335,6 +362,52 @@ impl CachedVolume {
     /// Counters.
     pub fn stats(&self) -> &VolumeStats {
         &self.stats
+    }
+
+    /// Records that a VM read `offset..offset+len` from this volume: the
+    /// first touch of each chunk (all-zero chunks aside) joins the boot
+    /// profile. Out-of-range parts are ignored.
+    pub fn record_boot_read(&self, offset: u64, len: u64) {
+        if len == 0 || offset >= self.size() {
+            return;
+        }
+        let last_byte = offset.saturating_add(len - 1).min(self.size() - 1);
+        for i in self.manifest.chunk_of(offset)..=self.manifest.chunk_of(last_byte) {
+            if !self.manifest.is_zero_chunk(i) {
+                self.profile.touch(i);
+            }
+        }
+    }
+
+    /// The boot profile recorded on this host so far.
+    pub fn boot_profile(&self) -> BootProfile {
+        self.profile.profile()
+    }
+
+    /// Entries in the recorded boot profile (grows as VMs touch new chunks).
+    pub fn boot_profile_len(&self) -> u64 {
+        self.profile.len()
+    }
+
+    /// Writes the boot profile file if it changed since the last save.
+    pub fn save_profile(&self) -> Result<(), CacheError> {
+        if !self.profile.take_dirty() {
+            return Ok(());
+        }
+        let res = self
+            .profile
+            .profile()
+            .store(&self.profile_path, &self.manifest);
+        if res.is_err() {
+            self.profile.set_dirty();
+        }
+        res
+    }
+
+    /// Reads waiting on fetches right now; background prefetch waits while
+    /// this is above zero, so demand reads go first.
+    pub fn demand_waiting(&self) -> usize {
+        self.demand_waiting.load(Ordering::Acquire)
     }
 
     /// Whether chunk `index` is present (readable locally).
@@ -450,6 +523,17 @@ impl CachedVolume {
             .await
             .map_err(|e| CacheError::Task(e.to_string()))??;
         // Missing pieces: fetch their chunks in parallel.
+        /// Counts this read as waiting for as long as it waits.
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let _waiting = local.iter().any(Option::is_none).then(|| {
+            self.demand_waiting.fetch_add(1, Ordering::AcqRel);
+            Waiting(&self.demand_waiting)
+        });
         let mut set = tokio::task::JoinSet::new();
         for (k, p) in pieces.iter().enumerate() {
             if local[k].is_none() {
@@ -835,7 +919,14 @@ impl CachedVolume {
         for i in first..=last {
             if !self.present.get(i) && !self.manifest.is_zero_chunk(i) {
                 let vol = Arc::clone(self);
-                set.spawn(async move { vol.chunk_bytes(i).await.map(|_| ()) });
+                set.spawn(async move {
+                    Arc::clone(&vol).chunk_bytes(i).await?;
+                    vol.stats.prefetched_chunks.fetch_add(1, Ordering::Relaxed);
+                    vol.stats
+                        .prefetched_bytes
+                        .fetch_add(u64::from(vol.manifest.chunk_len(i)), Ordering::Relaxed);
+                    Ok::<(), CacheError>(())
+                });
             }
         }
         let mut first_err = None;
