@@ -5,10 +5,12 @@
 //! the error to an exit code. Each subcommand lives in its own module.
 
 mod agent;
+mod cluster;
 mod coordinator;
 mod image;
 mod serve;
 mod sim;
+mod storm;
 mod tree;
 mod units;
 mod vm;
@@ -47,6 +49,10 @@ enum Command {
     Vm(vm::VmArgs),
     /// Show this host's images, parents, VMs and cache usage.
     Status(vm::StatusArgs),
+    /// Start or stop a local cluster of separate processes on 127.0.0.1.
+    Cluster(cluster::ClusterArgs),
+    /// Boot a storm of VMs at once in each mode and compare (the main job, measured).
+    Storm(storm::StormArgs),
     /// Simulate a boot storm of many hosts on virtual time (text, JSON, SVG chart).
     Sim(sim::SimArgs),
 }
@@ -62,6 +68,8 @@ fn main() -> ExitCode {
         Command::Agent(args) => agent::run(args),
         Command::Vm(args) => vm::run(args),
         Command::Status(args) => vm::status(args),
+        Command::Cluster(args) => cluster::run(args),
+        Command::Storm(args) => storm::run(args),
         Command::Sim(args) => sim::run(args),
     };
     match result {

@@ -1,0 +1,99 @@
+//! `virtman cluster up|down`: a local cluster of separate processes.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use virtman_storm::{Cluster, ClusterConfig};
+
+/// Arguments of `virtman cluster`.
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    #[command(subcommand)]
+    command: ClusterCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Start a coordinator, an origin serving an image, and M agents on
+    /// 127.0.0.1, each a separate process; they keep running until `down`.
+    #[command(after_help = "\
+Example:
+  virtman cluster up --hosts 4 --image debian.raw
+  virtman vm create vm1 --image img --data-dir virtman-cluster/host1
+  virtman tree img --coordinator $(jq -r .coordinator virtman-cluster/cluster.json)
+  virtman cluster down")]
+    Up {
+        /// Member hosts (agents besides the origin).
+        #[arg(long, default_value_t = 4)]
+        hosts: usize,
+        /// The raw image the origin serves (named `img` in the cluster).
+        #[arg(long)]
+        image: PathBuf,
+        /// The cluster's directory.
+        #[arg(long, default_value = "virtman-cluster")]
+        dir: PathBuf,
+        /// Fan-out of the relay tree.
+        #[arg(long, default_value_t = 2)]
+        fanout: u32,
+        /// Parents per host.
+        #[arg(long, default_value_t = 2)]
+        parents: u32,
+        /// Cache capacity per host.
+        #[arg(long, default_value = "2G")]
+        cache_size: String,
+    },
+    /// Stop every process of the cluster and remove its directory.
+    Down {
+        /// The cluster's directory.
+        #[arg(long, default_value = "virtman-cluster")]
+        dir: PathBuf,
+    },
+}
+
+/// Runs `virtman cluster`.
+pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
+    match args.command {
+        ClusterCommand::Up {
+            hosts,
+            image,
+            dir,
+            fanout,
+            parents,
+            cache_size,
+        } => {
+            let bin = std::env::current_exe().context("finding the virtman binary")?;
+            let c = Cluster::up(&ClusterConfig {
+                bin,
+                dir: dir.clone(),
+                hosts,
+                image,
+                image_name: "img".into(),
+                fanout,
+                parents,
+                cache_size,
+            })?;
+            let state = c.detach();
+            println!("coordinator {}", state.coordinator);
+            for m in &state.members {
+                println!(
+                    "{:<12} pid {:<8} {:<22} {}",
+                    m.name,
+                    m.pid,
+                    m.addr,
+                    m.data_dir.display()
+                );
+            }
+            println!("stop with: virtman cluster down --dir {}", dir.display());
+        }
+        ClusterCommand::Down { dir } => {
+            let state = Cluster::down(&dir)?;
+            println!(
+                "stopped {} processes, removed {}",
+                state.members.len(),
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}

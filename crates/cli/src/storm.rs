@@ -1,0 +1,196 @@
+//! `virtman storm`: boot N VMs over M hosts at once, in each mode, and compare.
+//!
+//! ```text
+//!  image (given, or random of --image-size) + trace (given, or synthetic)
+//!    └─► for each mode: cluster up ─► N VMs replay the trace at once ─► cluster down
+//!    └─► table (ratios to virtman), OUT/report.json, OUT/boots.csv
+//! ```
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use virtman_sim::{SyntheticSpec, Trace};
+use virtman_storm::{StormConfig, StormMode, report};
+
+use crate::units::{human, parse_size};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ModeArg {
+    Virtman,
+    CacheOnly,
+    Direct,
+    All,
+}
+
+/// Arguments of `virtman storm`.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Modes: `virtman` (relay tree: hosts fetch from their parents), `cache-only`
+(host caches, every host fetches from the origin), `direct` (every VM reads a
+plain qemu-nbd serving the image, no cache), `all` (each in turn, then a table).
+
+Every VM replays the trace: its reads one at a time, each after the trace's think
+time (or back to back with --back-to-back), and every byte is checked against
+the image. A VM has booted when its last read completes.
+
+Reading the table: `all s` is the time until every VM booted, `time x` its ratio
+to virtman's; `origin MiB` is what the image server sent and `x WS` that amount
+over the trace's working set (1.0 means each chunk left the origin once).
+
+Example:
+  virtman storm --hosts 4 --vms 16 --mode all
+  virtman storm --hosts 8 --vms 32 --image debian.raw --trace boot.trace --back-to-back")]
+pub struct StormArgs {
+    /// Hosts (agents besides the origin).
+    #[arg(long, default_value_t = 4)]
+    hosts: usize,
+    /// VMs, spread over the hosts.
+    #[arg(long, default_value_t = 16)]
+    vms: usize,
+    /// Which mode to run.
+    #[arg(long, value_enum, default_value_t = ModeArg::All)]
+    mode: ModeArg,
+    /// The raw image to boot (default: random bytes of --image-size).
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Size of the generated image.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    image_size: u64,
+    /// A boot trace (virtman trace format); default: a synthetic one.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Working set of the synthetic trace.
+    #[arg(long, default_value = "32M", value_parser = parse_size)]
+    working_set: u64,
+    /// Total think time of the synthetic trace, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    think_ms: u64,
+    /// Replay reads back to back, ignoring think time.
+    #[arg(long)]
+    back_to_back: bool,
+    /// Fan-out of the relay tree in `virtman` mode.
+    #[arg(long, default_value_t = 2)]
+    fanout: u32,
+    /// Parents per host in `virtman` mode.
+    #[arg(long, default_value_t = 2)]
+    parents: u32,
+    /// Where results go (report.json, boots.csv).
+    #[arg(long, default_value = "storm-results")]
+    out: PathBuf,
+}
+
+/// Runs `virtman storm`.
+pub fn run(args: StormArgs) -> anyhow::Result<()> {
+    if args.vms < args.hosts {
+        bail!(
+            "--vms {} is fewer than --hosts {}: some hosts would have no VM",
+            args.vms,
+            args.hosts
+        );
+    }
+    let work = tempfile::Builder::new()
+        .prefix("virtman-storm.")
+        .tempdir()
+        .context("creating a work directory")?;
+    let image = match &args.image {
+        Some(p) => p.clone(),
+        None => {
+            let p = work.path().join("img.raw");
+            eprintln!("generating a {} random image", human(args.image_size));
+            write_random(&p, args.image_size)?;
+            p
+        }
+    };
+    let image_size = std::fs::metadata(&image)
+        .with_context(|| format!("opening {}", image.display()))?
+        .len();
+    let trace = match &args.trace {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            Trace::parse(&text).with_context(|| format!("trace {}", p.display()))?
+        }
+        None => Trace::synthetic(
+            &SyntheticSpec {
+                image_size,
+                working_set: args.working_set.min(image_size),
+                chunk_size: virtman_image::DEFAULT_CHUNK_SIZE,
+                read_size: 64 * 1024,
+                think: std::time::Duration::from_millis(args.think_ms),
+            },
+            1,
+        )
+        .context("making a synthetic trace")?,
+    };
+    let modes = match args.mode {
+        ModeArg::Virtman => vec![StormMode::Virtman],
+        ModeArg::CacheOnly => vec![StormMode::CacheOnly],
+        ModeArg::Direct => vec![StormMode::Direct],
+        ModeArg::All => vec![StormMode::Virtman, StormMode::CacheOnly, StormMode::Direct],
+    };
+    let config = StormConfig {
+        bin: std::env::current_exe().context("finding the virtman binary")?,
+        dir: work.path().to_path_buf(),
+        hosts: args.hosts,
+        vms: args.vms,
+        image,
+        trace: Arc::new(trace),
+        back_to_back: args.back_to_back,
+        fanout: args.fanout,
+        parents: args.parents,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let mut reports = Vec::new();
+    for mode in modes {
+        eprintln!(
+            "storm: {} VMs on {} hosts, mode {} ...",
+            args.vms,
+            args.hosts,
+            mode.name()
+        );
+        let r = runtime.block_on(virtman_storm::storm::run(&config, mode))?;
+        eprintln!(
+            "  all booted in {:.2} s; origin sent {}",
+            r.all_booted_secs,
+            human(r.origin_bytes)
+        );
+        reports.push(r);
+    }
+    print!("{}", report::table(&reports));
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let json = serde_json::to_vec_pretty(&reports)?;
+    std::fs::write(args.out.join("report.json"), json)?;
+    std::fs::write(args.out.join("boots.csv"), report::csv(&reports))?;
+    println!(
+        "results in {}/report.json and boots.csv",
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn write_random(path: &std::path::Path, size: u64) -> anyhow::Result<()> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut left = size;
+    let mut buf = vec![0u8; 1 << 20];
+    while left > 0 {
+        for w in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        let n = usize::try_from(left.min(1 << 20))?;
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    f.flush()?;
+    Ok(())
+}

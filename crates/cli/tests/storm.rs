@@ -1,0 +1,139 @@
+//! `virtman storm` and `virtman cluster` as a user runs them.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+use std::path::Path;
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_virtman");
+
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_small_storm_in_every_mode_reads_the_image_and_ranks_origin_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("results");
+    let out = Command::new(BIN)
+        .args(["storm", "--hosts", "3", "--vms", "6", "--image-size", "16M"])
+        .args([
+            "--working-set",
+            "4M",
+            "--think-ms",
+            "200",
+            "--mode",
+            "all",
+            "--out",
+        ])
+        .arg(&out_dir)
+        .env("VIRTMAN_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    for mode in ["virtman", "cache-only", "direct"] {
+        assert!(table.lines().any(|l| l.starts_with(mode)), "{table}");
+    }
+    let reports: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("report.json")).unwrap()).unwrap();
+    let reports = reports.as_array().unwrap();
+    assert_eq!(reports.len(), 3);
+    let mut origin = Vec::new();
+    for r in reports {
+        let vms = r["vm_results"].as_array().unwrap();
+        assert_eq!(vms.len(), 6);
+        // Every VM read its whole trace (each read was checked against the image).
+        let first = vms[0]["bytes"].as_u64().unwrap();
+        assert!(first > 0 && vms.iter().all(|v| v["bytes"] == first));
+        origin.push(r["origin_bytes"].as_u64().unwrap());
+    }
+    // virtman < cache-only < direct in what the image server sent.
+    assert!(origin[0] < origin[1] && origin[1] < origin[2], "{origin:?}");
+    let csv = std::fs::read_to_string(out_dir.join("boots.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 3 * 6);
+    // No process of the storm is left: every cluster was stopped.
+    let ps = Command::new("pgrep")
+        .args(["-f", "virtman-storm"])
+        .output()
+        .unwrap();
+    assert!(
+        ps.stdout.is_empty(),
+        "left running: {}",
+        String::from_utf8_lossy(&ps.stdout)
+    );
+}
+
+#[test]
+fn cluster_down_leaves_no_process_and_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("img.raw");
+    std::fs::write(&image, vec![7u8; 4 << 20]).unwrap();
+    let cdir = dir.path().join("cluster");
+    let up = Command::new(BIN)
+        .args(["cluster", "up", "--hosts", "2", "--image"])
+        .arg(&image)
+        .arg("--dir")
+        .arg(&cdir)
+        .env("VIRTMAN_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cdir.join("cluster.json")).unwrap()).unwrap();
+    let pids: Vec<u64> = state["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 4, "coordinator, origin, two hosts");
+    assert!(pids.iter().all(|&p| alive(p)));
+    // A second `up` in the same directory is refused.
+    let again = Command::new(BIN)
+        .args(["cluster", "up", "--hosts", "1", "--image"])
+        .arg(&image)
+        .arg("--dir")
+        .arg(&cdir)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("cluster down"));
+
+    let down = Command::new(BIN)
+        .args(["cluster", "down", "--dir"])
+        .arg(&cdir)
+        .output()
+        .unwrap();
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    assert!(
+        pids.iter().all(|&p| !alive(p)),
+        "a process survived `cluster down`"
+    );
+    assert!(!Path::new(&cdir).exists(), "the cluster directory is gone");
+    let down = Command::new(BIN)
+        .args(["cluster", "down", "--dir"])
+        .arg(&cdir)
+        .output()
+        .unwrap();
+    assert!(!down.status.success(), "a second down has nothing to stop");
+}

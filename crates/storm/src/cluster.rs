@@ -1,0 +1,345 @@
+//! A local cluster: a coordinator, an origin and M agents as separate
+//! `virtman` processes on loopback, with their state in one directory.
+//!
+//! ```text
+//!  DIR/cluster.json      what is running (pids, addresses, data dirs)
+//!  DIR/token             the coordinator's token
+//!  DIR/coordinator/      coordinator state and log
+//!  DIR/origin/images/    the image store of the origin
+//!  DIR/hostN/            each agent's cache group, sockets and log
+//! ```
+//!
+//! Every process is started in its own process group, so `down` (or a drop of
+//! the owning [`Cluster`]) stops it and everything it started, and then removes
+//! the directory: nothing is left behind.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Why a cluster could not be started or stopped.
+#[derive(Debug, Error)]
+pub enum ClusterError {
+    /// A file or directory operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was done.
+        what: &'static str,
+        /// On which path.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A process did not come up.
+    #[error("{name} did not start within {secs} s; its log ({log}) ends with:\n{tail}")]
+    Start {
+        /// The process.
+        name: String,
+        /// Seconds waited.
+        secs: u64,
+        /// Its log file.
+        log: String,
+        /// The end of its log.
+        tail: String,
+    },
+    /// A command failed.
+    #[error("{0}")]
+    Command(String),
+    /// No cluster state in the directory.
+    #[error("no cluster in {0} (no cluster.json)")]
+    NotFound(String),
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError {
+    let path = path.display().to_string();
+    move |source| ClusterError::Io { what, path, source }
+}
+
+/// How to build a cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// The `virtman` binary to run.
+    pub bin: PathBuf,
+    /// The cluster's directory (created; must not hold a running cluster).
+    pub dir: PathBuf,
+    /// Member hosts (agents besides the origin).
+    pub hosts: usize,
+    /// The raw image the origin serves, imported as `image_name`.
+    pub image: PathBuf,
+    /// The image's name.
+    pub image_name: String,
+    /// Fan-out of the relay tree.
+    pub fanout: u32,
+    /// Parents per host.
+    pub parents: u32,
+    /// Cache capacity per host, as `virtman agent --cache-size` takes it.
+    pub cache_size: String,
+}
+
+/// One process of a cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// `coordinator`, `origin` or `hostN`.
+    pub name: String,
+    /// Its pid (also its process group).
+    pub pid: u32,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// The address it listens on.
+    pub addr: String,
+}
+
+/// What `cluster.json` records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Coordinator URL.
+    pub coordinator: String,
+    /// The image's name.
+    pub image: String,
+    /// Every process, coordinator and origin first.
+    pub members: Vec<Member>,
+}
+
+impl ClusterState {
+    /// The member hosts (not the coordinator or the origin).
+    pub fn hosts(&self) -> impl Iterator<Item = &Member> {
+        self.members.iter().filter(|m| m.name.starts_with("host"))
+    }
+}
+
+/// A running local cluster. Dropping it stops every process and removes its
+/// directory, unless it was [`Cluster::detach`]ed.
+#[derive(Debug)]
+pub struct Cluster {
+    /// Where it lives.
+    pub dir: PathBuf,
+    /// What runs.
+    pub state: ClusterState,
+    detached: bool,
+}
+
+const TOKEN: &str = "local-cluster-token-0123456789abcdef";
+
+/// Starts `bin ARGS` in its own process group with output to `log`, and waits
+/// for `listening on ADDR` in the log.
+fn spawn(
+    bin: &Path,
+    args: &[String],
+    name: &str,
+    log: &Path,
+) -> Result<(u32, String), ClusterError> {
+    let out = fs::File::create(log).map_err(io("creating", log))?;
+    let err = out.try_clone().map_err(io("opening", log))?;
+    let child = Command::new(bin)
+        .args(args)
+        .env("VIRTMAN_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| ClusterError::Command(format!("starting {}: {e}", bin.display())))?;
+    let pid = child.id();
+    // The child is reaped by whoever stops it (kill + waitpid in `stop`), or
+    // by init once this process exits; dropping the handle does not kill it.
+    drop(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut text = String::new();
+        if let Ok(mut f) = fs::File::open(log) {
+            let _ = f.read_to_string(&mut text);
+        }
+        if let Some(addr) = text.lines().find_map(|l| l.strip_prefix("listening on ")) {
+            return Ok((pid, addr.trim().trim_start_matches("http://").to_owned()));
+        }
+        if Instant::now() > deadline || !alive(pid) {
+            stop_pid(pid);
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            return Err(ClusterError::Start {
+                name: name.to_owned(),
+                secs: 30,
+                log: log.display().to_string(),
+                tail: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// SIGTERM to the process group, then SIGKILL after a grace period; reaps the
+/// process if it is our child.
+fn stop_pid(pid: u32) {
+    let Ok(raw) = i32::try_from(pid) else { return };
+    let Some(p) = rustix::process::Pid::from_raw(raw) else {
+        return;
+    };
+    let _ = rustix::process::kill_process_group(p, rustix::process::Signal::TERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(pid) && Instant::now() < deadline {
+        let _ = rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if alive(pid) {
+        let _ = rustix::process::kill_process_group(p, rustix::process::Signal::KILL);
+    }
+    let _ = rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG);
+}
+
+impl Cluster {
+    /// Imports the image and starts the coordinator, the origin and the hosts.
+    pub fn up(config: &ClusterConfig) -> Result<Cluster, ClusterError> {
+        let dir = &config.dir;
+        if dir.join("cluster.json").exists() {
+            return Err(ClusterError::Command(format!(
+                "{} already holds a cluster; run `virtman cluster down --dir {}` first",
+                dir.display(),
+                dir.display()
+            )));
+        }
+        fs::create_dir_all(dir).map_err(io("creating", dir))?;
+        let dir = std::path::absolute(dir).map_err(io("resolving", dir))?;
+        let token = dir.join("token");
+        fs::write(&token, TOKEN).map_err(io("writing", &token))?;
+        let store = dir.join("origin/images");
+        let out = Command::new(&config.bin)
+            .args(["image", "import"])
+            .arg(&config.image)
+            .args(["--name", &config.image_name, "--store"])
+            .arg(&store)
+            .env("VIRTMAN_LOG", "warn")
+            .output()
+            .map_err(|e| ClusterError::Command(format!("importing the image: {e}")))?;
+        if !out.status.success() {
+            return Err(ClusterError::Command(format!(
+                "importing {}: {}",
+                config.image.display(),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        let mut cluster = Cluster {
+            dir: dir.clone(),
+            state: ClusterState {
+                coordinator: String::new(),
+                image: config.image_name.clone(),
+                members: Vec::new(),
+            },
+            detached: false,
+        };
+        let s = |x: &str| x.to_owned();
+        let coord_dir = dir.join("coordinator");
+        let args = vec![
+            s("coordinator"),
+            s("--listen"),
+            s("127.0.0.1:0"),
+            s("--data-dir"),
+            coord_dir.display().to_string(),
+            s("--token-file"),
+            token.display().to_string(),
+            s("--fanout"),
+            config.fanout.to_string(),
+            s("--parents"),
+            config.parents.to_string(),
+            s("--heartbeat-interval"),
+            s("500ms"),
+            s("--heartbeat-timeout"),
+            s("2s"),
+        ];
+        fs::create_dir_all(&coord_dir).map_err(io("creating", &coord_dir))?;
+        let (pid, addr) = spawn(&config.bin, &args, "coordinator", &coord_dir.join("log"))?;
+        cluster.state.coordinator = format!("http://{addr}");
+        cluster.state.members.push(Member {
+            name: s("coordinator"),
+            pid,
+            data_dir: coord_dir,
+            addr,
+        });
+        let names =
+            std::iter::once(s("origin")).chain((1..=config.hosts).map(|i| format!("host{i}")));
+        for name in names {
+            let data = dir.join(&name);
+            fs::create_dir_all(&data).map_err(io("creating", &data))?;
+            let args = vec![
+                s("agent"),
+                s("--coordinator"),
+                cluster.state.coordinator.clone(),
+                s("--token-file"),
+                token.display().to_string(),
+                s("--data-dir"),
+                data.display().to_string(),
+                s("--listen"),
+                s("127.0.0.1:0"),
+                s("--name"),
+                name.clone(),
+                s("--cache-size"),
+                config.cache_size.clone(),
+            ];
+            let (pid, addr) = spawn(&config.bin, &args, &name, &data.join("log"))?;
+            cluster.state.members.push(Member {
+                name,
+                pid,
+                data_dir: data,
+                addr,
+            });
+        }
+        cluster.save()?;
+        Ok(cluster)
+    }
+
+    fn save(&self) -> Result<(), ClusterError> {
+        let p = self.dir.join("cluster.json");
+        let json = serde_json::to_vec_pretty(&self.state)
+            .map_err(|e| ClusterError::Command(e.to_string()))?;
+        fs::write(&p, json).map_err(io("writing", &p))
+    }
+
+    /// Leaves the processes running when this handle is dropped (for
+    /// `virtman cluster up`); `down` stops them later.
+    pub fn detach(mut self) -> ClusterState {
+        self.detached = true;
+        self.state.clone()
+    }
+
+    /// Stops the cluster recorded in `dir` and removes the directory.
+    pub fn down(dir: &Path) -> Result<ClusterState, ClusterError> {
+        let p = dir.join("cluster.json");
+        let text = fs::read(&p).map_err(|_| ClusterError::NotFound(dir.display().to_string()))?;
+        let state: ClusterState = serde_json::from_slice(&text)
+            .map_err(|e| ClusterError::Command(format!("{}: {e}", p.display())))?;
+        stop_all(&state);
+        fs::remove_dir_all(dir).map_err(io("removing", dir))?;
+        Ok(state)
+    }
+}
+
+/// Stops hosts first, then the origin, then the coordinator.
+fn stop_all(state: &ClusterState) {
+    for m in state.members.iter().rev() {
+        stop_pid(m.pid);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if !self.detached {
+            stop_all(&self.state);
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! Local clusters and boot storms: virtman's main job, measured.
+//!
+//! - [`cluster`]: a coordinator, an origin and M agents as separate `virtman`
+//!   processes on loopback, started and stopped as one (`virtman cluster`);
+//! - [`storm`]: N VMs replaying a boot trace at once, in `virtman`,
+//!   `cache-only` and `direct` modes (`virtman storm`);
+//! - [`report`]: the comparison table, CSV and JSON.
+
+// Tests may cast freely; library code must use checked conversions.
+#![cfg_attr(test, allow(clippy::cast_possible_truncation))]
+
+pub mod cluster;
+pub mod report;
+pub mod storm;
+
+pub use cluster::{Cluster, ClusterConfig, ClusterError, ClusterState};
+pub use storm::{StormConfig, StormError, StormMode, StormReport};

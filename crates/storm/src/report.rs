@@ -1,0 +1,115 @@
+//! Storm results as a comparison table, CSV and JSON.
+//!
+//! The table puts the modes side by side, with each mode's time until all VMs
+//! booted and its origin bytes as ratios to `virtman`'s, so one run answers
+//! "how much faster, how much less load on the image server".
+
+use std::fmt::Write as _;
+
+use crate::storm::StormReport;
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1u64 << 20) as f64
+}
+
+/// The comparison table of one run's modes.
+pub fn table(reports: &[StormReport]) -> String {
+    let mut out = String::new();
+    let base = reports
+        .iter()
+        .find(|r| r.mode == crate::StormMode::Virtman)
+        .or(reports.first());
+    let _ = writeln!(
+        out,
+        "{:<11} {:>5} {:>5} {:>8} {:>8} {:>10} {:>11} {:>9} {:>9}",
+        "mode", "hosts", "VMs", "p50 s", "p90 s", "all s", "origin MiB", "x WS", "time x"
+    );
+    for r in reports {
+        let ratio = base.map_or(1.0, |b| r.all_booted_secs / b.all_booted_secs.max(1e-9));
+        let ws = r.origin_bytes as f64 / (r.working_set.max(1)) as f64;
+        let _ = writeln!(
+            out,
+            "{:<11} {:>5} {:>5} {:>8.2} {:>8.2} {:>10.2} {:>11.1} {:>9.2} {:>8.2}x",
+            r.mode.name(),
+            r.hosts,
+            r.vms,
+            r.percentile(0.5),
+            r.percentile(0.9),
+            r.all_booted_secs,
+            mib(r.origin_bytes),
+            ws,
+            ratio
+        );
+    }
+    out
+}
+
+/// One CSV row per VM per mode.
+pub fn csv(reports: &[StormReport]) -> String {
+    let mut out = String::from("mode,vm,host,boot_secs,bytes\n");
+    for r in reports {
+        for v in &r.vm_results {
+            let _ = writeln!(
+                out,
+                "{},{},{},{:.6},{}",
+                r.mode.name(),
+                v.vm,
+                v.host,
+                v.boot_secs,
+                v.bytes
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storm::{StormMode, VmResult};
+
+    fn report(mode: StormMode, secs: f64, origin: u64) -> StormReport {
+        StormReport {
+            mode,
+            hosts: 2,
+            vms: 2,
+            image_size: 1 << 20,
+            working_set: 1 << 19,
+            back_to_back: true,
+            vm_results: vec![
+                VmResult {
+                    vm: "vm1".into(),
+                    host: "host1".into(),
+                    boot_secs: secs / 2.0,
+                    bytes: 10,
+                },
+                VmResult {
+                    vm: "vm2".into(),
+                    host: "host2".into(),
+                    boot_secs: secs,
+                    bytes: 10,
+                },
+            ],
+            host_results: vec![],
+            origin_bytes: origin,
+            all_booted_secs: secs,
+        }
+    }
+
+    #[test]
+    fn table_has_ratios_to_virtman() {
+        let t = table(&[
+            report(StormMode::Virtman, 2.0, 1 << 19),
+            report(StormMode::Direct, 6.0, 1 << 21),
+        ]);
+        let direct = t.lines().find(|l| l.starts_with("direct")).unwrap();
+        assert!(direct.ends_with("3.00x"), "{t}");
+        assert!(
+            direct.contains(" 4.00 "),
+            "origin bytes over the working set: {t}"
+        );
+        let c = csv(&[report(StormMode::Virtman, 2.0, 0)]);
+        assert_eq!(c.lines().count(), 3);
+        assert!(c.contains("virtman,vm2,host2,2.000000,10"));
+    }
+}

@@ -1,0 +1,433 @@
+//! A boot storm: N VMs over M hosts replay a boot trace at once, in one of
+//! three modes, and every VM's time is measured.
+//!
+//! ```text
+//!  virtman     coordinator + origin + M agents, relay tree (fan-out k, p parents)
+//!  cache-only  the same processes, fan-out M and one parent: every host fetches
+//!              from the origin, each once (host cache)
+//!  direct      qemu-nbd -e 64 serving the image; every VM reads it, no cache
+//!
+//!  t0 ─► every VM: connect ─► read 0 ─ think ─► read 1 ─ … ─► last read = booted
+//! ```
+//!
+//! A VM's replay issues its reads one at a time, each `at_us` gap after the
+//! previous one completed (the guest's think time), or back to back. Every
+//! byte read is compared with the image, so a storm is also a correctness run.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use virtman_agent::control::ControlClient;
+use virtman_nbd::{Client, ClientConfig, Endpoint};
+use virtman_sim::Trace;
+
+use crate::cluster::{Cluster, ClusterConfig, ClusterError};
+
+/// How VMs get their image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StormMode {
+    /// Relay tree.
+    Virtman,
+    /// Host caches, every host fetching from the origin.
+    CacheOnly,
+    /// Every VM reading a plain NBD server, no cache.
+    Direct,
+}
+
+impl StormMode {
+    /// The mode's name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            StormMode::Virtman => "virtman",
+            StormMode::CacheOnly => "cache-only",
+            StormMode::Direct => "direct",
+        }
+    }
+}
+
+/// A storm to run.
+#[derive(Clone, Debug)]
+pub struct StormConfig {
+    /// The `virtman` binary.
+    pub bin: PathBuf,
+    /// Work directory (a cluster per mode is made and removed in it).
+    pub dir: PathBuf,
+    /// Hosts.
+    pub hosts: usize,
+    /// VMs, spread round-robin over the hosts.
+    pub vms: usize,
+    /// The raw image.
+    pub image: PathBuf,
+    /// The trace every VM replays.
+    pub trace: Arc<Trace>,
+    /// Replay reads back to back, ignoring the trace's think time.
+    pub back_to_back: bool,
+    /// Fan-out in `virtman` mode.
+    pub fanout: u32,
+    /// Parents per host in `virtman` mode.
+    pub parents: u32,
+}
+
+/// Why a storm failed.
+#[derive(Debug, Error)]
+pub enum StormError {
+    /// The cluster failed.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    /// A VM could not be created or read.
+    #[error("VM {vm}: {message}")]
+    Vm {
+        /// The VM.
+        vm: String,
+        /// What happened.
+        message: String,
+    },
+    /// Bad configuration.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// One VM's result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmResult {
+    /// The VM.
+    pub vm: String,
+    /// Its host.
+    pub host: String,
+    /// Seconds from the storm's start until its last read completed.
+    pub boot_secs: f64,
+    /// Bytes it read.
+    pub bytes: u64,
+}
+
+/// One host's figures.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HostResult {
+    /// The host.
+    pub host: String,
+    /// Its depth in the tree (1 = child of the origin).
+    pub depth: Option<u64>,
+    /// Bytes it fetched from parents that are not origins.
+    pub from_parents: u64,
+    /// Bytes it fetched from origins.
+    pub from_origin: u64,
+    /// Bytes it served to child hosts.
+    pub served_to_children: u64,
+}
+
+/// The result of one storm.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StormReport {
+    /// The mode.
+    pub mode: StormMode,
+    /// Hosts.
+    pub hosts: usize,
+    /// VMs.
+    pub vms: usize,
+    /// Bytes of the image.
+    pub image_size: u64,
+    /// Bytes of distinct chunks the trace touches (the working set).
+    pub working_set: u64,
+    /// Whether reads were replayed back to back.
+    pub back_to_back: bool,
+    /// Every VM.
+    pub vm_results: Vec<VmResult>,
+    /// Every host (empty in `direct` mode).
+    pub host_results: Vec<HostResult>,
+    /// Bytes the origin (or the plain server) sent.
+    pub origin_bytes: u64,
+    /// Seconds until every VM had booted.
+    pub all_booted_secs: f64,
+}
+
+impl StormReport {
+    /// The boot time below which a fraction `q` of the VMs finished.
+    pub fn percentile(&self, q: f64) -> f64 {
+        let mut t: Vec<f64> = self.vm_results.iter().map(|v| v.boot_secs).collect();
+        t.sort_by(f64::total_cmp);
+        if t.is_empty() {
+            return 0.0;
+        }
+        let i = ((t.len() as f64 - 1.0) * q.clamp(0.0, 1.0)).round();
+        // In [0, len - 1] by construction: the cast cannot truncate.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let i = i as usize;
+        t[i.min(t.len() - 1)]
+    }
+}
+
+/// Replays `trace` against one VM's export, checking every byte with `image`.
+async fn replay(
+    endpoint: Endpoint,
+    export: String,
+    trace: Arc<Trace>,
+    image: Arc<File>,
+    back_to_back: bool,
+    t0: Instant,
+) -> Result<(f64, u64), String> {
+    let c = Client::connect(
+        &endpoint,
+        &ClientConfig {
+            export,
+            request_timeout: Duration::from_secs(120),
+            ..ClientConfig::default()
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut last_at = 0u64;
+    let mut bytes = 0u64;
+    for r in &trace.reads {
+        if !back_to_back && r.at_us > last_at {
+            tokio::time::sleep(Duration::from_micros(r.at_us - last_at)).await;
+        }
+        last_at = r.at_us;
+        let got = c
+            .read(r.offset, r.length)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut want = vec![0u8; got.len()];
+        image
+            .read_exact_at(&mut want, r.offset)
+            .map_err(|e| format!("reading the image: {e}"))?;
+        if got[..] != want[..] {
+            return Err(format!(
+                "read of {} bytes at {} differs from the image",
+                r.length, r.offset
+            ));
+        }
+        bytes += r.length;
+    }
+    let _ = c.disconnect().await;
+    Ok((t0.elapsed().as_secs_f64(), bytes))
+}
+
+/// Runs one storm in `mode`.
+pub async fn run(config: &StormConfig, mode: StormMode) -> Result<StormReport, StormError> {
+    if config.hosts == 0 || config.vms == 0 {
+        return Err(StormError::Config(
+            "a storm needs at least one host and one VM".into(),
+        ));
+    }
+    let image = Arc::new(
+        File::open(&config.image)
+            .map_err(|e| StormError::Config(format!("opening {}: {e}", config.image.display())))?,
+    );
+    let image_size = image
+        .metadata()
+        .map_err(|e| StormError::Config(e.to_string()))?
+        .len();
+    if config.trace.image_size > image_size {
+        return Err(StormError::Config(format!(
+            "the trace was recorded on a {} byte image, larger than {} ({} bytes)",
+            config.trace.image_size,
+            config.image.display(),
+            image_size
+        )));
+    }
+    let dir = config.dir.join(mode.name());
+    let working_set = config.trace.chunk_bytes(virtman_image::DEFAULT_CHUNK_SIZE);
+
+    // Set up the mode's servers and one endpoint per VM.
+    let mut cluster = None;
+    let mut direct = None;
+    let mut endpoints = Vec::new();
+    match mode {
+        StormMode::Direct => {
+            std::fs::create_dir_all(&dir).map_err(|e| StormError::Config(e.to_string()))?;
+            let sock = dir.join("qemu-nbd.sock");
+            let child = Command::new("qemu-nbd")
+                .args([
+                    "-r", "-t", "-e", "1024", "-f", "raw", "-x", "img", "--socket",
+                ])
+                .arg(&sock)
+                .arg(&config.image)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| {
+                    StormError::Config(format!("starting qemu-nbd (install qemu-utils): {e}"))
+                })?;
+            direct = Some(KillOnDrop(child));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !sock.exists() {
+                if Instant::now() > deadline {
+                    return Err(StormError::Config("qemu-nbd did not start".into()));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            for i in 0..config.vms {
+                let host = format!("host{}", i % config.hosts + 1);
+                endpoints.push((
+                    format!("vm{}", i + 1),
+                    host,
+                    Endpoint::Unix(sock.clone()),
+                    "img".to_owned(),
+                ));
+            }
+        }
+        StormMode::Virtman | StormMode::CacheOnly => {
+            let (fanout, parents) = match mode {
+                StormMode::Virtman => (config.fanout, config.parents),
+                _ => (u32::try_from(config.hosts).unwrap_or(u32::MAX).max(2), 1),
+            };
+            let c = Cluster::up(&ClusterConfig {
+                bin: config.bin.clone(),
+                dir: dir.clone(),
+                hosts: config.hosts,
+                image: config.image.clone(),
+                image_name: "img".into(),
+                fanout,
+                parents,
+                cache_size: format!("{}", image_size.saturating_mul(2).max(64 << 20)),
+            })?;
+            let hosts: Vec<_> = c.state.hosts().cloned().collect();
+            for i in 0..config.vms {
+                let h = &hosts[i % hosts.len()];
+                let vm = format!("vm{}", i + 1);
+                let ctl = ControlClient::new(h.data_dir.join("agent.sock"));
+                let info = ctl
+                    .create_vm(&vm, "img")
+                    .await
+                    .map_err(|e| StormError::Vm {
+                        vm: vm.clone(),
+                        message: e.to_string(),
+                    })?;
+                let sock = info
+                    .uri
+                    .split("socket=")
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_owned();
+                endpoints.push((vm.clone(), h.name.clone(), Endpoint::Unix(sock.into()), vm));
+            }
+            cluster = Some(c);
+        }
+    }
+
+    // The storm: every VM starts at once.
+    let t0 = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (vm, host, endpoint, export) in endpoints {
+        let trace = Arc::clone(&config.trace);
+        let image = Arc::clone(&image);
+        let b2b = config.back_to_back;
+        tasks.spawn(async move {
+            let r = replay(endpoint, export, trace, image, b2b, t0).await;
+            (vm, host, r)
+        });
+    }
+    let mut vm_results = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let (vm, host, r) = done.map_err(|e| StormError::Config(e.to_string()))?;
+        let (boot_secs, bytes) = r.map_err(|message| StormError::Vm {
+            vm: vm.clone(),
+            message,
+        })?;
+        vm_results.push(VmResult {
+            vm,
+            host,
+            boot_secs,
+            bytes,
+        });
+    }
+    let all_booted_secs = t0.elapsed().as_secs_f64();
+    vm_results.sort_by(|a, b| a.vm.cmp(&b.vm));
+
+    let mut host_results = Vec::new();
+    let origin_bytes = match &cluster {
+        None => vm_results.iter().map(|v| v.bytes).sum(),
+        Some(c) => {
+            let depths = tree_depths(&config.bin, &c.state.coordinator);
+            for h in c.state.hosts() {
+                let s = ControlClient::new(h.data_dir.join("agent.sock"))
+                    .status()
+                    .await
+                    .map_err(|e| StormError::Config(format!("status of {}: {e}", h.name)))?;
+                let (mut from_parents, mut from_origin) = (0, 0);
+                for i in &s.images {
+                    for (_, origin, b) in &i.fetched {
+                        if *origin {
+                            from_origin += b;
+                        } else {
+                            from_parents += b;
+                        }
+                    }
+                }
+                host_results.push(HostResult {
+                    host: h.name.clone(),
+                    depth: depths.iter().find(|(n, _)| *n == h.name).map(|d| d.1),
+                    from_parents,
+                    from_origin,
+                    served_to_children: s.served_to_children,
+                });
+            }
+            let origin = c
+                .state
+                .members
+                .iter()
+                .find(|m| m.name == "origin")
+                .ok_or_else(|| StormError::Config("no origin".into()))?;
+            let s = ControlClient::new(origin.data_dir.join("agent.sock"))
+                .status()
+                .await
+                .map_err(|e| StormError::Config(format!("status of the origin: {e}")))?;
+            s.images
+                .iter()
+                .filter_map(|i| i.sent.map(|x| x.bytes))
+                .sum()
+        }
+    };
+    drop(cluster);
+    drop(direct);
+    Ok(StormReport {
+        mode,
+        hosts: config.hosts,
+        vms: config.vms,
+        image_size,
+        working_set,
+        back_to_back: config.back_to_back,
+        vm_results,
+        host_results,
+        origin_bytes,
+        all_booted_secs,
+    })
+}
+
+/// Each host's depth, from `virtman tree --json`.
+fn tree_depths(bin: &Path, coordinator: &str) -> Vec<(String, u64)> {
+    let Ok(out) = Command::new(bin)
+        .args(["tree", "img", "--json", "--coordinator", coordinator])
+        .output()
+    else {
+        return Vec::new();
+    };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+        return Vec::new();
+    };
+    v["nodes"]
+        .as_array()
+        .map(|nodes| {
+            nodes
+                .iter()
+                .filter_map(|n| Some((n["node"].as_str()?.to_owned(), n["depth"].as_u64()?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
