@@ -431,9 +431,28 @@ pub fn chart_svg(reports: &[Report]) -> String {
         .fold(0.0f64, f64::max)
         .max(1e-3)
         * 1.05;
+    // The first boot of any run: modes differ by orders of magnitude, so a
+    // wide range gets a logarithmic time axis starting at a power of ten.
+    let first = reports
+        .iter()
+        .flat_map(|r| r.booted_over_time.get(1).map(|p| p.0))
+        .fold(f64::INFINITY, f64::min);
+    let log = first.is_finite() && first > 0.0 && xmax / first > 20.0;
+    let xmin = if log {
+        10f64.powf(first.log10().floor())
+    } else {
+        0.0
+    };
     #[allow(clippy::cast_precision_loss)]
     let ymax = reports.iter().map(|r| r.vms).max().unwrap_or(1).max(1) as f64;
-    let x = |t: f64| L + (W - L - R) * t / xmax;
+    let x = |t: f64| {
+        if log {
+            let t = t.max(xmin);
+            L + (W - L - R) * (t / xmin).log10() / (xmax / xmin).log10()
+        } else {
+            L + (W - L - R) * t / xmax
+        }
+    };
     let y = |n: f64| H - B - (H - T - B) * n / ymax;
     let mut s = String::new();
     let _ = writeln!(
@@ -455,28 +474,46 @@ pub fn chart_svg(reports: &[Report]) -> String {
     );
     for i in 0..=5 {
         let f = f64::from(i) / 5.0;
-        let (tx, ty) = (x(xmax * f), y(ymax * f));
+        let ty = y(ymax * f);
         let _ = writeln!(
             s,
-            r#"<path d="M{tx:.1} {} v5 M{L} {ty:.1} h-5" stroke="black"/><text x="{tx:.1}" y="{}" text-anchor="middle">{:.1}</text><text x="{}" y="{:.1}" text-anchor="end">{:.0}</text>"#,
-            H - B,
-            H - B + 18.0,
-            xmax * f,
+            r#"<path d="M{L} {ty:.1} h-5" stroke="black"/><text x="{}" y="{:.1}" text-anchor="end">{:.0}</text>"#,
             L - 8.0,
             ty + 4.0,
             ymax * f
         );
     }
+    let ticks: Vec<f64> = if log {
+        std::iter::successors(Some(xmin), |t| Some(t * 10.0))
+            .take_while(|&t| t <= xmax)
+            .collect()
+    } else {
+        (0..=5).map(|i| xmax * f64::from(i) / 5.0).collect()
+    };
+    for t in ticks {
+        let tx = x(t);
+        let _ = writeln!(
+            s,
+            r#"<path d="M{tx:.1} {} v5" stroke="black"/><text x="{tx:.1}" y="{}" text-anchor="middle">{}</text>"#,
+            H - B,
+            H - B + 18.0,
+            if t >= 10.0 || t == 0.0 {
+                format!("{t:.0}")
+            } else {
+                format!("{t}")
+            }
+        );
+    }
     let _ = writeln!(
         s,
-        r#"<text x="{}" y="{}" text-anchor="middle">virtual time (s)</text>"#,
+        r#"<text x="{}" y="{}" text-anchor="middle">virtual time (s{})</text>"#,
         (W - R + L) / 2.0,
-        H - 10.0
+        H - 10.0,
+        if log { ", log scale" } else { "" }
     );
     for (i, r) in reports.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
         let mut d = String::new();
-        let mut last = 0.0;
         for (k, &(t, n)) in r.booted_over_time.iter().enumerate() {
             #[allow(clippy::cast_precision_loss)]
             let n = n as f64;
@@ -486,9 +523,7 @@ pub fn chart_svg(reports: &[Report]) -> String {
             } else {
                 let _ = write!(d, " H{:.1} V{:.1}", x(t), y(n));
             }
-            last = n;
         }
-        let _ = last;
         let _ = writeln!(
             s,
             r#"<path d="{d}" stroke="{c}" stroke-width="2" fill="none"/>"#

@@ -252,6 +252,18 @@ fn coalesced_rates_stay_close_to_exact() {
     assert!((a - b).abs() / a < 0.1, "{a} vs {b}");
 }
 
+#[test]
+fn chart_has_one_line_per_run_and_a_log_axis_when_modes_differ() {
+    let a = run(&storm(Mode::Virtman, 10, 20)).unwrap();
+    let b = run(&storm(Mode::Direct, 10, 20)).unwrap();
+    let svg = virtman_sim::chart_svg(&[a.clone(), b]);
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert_eq!(svg.matches("stroke-width=\"2\" fill=\"none\"").count(), 2);
+    assert!(svg.contains("virtman k4 p2") && svg.contains("direct"));
+    let one = virtman_sim::chart_svg(&[a]);
+    assert!(!one.contains("log scale"));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
