@@ -3,98 +3,14 @@
 //! (installed by `.ci/run`); a missing tool fails with the package to install.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
-use std::io::{BufRead, BufReader};
+mod common;
+
+use common::Served;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 use virtman_testkit::pattern;
 
 const MIB: usize = 1 << 20;
-
-/// A running `virtman serve`, stopped with SIGTERM on drop.
-struct Served {
-    child: Child,
-    tcp: String,
-    socket: PathBuf,
-    log: Arc<Mutex<String>>,
-}
-
-impl Served {
-    fn start(file: &Path, dir: &Path, extra: &[&str]) -> Served {
-        let socket = dir.join("nbd.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_virtman"))
-            .arg("serve")
-            .arg(file)
-            .args(["--listen", "127.0.0.1:0", "--name", "disk", "--socket"])
-            .arg(&socket)
-            .args(extra)
-            .env("VIRTMAN_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("serving on ").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap_or("").to_owned();
-                    if !addr.starts_with("unix:") {
-                        let _ = tx.send(addr);
-                    }
-                }
-                sink.lock().unwrap().push_str(&line);
-                sink.lock().unwrap().push('\n');
-            }
-        });
-        let tcp = rx
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("virtman serve did not start: {}", log.lock().unwrap()));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "unix socket never appeared");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Served {
-            child,
-            tcp,
-            socket,
-            log,
-        }
-    }
-
-    fn unix_uri(&self) -> String {
-        format!("nbd+unix:///disk?socket={}", self.socket.display())
-    }
-
-    fn tcp_uri(&self) -> String {
-        format!("nbd://{}/disk", self.tcp)
-    }
-
-    /// Sends SIGTERM and waits for a clean exit.
-    fn stop(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "virtman serve ignored SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.stop();
-        }
-    }
-}
 
 fn tool(name: &str, package: &str) -> Command {
     let path = ["/usr/bin", "/usr/local/bin"]
