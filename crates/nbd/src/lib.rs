@@ -6,7 +6,7 @@
 //! - [`proto`]: the wire format without I/O (constants, pure encoders and
 //!   decoders, request validation), property-tested and fuzzed;
 //! - [`export`]: the [`Export`] trait that anything served implements;
-//! - [`file`]: a file-backed export;
+//! - [`file`](mod@file): a file-backed export;
 //! - [`server`]: a tokio server for many exports, connections and requests in
 //!   flight, on TCP and unix sockets;
 //! - [`client`]: a tokio client with many requests in flight per connection,
