@@ -108,6 +108,9 @@ pub struct SimArgs {
     /// Recompute max-min rates at most this often (0: at every change, exact; larger is an approximation).
     #[arg(long, value_parser = parse_duration)]
     pub rate_interval: Option<Duration>,
+    /// The agent's per-request timeout before it fails over to the next source.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub request_timeout: Duration,
     /// Seed of every random choice.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -174,6 +177,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     base.max_vms_per_host = args.max_vms_per_host;
     base.max_time = args.max_time;
     base.seed = args.seed;
+    base.request_timeout = args.request_timeout;
     if let Some(r) = args.rate_interval {
         base.rate_interval = r;
     }
