@@ -153,6 +153,8 @@ pub struct Report {
     pub rate_recomputes: u64,
     /// Booted VMs over time: (seconds, count), at most ~200 points.
     pub booted_over_time: Vec<(f64, u64)>,
+    /// Remarks on the scenario (a failure that came after the last boot).
+    pub notes: Vec<String>,
 }
 
 #[allow(clippy::cast_precision_loss)]
@@ -268,6 +270,24 @@ pub(crate) fn build(
         }
     }
     let trace_bytes = cfg.trace.bytes();
+    let mut notes = Vec::new();
+    for w in &cfg.failures {
+        if w.at.as_nanos() > u128::from(end) {
+            notes.push(format!(
+                "the failure wave at {:?} came after the run ended at {:.2} s: it changed nothing",
+                w.at,
+                secs(end)
+            ));
+        }
+    }
+    if let Some(t) = cfg.origin_fail_at
+        && t.as_nanos() > u128::from(end)
+    {
+        notes.push(format!(
+            "the origin's failure at {t:?} came after the run ended at {:.2} s",
+            secs(end)
+        ));
+    }
     #[allow(clippy::cast_precision_loss)]
     let origin_copies =
         origin_bytes as f64 / (working_set_bytes as f64 * images.len() as f64).max(1.0);
@@ -298,6 +318,7 @@ pub(crate) fn build(
         counters: raw,
         rate_recomputes: net.recomputes,
         booted_over_time: series,
+        notes,
     }
 }
 
@@ -389,6 +410,9 @@ impl Report {
                     mib(i.origin_bytes)
                 );
             }
+        }
+        for n in &self.notes {
+            let _ = writeln!(s, "  note: {n}");
         }
         if self.never_booted > 0 {
             let ids: Vec<String> = self

@@ -213,6 +213,21 @@ fn impossible_scenarios_are_refused() {
     });
     let e = run(&c).unwrap_err();
     assert!(e.to_string().contains("before the end"), "{e}");
+    // A wave inside the bound but after the last boot is run, and noted.
+    let mut c = storm(Mode::Virtman, 2, 4);
+    c.failures.push(FailureWave {
+        fraction: 0.5,
+        at: Duration::from_secs(600),
+        recover_after: None,
+    });
+    let r = run(&c).unwrap();
+    assert_eq!(r.booted, 4);
+    assert_eq!(r.notes.len(), 1);
+    assert!(
+        r.text().contains("came after the run ended"),
+        "{}",
+        r.text()
+    );
     let mut c = storm(Mode::Virtman, 2, 4);
     c.topology.fanout = 1;
     assert!(run(&c).is_err());
