@@ -41,6 +41,7 @@ use virtman_nbd::{
 };
 
 use crate::origin::{CountingExport, SendCounts};
+use crate::prefetch::{self, ImagePrefetch, PrefetchConfig, PrefetchStatus, profile_export};
 use crate::upstream::{BadParent, FetchConfig, Parents, Source};
 
 /// Settings of an agent.
@@ -122,6 +123,7 @@ enum Role {
         volume: Arc<CachedVolume>,
         parents: Arc<Parents>,
         epoch: AtomicU64,
+        prefetch: Arc<ImagePrefetch>,
     },
 }
 
@@ -164,6 +166,9 @@ pub struct ImageStatus {
     pub failovers: u64,
     /// What an origin sent.
     pub sent: Option<OriginSent>,
+    /// Prefetch of a member image (boot profile, pin).
+    #[serde(default)]
+    pub prefetch: Option<PrefetchStatus>,
 }
 
 /// What an origin sent (see [`SendCounts`]).
@@ -217,6 +222,10 @@ pub struct MemberStats {
     pub misses: u64,
     /// Chunks evicted.
     pub evicted: u64,
+    /// Chunks fetched by prefetch (profile, pin, hints).
+    pub prefetched_chunks: u64,
+    /// Bytes of those.
+    pub prefetched_bytes: u64,
     /// Fetch latency.
     pub latency: prometheus_client::metrics::histogram::Histogram,
 }
@@ -237,6 +246,8 @@ pub struct Agent {
     reports_rx: Mutex<Option<mpsc::UnboundedReceiver<BadParent>>>,
     coordinator_ok: std::sync::atomic::AtomicBool,
     heartbeat_ms: AtomicU64,
+    /// Background prefetch settings (see [`Agent::set_prefetch`]).
+    prefetch: Mutex<PrefetchConfig>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -294,8 +305,15 @@ impl Agent {
             reports_rx: Mutex::new(Some(rx)),
             coordinator_ok: std::sync::atomic::AtomicBool::new(false),
             heartbeat_ms: AtomicU64::new(hb.max(50)),
+            prefetch: Mutex::new(PrefetchConfig::default()),
             config,
         }))
+    }
+
+    /// Replaces the prefetch settings (defaults: [`PrefetchConfig::default`]);
+    /// images joined later use them.
+    pub fn set_prefetch(&self, config: PrefetchConfig) {
+        *lock(&self.prefetch) = config;
     }
 
     /// The node's name.
@@ -341,6 +359,16 @@ impl Agent {
         tasks.close();
         shutdown.cancelled().await;
         tasks.wait().await;
+        let prefetches: Vec<Arc<ImagePrefetch>> = lock(&self.images)
+            .values()
+            .filter_map(|e| match &e.role {
+                Role::Member { prefetch, .. } => Some(Arc::clone(prefetch)),
+                Role::Origin { .. } => None,
+            })
+            .collect();
+        for p in prefetches {
+            p.stop().await;
+        }
         // Make what was fetched durable before exiting.
         for v in self.group.volumes() {
             if let Err(e) = v.sync().await {
@@ -441,6 +469,7 @@ impl Agent {
             if !rejoined {
                 rejoined = self.rejoin_restored().await;
             }
+            self.publish_profiles().await;
             match self.heartbeat().await {
                 Ok(()) => down_logged = false,
                 Err(e) => {
@@ -463,6 +492,36 @@ impl Agent {
                     }
                 }
             }
+        }
+    }
+
+    /// Saves each member's recorded boot profile when it changed, and
+    /// (re)publishes `profile/IMAGE` when what it should hold changed.
+    async fn publish_profiles(&self) {
+        let members: Vec<(String, Arc<CachedVolume>, Arc<ImagePrefetch>)> = lock(&self.images)
+            .iter()
+            .filter_map(|(n, e)| match &e.role {
+                Role::Member {
+                    volume, prefetch, ..
+                } => Some((n.clone(), Arc::clone(volume), Arc::clone(prefetch))),
+                Role::Origin { .. } => None,
+            })
+            .collect();
+        for (image, volume, prefetch) in members {
+            let Some(profile) = prefetch.to_publish(&volume) else {
+                continue;
+            };
+            let v = Arc::clone(&volume);
+            match tokio::task::spawn_blocking(move || v.save_profile()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(image, error = %e, "saving the boot profile failed"),
+                Err(e) => warn!(image, error = %e, "saving the boot profile failed"),
+            }
+            let bytes = profile.encode(volume.manifest());
+            self.base.add_export(
+                profile_export(&image),
+                Arc::new(MemExport::new(bytes).read_only()),
+            );
         }
     }
 
@@ -653,6 +712,12 @@ impl Agent {
             }
         };
         let manifest = Arc::new(volume.manifest().clone());
+        let profile_sources = prefetch::ProfileSources {
+            parents: assignment.parents.iter().map(|p| p.addr.clone()).collect(),
+            origins: info.origins.clone(),
+            me: self.config.name.clone(),
+            coord: self.coord.clone(),
+        };
         let parents = Arc::new(Parents::new(
             image,
             Arc::clone(&manifest),
@@ -679,6 +744,17 @@ impl Agent {
             manifest_export(image),
             Arc::new(MemExport::new(manifest.encode()).read_only()),
         );
+        let prefetch = Arc::new(ImagePrefetch::default());
+        let prefetch_config = lock(&self.prefetch).clone();
+        if prefetch_config.profile {
+            prefetch.tasks.spawn(prefetch::replay_profile(
+                image.to_owned(),
+                Arc::clone(&volume),
+                Arc::clone(&prefetch),
+                profile_sources,
+                prefetch_config,
+            ));
+        }
         lock(&self.images).insert(
             image.to_owned(),
             Arc::new(ImageEntry {
@@ -687,6 +763,7 @@ impl Agent {
                     volume,
                     parents,
                     epoch: AtomicU64::new(assignment.epoch),
+                    prefetch,
                 },
             }),
         );
@@ -784,7 +861,12 @@ impl Agent {
                     "image {image:?} is an origin image here; remove it from the image store instead"
                 )));
             }
-            Some(Role::Member { volume, .. }) => volume.set_upstream(None),
+            Some(Role::Member {
+                volume, prefetch, ..
+            }) => {
+                prefetch.stop().await;
+                volume.set_upstream(None);
+            }
             None if self.group.volume(image).is_none() => {
                 return Err(AgentError::NotCached(image.to_owned()));
             }
@@ -793,6 +875,7 @@ impl Agent {
         // Drop every handle of ours: removal is refused while any is held.
         self.base.remove_export(image);
         self.base.remove_export(&manifest_export(image));
+        self.base.remove_export(&profile_export(image));
         lock(&self.images).remove(image);
         drop(entry);
         let leave = LeaveRequest {
@@ -809,6 +892,37 @@ impl Agent {
             return Err(AgentError::InUse(format!(
                 "image {image:?} is still in use by children, so it stays cached: {e}"
             )));
+        }
+        Ok(())
+    }
+
+    /// Fetches the whole image in the background (joining it first if
+    /// needed), so that this host no longer needs its parents. Progress shows
+    /// in [`Agent::status`]. Asking again while a pin runs is a no-op.
+    pub async fn pin_image(self: &Arc<Self>, image: &str) -> Result<(), AgentError> {
+        let origin = matches!(
+            lock(&self.images).get(image).map(|e| &e.role),
+            Some(Role::Origin { .. })
+        );
+        if origin {
+            return Err(AgentError::Invalid(format!(
+                "image {image:?} is an origin image here: it is already whole"
+            )));
+        }
+        self.ensure_image(image).await?;
+        let entry = lock(&self.images).get(image).cloned();
+        if let Some(Role::Member {
+            volume, prefetch, ..
+        }) = entry.as_deref().map(|e| &e.role)
+            && prefetch.start_pin()
+        {
+            info!(image, "pinning: fetching the whole image in the background");
+            prefetch.tasks.spawn(prefetch::pin(
+                image.to_owned(),
+                Arc::clone(volume),
+                Arc::clone(prefetch),
+                lock(&self.prefetch).clone(),
+            ));
         }
         Ok(())
     }
@@ -851,6 +965,8 @@ impl Agent {
                         hits: v.hits.load(Ordering::Relaxed),
                         misses: v.misses.load(Ordering::Relaxed),
                         evicted: v.evicted_chunks.load(Ordering::Relaxed),
+                        prefetched_chunks: v.prefetched_chunks.load(Ordering::Relaxed),
+                        prefetched_bytes: v.prefetched_bytes.load(Ordering::Relaxed),
                         latency: f.latency.clone(),
                     })
                 }
@@ -900,10 +1016,14 @@ impl Agent {
                             chunks_sent: c.chunks_sent,
                             max_per_chunk: c.max_per_chunk,
                         }),
+                        prefetch: None,
                     }
                 }
                 Role::Member {
-                    volume, parents, ..
+                    volume,
+                    parents,
+                    prefetch,
+                    ..
                 } => ImageStatus {
                     name,
                     role: "member".into(),
@@ -914,6 +1034,7 @@ impl Agent {
                     from_origins: parents.stats().from_origins.load(Ordering::Relaxed),
                     failovers: parents.stats().failovers.load(Ordering::Relaxed),
                     sent: None,
+                    prefetch: Some(prefetch.status(volume)),
                 },
             })
             .collect();

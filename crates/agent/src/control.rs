@@ -1,5 +1,5 @@
 //! The agent's control API: HTTP+JSON on a local unix socket, used by the CLI
-//! (`virtman vm ...`, `virtman status`, `virtman image evict`), and Prometheus
+//! (`virtman vm ...`, `virtman status`, `virtman image evict|pin`), and Prometheus
 //! metrics at `/metrics`.
 //!
 //! ```text
@@ -8,6 +8,7 @@
 //!   POST   /v1/vms  {name, image}      VmInfo        (joins the image first if needed)
 //!   DELETE /v1/vms/{name}              204
 //!   POST   /v1/images/{name}/evict     204
+//!   POST   /v1/images/{name}/pin       202           (joins first; fetches the rest in the background)
 //!   GET    /metrics                    Prometheus text
 //! ```
 //!
@@ -94,6 +95,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{name}", axum::routing::delete(remove_vm))
         .route("/v1/images/{name}/evict", post(evict))
+        .route("/v1/images/{name}/pin", post(pin))
         .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .with_state(ctx)
@@ -133,6 +135,14 @@ async fn evict(
 ) -> Result<StatusCode, ApiError> {
     c.agent.evict_image(&name).await.map_err(ApiError)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn pin(
+    State(c): State<Arc<Ctx>>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<StatusCode, ApiError> {
+    c.agent.pin_image(&name).await.map_err(ApiError)?;
+    Ok(StatusCode::ACCEPTED)
 }
 
 async fn metrics(State(c): State<Arc<Ctx>>) -> Response {
@@ -309,6 +319,13 @@ impl ControlClient {
     /// Evicts an image's cached volume.
     pub async fn evict(&self, image: &str) -> Result<(), ControlError> {
         self.call("POST", &format!("/v1/images/{image}/evict"), None)
+            .await?;
+        Ok(())
+    }
+
+    /// Starts fetching the whole image in the background.
+    pub async fn pin(&self, image: &str) -> Result<(), ControlError> {
+        self.call("POST", &format!("/v1/images/{image}/pin"), None)
             .await?;
         Ok(())
     }

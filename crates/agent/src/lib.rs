@@ -4,6 +4,8 @@
 //!   coordinator loop, VMs;
 //! - [`control`]: the control API on a local unix socket, and its client;
 //! - [`metrics`]: Prometheus metrics read from live counters;
+//! - [`prefetch`]: boot profiles fetched from parents and replayed ahead of
+//!   the VMs, pins (the whole image in the background), behind demand reads;
 //! - [`origin`]: serving an image whole and counting what leaves;
 //! - [`upstream`]: fetching chunks from parents in the relay tree, spread by
 //!   load, with failover and reports of bad parents.
@@ -15,6 +17,7 @@ pub mod agent;
 pub mod control;
 pub mod metrics;
 pub mod origin;
+pub mod prefetch;
 pub mod upstream;
 
 pub use agent::{Agent, AgentConfig, AgentError, Status, VmInfo};

@@ -8,6 +8,7 @@
 //! | `virtman_fetch_seconds` | image | histogram of chunk fetch latency (all attempts of one fetch) |
 //! | `virtman_cache_hits_total`, `_misses_total` | image | chunk pieces read locally / needing a fetch |
 //! | `virtman_cache_evicted_chunks_total` | image | chunks evicted |
+//! | `virtman_prefetched_chunks_total`, `_bytes_total` | image | chunks fetched by prefetch (boot profile, pin, CMD_CACHE hints) |
 //! | `virtman_cache_used_bytes`, `_capacity_bytes` | | the cache group's usage |
 //! | `virtman_served_bytes_total` | to=children\|vms | bytes served over the base and VM exports |
 //! | `virtman_origin_sent_bytes_total` | image | bytes an origin sent |
@@ -63,7 +64,7 @@ impl Collector for AgentCollector {
             }
         }
         type Get = fn(&crate::agent::MemberStats) -> u64;
-        let per_image: [(&str, &str, Get); 5] = [
+        let per_image: [(&str, &str, Get); 7] = [
             (
                 "fetch_failovers",
                 "Fetches that moved on to another source",
@@ -83,6 +84,16 @@ impl Collector for AgentCollector {
                 s.misses
             }),
             ("cache_evicted_chunks", "Chunks evicted", |s| s.evicted),
+            (
+                "prefetched_chunks",
+                "Chunks fetched by prefetch (boot profile, pin, hints)",
+                |s| s.prefetched_chunks,
+            ),
+            (
+                "prefetched_bytes",
+                "Bytes of chunks fetched by prefetch",
+                |s| s.prefetched_bytes,
+            ),
         ];
         for (name, help, get) in per_image {
             let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;

@@ -1,0 +1,360 @@
+//! Prefetch: fetching chunks before the VMs ask for them, behind demand reads.
+//!
+//! ```text
+//!  ensure_image ─► task: profile/IMAGE from parents … origins (absent: done)
+//!                          │ BootProfile (checked against the manifest)
+//!                          ▼
+//!                  fetch_in_order(chunks in boot order)
+//!                    skip present / all-zero chunks
+//!                    wait while demand reads are waiting on fetches
+//!                    at most `in_flight` chunks at once
+//!                    CachedVolume::prefetch (single flight with demand reads)
+//!  pin_image ────► task: every missing chunk, pass after pass, until complete
+//! ```
+//!
+//! Each host publishes the profile it recorded (or, until its VMs have
+//! touched anything, the one it fetched) as the read-only NBD export
+//! `profile/IMAGE` on its base server, so the profile travels down the tree
+//! like the manifest does.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::debug;
+use virtman_cache::{BootProfile, CachedVolume};
+use virtman_image::Manifest;
+use virtman_nbd::{Client, ClientConfig, Endpoint};
+
+/// The profile export's name for an image.
+pub fn profile_export(image: &str) -> String {
+    format!("profile/{image}")
+}
+
+/// Tunables of background prefetch.
+#[derive(Clone, Debug)]
+pub struct PrefetchConfig {
+    /// Chunks a background prefetch has in flight at once (small, so that
+    /// the links stay free for demand misses).
+    pub in_flight: usize,
+    /// How often a paused prefetch looks whether demand reads still wait.
+    pub poll: Duration,
+    /// Pause between passes of a pin whose last pass had failures.
+    pub retry: Duration,
+    /// Whether joining an image fetches and replays its boot profile.
+    pub profile: bool,
+}
+
+impl Default for PrefetchConfig {
+    /// Two chunks in flight (a 256 KiB chunk takes ~2 ms at 1 Gbit/s, so two
+    /// keep a link busy without queueing far ahead of a demand miss), a 5 ms
+    /// poll, a 1 s retry.
+    fn default() -> Self {
+        PrefetchConfig {
+            in_flight: 2,
+            poll: Duration::from_millis(5),
+            retry: Duration::from_secs(1),
+            profile: true,
+        }
+    }
+}
+
+/// Prefetch state of one member image.
+#[derive(Debug, Default)]
+pub struct ImagePrefetch {
+    /// Stops this image's prefetch tasks (eviction, shutdown).
+    pub(crate) cancel: CancellationToken,
+    /// Its tasks, awaited before the volume is removed.
+    pub(crate) tasks: TaskTracker,
+    /// The profile fetched from a parent or origin, if any.
+    inherited: Mutex<Option<Arc<BootProfile>>>,
+    /// What `profile/IMAGE` currently holds: (own recording?, entries).
+    published: Mutex<Option<(bool, u64)>>,
+    /// Chunks in the fetched profile.
+    profile_chunks: AtomicU64,
+    /// The profile replay finished (or there was none).
+    profile_done: AtomicBool,
+    /// A pin was requested.
+    pinned: AtomicBool,
+    /// The pin finished: every chunk is present.
+    pin_done: AtomicBool,
+}
+
+/// What the status shows of an image's prefetch.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PrefetchStatus {
+    /// Chunks in the boot profile fetched at join (0: none found).
+    pub profile_chunks: u64,
+    /// Whether the profile replay has finished.
+    pub profile_done: bool,
+    /// Chunks recorded in this host's own boot profile.
+    pub recorded_chunks: u64,
+    /// Chunks fetched by prefetch (profile, pin, CMD_CACHE hints).
+    pub prefetched_chunks: u64,
+    /// Bytes of those.
+    pub prefetched_bytes: u64,
+    /// Whether `image pin` was asked for.
+    pub pinned: bool,
+    /// Whether the pin is complete (the host no longer needs its parents).
+    pub pin_done: bool,
+}
+
+impl ImagePrefetch {
+    /// The status of this image's prefetch over `volume`.
+    pub fn status(&self, volume: &CachedVolume) -> PrefetchStatus {
+        let s = volume.stats();
+        PrefetchStatus {
+            profile_chunks: self.profile_chunks.load(Ordering::Relaxed),
+            profile_done: self.profile_done.load(Ordering::Relaxed),
+            recorded_chunks: volume.boot_profile_len(),
+            prefetched_chunks: s.prefetched_chunks.load(Ordering::Relaxed),
+            prefetched_bytes: s.prefetched_bytes.load(Ordering::Relaxed),
+            pinned: self.pinned.load(Ordering::Relaxed),
+            pin_done: self.pin_done.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The profile to publish, if it changed since the last call: the own
+    /// recording once it has entries, else the inherited one.
+    pub(crate) fn to_publish(&self, volume: &CachedVolume) -> Option<BootProfile> {
+        let own = volume.boot_profile_len();
+        let inherited = self
+            .inherited
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (key, profile) = if own > 0 {
+            ((true, own), None)
+        } else {
+            match inherited {
+                Some(p) => ((false, p.entries.len() as u64), Some(p)),
+                None => return None,
+            }
+        };
+        let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        if *published == Some(key) {
+            return None;
+        }
+        *published = Some(key);
+        Some(match profile {
+            Some(p) => (*p).clone(),
+            None => volume.boot_profile(),
+        })
+    }
+
+    /// Marks a pin as asked for; returns whether it was not already.
+    pub(crate) fn start_pin(&self) -> bool {
+        !self.pinned.swap(true, Ordering::AcqRel)
+    }
+
+    /// Stops the tasks and waits for them.
+    pub(crate) async fn stop(&self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+/// Reads `profile/IMAGE` from the first source that has a valid one.
+/// Sources without one (or unreachable) are skipped: no profile is normal.
+pub async fn fetch_profile(
+    image: &str,
+    manifest: &Manifest,
+    sources: &[String],
+) -> Option<BootProfile> {
+    for addr in sources {
+        let cfg = ClientConfig {
+            export: profile_export(image),
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(3),
+            connections: 1,
+        };
+        let got = async {
+            let c = Client::connect(&Endpoint::Tcp(addr.clone()), &cfg)
+                .await
+                .map_err(|e| e.to_string())?;
+            let bytes = c.read(0, c.size()).await.map_err(|e| e.to_string())?;
+            let _ = c.disconnect().await;
+            let path = PathBuf::from(format!("nbd://{addr}/{}", profile_export(image)));
+            BootProfile::decode(&path, &bytes, manifest).map_err(|e| e.to_string())
+        }
+        .await;
+        match got {
+            Ok(p) if !p.is_empty() => return Some(p),
+            Ok(_) => debug!(image, %addr, "empty boot profile"),
+            Err(e) => debug!(image, %addr, error = %e, "no boot profile"),
+        }
+    }
+    None
+}
+
+/// Fetches the missing chunks among `chunks`, in order, at most
+/// `cfg.in_flight` at once, pausing while demand reads wait. Returns the
+/// chunks whose fetch failed; stops early (returning nothing more) when
+/// `cancel` fires.
+pub async fn fetch_in_order(
+    volume: &Arc<CachedVolume>,
+    chunks: impl IntoIterator<Item = u64>,
+    cfg: &PrefetchConfig,
+    cancel: &CancellationToken,
+) -> Vec<u64> {
+    let m = volume.manifest();
+    let mut set = tokio::task::JoinSet::new();
+    let mut failed = Vec::new();
+    let reap = |r: Result<(u64, bool), tokio::task::JoinError>, failed: &mut Vec<u64>| {
+        if let Ok((i, false)) = r {
+            failed.push(i);
+        }
+    };
+    for i in chunks {
+        if i >= m.chunks() || volume.is_present(i) || m.is_zero_chunk(i) {
+            continue;
+        }
+        while volume.demand_waiting() > 0 || set.len() >= cfg.in_flight.max(1) {
+            if cancel.is_cancelled() {
+                set.abort_all();
+                return failed;
+            }
+            if set.len() >= cfg.in_flight.max(1) {
+                if let Some(r) = set.join_next().await {
+                    reap(r, &mut failed);
+                }
+            } else {
+                tokio::select! {
+                    () = cancel.cancelled() => {}
+                    () = tokio::time::sleep(cfg.poll) => {}
+                }
+            }
+        }
+        if cancel.is_cancelled() {
+            break;
+        }
+        let v = Arc::clone(volume);
+        let (offset, len) = (m.chunk_offset(i), u64::from(m.chunk_len(i)));
+        set.spawn(async move {
+            match v.prefetch(offset, len).await {
+                Ok(()) => (i, true),
+                Err(e) => {
+                    debug!(volume = v.name(), chunk = i, error = %e, "prefetch failed");
+                    (i, false)
+                }
+            }
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        reap(r, &mut failed);
+    }
+    failed
+}
+
+/// Where to look for a profile: the parents, then a few other members of
+/// the session (shallowest first: a host at depth 1 has only the origin as
+/// parent, which records no boots), then the origins.
+pub(crate) struct ProfileSources {
+    /// Parent addresses, in the coordinator's order.
+    pub parents: Vec<String>,
+    /// Origin addresses.
+    pub origins: Vec<String>,
+    /// This node's name (not asked).
+    pub me: String,
+    /// For the session's member list.
+    pub coord: virtman_coordinator::Client,
+}
+
+/// How many other members are asked for a profile.
+const OTHER_MEMBERS: usize = 4;
+
+impl ProfileSources {
+    async fn list(self, image: &str) -> Vec<String> {
+        let mut out = self.parents;
+        if let Ok(tree) = self.coord.tree(image).await {
+            let mut others: Vec<_> = tree
+                .nodes
+                .into_iter()
+                .filter(|n| !n.origin && n.node != self.me && !out.contains(&n.addr))
+                .collect();
+            others.sort_by_key(|n| n.depth);
+            out.extend(others.into_iter().take(OTHER_MEMBERS).map(|n| n.addr));
+        }
+        out.extend(self.origins);
+        out
+    }
+}
+
+/// Replays the image's boot profile: fetches it from `sources`, then its
+/// chunks in order. Runs as a background task of `ensure_image`.
+pub(crate) async fn replay_profile(
+    image: String,
+    volume: Arc<CachedVolume>,
+    state: Arc<ImagePrefetch>,
+    sources: ProfileSources,
+    cfg: PrefetchConfig,
+) {
+    let profile = tokio::select! {
+        p = async {
+            let sources = sources.list(&image).await;
+            fetch_profile(&image, volume.manifest(), &sources).await
+        } => p,
+        () = state.cancel.cancelled() => None,
+    };
+    if let Some(p) = profile {
+        let p = Arc::new(p);
+        state
+            .profile_chunks
+            .store(p.entries.len() as u64, Ordering::Relaxed);
+        *state.inherited.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&p));
+        debug!(
+            image,
+            chunks = p.entries.len(),
+            "replaying the boot profile"
+        );
+        let failed = fetch_in_order(&volume, p.chunks(), &cfg, &state.cancel).await;
+        if !failed.is_empty() {
+            debug!(
+                image,
+                failed = failed.len(),
+                "some profile chunks were not prefetched"
+            );
+        }
+    }
+    state.profile_done.store(true, Ordering::Relaxed);
+}
+
+/// Fetches every missing chunk, pass after pass, until the volume is
+/// complete or `cancel` fires.
+pub(crate) async fn pin(
+    image: String,
+    volume: Arc<CachedVolume>,
+    state: Arc<ImagePrefetch>,
+    cfg: PrefetchConfig,
+) {
+    loop {
+        let m = volume.manifest();
+        let missing: Vec<u64> = (0..m.chunks())
+            .filter(|&i| !volume.is_present(i) && !m.is_zero_chunk(i))
+            .collect();
+        if missing.is_empty() {
+            state.pin_done.store(true, Ordering::Relaxed);
+            tracing::info!(image, "pinned: every chunk is on this host");
+            return;
+        }
+        let failed = fetch_in_order(&volume, missing, &cfg, &state.cancel).await;
+        if state.cancel.is_cancelled() {
+            return;
+        }
+        if !failed.is_empty() {
+            debug!(
+                image,
+                failed = failed.len(),
+                "pin pass incomplete; retrying"
+            );
+            tokio::select! {
+                () = state.cancel.cancelled() => return,
+                () = tokio::time::sleep(cfg.retry) => {}
+            }
+        }
+    }
+}

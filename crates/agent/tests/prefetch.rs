@@ -1,0 +1,310 @@
+//! Prefetch end to end, in one process: a coordinator, an origin agent and
+//! member agents on loopback, VMs read through their snapshot exports with
+//! the virtman NBD client.
+//!
+//! - A host that joins after another host booted fetches that host's boot
+//!   profile and prefetches exactly its chunks before any VM reads.
+//! - A pin fetches the whole image while a VM reads it (every byte right);
+//!   once pinned, the host's reads survive its parents and the origin dying.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use virtman_agent::prefetch::{PrefetchConfig, fetch_profile};
+use virtman_agent::upstream::FetchConfig;
+use virtman_agent::{Agent, AgentConfig};
+use virtman_coordinator::{Coordinator, CoordinatorConfig, Options, Token};
+use virtman_image::ImageStore;
+use virtman_nbd::{Client, ClientConfig, Endpoint};
+
+const CHUNK: u32 = 64 * 1024;
+const TOKEN: &str = "prefetch-test-token-0123456789";
+
+struct Node {
+    agent: Arc<Agent>,
+    addr: String,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Node {
+    async fn kill(self) {
+        self.stop.cancel();
+        self.task.await.unwrap();
+    }
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    url: String,
+    coord_stop: CancellationToken,
+    image: Vec<u8>,
+}
+
+impl Cluster {
+    /// A coordinator with fan-out 2 and one parent per host, and an image
+    /// `img` of `chunks` chunks.
+    async fn start(chunks: usize) -> (Cluster, Node) {
+        let dir = tempfile::tempdir().unwrap();
+        let image = virtman_testkit::pattern(chunks * CHUNK as usize, 7);
+        let raw = dir.path().join("img.raw");
+        std::fs::write(&raw, &image).unwrap();
+        ImageStore::open(dir.path().join("origin/images"))
+            .unwrap()
+            .import(&raw, "img", CHUNK, &mut |_, _| {})
+            .unwrap();
+        let config = CoordinatorConfig {
+            fanout: 2,
+            parents: 1,
+            heartbeat_interval_ms: 200,
+            heartbeat_timeout_ms: 2000,
+            ..CoordinatorConfig::default()
+        };
+        let coord_stop = CancellationToken::new();
+        let coordinator = Coordinator::open(
+            Options {
+                config,
+                token: Token::new(TOKEN).unwrap(),
+                data_dir: dir.path().join("coord"),
+            },
+            coord_stop.clone(),
+        )
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(coordinator.serve(listener));
+        let c = Cluster {
+            dir,
+            url,
+            coord_stop,
+            image,
+        };
+        let origin = c.node("origin").await;
+        // Wait for the origin to register the image.
+        let client = virtman_coordinator::Client::new(&c.url, None).unwrap();
+        wait_for("the image to be registered", || async {
+            client
+                .images()
+                .await
+                .is_ok_and(|l| l.iter().any(|i| i.name == "img"))
+        })
+        .await;
+        (c, origin)
+    }
+
+    async fn node(&self, name: &str) -> Node {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let agent = Agent::open(AgentConfig {
+            name: name.into(),
+            data_dir: self.dir.path().join(name),
+            image_store: None,
+            coordinator: self.url.clone(),
+            token: Some(TOKEN.into()),
+            advertise: addr.clone(),
+            cache_size: 1 << 30,
+            labels: BTreeMap::new(),
+            fetch: FetchConfig::default(),
+            heartbeat_interval: Duration::from_millis(200),
+        })
+        .unwrap();
+        agent.set_prefetch(PrefetchConfig::default());
+        let stop = CancellationToken::new();
+        let a = Arc::clone(&agent);
+        let s = stop.clone();
+        let task = tokio::spawn(async move { a.run(listener, s).await.unwrap() });
+        Node {
+            agent,
+            addr,
+            stop,
+            task,
+        }
+    }
+
+    fn manifest(&self) -> virtman_image::Manifest {
+        virtman_image::Manifest::load(&self.dir.path().join("origin/images/img/manifest")).unwrap()
+    }
+}
+
+async fn wait_for<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn vm_client(socket: &Path, vm: &str) -> Client {
+    let cfg = ClientConfig {
+        export: vm.into(),
+        request_timeout: Duration::from_secs(30),
+        connect_timeout: Duration::from_secs(5),
+        connections: 1,
+    };
+    Client::connect(&Endpoint::Unix(PathBuf::from(socket)), &cfg)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_host_prefetches_the_boot_profile_before_its_vms_read() {
+    let (c, origin) = Cluster::start(32).await;
+    let manifest = c.manifest();
+
+    // a1 boots a VM that touches four chunks, in this order.
+    let a1 = c.node("a1").await;
+    a1.agent.create_vm("vm1", "img").await.unwrap();
+    let vm = vm_client(a1.agent.vm_socket(), "vm1").await;
+    let order = [9u64, 3, 17, 4];
+    for &i in &order {
+        let off = i * u64::from(CHUNK) + 1000;
+        let got = vm.read(off, 4096).await.unwrap();
+        assert_eq!(&got[..], &c.image[off as usize..off as usize + 4096]);
+    }
+    // Again, and across a chunk boundary already seen: nothing new recorded.
+    vm.read(9 * u64::from(CHUNK), 4096).await.unwrap();
+    let v1 = a1.agent.volume("img").unwrap();
+    assert_eq!(
+        v1.boot_profile().chunks().collect::<Vec<_>>(),
+        order.to_vec()
+    );
+
+    // a1 publishes it as profile/img.
+    let a1_addr = vec![a1.addr.clone()];
+    wait_for("a1's profile export", || async {
+        fetch_profile("img", &manifest, &a1_addr)
+            .await
+            .is_some_and(|p| p.chunks().collect::<Vec<_>>() == order)
+    })
+    .await;
+    // And keeps it in its volume's directory (checked file).
+    let file = c.dir.path().join("a1/cache/volumes/img/profile");
+    assert!(file.exists(), "no profile file");
+
+    // a2 joins without any VM (beside a1, under the origin: it finds the
+    // profile among the session's members): the profile's chunks, and only
+    // those, arrive.
+    let a2 = c.node("a2").await;
+    a2.agent.ensure_image("img").await.unwrap();
+    let v2 = a2.agent.volume("img").unwrap();
+    wait_for("a2 to prefetch the profile", || async {
+        order.iter().all(|&i| v2.is_present(i))
+    })
+    .await;
+    let st = v2.stats();
+    assert_eq!(st.misses.load(Ordering::Relaxed), 0, "a read happened");
+    assert_eq!(st.hits.load(Ordering::Relaxed), 0, "a read happened");
+    assert_eq!(st.prefetched_chunks.load(Ordering::Relaxed), 4);
+    assert_eq!(
+        st.prefetched_bytes.load(Ordering::Relaxed),
+        4 * u64::from(CHUNK)
+    );
+    assert_eq!(v2.present_list(), vec![3, 4, 9, 17]);
+    let status = a2.agent.status();
+    let p = status.images[0].prefetch.clone().unwrap();
+    assert_eq!(p.profile_chunks, 4);
+    assert_eq!(p.prefetched_chunks, 4);
+    // Until its own VMs touch anything, a2 passes the inherited profile on.
+    let a2_addr = vec![a2.addr.clone()];
+    wait_for("a2's profile export", || async {
+        fetch_profile("img", &manifest, &a2_addr)
+            .await
+            .is_some_and(|p| p.chunks().collect::<Vec<_>>() == order)
+    })
+    .await;
+
+    // A VM on a2 then boots from local chunks only.
+    a2.agent.create_vm("vm2", "img").await.unwrap();
+    let vm2 = vm_client(a2.agent.vm_socket(), "vm2").await;
+    for &i in &order {
+        let off = i * u64::from(CHUNK);
+        let got = vm2.read(off, u64::from(CHUNK)).await.unwrap();
+        assert_eq!(
+            &got[..],
+            &c.image[off as usize..(off + u64::from(CHUNK)) as usize]
+        );
+    }
+    assert_eq!(st.misses.load(Ordering::Relaxed), 0);
+    // The metrics show it.
+    let text = {
+        let mut reg = prometheus_client::registry::Registry::default();
+        reg.register_collector(Box::new(virtman_agent::metrics::AgentCollector::new(
+            Arc::clone(&a2.agent),
+        )));
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, &reg).unwrap();
+        s
+    };
+    assert!(
+        text.contains("prefetched_chunks_total{image=\"img\"} 4"),
+        "{text}"
+    );
+
+    let _ = vm.disconnect().await;
+    let _ = vm2.disconnect().await;
+    a2.kill().await;
+    a1.kill().await;
+    origin.kill().await;
+    c.coord_stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_host_reads_right_while_pinning_and_survives_its_parents() {
+    let (c, origin) = Cluster::start(128).await;
+    let size = c.image.len() as u64;
+    let a1 = c.node("a1").await;
+    a1.agent.ensure_image("img").await.unwrap();
+    let a2 = c.node("a2").await;
+    a2.agent.create_vm("vm2", "img").await.unwrap();
+    let vm = vm_client(a2.agent.vm_socket(), "vm2").await;
+
+    // Pin, and read the back half of the image through the VM at the same
+    // time (from the end, towards the pin, which goes from the start).
+    a2.agent.pin_image("img").await.unwrap();
+    let step = 3 * u64::from(CHUNK) / 2;
+    let mut off = size;
+    while off > size / 2 {
+        let start = off.saturating_sub(step).max(size / 2);
+        let got = vm.read(start, off - start).await.unwrap();
+        assert!(
+            got[..] == c.image[start as usize..off as usize],
+            "wrong bytes at {start}"
+        );
+        off = start;
+    }
+    let v2 = a2.agent.volume("img").unwrap();
+    wait_for("the pin to finish", || async {
+        a2.agent.status().images[0]
+            .prefetch
+            .as_ref()
+            .is_some_and(|p| p.pinned && p.pin_done)
+    })
+    .await;
+    assert_eq!(v2.present_chunks(), 128);
+    assert!((a2.agent.status().images[0].progress - 1.0).abs() < 1e-9);
+    assert_eq!(v2.verify_present().unwrap(), Vec::<u64>::new());
+
+    // Its parent and the origin die; every read still succeeds.
+    let _ = vm.disconnect().await;
+    a1.kill().await;
+    origin.kill().await;
+    let vm = vm_client(a2.agent.vm_socket(), "vm2").await;
+    let all = vm.read(0, size).await.unwrap();
+    assert!(all[..] == c.image[..], "wrong bytes after the parents died");
+
+    // Pinning again is a no-op.
+    a2.agent.pin_image("img").await.unwrap();
+    let _ = vm.disconnect().await;
+    a2.kill().await;
+    c.coord_stop.cancel();
+}
