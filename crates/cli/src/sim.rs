@@ -226,6 +226,11 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     if configs.is_empty() {
         bail!("nothing to run");
     }
+    // Refuse an impossible scenario before printing anything.
+    for c in &configs {
+        c.validate()
+            .with_context(|| format!("the {} scenario", c.mode.name()))?;
+    }
     if !args.json {
         println!(
             "trace: {} reads, {:.1} MiB read, {:.1} MiB of chunks, image {:.1} MiB",

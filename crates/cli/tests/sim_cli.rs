@@ -1,0 +1,147 @@
+//! `virtman sim` as a user runs it: text, JSON, the chart, a trace file, and
+//! clear errors for impossible scenarios and bad traces.
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Command, Output};
+
+fn sim(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_virtman"))
+        .arg("sim")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+const SMALL: &[&str] = &[
+    "--hosts",
+    "6",
+    "--vms",
+    "12",
+    "--image-size",
+    "64M",
+    "--working-set",
+    "4M",
+    "--think",
+    "1s",
+];
+
+#[test]
+fn text_json_and_chart_for_every_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let chart = dir.path().join("storm.svg");
+    let trace = dir.path().join("boot.trace");
+    let mut args = SMALL.to_vec();
+    let chart_s = chart.to_str().unwrap();
+    let trace_s = trace.to_str().unwrap();
+    args.extend([
+        "--mode",
+        "all",
+        "--chart",
+        chart_s,
+        "--write-trace",
+        trace_s,
+    ]);
+    let out = sim(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    for label in ["virtman k4 p2", "cache-only", "direct", "boot time s: p50"] {
+        assert!(text.contains(label), "{label} missing from:\n{text}");
+    }
+    assert!(std::fs::read_to_string(&chart).unwrap().starts_with("<svg"));
+
+    // The written trace replays to the same JSON report.
+    let mut a = SMALL.to_vec();
+    a.extend(["--json", "--seed", "1"]);
+    let from_synthetic = sim(&a);
+    let mut b = vec!["--hosts", "6", "--vms", "12", "--trace", trace_s];
+    b.extend(["--json", "--seed", "1"]);
+    let from_file = sim(&b);
+    assert!(
+        from_file.status.success(),
+        "{}",
+        String::from_utf8_lossy(&from_file.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&from_file.stdout).unwrap();
+    assert_eq!(v[0]["booted"], 12);
+    assert_eq!(from_synthetic.stdout, from_file.stdout);
+}
+
+#[test]
+fn impossible_scenarios_and_bad_traces_fail_clearly() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--hosts", "2", "--vms", "1000"], "do not fit on 2 hosts"),
+        (
+            &["--hosts", "2", "--vms", "4", "--link-rate", "0"],
+            "positive rate",
+        ),
+        (
+            &["--hosts", "2", "--vms", "4", "--fail", "5%@2h"],
+            "before the end of the run",
+        ),
+        (
+            &["--hosts", "2", "--vms", "4", "--fail", "often"],
+            "is not a failure",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = sim(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?} printed before failing");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let truncated = dir.path().join("t.trace");
+    std::fs::write(
+        &truncated,
+        "virtman-trace 1\nimage-size 1048576\n0 0 4096\n10 4096",
+    )
+    .unwrap();
+    let out = sim(&[
+        "--hosts",
+        "1",
+        "--vms",
+        "1",
+        "--trace",
+        truncated.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 4"));
+    let big = dir.path().join("big.trace");
+    std::fs::write(
+        &big,
+        "virtman-trace 1\nimage-size 1048576\n0 1044480 8192\n",
+    )
+    .unwrap();
+    let out = sim(&[
+        "--hosts",
+        "1",
+        "--vms",
+        "1",
+        "--trace",
+        big.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("past the end"));
+    // A trace that fits its own image but not the one given.
+    let ok = dir.path().join("ok.trace");
+    std::fs::write(&ok, "virtman-trace 1\nimage-size 1048576\n0 524288 8192\n").unwrap();
+    let p = ok.to_str().unwrap();
+    let out = sim(&[
+        "--hosts",
+        "1",
+        "--vms",
+        "1",
+        "--trace",
+        p,
+        "--image-size",
+        "256K",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--image-size"),
+        "{err}"
+    );
+}
