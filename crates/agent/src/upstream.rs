@@ -38,6 +38,9 @@ pub struct FetchConfig {
     pub connections: usize,
     /// How long a parent that failed is skipped (it may be restarting).
     pub cool_down: Duration,
+    /// Latency added to every request to a parent, for local benchmarks where
+    /// the kernel cannot add it (no netem); zero in production.
+    pub link_delay: Duration,
 }
 
 impl Default for FetchConfig {
@@ -47,6 +50,7 @@ impl Default for FetchConfig {
             connect_timeout: Duration::from_secs(2),
             connections: 2,
             cool_down: Duration::from_secs(3),
+            link_delay: Duration::ZERO,
         }
     }
 }
@@ -288,6 +292,9 @@ impl Parents {
     async fn fetch_from(&self, conn: &Conn, req: &ChunkRequest) -> Result<Bytes, String> {
         let client = conn.client(&self.image, &self.config).await?;
         conn.outstanding.fetch_add(1, Ordering::Relaxed);
+        if !self.config.link_delay.is_zero() {
+            tokio::time::sleep(self.config.link_delay).await;
+        }
         let res = client.read(req.offset, u64::from(req.len)).await;
         conn.outstanding.fetch_sub(1, Ordering::Relaxed);
         res.map_err(|e| e.to_string())

@@ -77,6 +77,11 @@ pub struct AgentArgs {
     /// Image store served as origin (default DATA_DIR/images).
     #[arg(long, value_name = "DIR")]
     pub image_store: Option<PathBuf>,
+
+    /// Latency to add to every fetch from a parent (e.g. 0.2ms), for local
+    /// benchmarks on links the kernel cannot delay (no netem).
+    #[arg(long, value_name = "DURATION", value_parser = crate::coordinator::parse_duration)]
+    pub link_delay: Option<std::time::Duration>,
 }
 
 fn host_name() -> String {
@@ -133,7 +138,10 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         advertise,
         cache_size: args.cache_size,
         labels,
-        fetch: FetchConfig::default(),
+        fetch: FetchConfig {
+            link_delay: args.link_delay.unwrap_or_default(),
+            ..FetchConfig::default()
+        },
         heartbeat_interval: std::time::Duration::from_secs(1),
     };
     let agent = Agent::open(config).context("starting the agent")?;

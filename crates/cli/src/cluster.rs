@@ -42,6 +42,16 @@ Example:
         /// Cache capacity per host.
         #[arg(long, default_value = "2G")]
         cache_size: String,
+        /// Put every host in its own network namespace with a shaped link
+        /// (root only; needs iproute2).
+        #[arg(long)]
+        netns: bool,
+        /// Link rate with --netns (tc tbf syntax).
+        #[arg(long, default_value = "1gbit")]
+        link_rate: String,
+        /// Latency added to every fetch with --netns (in user space).
+        #[arg(long, default_value = "0.2ms")]
+        link_delay: String,
     },
     /// Stop every process of the cluster and remove its directory.
     Down {
@@ -61,6 +71,9 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
             fanout,
             parents,
             cache_size,
+            netns,
+            link_rate,
+            link_delay,
         } => {
             let bin = std::env::current_exe().context("finding the virtman binary")?;
             let c = Cluster::up(&ClusterConfig {
@@ -72,6 +85,10 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
                 fanout,
                 parents,
                 cache_size,
+                net: netns.then(|| virtman_storm::cluster::NetConfig {
+                    rate: link_rate.clone(),
+                    delay: link_delay.clone(),
+                }),
             })?;
             let state = c.detach();
             println!("coordinator {}", state.coordinator);

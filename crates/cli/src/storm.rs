@@ -77,6 +77,16 @@ pub struct StormArgs {
     /// Parents per host in `virtman` mode.
     #[arg(long, default_value_t = 2)]
     parents: u32,
+    /// Put every host in its own network namespace with a shaped link (root
+    /// only; needs iproute2). Without it, everything runs on loopback.
+    #[arg(long)]
+    netns: bool,
+    /// Link rate with --netns (tc tbf syntax, e.g. 1gbit, 100mbit).
+    #[arg(long, default_value = "1gbit")]
+    link_rate: String,
+    /// Latency added to every request with --netns (in user space).
+    #[arg(long, default_value = "0.2ms", value_parser = crate::coordinator::parse_duration)]
+    link_delay: std::time::Duration,
     /// Where results go (report.json, boots.csv).
     #[arg(long, default_value = "storm-results")]
     out: PathBuf,
@@ -141,6 +151,11 @@ pub fn run(args: StormArgs) -> anyhow::Result<()> {
         back_to_back: args.back_to_back,
         fanout: args.fanout,
         parents: args.parents,
+        net: args.netns.then(|| virtman_storm::cluster::NetConfig {
+            rate: args.link_rate.clone(),
+            delay: format!("{}ms", args.link_delay.as_secs_f64() * 1000.0),
+        }),
+        link_delay: args.link_delay,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -154,7 +169,17 @@ pub fn run(args: StormArgs) -> anyhow::Result<()> {
             args.hosts,
             mode.name()
         );
-        let r = runtime.block_on(virtman_storm::storm::run(&config, mode))?;
+        // Ctrl-C or SIGTERM drops the storm, whose cluster then stops every
+        // process and removes its namespaces and files.
+        let r = runtime.block_on(async {
+            tokio::select! {
+                r = virtman_storm::storm::run(&config, mode) => r.map_err(anyhow::Error::from),
+                s = crate::serve::wait_for_signal() => {
+                    s?;
+                    bail!("interrupted; the cluster was stopped and cleaned up")
+                }
+            }
+        })?;
         eprintln!(
             "  all booted in {:.2} s; origin sent {}",
             r.all_booted_secs,

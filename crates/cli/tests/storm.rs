@@ -35,6 +35,8 @@ fn a_small_storm_in_every_mode_reads_the_image_and_ranks_origin_load() {
         ])
         .arg(&out_dir)
         .env("VIRTMAN_LOG", "warn")
+        // The storm's work directory goes under ours, to look for leftovers.
+        .env("TMPDIR", dir.path())
         .output()
         .unwrap();
     assert!(
@@ -65,14 +67,19 @@ fn a_small_storm_in_every_mode_reads_the_image_and_ranks_origin_load() {
     assert_eq!(csv.lines().count(), 1 + 3 * 6);
     // No process of the storm is left: every cluster was stopped.
     let ps = Command::new("pgrep")
-        .args(["-f", "virtman-storm"])
+        .args(["-f", dir.path().to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(
-        ps.stdout.is_empty(),
-        "left running: {}",
-        String::from_utf8_lossy(&ps.stdout)
-    );
+    let pids = String::from_utf8_lossy(&ps.stdout)
+        .trim()
+        .replace('\n', ",");
+    if !pids.is_empty() {
+        let info = Command::new("ps")
+            .args(["-o", "pid,stat,args", "-p", &pids])
+            .output()
+            .unwrap();
+        panic!("left running: {}", String::from_utf8_lossy(&info.stdout));
+    }
 }
 
 #[test]
@@ -136,4 +143,136 @@ fn cluster_down_leaves_no_process_and_no_file() {
         .output()
         .unwrap();
     assert!(!down.status.success(), "a second down has nothing to stop");
+}
+
+fn namespaces() -> String {
+    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn links() -> String {
+    let out = Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn with_namespaces_down_removes_every_namespace_and_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("img.raw");
+    std::fs::write(&image, vec![3u8; 4 << 20]).unwrap();
+    let cdir = dir.path().join("cluster");
+    let up = Command::new(BIN)
+        .args([
+            "cluster",
+            "up",
+            "--hosts",
+            "2",
+            "--netns",
+            "--link-rate",
+            "100mbit",
+            "--image",
+        ])
+        .arg(&image)
+        .arg("--dir")
+        .arg(&cdir)
+        .env("VIRTMAN_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cdir.join("cluster.json")).unwrap()).unwrap();
+    let ns: Vec<String> = state["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap().to_owned())
+        .collect();
+    let bridge = state["bridge"].as_str().unwrap().to_owned();
+    assert_eq!(ns.len(), 3, "origin and two hosts");
+    let listed = namespaces();
+    assert!(ns.iter().all(|n| listed.contains(n.as_str())), "{listed}");
+    assert!(links().contains(&bridge));
+    // Hosts listen on their namespace's address, not loopback.
+    let host1 = state["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "host1")
+        .unwrap();
+    assert!(
+        host1["addr"].as_str().unwrap().starts_with("10.201."),
+        "{host1}"
+    );
+
+    let down = Command::new(BIN)
+        .args(["cluster", "down", "--dir"])
+        .arg(&cdir)
+        .output()
+        .unwrap();
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    let listed = namespaces();
+    assert!(
+        ns.iter().all(|n| !listed.contains(n.as_str())),
+        "left: {listed}"
+    );
+    assert!(!links().contains(&bridge), "bridge {bridge} left behind");
+    assert!(!cdir.exists());
+}
+
+#[test]
+fn a_storm_on_shaped_links_reads_the_image_and_ranks_origin_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("results");
+    let out = Command::new(BIN)
+        .args(["storm", "--hosts", "2", "--vms", "4", "--image-size", "8M"])
+        .args([
+            "--working-set",
+            "2M",
+            "--think-ms",
+            "100",
+            "--mode",
+            "all",
+            "--netns",
+        ])
+        .args(["--link-rate", "200mbit", "--out"])
+        .arg(&out_dir)
+        .env("VIRTMAN_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reports: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("report.json")).unwrap()).unwrap();
+    let origin: Vec<u64> = reports
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["vm_results"].as_array().unwrap().len(), 4);
+            r["origin_bytes"].as_u64().unwrap()
+        })
+        .collect();
+    assert!(
+        origin[0] <= origin[1] && origin[1] < origin[2],
+        "{origin:?}"
+    );
+    assert!(
+        !namespaces().contains("-host1"),
+        "namespaces left: {}",
+        namespaces()
+    );
 }

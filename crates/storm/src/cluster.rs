@@ -12,6 +12,17 @@
 //! Every process is started in its own process group, so `down` (or a drop of
 //! the owning [`Cluster`]) stops it and everything it started, and then removes
 //! the directory: nothing is left behind.
+//!
+//! With [`NetConfig`] (root only), every agent lives in its own network
+//! namespace, linked by a veth pair to a bridge that carries the
+//! coordinator's address; `tc tbf` shapes each link to the given rate in both
+//! directions, and the agents add the given latency to every fetch in user
+//! space (netem may be missing). `down` deletes the namespaces and the bridge.
+//!
+//! ```text
+//!   bridge vmbID 10.201.ID.1 (coordinator) ── vmIDxN ══ eth0 10.201.ID.N+2 (netns vmID-NAME: agent)
+//!                                              tbf rate  tbf rate
+//! ```
 
 use std::fs;
 use std::io::Read;
@@ -80,6 +91,18 @@ pub struct ClusterConfig {
     pub parents: u32,
     /// Cache capacity per host, as `virtman agent --cache-size` takes it.
     pub cache_size: String,
+    /// Network namespaces and shaped links, or loopback when `None`.
+    pub net: Option<NetConfig>,
+}
+
+/// Shaped links between namespaced hosts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Link rate for `tc tbf`, e.g. `1gbit`.
+    pub rate: String,
+    /// Latency each agent adds to a fetch, e.g. `200us`, as the agent's
+    /// `--link-delay` takes it (empty for none).
+    pub delay: String,
 }
 
 /// One process of a cluster.
@@ -93,6 +116,9 @@ pub struct Member {
     pub data_dir: PathBuf,
     /// The address it listens on.
     pub addr: String,
+    /// Its network namespace, if any.
+    #[serde(default)]
+    pub netns: Option<String>,
 }
 
 /// What `cluster.json` records.
@@ -104,6 +130,12 @@ pub struct ClusterState {
     pub image: String,
     /// Every process, coordinator and origin first.
     pub members: Vec<Member>,
+    /// Network namespaces created for the cluster.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    /// The bridge created for the cluster.
+    #[serde(default)]
+    pub bridge: Option<String>,
 }
 
 impl ClusterState {
@@ -133,10 +165,20 @@ fn spawn(
     args: &[String],
     name: &str,
     log: &Path,
+    netns: Option<&str>,
 ) -> Result<(u32, String), ClusterError> {
     let out = fs::File::create(log).map_err(io("creating", log))?;
     let err = out.try_clone().map_err(io("opening", log))?;
-    let child = Command::new(bin)
+    // `ip netns exec` enters the namespace and execs the program: same pid.
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    let child = cmd
         .args(args)
         .env("VIRTMAN_LOG", "info")
         .stdin(Stdio::null())
@@ -202,6 +244,114 @@ fn stop_pid(pid: u32) {
     let _ = rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG);
 }
 
+/// Runs a setup command (`ip`, `tc`), turning a failure into an error.
+fn run(cmd: &[&str]) -> Result<(), ClusterError> {
+    let out = Command::new(cmd[0]).args(&cmd[1..]).output().map_err(|e| {
+        ClusterError::Command(format!("running {}: {e} (is iproute2 installed?)", cmd[0]))
+    })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(ClusterError::Command(format!(
+            "`{}` failed: {}",
+            cmd.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// The addresses and names of a namespaced cluster.
+struct Net {
+    id: u32,
+    config: NetConfig,
+}
+
+impl Net {
+    fn new(config: &NetConfig) -> Result<Net, ClusterError> {
+        if !rustix::process::geteuid().is_root() {
+            return Err(ClusterError::Command(
+                "--netns needs root (network namespaces, veth, tc); run without --netns to use loopback"
+                    .into(),
+            ));
+        }
+        Ok(Net {
+            id: std::process::id() % 250,
+            config: config.clone(),
+        })
+    }
+
+    fn bridge(&self) -> String {
+        format!("vmb{}", self.id)
+    }
+
+    fn gateway(&self) -> String {
+        format!("10.201.{}.1", self.id)
+    }
+
+    /// Creates the bridge (recorded in `state` first, so a failure cleans up).
+    fn make_bridge(&self, state: &mut ClusterState) -> Result<(), ClusterError> {
+        let br = self.bridge();
+        run(&["ip", "link", "add", &br, "type", "bridge"])?;
+        state.bridge = Some(br.clone());
+        run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", self.gateway()),
+            "dev",
+            &br,
+        ])?;
+        run(&["ip", "link", "set", &br, "up"])
+    }
+
+    /// Creates host `n`'s namespace and shaped link; returns (namespace, address).
+    fn make_host(
+        &self,
+        n: usize,
+        name: &str,
+        state: &mut ClusterState,
+    ) -> Result<(String, String), ClusterError> {
+        let ns = format!("vm{}-{name}", self.id);
+        run(&["ip", "netns", "add", &ns])?;
+        state.namespaces.push(ns.clone());
+        let outer = format!("vm{}x{n}", self.id);
+        let addr = format!("10.201.{}.{}", self.id, n + 2);
+        let rate = self.config.rate.as_str();
+        run(&["ip", "netns", "exec", &ns, "ip", "link", "set", "lo", "up"])?;
+        run(&[
+            "ip", "link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])?;
+        run(&["ip", "link", "set", &outer, "master", &self.bridge(), "up"])?;
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "ip",
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        run(&[
+            "ip", "netns", "exec", &ns, "ip", "link", "set", "eth0", "up",
+        ])?;
+        let tbf = [
+            "root", "tbf", "rate", rate, "burst", "256kb", "latency", "100ms",
+        ];
+        let mut down = vec!["tc", "qdisc", "add", "dev", outer.as_str()];
+        down.extend_from_slice(&tbf);
+        run(&down)?;
+        let mut up = vec![
+            "ip", "netns", "exec", &ns, "tc", "qdisc", "add", "dev", "eth0",
+        ];
+        up.extend_from_slice(&tbf);
+        run(&up)?;
+        Ok((ns, addr))
+    }
+}
+
 impl Cluster {
     /// Imports the image and starts the coordinator, the origin and the hosts.
     pub fn up(config: &ClusterConfig) -> Result<Cluster, ClusterError> {
@@ -239,15 +389,26 @@ impl Cluster {
                 coordinator: String::new(),
                 image: config.image_name.clone(),
                 members: Vec::new(),
+                namespaces: Vec::new(),
+                bridge: None,
             },
             detached: false,
         };
+        let net = match &config.net {
+            Some(n) => {
+                let net = Net::new(n)?;
+                net.make_bridge(&mut cluster.state)?;
+                Some(net)
+            }
+            None => None,
+        };
+        let listen_ip = net.as_ref().map_or("127.0.0.1".to_owned(), Net::gateway);
         let s = |x: &str| x.to_owned();
         let coord_dir = dir.join("coordinator");
         let args = vec![
             s("coordinator"),
             s("--listen"),
-            s("127.0.0.1:0"),
+            format!("{listen_ip}:0"),
             s("--data-dir"),
             coord_dir.display().to_string(),
             s("--token-file"),
@@ -262,20 +423,34 @@ impl Cluster {
             s("2s"),
         ];
         fs::create_dir_all(&coord_dir).map_err(io("creating", &coord_dir))?;
-        let (pid, addr) = spawn(&config.bin, &args, "coordinator", &coord_dir.join("log"))?;
+        let (pid, addr) = spawn(
+            &config.bin,
+            &args,
+            "coordinator",
+            &coord_dir.join("log"),
+            None,
+        )?;
         cluster.state.coordinator = format!("http://{addr}");
         cluster.state.members.push(Member {
             name: s("coordinator"),
             pid,
             data_dir: coord_dir,
             addr,
+            netns: None,
         });
         let names =
             std::iter::once(s("origin")).chain((1..=config.hosts).map(|i| format!("host{i}")));
-        for name in names {
+        for (n, name) in names.enumerate() {
             let data = dir.join(&name);
             fs::create_dir_all(&data).map_err(io("creating", &data))?;
-            let args = vec![
+            let (netns, ip) = match &net {
+                Some(net) => {
+                    let (ns, ip) = net.make_host(n, &name, &mut cluster.state)?;
+                    (Some(ns), ip)
+                }
+                None => (None, s("127.0.0.1")),
+            };
+            let mut args = vec![
                 s("agent"),
                 s("--coordinator"),
                 cluster.state.coordinator.clone(),
@@ -284,18 +459,33 @@ impl Cluster {
                 s("--data-dir"),
                 data.display().to_string(),
                 s("--listen"),
-                s("127.0.0.1:0"),
+                format!("{ip}:0"),
                 s("--name"),
                 name.clone(),
                 s("--cache-size"),
                 config.cache_size.clone(),
             ];
-            let (pid, addr) = spawn(&config.bin, &args, &name, &data.join("log"))?;
+            if let Some(d) = config
+                .net
+                .as_ref()
+                .map(|n| n.delay.clone())
+                .filter(|d| !d.is_empty())
+            {
+                args.extend([s("--link-delay"), d]);
+            }
+            let (pid, addr) = spawn(
+                &config.bin,
+                &args,
+                &name,
+                &data.join("log"),
+                netns.as_deref(),
+            )?;
             cluster.state.members.push(Member {
                 name,
                 pid,
                 data_dir: data,
                 addr,
+                netns,
             });
         }
         cluster.save()?;
@@ -328,10 +518,17 @@ impl Cluster {
     }
 }
 
-/// Stops hosts first, then the origin, then the coordinator.
+/// Stops hosts first, then the origin, then the coordinator; then deletes
+/// the namespaces (their veth ends go with them) and the bridge.
 fn stop_all(state: &ClusterState) {
     for m in state.members.iter().rev() {
         stop_pid(m.pid);
+    }
+    for ns in &state.namespaces {
+        let _ = run(&["ip", "netns", "del", ns]);
+    }
+    if let Some(br) = &state.bridge {
+        let _ = run(&["ip", "link", "del", br]);
     }
 }
 

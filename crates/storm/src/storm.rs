@@ -73,6 +73,11 @@ pub struct StormConfig {
     pub fanout: u32,
     /// Parents per host in `virtman` mode.
     pub parents: u32,
+    /// Network namespaces and shaped links (root only), or loopback.
+    pub net: Option<crate::cluster::NetConfig>,
+    /// The latency `net` adds per request, applied by `direct` VMs themselves
+    /// (agents apply it to their fetches).
+    pub link_delay: Duration,
 }
 
 /// Why a storm failed.
@@ -171,6 +176,7 @@ async fn replay(
     image: Arc<File>,
     back_to_back: bool,
     t0: Instant,
+    per_read_delay: Duration,
 ) -> Result<(f64, u64), String> {
     let c = Client::connect(
         &endpoint,
@@ -189,6 +195,9 @@ async fn replay(
             tokio::time::sleep(Duration::from_micros(r.at_us - last_at)).await;
         }
         last_at = r.at_us;
+        if !per_read_delay.is_zero() {
+            tokio::time::sleep(per_read_delay).await;
+        }
         let got = c
             .read(r.offset, r.length)
             .await
@@ -242,12 +251,45 @@ pub async fn run(config: &StormConfig, mode: StormMode) -> Result<StormReport, S
     match mode {
         StormMode::Direct => {
             std::fs::create_dir_all(&dir).map_err(|e| StormError::Config(e.to_string()))?;
+            // With namespaces, the plain server runs in the origin's namespace
+            // behind its shaped link (an origin-only cluster provides it).
+            let origin_ns = match &config.net {
+                Some(net) => {
+                    let c = Cluster::up(&ClusterConfig {
+                        bin: config.bin.clone(),
+                        dir: dir.join("net"),
+                        hosts: 0,
+                        image: config.image.clone(),
+                        image_name: "img".into(),
+                        fanout: 2,
+                        parents: 1,
+                        cache_size: "64M".into(),
+                        net: Some(net.clone()),
+                    })?;
+                    let o = c.state.members.iter().find(|m| m.name == "origin").cloned();
+                    cluster = Some(c);
+                    o.and_then(|o| {
+                        let ip = o.addr.rsplit_once(':')?.0.to_owned();
+                        Some((o.netns?, ip))
+                    })
+                }
+                None => None,
+            };
             let sock = dir.join("qemu-nbd.sock");
-            let child = Command::new("qemu-nbd")
-                .args([
-                    "-r", "-t", "-e", "1024", "-f", "raw", "-x", "img", "--socket",
-                ])
-                .arg(&sock)
+            let mut cmd = match &origin_ns {
+                Some((ns, _)) => {
+                    let mut c = Command::new("ip");
+                    c.args(["netns", "exec", ns, "qemu-nbd"]);
+                    c
+                }
+                None => Command::new("qemu-nbd"),
+            };
+            cmd.args(["-r", "-t", "-e", "1024", "-f", "raw", "-x", "img"]);
+            match &origin_ns {
+                Some((_, ip)) => cmd.args(["-b", ip, "-p", "10809"]),
+                None => cmd.arg("--socket").arg(&sock),
+            };
+            let child = cmd
                 .arg(&config.image)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -256,8 +298,19 @@ pub async fn run(config: &StormConfig, mode: StormMode) -> Result<StormReport, S
                     StormError::Config(format!("starting qemu-nbd (install qemu-utils): {e}"))
                 })?;
             direct = Some(KillOnDrop(child));
+            let endpoint = match &origin_ns {
+                Some((_, ip)) => Endpoint::Tcp(format!("{ip}:10809")),
+                None => Endpoint::Unix(sock.clone()),
+            };
             let deadline = Instant::now() + Duration::from_secs(10);
-            while !sock.exists() {
+            loop {
+                let ready = match &endpoint {
+                    Endpoint::Unix(p) => p.exists(),
+                    Endpoint::Tcp(a) => std::net::TcpStream::connect(a).is_ok(),
+                };
+                if ready {
+                    break;
+                }
                 if Instant::now() > deadline {
                     return Err(StormError::Config("qemu-nbd did not start".into()));
                 }
@@ -268,7 +321,7 @@ pub async fn run(config: &StormConfig, mode: StormMode) -> Result<StormReport, S
                 endpoints.push((
                     format!("vm{}", i + 1),
                     host,
-                    Endpoint::Unix(sock.clone()),
+                    endpoint.clone(),
                     "img".to_owned(),
                 ));
             }
@@ -287,6 +340,7 @@ pub async fn run(config: &StormConfig, mode: StormMode) -> Result<StormReport, S
                 fanout,
                 parents,
                 cache_size: format!("{}", image_size.saturating_mul(2).max(64 << 20)),
+                net: config.net.clone(),
             })?;
             let hosts: Vec<_> = c.state.hosts().cloned().collect();
             for i in 0..config.vms {
@@ -319,8 +373,13 @@ pub async fn run(config: &StormConfig, mode: StormMode) -> Result<StormReport, S
         let trace = Arc::clone(&config.trace);
         let image = Arc::clone(&image);
         let b2b = config.back_to_back;
+        let delay = if mode == StormMode::Direct && config.net.is_some() {
+            config.link_delay
+        } else {
+            Duration::ZERO
+        };
         tasks.spawn(async move {
-            let r = replay(endpoint, export, trace, image, b2b, t0).await;
+            let r = replay(endpoint, export, trace, image, b2b, t0, delay).await;
             (vm, host, r)
         });
     }
@@ -343,7 +402,8 @@ pub async fn run(config: &StormConfig, mode: StormMode) -> Result<StormReport, S
 
     let mut host_results = Vec::new();
     let origin_bytes = match &cluster {
-        None => vm_results.iter().map(|v| v.bytes).sum(),
+        _ if mode == StormMode::Direct => vm_results.iter().map(|v| v.bytes).sum(),
+        None => 0,
         Some(c) => {
             let depths = tree_depths(&config.bin, &c.state.coordinator);
             for h in c.state.hosts() {
