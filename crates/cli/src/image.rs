@@ -1,5 +1,6 @@
 //! `virtman image`: import, list and verify images in the image store; evict
-//! an image's cached volume from this host's agent.
+//! an image's cached volume from this host's agent, or pin it (fetch it whole
+//! in the background).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -62,6 +63,16 @@ Examples:
         #[arg(long, value_name = "DIR", default_value = crate::agent::DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
     },
+    /// Fetch the whole image onto this host's agent in the background (joining
+    /// it first if needed), so the host no longer needs its parents. Demand
+    /// reads of its VMs go first; progress shows in `virtman status`.
+    Pin {
+        /// The image's name.
+        name: String,
+        /// The agent's data directory (its control socket is DATA_DIR/agent.sock).
+        #[arg(long, value_name = "DIR", default_value = crate::agent::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
 }
 
 fn progress(len: u64, what: &str) -> ProgressBar {
@@ -94,6 +105,15 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
                 .context("starting the async runtime")?
                 .block_on(client.evict(&name))?;
             println!("evicted {name}");
+        }
+        ImageCommand::Pin { name, data_dir } => {
+            let client = virtman_agent::control::ControlClient::new(data_dir.join("agent.sock"));
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(client.pin(&name))?;
+            println!("pinning {name}: see `virtman status` for progress");
         }
         ImageCommand::Import {
             file,

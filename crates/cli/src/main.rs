@@ -11,6 +11,7 @@ mod image;
 mod serve;
 mod sim;
 mod storm;
+mod trace;
 mod tree;
 mod units;
 mod vm;
@@ -55,6 +56,8 @@ enum Command {
     Storm(storm::StormArgs),
     /// Simulate a boot storm of many hosts on virtual time (text, JSON, SVG chart).
     Sim(sim::SimArgs),
+    /// Make boot traces: synthetic, or recorded from a real guest booting under qemu.
+    Trace(trace::TraceArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
         Command::Cluster(args) => cluster::run(args),
         Command::Storm(args) => storm::run(args),
         Command::Sim(args) => sim::run(args),
+        Command::Trace(args) => trace::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -240,6 +240,20 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             ),
             None => format!("{} (failovers {})", i.parents.join(", "), i.failovers),
         };
+        let detail = match &i.prefetch {
+            Some(p) if p.pinned || p.prefetched_chunks > 0 || p.profile_chunks > 0 => format!(
+                "{detail}; prefetched {} ({} chunks, profile {} chunks){}",
+                human(p.prefetched_bytes),
+                p.prefetched_chunks,
+                p.profile_chunks,
+                match (p.pinned, p.pin_done) {
+                    (true, true) => ", pinned",
+                    (true, false) => ", pinning",
+                    _ => "",
+                }
+            ),
+            _ => detail,
+        };
         println!(
             "{:<20} {:<7} {:>10} {:>6.1}%  {}",
             i.name,
