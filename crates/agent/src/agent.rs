@@ -374,6 +374,9 @@ impl Agent {
             if let Err(e) = v.sync().await {
                 warn!(volume = v.name(), error = %e, "sync on exit failed");
             }
+            if let Err(e) = v.save_profile() {
+                warn!(volume = v.name(), error = %e, "saving the boot profile on exit failed");
+            }
         }
         Ok(())
     }

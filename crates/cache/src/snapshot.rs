@@ -527,7 +527,9 @@ impl Export for Snapshot {
         Ok(self.zero(offset, u64::from(len), fua).await?)
     }
 
+    /// A VM's hint: fetched in the background behind demand reads (see
+    /// [`CachedVolume::prefetch_hint`]); the reply does not wait for it.
     async fn cache(&self, offset: u64, len: u32) -> Result<(), ExportError> {
-        Ok(self.base().prefetch(offset, u64::from(len)).await?)
+        Ok(self.base().prefetch_hint(offset, u64::from(len))?)
     }
 }

@@ -57,6 +57,10 @@ use crate::upstream::{ChunkRequest, Upstream};
 pub const MANIFEST_FILE: &str = "manifest";
 /// File name of a volume's data file.
 pub const DATA_FILE: &str = "data";
+/// The most CMD_CACHE hints a volume fetches at once (see
+/// [`CachedVolume::prefetch_hint`]).
+pub const MAX_HINTS: usize = 4;
+
 /// File name of a volume's presence map.
 pub const PRESENCE_FILE: &str = "presence";
 
@@ -124,6 +128,8 @@ pub struct CachedVolume {
     profile_path: PathBuf,
     /// Reads waiting on a fetch right now (prefetch yields to them).
     demand_waiting: AtomicUsize,
+    /// Background hint tasks running (see [`CachedVolume::prefetch_hint`]).
+    hints: AtomicUsize,
 }
 
 impl std::fmt::Debug for CachedVolume {
@@ -329,6 +335,7 @@ impl CachedVolume {
             profile,
             profile_path,
             demand_waiting: AtomicUsize::new(0),
+            hints: AtomicUsize::new(0),
         });
         acct.register(Arc::downgrade(&vol));
         Ok(vol)
@@ -939,6 +946,48 @@ impl CachedVolume {
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// A hint that `offset..offset+len` will be read soon (NBD CMD_CACHE from
+    /// a VM): checks the range and returns at once; a background task fetches
+    /// the range's missing chunks one at a time, waiting while demand reads
+    /// wait, through [`CachedVolume::prefetch`] (so single flight, and
+    /// counted as prefetched). At most [`MAX_HINTS`] hints run at once; more
+    /// are dropped (a hint may be ignored).
+    pub fn prefetch_hint(self: &Arc<Self>, offset: u64, len: u64) -> Result<(), CacheError> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if self
+            .hints
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_HINTS).then_some(n + 1)
+            })
+            .is_err()
+        {
+            tracing::debug!(volume = %self.name, offset, len, "too many hints running; dropped");
+            return Ok(());
+        }
+        let vol = Arc::clone(self);
+        tokio::spawn(async move {
+            let m = &vol.manifest;
+            for i in m.chunk_of(offset)..=m.chunk_of(offset + len - 1) {
+                if vol.present.get(i) || m.is_zero_chunk(i) {
+                    continue;
+                }
+                while vol.demand_waiting() > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                let (at, n) = (m.chunk_offset(i), u64::from(m.chunk_len(i)));
+                if let Err(e) = vol.prefetch(at, n).await {
+                    tracing::debug!(volume = %vol.name, chunk = i, error = %e, "hinted prefetch failed");
+                    break;
+                }
+            }
+            vol.hints.fetch_sub(1, Ordering::AcqRel);
+        });
+        Ok(())
     }
 
     /// Re-reads every present chunk and returns those that do not match the
