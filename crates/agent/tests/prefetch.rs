@@ -268,9 +268,18 @@ async fn a_pinned_host_reads_right_while_pinning_and_survives_its_parents() {
     a2.agent.create_vm("vm2", "img").await.unwrap();
     let vm = vm_client(a2.agent.vm_socket(), "vm2").await;
 
-    // Pin, and read the back half of the image through the VM at the same
-    // time (from the end, towards the pin, which goes from the start).
-    a2.agent.pin_image("img").await.unwrap();
+    // Pin through the control API (as `virtman image pin` does), and read
+    // the back half of the image through the VM at the same time (from the
+    // end, towards the pin, which goes from the start).
+    let sock = c.dir.path().join("a2/agent.sock");
+    let control = tokio::spawn(virtman_agent::control::serve(
+        Arc::clone(&a2.agent),
+        virtman_agent::control::bind(&sock).unwrap(),
+        sock.clone(),
+        a2.stop.clone(),
+    ));
+    let ctl = virtman_agent::control::ControlClient::new(sock);
+    ctl.pin("img").await.unwrap();
     let step = 3 * u64::from(CHUNK) / 2;
     let mut off = size;
     while off > size / 2 {
@@ -284,7 +293,7 @@ async fn a_pinned_host_reads_right_while_pinning_and_survives_its_parents() {
     }
     let v2 = a2.agent.volume("img").unwrap();
     wait_for("the pin to finish", || async {
-        a2.agent.status().images[0]
+        ctl.status().await.unwrap().images[0]
             .prefetch
             .as_ref()
             .is_some_and(|p| p.pinned && p.pin_done)
@@ -302,9 +311,12 @@ async fn a_pinned_host_reads_right_while_pinning_and_survives_its_parents() {
     let all = vm.read(0, size).await.unwrap();
     assert!(all[..] == c.image[..], "wrong bytes after the parents died");
 
-    // Pinning again is a no-op.
-    a2.agent.pin_image("img").await.unwrap();
+    // Pinning again is a no-op; an unknown image is refused, by name.
+    ctl.pin("img").await.unwrap();
+    let err = ctl.pin("nope").await.unwrap_err();
+    assert!(err.to_string().contains("nope"), "{err}");
     let _ = vm.disconnect().await;
     a2.kill().await;
+    control.await.unwrap().unwrap();
     c.coord_stop.cancel();
 }
