@@ -177,11 +177,7 @@ pub fn qemu_command(
     append: &str,
 ) -> anyhow::Result<Command> {
     let mut cmd = Command::new(qemu);
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
+    let kvm = kvm_usable();
     cmd.args(["-machine", if kvm { "accel=kvm" } else { "accel=tcg" }])
         .args(["-m", &memory.to_string()])
         .args(["-nographic", "-no-reboot"])
@@ -200,6 +196,22 @@ pub fn qemu_command(
         (None, None) => {}
     }
     Ok(cmd)
+}
+
+/// Whether KVM can run guests here: the device opens and the CPU advertises
+/// hardware virtualisation (a /dev/kvm without vmx/svm hangs guests).
+fn kvm_usable() -> bool {
+    let device = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let flags = cpu
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .unwrap_or_default();
+    device && flags.split_whitespace().any(|f| f == "vmx" || f == "svm")
 }
 
 /// Runs `virtman status`.

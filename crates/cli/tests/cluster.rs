@@ -591,4 +591,40 @@ fn a_real_vm_boots_two_levels_below_the_origin_and_its_writes_stay_in_its_snapsh
     );
     assert_eq!(guest::read_disk_file(&vm1, BOOTS_FILE).unwrap(), "");
     assert!(std::fs::read(c.dir.path().join("img.raw")).unwrap() == image);
+
+    // `virtman vm boot` runs qemu on a VM's snapshot in the foreground.
+    let out = Command::new("timeout")
+        .arg("120")
+        .arg(BIN)
+        .args(["vm", "boot", "vm1", "--kernel"])
+        .arg(&assets.kernel)
+        .arg("--initrd")
+        .arg(&assets.initrd)
+        .args([
+            "--append",
+            "console=ttyS0 panic=-1 quiet virtman.id=cli-boot",
+        ])
+        .args(["--memory", "256", "--data-dir"])
+        .arg(c.data_dir(1))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let console = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "vm boot failed: {console}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        console.contains(MARKER) && console.contains("VIRTMAN-DONE"),
+        "{console}"
+    );
+    let vm1_after = copy(
+        &format!("nbd+unix:///vm1?socket={}", vm1_sock.display()),
+        "vm1-after.raw",
+    );
+    assert_eq!(
+        guest::read_disk_file(&vm1_after, BOOTS_FILE).unwrap(),
+        "boot cli-boot\n"
+    );
 }
