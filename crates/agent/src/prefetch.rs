@@ -46,18 +46,23 @@ pub struct PrefetchConfig {
     pub retry: Duration,
     /// Whether joining an image fetches and replays its boot profile.
     pub profile: bool,
+    /// How many times a joining host looks for a profile (`retry` apart)
+    /// before giving up: in a storm, the first hosts' VMs record theirs
+    /// while the others are joining.
+    pub profile_attempts: u32,
 }
 
 impl Default for PrefetchConfig {
     /// Two chunks in flight (a 256 KiB chunk takes ~2 ms at 1 Gbit/s, so two
     /// keep a link busy without queueing far ahead of a demand miss), a 5 ms
-    /// poll, a 1 s retry.
+    /// poll, a 1 s retry, 5 looks for a profile.
     fn default() -> Self {
         PrefetchConfig {
             in_flight: 2,
             poll: Duration::from_millis(5),
             retry: Duration::from_secs(1),
             profile: true,
+            profile_attempts: 5,
         }
     }
 }
@@ -268,8 +273,8 @@ pub(crate) struct ProfileSources {
 const OTHER_MEMBERS: usize = 4;
 
 impl ProfileSources {
-    async fn list(self, image: &str) -> Vec<String> {
-        let mut out = self.parents;
+    async fn list(&self, image: &str) -> Vec<String> {
+        let mut out = self.parents.clone();
         if let Ok(tree) = self.coord.tree(image).await {
             let mut others: Vec<_> = tree
                 .nodes
@@ -279,7 +284,7 @@ impl ProfileSources {
             others.sort_by_key(|n| n.depth);
             out.extend(others.into_iter().take(OTHER_MEMBERS).map(|n| n.addr));
         }
-        out.extend(self.origins);
+        out.extend(self.origins.iter().cloned());
         out
     }
 }
@@ -293,11 +298,25 @@ pub(crate) async fn replay_profile(
     sources: ProfileSources,
     cfg: PrefetchConfig,
 ) {
+    let look = async {
+        for attempt in 1..=cfg.profile_attempts.max(1) {
+            let list = sources.list(&image).await;
+            if let Some(p) = fetch_profile(&image, volume.manifest(), &list).await {
+                return Some(p);
+            }
+            // The host's own VMs are booting or it is complete: too late.
+            if attempt == cfg.profile_attempts.max(1)
+                || volume.boot_profile_len() > 0
+                || volume.present_chunks() >= volume.manifest().chunks()
+            {
+                break;
+            }
+            tokio::time::sleep(cfg.retry).await;
+        }
+        None
+    };
     let profile = tokio::select! {
-        p = async {
-            let sources = sources.list(&image).await;
-            fetch_profile(&image, volume.manifest(), &sources).await
-        } => p,
+        p = look => p,
         () = state.cancel.cancelled() => None,
     };
     if let Some(p) = profile {
