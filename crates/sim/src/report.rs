@@ -512,7 +512,17 @@ pub fn chart_svg(reports: &[Report]) -> String {
             .take_while(|&t| t <= xmax)
             .collect()
     } else {
-        (0..=5).map(|i| xmax * f64::from(i) / 5.0).collect()
+        // Round steps: 1, 2 or 5 times a power of ten, about five of them.
+        let raw = xmax / 5.0;
+        let mag = 10f64.powf(raw.log10().floor());
+        let step = [1.0, 2.0, 5.0, 10.0]
+            .into_iter()
+            .map(|m| m * mag)
+            .find(|&st| st >= raw)
+            .unwrap_or(raw);
+        std::iter::successors(Some(0.0), |t| Some(t + step))
+            .take_while(|&t| t <= xmax)
+            .collect()
     };
     for t in ticks {
         let tx = x(t);
