@@ -111,6 +111,9 @@ pub struct SimArgs {
     /// The agent's per-request timeout before it fails over to the next source.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     pub request_timeout: Duration,
+    /// CPU time per chunk received (verify, store) before it can be served; for calibration.
+    #[arg(long, value_parser = parse_duration, default_value = "0s")]
+    pub chunk_service: Duration,
     /// Seed of every random choice.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -178,6 +181,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     base.max_time = args.max_time;
     base.seed = args.seed;
     base.request_timeout = args.request_timeout;
+    base.chunk_service = args.chunk_service;
     if let Some(r) = args.rate_interval {
         base.rate_interval = r;
     }

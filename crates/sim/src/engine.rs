@@ -236,6 +236,7 @@ pub(crate) struct Engine<'a> {
     origin_alive: bool,
     chunk: u64,
     lat: u64,
+    service: u64,
     rng: Rng,
     pub raw: Raw,
 }
@@ -327,6 +328,7 @@ impl<'a> Engine<'a> {
             origin_alive: true,
             chunk,
             lat: ns(cfg.hop_latency),
+            service: ns(cfg.chunk_service),
             rng,
             raw: Raw::default(),
         })
@@ -432,7 +434,15 @@ impl<'a> Engine<'a> {
             Ev::Deliver { req, gen_ } => self.deliver(req, gen_),
             Ev::PairDone { pair, version } => {
                 if let Some((t, _, _)) = self.net.complete(pair, version, self.now, &mut self.out) {
-                    let at = self.now + self.lat;
+                    // A fetched chunk is verified and stored before it is present.
+                    let service = match self.reqs.get(t.req, t.req_gen) {
+                        Some(Req {
+                            owner: Owner::Fetch { .. },
+                            ..
+                        }) => self.service,
+                        _ => 0,
+                    };
+                    let at = self.now + self.lat + service;
                     self.push(
                         at,
                         Ev::Deliver {

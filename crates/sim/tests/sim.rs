@@ -111,6 +111,15 @@ fn closed_form_one_host_one_vm() {
         r.boot_s.max
     );
     assert_eq!(r.origin_bytes, n * u64::from(CHUNK));
+    // A per-chunk service time (verify, store) adds to every chunk.
+    c.chunk_service = Duration::from_millis(1);
+    let r = run(&c).unwrap();
+    let expect = (per_chunk + 1e-3) * n as f64;
+    assert!(
+        (r.boot_s.max - expect).abs() / expect < 0.01,
+        "{} vs {expect}",
+        r.boot_s.max
+    );
 }
 
 #[test]
