@@ -1056,6 +1056,26 @@ impl Agent {
     }
 }
 
+/// Reads a whole small export (a manifest, a boot profile) from `addr`;
+/// returns a pseudo path naming it, for error messages, and its bytes.
+pub(crate) async fn read_small_export(
+    addr: &str,
+    export: &str,
+) -> Result<(PathBuf, bytes::Bytes), String> {
+    let cfg = ClientConfig {
+        export: export.to_owned(),
+        request_timeout: Duration::from_secs(10),
+        connect_timeout: Duration::from_secs(3),
+        connections: 1,
+    };
+    let c = Client::connect(&Endpoint::Tcp(addr.to_owned()), &cfg)
+        .await
+        .map_err(|e| e.to_string())?;
+    let bytes = c.read(0, c.size()).await.map_err(|e| e.to_string())?;
+    let _ = c.disconnect().await;
+    Ok((PathBuf::from(format!("nbd://{addr}/{export}")), bytes))
+}
+
 /// Reads `manifest/IMAGE` from the first source that has it and whose bytes
 /// match the registered digest.
 async fn fetch_manifest(
@@ -1065,19 +1085,8 @@ async fn fetch_manifest(
 ) -> Result<Manifest, AgentError> {
     let mut why = Vec::new();
     for addr in sources {
-        let cfg = ClientConfig {
-            export: manifest_export(image),
-            request_timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(3),
-            connections: 1,
-        };
         let got = async {
-            let c = Client::connect(&Endpoint::Tcp(addr.clone()), &cfg)
-                .await
-                .map_err(|e| e.to_string())?;
-            let bytes = c.read(0, c.size()).await.map_err(|e| e.to_string())?;
-            let _ = c.disconnect().await;
-            let path = PathBuf::from(format!("nbd://{addr}/{}", manifest_export(image)));
+            let (path, bytes) = read_small_export(addr, &manifest_export(image)).await?;
             let m = Manifest::decode(&path, &bytes).map_err(|e| e.to_string())?;
             if m.id().to_hex() != digest {
                 return Err(format!(

@@ -17,7 +17,6 @@
 //! `profile/IMAGE` on its base server, so the profile travels down the tree
 //! like the manifest does.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,7 +26,6 @@ use tokio_util::task::TaskTracker;
 use tracing::debug;
 use virtman_cache::{BootProfile, CachedVolume};
 use virtman_image::Manifest;
-use virtman_nbd::{Client, ClientConfig, Endpoint};
 
 /// The profile export's name for an image.
 pub fn profile_export(image: &str) -> String {
@@ -171,19 +169,9 @@ pub async fn fetch_profile(
     sources: &[String],
 ) -> Option<BootProfile> {
     for addr in sources {
-        let cfg = ClientConfig {
-            export: profile_export(image),
-            request_timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(3),
-            connections: 1,
-        };
         let got = async {
-            let c = Client::connect(&Endpoint::Tcp(addr.clone()), &cfg)
-                .await
-                .map_err(|e| e.to_string())?;
-            let bytes = c.read(0, c.size()).await.map_err(|e| e.to_string())?;
-            let _ = c.disconnect().await;
-            let path = PathBuf::from(format!("nbd://{addr}/{}", profile_export(image)));
+            let (path, bytes) =
+                crate::agent::read_small_export(addr, &profile_export(image)).await?;
             BootProfile::decode(&path, &bytes, manifest).map_err(|e| e.to_string())
         }
         .await;
