@@ -3,7 +3,7 @@
 //! ```text
 //!  image (given, or random of --image-size) + trace (given, or synthetic)
 //!    └─► for each mode: cluster up ─► N VMs replay the trace at once ─► cluster down
-//!    └─► table (ratios to virtman), OUT/report.json, OUT/boots.csv
+//!    └─► table (ratios to virtman), OUT/report.json, OUT/boots.csv, OUT/chart.svg
 //! ```
 
 use std::io::Write;
@@ -87,7 +87,7 @@ pub struct StormArgs {
     /// Latency added to every request with --netns (in user space).
     #[arg(long, default_value = "0.2ms", value_parser = crate::coordinator::parse_duration)]
     link_delay: std::time::Duration,
-    /// Where results go (report.json, boots.csv).
+    /// Where results go (report.json, boots.csv, chart.svg).
     #[arg(long, default_value = "storm-results")]
     out: PathBuf,
 }
@@ -193,8 +193,9 @@ pub fn run(args: StormArgs) -> anyhow::Result<()> {
     let json = serde_json::to_vec_pretty(&reports)?;
     std::fs::write(args.out.join("report.json"), json)?;
     std::fs::write(args.out.join("boots.csv"), report::csv(&reports))?;
+    std::fs::write(args.out.join("chart.svg"), report::chart(&reports))?;
     println!(
-        "results in {}/report.json and boots.csv",
+        "results in {}/: report.json, boots.csv, chart.svg (booted VMs over time)",
         args.out.display()
     );
     Ok(())

@@ -65,6 +65,8 @@ fn a_small_storm_in_every_mode_reads_the_image_and_ranks_origin_load() {
     assert!(origin[0] < origin[1] && origin[1] < origin[2], "{origin:?}");
     let csv = std::fs::read_to_string(out_dir.join("boots.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 3 * 6);
+    let svg = std::fs::read_to_string(out_dir.join("chart.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("cache-only"));
     // No process of the storm is left: every cluster was stopped.
     let ps = Command::new("pgrep")
         .args(["-f", dir.path().to_str().unwrap()])

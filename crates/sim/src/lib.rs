@@ -30,7 +30,7 @@ pub mod trace;
 
 pub use config::{Config, ConfigError, FailSpec, FailureWave, Mode, SecondImage};
 pub use engine::run;
-pub use report::{Report, chart_svg};
+pub use report::{ChartLine, Report, booted_chart_svg, chart_svg};
 pub use trace::{Read, SyntheticSpec, Trace, TraceError};
 
 /// Why a run could not start.

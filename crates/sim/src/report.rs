@@ -440,6 +440,30 @@ impl Report {
 
 /// An SVG line chart of booted VMs over time, one line per report.
 pub fn chart_svg(reports: &[Report]) -> String {
+    let lines: Vec<ChartLine<'_>> = reports
+        .iter()
+        .map(|r| ChartLine {
+            label: r.label(),
+            vms: r.vms,
+            points: &r.booted_over_time,
+        })
+        .collect();
+    booted_chart_svg(&lines, "virtual time")
+}
+
+/// One line of a booted-VMs-over-time chart: a simulated or a measured storm.
+#[derive(Debug, Clone)]
+pub struct ChartLine<'a> {
+    /// The legend.
+    pub label: String,
+    /// VMs in the storm (the y axis goes up to the largest).
+    pub vms: u64,
+    /// (seconds, VMs booted by then), in time order.
+    pub points: &'a [(f64, u64)],
+}
+
+/// An SVG line chart of booted VMs over time, one line per [`ChartLine`].
+pub fn booted_chart_svg(reports: &[ChartLine<'_>], x_title: &str) -> String {
     const W: f64 = 720.0;
     const H: f64 = 420.0;
     const L: f64 = 70.0;
@@ -451,7 +475,7 @@ pub fn chart_svg(reports: &[Report]) -> String {
     ];
     let xmax = reports
         .iter()
-        .flat_map(|r| r.booted_over_time.last().map(|p| p.0))
+        .flat_map(|r| r.points.last().map(|p| p.0))
         .fold(0.0f64, f64::max)
         .max(1e-3)
         * 1.05;
@@ -459,7 +483,7 @@ pub fn chart_svg(reports: &[Report]) -> String {
     // wide range gets a logarithmic time axis starting at a power of ten.
     let first = reports
         .iter()
-        .flat_map(|r| r.booted_over_time.get(1).map(|p| p.0))
+        .flat_map(|r| r.points.get(1).map(|p| p.0))
         .fold(f64::INFINITY, f64::min);
     let log = first.is_finite() && first > 0.0 && xmax / first > 20.0;
     let xmin = if log {
@@ -520,9 +544,20 @@ pub fn chart_svg(reports: &[Report]) -> String {
             .map(|m| m * mag)
             .find(|&st| st >= raw)
             .unwrap_or(raw);
-        std::iter::successors(Some(0.0), |t| Some(t + step))
+        // Multiples of the step, not a running sum, so 0.3 prints as 0.3.
+        (0..)
+            .map(|i| f64::from(i) * step)
             .take_while(|&t| t <= xmax)
             .collect()
+    };
+    // As many decimals as the step needs (a 0.05 step: two).
+    let decimals = {
+        let (mut d, mut v) = (0usize, xmax / 5.0);
+        while !log && v < 1.0 && d < 6 {
+            v *= 10.0;
+            d += 1;
+        }
+        d
     };
     for t in ticks {
         let tx = x(t);
@@ -533,22 +568,26 @@ pub fn chart_svg(reports: &[Report]) -> String {
             H - B + 18.0,
             if t >= 10.0 || t == 0.0 {
                 format!("{t:.0}")
-            } else {
+            } else if log {
                 format!("{t}")
+            } else {
+                let text = format!("{t:.decimals$}");
+                text.trim_end_matches('0').trim_end_matches('.').to_owned()
             }
         );
     }
     let _ = writeln!(
         s,
-        r#"<text x="{}" y="{}" text-anchor="middle">virtual time (s{})</text>"#,
+        r#"<text x="{}" y="{}" text-anchor="middle">{} (s{})</text>"#,
         (W - R + L) / 2.0,
         H - 10.0,
+        xml_escape(x_title),
         if log { ", log scale" } else { "" }
     );
     for (i, r) in reports.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
         let mut d = String::new();
-        for (k, &(t, n)) in r.booted_over_time.iter().enumerate() {
+        for (k, &(t, n)) in r.points.iter().enumerate() {
             #[allow(clippy::cast_precision_loss)]
             let n = n as f64;
             // Steps: a count holds until the next boot.
@@ -570,7 +609,7 @@ pub fn chart_svg(reports: &[Report]) -> String {
             W - R + 10.0,
             W - R + 35.0,
             ly + 4.0,
-            xml_escape(&r.label())
+            xml_escape(&r.label)
         );
     }
     s.push_str("</svg>\n");

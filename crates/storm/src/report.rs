@@ -44,6 +44,31 @@ pub fn table(reports: &[StormReport]) -> String {
     out
 }
 
+/// An SVG chart of booted VMs over time, one line per mode (the VirtMan
+/// paper's boot-time figure).
+pub fn chart(reports: &[StormReport]) -> String {
+    let points: Vec<Vec<(f64, u64)>> = reports
+        .iter()
+        .map(|r| {
+            let mut t: Vec<f64> = r.vm_results.iter().map(|v| v.boot_secs).collect();
+            t.sort_by(f64::total_cmp);
+            std::iter::once((0.0, 0))
+                .chain(t.into_iter().zip(1u64..))
+                .collect()
+        })
+        .collect();
+    let lines: Vec<virtman_sim::ChartLine<'_>> = reports
+        .iter()
+        .zip(&points)
+        .map(|(r, p)| virtman_sim::ChartLine {
+            label: r.mode.name().to_owned(),
+            vms: u64::try_from(r.vms).unwrap_or(u64::MAX),
+            points: p,
+        })
+        .collect();
+    virtman_sim::booted_chart_svg(&lines, "time since the storm started")
+}
+
 /// One CSV row per VM per mode.
 pub fn csv(reports: &[StormReport]) -> String {
     let mut out = String::from("mode,vm,host,boot_secs,bytes\n");
@@ -108,6 +133,11 @@ mod tests {
             direct.contains(" 4.00 "),
             "origin bytes over the working set: {t}"
         );
+        let svg = chart(&[
+            report(StormMode::Virtman, 2.0, 0),
+            report(StormMode::Direct, 6.0, 0),
+        ]);
+        assert!(svg.starts_with("<svg") && svg.contains("virtman") && svg.contains("direct"));
         let c = csv(&[report(StormMode::Virtman, 2.0, 0)]);
         assert_eq!(c.lines().count(), 3);
         assert!(c.contains("virtman,vm2,host2,2.000000,10"));
