@@ -171,15 +171,20 @@ pub fn run(args: StormArgs) -> anyhow::Result<()> {
         );
         // Ctrl-C or SIGTERM drops the storm, whose cluster then stops every
         // process and removes its namespaces and files.
+        let bar = progress(args.vms, mode.name());
+        let on_boot = |booted: usize, _total: usize| {
+            bar.set_position(u64::try_from(booted).unwrap_or(u64::MAX));
+        };
         let r = runtime.block_on(async {
             tokio::select! {
-                r = virtman_storm::storm::run(&config, mode) => r.map_err(anyhow::Error::from),
+                r = virtman_storm::storm::run(&config, mode, &on_boot) => r.map_err(anyhow::Error::from),
                 s = crate::serve::wait_for_signal() => {
                     s?;
                     bail!("interrupted; the cluster was stopped and cleaned up")
                 }
             }
         })?;
+        bar.finish_and_clear();
         eprintln!(
             "  all booted in {:.2} s; origin sent {}",
             r.all_booted_secs,
@@ -199,6 +204,22 @@ pub fn run(args: StormArgs) -> anyhow::Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// A bar of booted VMs on a terminal; hidden otherwise.
+fn progress(vms: usize, mode: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(u64::try_from(vms).unwrap_or(u64::MAX));
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "  {msg:<11} [{bar:30}] {pos}/{len} VMs booted, {elapsed}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(mode.to_owned());
+    bar
 }
 
 fn write_random(path: &std::path::Path, size: u64) -> anyhow::Result<()> {

@@ -218,8 +218,13 @@ async fn replay(
     Ok((t0.elapsed().as_secs_f64(), bytes))
 }
 
-/// Runs one storm in `mode`.
-pub async fn run(config: &StormConfig, mode: StormMode) -> Result<StormReport, StormError> {
+/// Runs one storm in `mode`; `on_boot(booted, total)` is called each time a
+/// VM finishes (for live progress).
+pub async fn run(
+    config: &StormConfig,
+    mode: StormMode,
+    on_boot: &(dyn Fn(usize, usize) + Send + Sync),
+) -> Result<StormReport, StormError> {
     if config.hosts == 0 || config.vms == 0 {
         return Err(StormError::Config(
             "a storm needs at least one host and one VM".into(),
@@ -396,6 +401,7 @@ pub async fn run(config: &StormConfig, mode: StormMode) -> Result<StormReport, S
             boot_secs,
             bytes,
         });
+        on_boot(vm_results.len(), config.vms);
     }
     let all_booted_secs = t0.elapsed().as_secs_f64();
     vm_results.sort_by(|a, b| a.vm.cmp(&b.vm));
