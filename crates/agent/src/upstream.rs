@@ -24,7 +24,7 @@ use bytes::Bytes;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::mpsc;
 use virtman_cache::{ChunkRequest, Upstream, UpstreamError};
-use virtman_image::Manifest;
+use virtman_image::{ImageId, Manifest};
 use virtman_nbd::{Client, ClientConfig, Endpoint};
 
 /// Tunables of fetching from parents; the defaults suit a LAN.
@@ -306,6 +306,11 @@ impl Upstream for Parents {
     fn name(&self) -> String {
         let names: Vec<String> = self.current().into_iter().map(|s| s.name).collect();
         format!("parents [{}] of image {}", names.join(", "), self.image)
+    }
+
+    fn verifies(&self) -> Option<ImageId> {
+        // `fetch_any` returns only chunks that match this manifest.
+        Some(self.manifest.id())
     }
 
     async fn fetch(&self, req: ChunkRequest) -> Result<Bytes, UpstreamError> {

@@ -45,8 +45,17 @@ pub trait Upstream: Send + Sync + 'static {
     /// A name for this source in errors and logs.
     fn name(&self) -> String;
 
-    /// Fetches one chunk. The result is verified by the caller.
+    /// Fetches one chunk. The result is verified by the caller, unless the
+    /// upstream says (with [`Upstream::verifies`]) that it already checked it.
     async fn fetch(&self, req: ChunkRequest) -> Result<Bytes, UpstreamError>;
+
+    /// The image whose manifest this upstream checks every chunk against
+    /// before returning it, if it does (the agent's parents do, to fail over
+    /// at once on a wrong chunk). A volume of that image then skips its own
+    /// check instead of hashing every chunk twice. `None` by default.
+    fn verifies(&self) -> Option<ImageId> {
+        None
+    }
 }
 
 /// An image file as an upstream (the origin, tests).

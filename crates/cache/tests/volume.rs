@@ -120,6 +120,8 @@ async fn lying_upstream_never_gets_a_wrong_byte_to_a_reader() {
             Lie::FlipByte,
             Lie::Truth,
         ],
+        // A claim to have verified another image's chunks changes nothing.
+        claims: Some(virtman_image::ImageId([7; 32])),
     });
     v.set_upstream(Some(liar.clone() as Arc<dyn Upstream>));
     let export = v.export();

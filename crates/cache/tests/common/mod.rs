@@ -98,12 +98,17 @@ pub struct LyingUpstream {
     pub data: Arc<Vec<u8>>,
     pub counter: AtomicU64,
     pub schedule: Vec<Lie>,
+    /// What it claims to have verified (see `Upstream::verifies`).
+    pub claims: Option<virtman_image::ImageId>,
 }
 
 #[async_trait]
 impl Upstream for LyingUpstream {
     fn name(&self) -> String {
         "liar:9".into()
+    }
+    fn verifies(&self) -> Option<virtman_image::ImageId> {
+        self.claims
     }
     async fn fetch(&self, req: ChunkRequest) -> Result<Bytes, UpstreamError> {
         let n = self.counter.fetch_add(1, Ordering::SeqCst) as usize;
