@@ -46,7 +46,10 @@ pub struct FetchConfig {
 impl Default for FetchConfig {
     fn default() -> Self {
         FetchConfig {
-            request_timeout: Duration::from_secs(5),
+            // Below the coordinator's default heartbeat timeout (4 s), so a
+            // child's report of a hung parent can act before the coordinator
+            // notices the silence (the simulator showed 5 s never did).
+            request_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(2),
             connections: 2,
             cool_down: Duration::from_secs(3),
