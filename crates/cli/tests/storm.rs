@@ -25,6 +25,7 @@ fn a_small_storm_in_every_mode_reads_the_image_and_ranks_origin_load() {
     let out = Command::new(BIN)
         .args(["storm", "--hosts", "3", "--vms", "6", "--image-size", "16M"])
         .args([
+            "--synthetic",
             "--working-set",
             "4M",
             "--think-ms",
@@ -82,6 +83,35 @@ fn a_small_storm_in_every_mode_reads_the_image_and_ranks_origin_load() {
             .unwrap();
         panic!("left running: {}", String::from_utf8_lossy(&info.stdout));
     }
+}
+
+#[test]
+fn the_default_trace_is_the_real_debian_boot_and_bad_traces_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // A bad trace file: a clear error naming it, nothing started.
+    let bad = dir.path().join("bad.trace");
+    std::fs::write(&bad, "virtman-trace 1\nimage-size 1024\n0 0\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["storm", "--trace"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.trace"), "{err}");
+    // A trace larger than the image given.
+    let small = dir.path().join("small.raw");
+    std::fs::write(&small, vec![0u8; 1 << 20]).unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "storm", "--hosts", "1", "--vms", "1", "--mode", "direct", "--image",
+        ])
+        .arg(&small)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("larger than"), "{err}");
 }
 
 #[test]
@@ -239,6 +269,7 @@ fn a_storm_on_shaped_links_reads_the_image_and_ranks_origin_load() {
     let out = Command::new(BIN)
         .args(["storm", "--hosts", "2", "--vms", "4", "--image-size", "8M"])
         .args([
+            "--synthetic",
             "--working-set",
             "2M",
             "--think-ms",
