@@ -106,12 +106,20 @@ impl Accounting {
             return Ok(());
         }
         let _e = lock(&self.evict_lock);
+        let mut committed = false;
         loop {
             if self.try_add(bytes) {
                 return Ok(());
             }
             let target = self.low.min(self.capacity.saturating_sub(bytes));
             if self.evict_to(target) == 0 && !self.try_add(bytes) {
+                // Chunks stored but not yet durable cannot be evicted (their
+                // presence is not on disk yet): make them durable, once, and
+                // try again before refusing.
+                if !committed && self.commit_unused() {
+                    committed = true;
+                    continue;
+                }
                 return Err(CacheError::NoSpace {
                     volume: volume.to_owned(),
                     chunk,
@@ -120,6 +128,28 @@ impl Accounting {
                 });
             }
         }
+    }
+
+    /// Commits the pending chunks of every volume nobody uses, so eviction
+    /// can take them. Returns whether any were committed.
+    fn commit_unused(&self) -> bool {
+        let vols: Vec<Arc<CachedVolume>> = lock(&self.volumes)
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        let mut any = false;
+        for v in vols
+            .iter()
+            .filter(|v| v.uses() == 0 && v.pending_chunks() > 0)
+        {
+            match v.commit() {
+                Ok(()) => any = true,
+                Err(e) => {
+                    tracing::warn!(volume = v.name(), error = %e, "commit before eviction failed")
+                }
+            }
+        }
+        any
     }
 
     /// Evicts least recently used chunks of unused volumes until usage is at

@@ -793,6 +793,11 @@ impl CachedVolume {
         Ok(())
     }
 
+    /// Chunks stored but not yet durable.
+    pub(crate) fn pending_chunks(&self) -> usize {
+        lock(&self.pending).len()
+    }
+
     fn schedule_commit(self: &Arc<Self>) {
         if self.commit_scheduled.swap(true, Ordering::AcqRel) {
             return;
