@@ -274,8 +274,17 @@ impl Net {
                     .into(),
             ));
         }
+        // An id whose bridge does not exist yet, so two clusters on one
+        // machine do not collide.
+        let start = std::process::id() % 250;
+        let id = (0..250)
+            .map(|k| (start + k) % 250)
+            .find(|id| !Path::new(&format!("/sys/class/net/vmb{id}")).exists())
+            .ok_or_else(|| {
+                ClusterError::Command("250 namespaced clusters already run here".into())
+            })?;
         Ok(Net {
-            id: std::process::id() % 250,
+            id,
             config: config.clone(),
         })
     }
