@@ -47,6 +47,9 @@ wait_port "$p_virtman"; wait_port "$p_qemu"; wait_port "$p_nbdkit"
 
 # run_fio PORT RW BS DEPTH -> prints "iops bw_mib"
 run_fio() {
+  # Re-warm before every run: this VM reclaims idle page cache proactively
+  # (DAMON), which otherwise turns "warm" runs into partly cold ones.
+  cat "$img" > /dev/null
   fio --name=bench --ioengine=nbd --uri="nbd://127.0.0.1:$1/disk" --rw="$2" --bs="$3" \
       --iodepth="$4" --size="${size_mib}M" --time_based --runtime="$secs" --ramp_time=1 \
       --output-format=json 2>/dev/null |
