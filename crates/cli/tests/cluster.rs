@@ -53,10 +53,12 @@ impl Proc {
                 l2.lock().unwrap().push_str(&format!("{line}\n"));
             }
         });
+        // Owned by a Proc first, so a start that fails still kills the child.
+        let p = Proc { child, log };
         let addr = rx
             .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("{args:?} did not start: {}", log.lock().unwrap()));
-        (Proc { child, log }, addr)
+            .unwrap_or_else(|_| panic!("{args:?} did not start: {}", p.log.lock().unwrap()));
+        (p, addr)
     }
 
     fn signal(&self, sig: &str) {
