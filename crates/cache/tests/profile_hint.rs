@@ -134,6 +134,14 @@ async fn a_vm_cache_hint_returns_at_once_and_fetches_in_the_background() {
     assert!((0..3).all(|i| v.is_present(i)), "{:?}", v.present_list());
     assert_eq!(v.present_chunks(), 3);
     let st = v.stats();
+    // A chunk is present as soon as it is stored; the fetch counter follows a
+    // moment later. Wait for it, then check no chunk was fetched twice.
+    for _ in 0..1000 {
+        if st.fetched_chunks.load(Ordering::Relaxed) >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(st.prefetched_chunks.load(Ordering::Relaxed) >= 2);
     assert_eq!(
         st.fetched_chunks.load(Ordering::Relaxed),
