@@ -268,7 +268,13 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 4, max_shrink_iters: 64, ..ProptestConfig::default() })]
+    // Fixed seed too: see the note on the first block.
+    #![proptest_config(ProptestConfig {
+        cases: 4,
+        max_shrink_iters: 64,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(0x5eed_2026),
+        ..ProptestConfig::default()
+    })]
 
     /// Up to 2,000 nodes: joins dominate so the session grows large, with
     /// churn, crashes, reports and ticks all along.
