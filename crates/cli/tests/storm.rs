@@ -6,16 +6,34 @@ use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_virtman");
 
-fn alive(pid: u64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            !s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
-        .unwrap_or(false)
+/// `virtman cluster up --dir DIR --image IMAGE EXTRA...`; asserts success and
+/// returns the recorded `cluster.json`.
+fn cluster_up(image: &Path, cdir: &Path, extra: &[&str]) -> serde_json::Value {
+    let up = Command::new(BIN)
+        .args(["cluster", "up"])
+        .args(extra)
+        .arg("--image")
+        .arg(image)
+        .arg("--dir")
+        .arg(cdir)
+        .env("VIRTMAN_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    serde_json::from_slice(&std::fs::read(cdir.join("cluster.json")).unwrap()).unwrap()
+}
+
+/// `virtman cluster down --dir DIR`.
+fn cluster_down(cdir: &Path) -> std::process::Output {
+    Command::new(BIN)
+        .args(["cluster", "down", "--dir"])
+        .arg(cdir)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -120,29 +138,15 @@ fn cluster_down_leaves_no_process_and_no_file() {
     let image = dir.path().join("img.raw");
     std::fs::write(&image, vec![7u8; 4 << 20]).unwrap();
     let cdir = dir.path().join("cluster");
-    let up = Command::new(BIN)
-        .args(["cluster", "up", "--hosts", "2", "--image"])
-        .arg(&image)
-        .arg("--dir")
-        .arg(&cdir)
-        .env("VIRTMAN_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(cdir.join("cluster.json")).unwrap()).unwrap();
-    let pids: Vec<u64> = state["members"]
+    let state = cluster_up(&image, &cdir, &["--hosts", "2"]);
+    let pids: Vec<u32> = state["members"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| m["pid"].as_u64().unwrap())
+        .map(|m| u32::try_from(m["pid"].as_u64().unwrap()).unwrap())
         .collect();
     assert_eq!(pids.len(), 4, "coordinator, origin, two hosts");
-    assert!(pids.iter().all(|&p| alive(p)));
+    assert!(pids.iter().all(|&p| virtman_storm::cluster::alive(p)));
     // A second `up` in the same directory is refused.
     let again = Command::new(BIN)
         .args(["cluster", "up", "--hosts", "1", "--image"])
@@ -154,26 +158,18 @@ fn cluster_down_leaves_no_process_and_no_file() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("cluster down"));
 
-    let down = Command::new(BIN)
-        .args(["cluster", "down", "--dir"])
-        .arg(&cdir)
-        .output()
-        .unwrap();
+    let down = cluster_down(&cdir);
     assert!(
         down.status.success(),
         "{}",
         String::from_utf8_lossy(&down.stderr)
     );
     assert!(
-        pids.iter().all(|&p| !alive(p)),
+        pids.iter().all(|&p| !virtman_storm::cluster::alive(p)),
         "a process survived `cluster down`"
     );
     assert!(!Path::new(&cdir).exists(), "the cluster directory is gone");
-    let down = Command::new(BIN)
-        .args(["cluster", "down", "--dir"])
-        .arg(&cdir)
-        .output()
-        .unwrap();
+    let down = cluster_down(&cdir);
     assert!(!down.status.success(), "a second down has nothing to stop");
 }
 
@@ -196,30 +192,11 @@ fn with_namespaces_down_removes_every_namespace_and_link() {
     let image = dir.path().join("img.raw");
     std::fs::write(&image, vec![3u8; 4 << 20]).unwrap();
     let cdir = dir.path().join("cluster");
-    let up = Command::new(BIN)
-        .args([
-            "cluster",
-            "up",
-            "--hosts",
-            "2",
-            "--netns",
-            "--link-rate",
-            "100mbit",
-            "--image",
-        ])
-        .arg(&image)
-        .arg("--dir")
-        .arg(&cdir)
-        .env("VIRTMAN_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
+    let state = cluster_up(
+        &image,
+        &cdir,
+        &["--hosts", "2", "--netns", "--link-rate", "100mbit"],
     );
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(cdir.join("cluster.json")).unwrap()).unwrap();
     let ns: Vec<String> = state["namespaces"]
         .as_array()
         .unwrap()
@@ -243,11 +220,7 @@ fn with_namespaces_down_removes_every_namespace_and_link() {
         "{host1}"
     );
 
-    let down = Command::new(BIN)
-        .args(["cluster", "down", "--dir"])
-        .arg(&cdir)
-        .output()
-        .unwrap();
+    let down = cluster_down(&cdir);
     assert!(
         down.status.success(),
         "{}",
