@@ -36,6 +36,10 @@ Example:
         /// Fan-out of the relay tree.
         #[arg(long, default_value_t = 2)]
         fanout: u32,
+        /// Tree children of the origin: 1 feeds one relay head, so each chunk
+        /// leaves the origin about once.
+        #[arg(long, default_value_t = 1)]
+        origin_fanout: u32,
         /// Parents per host.
         #[arg(long, default_value_t = 2)]
         parents: u32,
@@ -69,6 +73,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
             image,
             dir,
             fanout,
+            origin_fanout,
             parents,
             cache_size,
             netns,
@@ -83,6 +88,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
                 image,
                 image_name: "img".into(),
                 fanout,
+                origin_fanout,
                 parents,
                 cache_size,
                 net: netns.then(|| virtman_storm::cluster::NetConfig {

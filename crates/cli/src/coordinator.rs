@@ -53,6 +53,12 @@ pub struct CoordinatorArgs {
     #[arg(long, value_name = "K", default_value_t = 4)]
     pub fanout: u32,
 
+    /// The most tree children an origin serves (1 to the fan-out). With 1 the
+    /// origin feeds one relay head that feeds the rest, so each chunk leaves
+    /// the origin about once per storm; with K it leaves K times.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub origin_fanout: u32,
+
     /// Parents per node p: the tree parent plus p-1 parents in other subtrees,
     /// for failover and load spreading (1 to 16).
     #[arg(long, value_name = "P", default_value_t = 2)]
@@ -129,6 +135,7 @@ fn create_token(path: &Path) -> anyhow::Result<()> {
 pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     let config = CoordinatorConfig {
         fanout: args.fanout,
+        origin_fanout: args.origin_fanout,
         parents: args.parents,
         heartbeat_interval_ms: millis(args.heartbeat_interval),
         heartbeat_timeout_ms: millis(args.heartbeat_timeout),

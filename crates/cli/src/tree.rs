@@ -1,11 +1,12 @@
 //! `virtman tree IMAGE`: print a session's relay tree, as text or JSON.
 //!
 //! ```text
-//!   debian: 5 nodes (4 members), fan-out 2, 2 parents per node, depth 2 of at most 4
+//!   debian: 5 nodes (4 members), fan-out 2 (origins 1), 2 parents per node, depth 3 of at most 4
 //!   origin:0  10.0.0.1:10809  origin
-//!   ├── h1  10.0.1.1:10809  depth 1  40%  parents origin:0
-//!   │   └── h3  10.0.1.3:10809  depth 2  10%  parents h1, h2
-//!   └── h2  10.0.1.2:10809  depth 1  35%  parents origin:0
+//!   └── h1  10.0.1.1:10809  depth 1  40%  parents origin:0
+//!       ├── h2  10.0.1.2:10809  depth 2  35%  parents h1, origin:0
+//!       │   └── h4  10.0.1.4:10809  depth 3  5%  parents h2, h3
+//!       └── h3  10.0.1.3:10809  depth 2  10%  parents h1, origin:0
 //! ```
 //!
 //! Nodes hang under their tree (first) parent; the other parents are listed.
@@ -94,10 +95,11 @@ fn line(n: &NodeView) -> String {
 pub fn render(tree: &TreeView) -> String {
     let members = tree.nodes.iter().filter(|n| !n.origin).count();
     let mut out = format!(
-        "{}: {} nodes ({members} members), fan-out {}, {} parents per node, depth {} of at most {}\n",
+        "{}: {} nodes ({members} members), fan-out {} (origins {}), {} parents per node, depth {} of at most {}\n",
         tree.image,
         tree.nodes.len(),
         tree.fanout,
+        tree.origin_fanout,
         tree.parents_per_node,
         tree.max_depth,
         tree.depth_bound
@@ -169,6 +171,7 @@ mod tests {
         let tree = TreeView {
             image: "img".into(),
             fanout: 2,
+            origin_fanout: 2,
             parents_per_node: 2,
             depth_bound: 3,
             max_depth: 2,
@@ -190,7 +193,7 @@ mod tests {
         };
         let text = render(&tree);
         let expected = "\
-img: 4 nodes (3 members), fan-out 2, 2 parents per node, depth 2 of at most 3
+img: 4 nodes (3 members), fan-out 2 (origins 2), 2 parents per node, depth 2 of at most 3
 origin:0  origin:0:1  origin
 ├── a  a:1  depth 1  50%  parents origin:0
 │   └── c  c:1  depth 2  50%  parents a, b

@@ -297,8 +297,8 @@ async fn leaves_read_the_image_through_the_tree_and_the_origin_sends_each_chunk_
     let tree = c.tree().unwrap();
     assert!(tree["max_depth"].as_u64().unwrap() <= tree["depth_bound"].as_u64().unwrap());
     assert_eq!(tree["nodes"].as_array().unwrap().len(), 7);
-    // The origin sent each chunk at most a small constant number of times:
-    // once per tree child of the origin (fan-out 2), not once per host.
+    // The origin sent each chunk about once: to its one relay head, not
+    // once per host (a few more only if a parent timed out under load).
     let origin = c.control("origin").status().await.unwrap();
     let sent = origin.images[0].sent.unwrap();
     let chunks = (c.image.len() / CHUNK) as u64;
@@ -308,12 +308,17 @@ async fn leaves_read_the_image_through_the_tree_and_the_origin_sends_each_chunk_
         "origin sent a chunk {} times",
         sent.max_per_chunk
     );
+    assert!(
+        sent.bytes <= c.image.len() as u64 * 5 / 4,
+        "origin sent {} bytes for a {}-byte image",
+        sent.bytes,
+        c.image.len()
+    );
     let text = c.control("origin").metrics().await.unwrap();
     assert_eq!(
         metric(&text, "virtman_origin_max_sends_per_chunk", "image=\"img\""),
         u64::from(sent.max_per_chunk)
     );
-    assert!(sent.bytes <= 2 * c.image.len() as u64);
     // Leaves at depth 2 fetched from parents, not from the origin.
     for i in 1..=6 {
         let s = c.control(&format!("a{i}")).status().await.unwrap();

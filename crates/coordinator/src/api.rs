@@ -231,6 +231,8 @@ pub struct TreeView {
     pub image: String,
     /// Fan-out k.
     pub fanout: u32,
+    /// The most tree children an origin takes.
+    pub origin_fanout: u32,
     /// Parents per node p.
     pub parents_per_node: u32,
     /// The deepest a member may be now: ceil(log_k N) + 1.

@@ -16,6 +16,9 @@ use virtman_topology::Settings;
 pub struct CoordinatorConfig {
     /// Fan-out k of every tree (2 to 1024).
     pub fanout: u32,
+    /// The most tree children an origin takes (1 to the fan-out): 1 makes the
+    /// origin feed a single relay head, so each chunk leaves it about once.
+    pub origin_fanout: u32,
     /// Parents per node p (1 to 16).
     pub parents: u32,
     /// How often nodes are told to heartbeat, in milliseconds.
@@ -36,6 +39,7 @@ impl Default for CoordinatorConfig {
     fn default() -> Self {
         Self {
             fanout: 4,
+            origin_fanout: 1,
             parents: 2,
             heartbeat_interval_ms: 1_000,
             heartbeat_timeout_ms: 4_000,
@@ -67,6 +71,7 @@ impl CoordinatorConfig {
         }
         let settings = Settings {
             fanout: self.fanout,
+            origin_fanout: self.origin_fanout,
             parents: self.parents,
             heartbeat_timeout: Duration::from_millis(self.heartbeat_timeout_ms),
             report_threshold: self.report_threshold,
@@ -95,6 +100,15 @@ mod tests {
             },
             CoordinatorConfig {
                 parents: 0,
+                ..Default::default()
+            },
+            CoordinatorConfig {
+                origin_fanout: 0,
+                ..Default::default()
+            },
+            CoordinatorConfig {
+                fanout: 4,
+                origin_fanout: 5,
                 ..Default::default()
             },
             CoordinatorConfig {

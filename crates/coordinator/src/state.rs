@@ -272,8 +272,11 @@ fn image_settings(
     base: Settings,
     record: &ImageRecord,
 ) -> Result<Settings, virtman_topology::SettingsError> {
+    let fanout = record.fanout.unwrap_or(base.fanout);
     let s = Settings {
-        fanout: record.fanout.unwrap_or(base.fanout),
+        fanout,
+        // An image with a narrower tree narrows its origins' fan-out too.
+        origin_fanout: base.origin_fanout.min(fanout),
         parents: record.parents.unwrap_or(base.parents),
         ..base
     };
@@ -794,6 +797,7 @@ impl State {
         Ok(TreeView {
             image: image.to_owned(),
             fanout: st.session.settings().fanout,
+            origin_fanout: st.session.settings().origin_fanout,
             parents_per_node: st.session.settings().parents,
             depth_bound: st.session.depth_bound(),
             max_depth: st.session.max_depth(),

@@ -529,6 +529,20 @@ async fn a_restart_recovers_images_and_sessions() {
         }],
     };
     c.client.heartbeat(&done).await.unwrap();
+    // Every member heartbeats once more, as agents do each second: a member
+    // short of secondaries takes the new root then (restore would too).
+    for i in (0..25).filter(|&i| i != 4 && i != 7) {
+        let beat = HeartbeatRequest {
+            node: format!("h{i}"),
+            sessions: vec![SessionBeat {
+                image: "a".into(),
+                progress: 0.5,
+                complete: false,
+                known_epoch: 0,
+            }],
+        };
+        c.client.heartbeat(&beat).await.unwrap();
+    }
     let images = c.client.images().await.unwrap();
     let tree_a = c.client.tree("a").await.unwrap();
     let tree_b = c.client.tree("b").await.unwrap();

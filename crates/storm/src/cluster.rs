@@ -87,6 +87,8 @@ pub struct ClusterConfig {
     pub image_name: String,
     /// Fan-out of the relay tree.
     pub fanout: u32,
+    /// Tree children of the origin (1: one relay head).
+    pub origin_fanout: u32,
     /// Parents per host.
     pub parents: u32,
     /// Cache capacity per host, as `virtman agent --cache-size` takes it.
@@ -424,6 +426,8 @@ impl Cluster {
             token.display().to_string(),
             s("--fanout"),
             config.fanout.to_string(),
+            s("--origin-fanout"),
+            config.origin_fanout.to_string(),
             s("--parents"),
             config.parents.to_string(),
             s("--heartbeat-interval"),

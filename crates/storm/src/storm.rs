@@ -267,6 +267,7 @@ pub async fn run(
                         image: config.image.clone(),
                         image_name: "img".into(),
                         fanout: 2,
+                        origin_fanout: 1,
                         parents: 1,
                         cache_size: "64M".into(),
                         net: Some(net.clone()),
@@ -332,9 +333,13 @@ pub async fn run(
             }
         }
         StormMode::Virtman | StormMode::CacheOnly => {
-            let (fanout, parents) = match mode {
-                StormMode::Virtman => (config.fanout, config.parents),
-                _ => (u32::try_from(config.hosts).unwrap_or(u32::MAX).max(2), 1),
+            // Cache-only: every host a child of the origin.
+            let (fanout, origin_fanout, parents) = match mode {
+                StormMode::Virtman => (config.fanout, 1, config.parents),
+                _ => {
+                    let k = u32::try_from(config.hosts).unwrap_or(u32::MAX).max(2);
+                    (k, k, 1)
+                }
             };
             let c = Cluster::up(&ClusterConfig {
                 bin: config.bin.clone(),
@@ -343,6 +348,7 @@ pub async fn run(
                 image: config.image.clone(),
                 image_name: "img".into(),
                 fanout,
+                origin_fanout,
                 parents,
                 cache_size: format!("{}", image_size.saturating_mul(2).max(64 << 20)),
                 net: config.net.clone(),

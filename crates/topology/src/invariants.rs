@@ -8,11 +8,14 @@
 //! ```text
 //!   every member ──primary──► ... ──primary──► root     (no cycle, live path)
 //!   depth(parent) < depth(child) for every parent, primary or secondary
-//!   children <= k, depth <= ceil(log_k N) + 1, secondaries outside own branch
+//!   children <= k (origins: origin_fanout), depth <= ceil(log_k N) + 1
+//!   depth 1 is the trunk (no branch); each depth-2 node has its own branch
+//!   secondaries: outside the node's own branch, never its ancestors
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::NodeId;
 use crate::session::Session;
 use crate::settings::depth_bound;
 
@@ -30,6 +33,7 @@ impl Session {
     pub fn check_invariants(&self) -> Result<(), InvariantViolation> {
         let s = &self.settings;
         let k = usize::try_from(s.fanout).unwrap_or(usize::MAX);
+        let origin_k = usize::try_from(s.origin_fanout).unwrap_or(usize::MAX);
         let cap = s.secondary_capacity();
         let want = usize::try_from(s.parents.saturating_sub(1)).unwrap_or(0);
         let bound = depth_bound(s.fanout, self.nodes.len());
@@ -73,6 +77,10 @@ impl Session {
                     ));
                 }
                 if n.depth == 1 {
+                    if n.branch != 0 {
+                        return fail(format!("trunk node {id} has branch {}", n.branch));
+                    }
+                } else if n.depth == 2 {
                     if n.branch == 0 || !labels.insert(n.branch) {
                         return fail(format!("{id} has a bad or shared branch label"));
                     }
@@ -99,6 +107,9 @@ impl Session {
                     if !sn.is_root() && sn.branch == n.branch {
                         return fail(format!("{id}'s secondary {sec} is in its own branch"));
                     }
+                    if !sn.is_root() && self.is_ancestor(sec, id) {
+                        return fail(format!("{id}'s secondary {sec} is its ancestor"));
+                    }
                     if !sn.sec_children.contains(&id) {
                         return fail(format!("{sec} does not list secondary child {id}"));
                     }
@@ -121,8 +132,9 @@ impl Session {
                 }
                 by_depth.entry(n.depth).or_default().insert(id);
             }
-            if n.children.len() > k {
-                return fail(format!("{id} has {} children > {k}", n.children.len()));
+            let most = if n.origin { origin_k } else { k };
+            if n.children.len() > most {
+                return fail(format!("{id} has {} children > {most}", n.children.len()));
             }
             for c in &n.children {
                 if self.nodes.get(c).and_then(|cn| cn.primary) != Some(id) {
@@ -144,7 +156,7 @@ impl Session {
                     return fail(format!("{id} lists secondary child {u} wrongly"));
                 }
             }
-            if n.children.len() < k {
+            if n.children.len() < most {
                 primary_slots.insert((n.depth, (n.children.len(), id)));
                 if let Some(r) = n.rack {
                     primary_rack.insert(((r, n.depth), (n.children.len(), id)));
@@ -171,5 +183,24 @@ impl Session {
             return fail("depth index is stale".into());
         }
         Ok(())
+    }
+}
+
+impl Session {
+    /// Whether `a` is on `id`'s path of primaries up to its root.
+    fn is_ancestor(&self, a: NodeId, id: NodeId) -> bool {
+        let mut cur = self.nodes.get(&id).and_then(|n| n.primary);
+        let mut steps = 0usize;
+        while let Some(c) = cur {
+            if c == a {
+                return true;
+            }
+            steps += 1;
+            if steps > self.nodes.len() {
+                return false; // a cycle, reported on its own
+            }
+            cur = self.nodes.get(&c).and_then(|n| n.primary);
+        }
+        false
     }
 }

@@ -7,13 +7,22 @@
 //! primary tree; every parent, primary or secondary, sits strictly shallower
 //! than its child, so the parent graph can have no cycle.
 //!
+//! An origin takes at most `origin_fanout` children (1 by default: one relay
+//! head, so a chunk leaves the origin about once); every other node takes k.
+//! The roots' children form the *trunk*; each child of a trunk node starts a
+//! *branch*, and secondaries come from other branches, or from the trunk or
+//! the roots, but never from the node's own ancestors.
+//!
 //! ```text
 //!   depth 0      origin ─────────────── complete node   (roots)
-//!               /  |   \                    |
-//!   depth 1    A   B    C   <- each depth-1 node starts a branch
-//!             / \   \    \
-//!   depth 2  a1  a2  b1   c1      a1: primary A, secondary B or C or a root
-//!                                 (never in its own branch A, never deeper)
+//!                  |                        |
+//!   depth 1        H        <- trunk: the relay head (branch 0)
+//!               /  |  \
+//!   depth 2    A   B   C    <- each depth-2 node starts a branch
+//!             / \   \   \
+//!   depth 3  a1  a2  b1  c1       a1: primary A, secondary B or C, else a
+//!                                 root (never in its own branch A, never
+//!                                 an ancestor, never deeper)
 //! ```
 //!
 //! Rules and how they are kept:
@@ -22,7 +31,8 @@
 //! - **leave / death** of a member X with children: the deepest leaf L (same
 //!   rack as X when one is near the front) takes X's place under X's parent
 //!   and adopts X's children, so the orphans keep their depth, branch and
-//!   siblings and only their primary changes. A root's orphans go to another
+//!   siblings and only their primary changes (the origin's relay head is
+//!   replaced the same way). A root's orphans go to another
 //!   root's free slot, else to the shallowest free slot.
 //! - **rebalance**: after every event, while the deepest member is deeper
 //!   than `ceil(log_k N) + 1`, it moves to the shallowest free slot. A free
@@ -175,7 +185,8 @@ pub(crate) struct Node {
     /// Detached during a repair: in no index, primary `None`, depth stale.
     pub(crate) floating: bool,
     pub(crate) depth: u32,
-    /// Label of the depth-1 subtree the node is in; 0 for roots.
+    /// Label of the depth-2 subtree (branch) the node is in; 0 for roots
+    /// and the trunk (depth 1).
     pub(crate) branch: u64,
     pub(crate) primary: Option<NodeId>,
     pub(crate) secondaries: Vec<NodeId>,
@@ -320,7 +331,6 @@ impl Session {
                 children_of.entry(p).or_default().push(id);
             }
         }
-        let k = s.fanout();
         let mut queue: VecDeque<NodeId> = s
             .nodes
             .iter()
@@ -330,7 +340,10 @@ impl Session {
         loop {
             while let Some(p) = queue.pop_front() {
                 for c in children_of.remove(&p).unwrap_or_default() {
-                    let free = s.nodes.get(&p).is_some_and(|n| n.children.len() < k);
+                    let free = s
+                        .nodes
+                        .get(&p)
+                        .is_some_and(|n| n.children.len() < s.capacity(n));
                     if free && unplaced.remove(&c) {
                         s.attach(c, p, None);
                         queue.push_back(c);
@@ -536,8 +549,14 @@ impl Session {
             // Never push a subtree deeper for one report: no slot as shallow
             // as the old parent means the child keeps it (it still has its
             // secondaries and the origin) until more reports or the timeout.
-            // A leaf may go anywhere.
-            let max = if leaf { None } else { level };
+            // A leaf may go deeper, but not past the depth bound: rebalancing
+            // would only bring it back, perhaps under the parent it reported.
+            let bound = self.settings.depth_bound(self.nodes.len());
+            let max = if leaf {
+                Some(bound.saturating_sub(1))
+            } else {
+                level
+            };
             let target = self
                 .pick_in_branch(level, branch, reporter, &avoid)
                 .or_else(|| self.pick_primary(rack, level, max, Some(reporter), &avoid))
@@ -667,8 +686,14 @@ impl Session {
 
     // ----- internals: lookups -----
 
-    fn fanout(&self) -> usize {
-        usize::try_from(self.settings.fanout).unwrap_or(usize::MAX)
+    /// The most primary children `n` may have: k, or the origins' fan-out.
+    fn capacity(&self, n: &Node) -> usize {
+        let k = if n.origin {
+            self.settings.origin_fanout
+        } else {
+            self.settings.fanout
+        };
+        usize::try_from(k).unwrap_or(usize::MAX)
     }
 
     fn secondaries_wanted(&self) -> usize {
@@ -717,16 +742,33 @@ impl Session {
         false
     }
 
+    /// The depth-1 (trunk) node above `id`, if `id` is deeper than that.
+    fn trunk_of(&self, id: NodeId) -> Option<NodeId> {
+        let mut cur = self.nodes.get(&id)?.primary;
+        let mut steps = 0usize;
+        while let Some(c) = cur {
+            let n = self.nodes.get(&c)?;
+            if n.depth == 1 && !n.is_root() {
+                return Some(c);
+            }
+            steps += 1;
+            if steps > self.nodes.len() {
+                return None;
+            }
+            cur = n.primary;
+        }
+        None
+    }
+
     // ----- internals: indices -----
 
     fn unindex(&mut self, id: NodeId) {
-        let k = self.fanout();
         let cap = self.settings.secondary_capacity();
         let Some(n) = self.nodes.get(&id) else { return };
         if n.floating {
             return;
         }
-        if n.children.len() < k {
+        if n.children.len() < self.capacity(n) {
             self.primary_slots
                 .remove(n.depth, n.rack, n.children.len(), id);
         }
@@ -745,13 +787,12 @@ impl Session {
     }
 
     fn reindex(&mut self, id: NodeId) {
-        let k = self.fanout();
         let cap = self.settings.secondary_capacity();
         let Some(n) = self.nodes.get(&id) else { return };
         if n.floating {
             return;
         }
-        if n.children.len() < k {
+        if n.children.len() < self.capacity(n) {
             self.primary_slots
                 .insert(n.depth, n.rack, n.children.len(), id);
         }
@@ -822,6 +863,20 @@ impl Session {
             was_secondary = n.secondaries.contains(&parent);
         }
         let mut moved = self.place(id, label);
+        // Below a new trunk node, the subtree may not keep it as a secondary
+        // (in a new branch every node is in `moved` and checked anyway).
+        if let Some(t) = self.trunk_of(id) {
+            let users: Vec<NodeId> = self
+                .nodes
+                .get(&t)
+                .map(|n| n.sec_children.iter().copied().collect())
+                .unwrap_or_default();
+            for u in users {
+                if self.descends_from(u, id) && !moved.contains(&u) {
+                    moved.push(u);
+                }
+            }
+        }
         if was_secondary {
             // The new primary was a secondary: drop it there; the caller's
             // fix_after_move refills the list.
@@ -849,16 +904,17 @@ impl Session {
                 let parent = n.primary.and_then(|p| self.nodes.get(&p));
                 match parent {
                     None => (old_depth, old_branch),
-                    Some(pn) if pn.depth == 0 => {
+                    Some(pn) if pn.depth == 0 => (1, 0),
+                    Some(pn) if pn.depth == 1 => {
                         let b = match lbl {
                             Some(b) => b,
-                            None if old_depth == 1 && old_branch != 0 => old_branch,
+                            None if old_depth == 2 && old_branch != 0 => old_branch,
                             None => {
                                 self.next_branch += 1;
                                 self.next_branch
                             }
                         };
-                        (1, b)
+                        (2, b)
                     }
                     Some(pn) => (pn.depth + 1, pn.branch),
                 }
@@ -908,7 +964,8 @@ impl Session {
     }
 
     /// Whether `s` may be a secondary parent of `z`: strictly shallower, not
-    /// in `z`'s branch (roots are in none), not its primary, not avoided.
+    /// in `z`'s branch (roots and the trunk are in none), not one of its
+    /// ancestors (its primary included), not avoided.
     fn secondary_ok(&self, z: NodeId, s: NodeId) -> bool {
         let (Some(zn), Some(sn)) = (self.nodes.get(&z), self.nodes.get(&s)) else {
             return false;
@@ -921,6 +978,7 @@ impl Session {
             && sn.depth < zn.depth
             && (sn.is_root() || sn.branch != zn.branch)
             && !zn.avoid.contains(&s)
+            && (sn.is_root() || !self.descends_from(z, s))
     }
 
     /// Drops `z`'s secondaries that broke a rule, then fills up to p - 1.
@@ -1185,7 +1243,7 @@ impl Session {
         if !orphans.contains(&leaf) {
             self.float(leaf);
         }
-        let mut moved = self.attach(leaf, g, (depth == 1).then_some(label));
+        let mut moved = self.attach(leaf, g, (depth == 2).then_some(label));
         for &c in orphans {
             if c != leaf {
                 moved.extend(self.attach(c, leaf, None));
@@ -1234,13 +1292,15 @@ impl Session {
                 Some(n) => (n.rack, n.avoid.clone()),
                 None => break,
             };
-            let Some(target) = self.pick_primary(
-                rack,
-                None,
-                Some(deepest.saturating_sub(2)),
-                Some(leaf),
-                &avoid,
-            ) else {
+            // The depth bound is a rule, the parents a node reported are a
+            // preference: when only an avoided parent has a slot high enough,
+            // the leaf goes there (it still has its secondaries, and reports
+            // again if that parent is really down).
+            let max = Some(deepest.saturating_sub(2));
+            let Some(target) = self
+                .pick_primary(rack, None, max, Some(leaf), &avoid)
+                .or_else(|| self.pick_primary(rack, None, max, Some(leaf), &[]))
+            else {
                 break;
             };
             self.float(leaf);
@@ -1305,15 +1365,23 @@ mod tests {
 
     #[test]
     fn joins_fill_the_tree_level_by_level() {
-        let s = session(2, 1, 14);
-        // 2 + 4 + 8 members: a full binary tree under the origin.
-        let depths: Vec<u32> = (1..=14)
-            .filter_map(|i| s.node(NodeId(i)))
-            .map(|n| n.depth)
-            .collect();
-        assert_eq!(depths.iter().filter(|&&d| d == 1).count(), 2);
-        assert_eq!(depths.iter().filter(|&&d| d == 2).count(), 4);
-        assert_eq!(depths.iter().filter(|&&d| d == 3).count(), 8);
+        let count = |s: &Session, depth: u32| s.nodes().filter(|n| n.depth == depth).count();
+        // By default the origin feeds one relay head: 1 + 2 + 4 + 8 members.
+        let s = session(2, 1, 15);
+        assert_eq!(s.node(NodeId(0)).map(|n| n.children), Some(1));
+        assert_eq!([1, 2, 3, 4].map(|d| count(&s, d)), [1, 2, 4, 8]);
+        assert_eq!(s.max_depth(), 4);
+        // An origin that takes k children: 2 + 4 + 8, one level less.
+        let wide = Settings {
+            origin_fanout: 2,
+            ..settings(2, 1)
+        };
+        let mut s = Session::new(wide, &[NodeId(0)]).expect("session");
+        for i in 1..=14 {
+            s.join(NodeId(i), None, T0).expect("join");
+        }
+        s.check_invariants().expect("invariants");
+        assert_eq!([1, 2, 3].map(|d| count(&s, d)), [2, 4, 8]);
         assert_eq!(s.max_depth(), 3);
     }
 
@@ -1383,7 +1451,11 @@ mod tests {
 
     #[test]
     fn same_rack_parents_are_preferred_at_equal_depth() {
-        let mut s = Session::new(settings(4, 2), &[NodeId(0)]).expect("session");
+        let wide = Settings {
+            origin_fanout: 4,
+            ..settings(4, 2)
+        };
+        let mut s = Session::new(wide, &[NodeId(0)]).expect("session");
         for (i, rack) in [(1, "a"), (2, "b"), (3, "c"), (4, "d")] {
             s.join(NodeId(i), Some(rack), T0).expect("join");
         }
@@ -1442,8 +1514,9 @@ mod tests {
 
     #[test]
     fn a_report_moves_the_child_and_two_reports_kill_the_parent() {
+        // Head 1, then 2 and 3 under it, then 4 and 5 under 2, 6 under 3.
         let mut s = session(2, 1, 6);
-        let parent = NodeId(1);
+        let parent = NodeId(2);
         let kids: Vec<NodeId> = s
             .nodes()
             .filter(|n| n.parents == [parent])
@@ -1465,6 +1538,35 @@ mod tests {
             .expect("report");
         assert_eq!(out.dead, vec![parent]);
         s.check_invariants().expect("invariants");
+    }
+
+    #[test]
+    fn a_report_never_leaves_a_node_below_the_depth_bound() {
+        // Found by a random property run: a leaf that had reported both the
+        // origin and its next parent was pushed under a depth-2 node, and
+        // rebalancing could not lift it because the only free slots high
+        // enough were the parents it had reported.
+        let wide = Settings {
+            origin_fanout: 4,
+            ..settings(4, 1)
+        };
+        let mut s = Session::new(wide, &[NodeId(0)]).expect("session");
+        let t = Duration::from_millis(10);
+        for i in [1, 2] {
+            s.join(NodeId(i), None, T0).expect("join");
+        }
+        s.leave(NodeId(2), T0).expect("leave");
+        s.join(NodeId(3), None, T0).expect("join");
+        // 1 reports the origin: it moves under 3.
+        s.report_unreachable(NodeId(1), NodeId(0), t).expect("report");
+        s.join(NodeId(4), None, t).expect("join");
+        s.report_unreachable(NodeId(4), NodeId(0), t).expect("report");
+        s.check_invariants().expect("invariants");
+        // Now 1 reports 3: the only free slots within the bound are the ones
+        // it reported, so it goes back to one of them rather than deeper.
+        s.report_unreachable(NodeId(1), NodeId(3), t).expect("report");
+        s.check_invariants().expect("invariants");
+        assert!(s.node(NodeId(1)).expect("node").depth <= s.depth_bound());
     }
 
     #[test]

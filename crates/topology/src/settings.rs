@@ -19,6 +19,12 @@ pub struct Settings {
     /// Fan-out k: the most tree (primary) children a node may have. At least 2,
     /// so that the depth bound `ceil(log_k N) + 1` means something.
     pub fanout: u32,
+    /// The most tree children an origin takes (1 to `fanout`). With 1 (the
+    /// default) the origin feeds one relay head, which feeds the rest of the
+    /// tree, so each chunk leaves the origin about once per storm; with k
+    /// children it would leave k times, once per child. Complete members that
+    /// became roots take `fanout` children like any node.
+    pub origin_fanout: u32,
     /// Parents per node p: one primary parent (the node's place in the tree)
     /// and up to p - 1 secondary parents in other subtrees, for failover and
     /// load spreading. A node serves at most `fanout * (parents - 1)` secondary
@@ -40,6 +46,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             fanout: 4,
+            origin_fanout: 1,
             parents: 2,
             heartbeat_timeout: Duration::from_secs(4),
             report_threshold: 2,
@@ -54,6 +61,14 @@ pub enum SettingsError {
     /// The fan-out is below 2 or above [`MAX_FANOUT`].
     #[error("fan-out must be between 2 and {MAX_FANOUT}, got {0}")]
     Fanout(u32),
+    /// The origins' fan-out is 0 or above the fan-out.
+    #[error("origin fan-out must be between 1 and the fan-out {fanout}, got {origin_fanout}")]
+    OriginFanout {
+        /// The origins' fan-out asked for.
+        origin_fanout: u32,
+        /// The fan-out of other nodes.
+        fanout: u32,
+    },
     /// The number of parents is 0 or above [`MAX_PARENTS`].
     #[error("parents per node must be between 1 and {MAX_PARENTS}, got {0}")]
     Parents(u32),
@@ -70,6 +85,12 @@ impl Settings {
     pub fn validate(&self) -> Result<(), SettingsError> {
         if !(2..=MAX_FANOUT).contains(&self.fanout) {
             return Err(SettingsError::Fanout(self.fanout));
+        }
+        if !(1..=self.fanout).contains(&self.origin_fanout) {
+            return Err(SettingsError::OriginFanout {
+                origin_fanout: self.origin_fanout,
+                fanout: self.fanout,
+            });
         }
         if !(1..=MAX_PARENTS).contains(&self.parents) {
             return Err(SettingsError::Parents(self.parents));
@@ -132,6 +153,19 @@ mod tests {
         for fanout in [0, 1, MAX_FANOUT + 1] {
             let s = Settings { fanout, ..ok };
             assert_eq!(s.validate(), Err(SettingsError::Fanout(fanout)));
+        }
+        for origin_fanout in [0, ok.fanout + 1] {
+            let s = Settings {
+                origin_fanout,
+                ..ok
+            };
+            assert_eq!(
+                s.validate(),
+                Err(SettingsError::OriginFanout {
+                    origin_fanout,
+                    fanout: ok.fanout
+                })
+            );
         }
         let s = Settings { parents: 0, ..ok };
         assert_eq!(s.validate(), Err(SettingsError::Parents(0)));

@@ -49,9 +49,11 @@ fn op(join_weight: u32) -> impl Strategy<Value = Op> {
 }
 
 fn settings() -> impl Strategy<Value = (Settings, u64)> {
-    (2u32..7, 1u32..4, 1u64..4).prop_map(|(fanout, parents, origins)| {
+    (2u32..7, 1u32..4, 1u64..4, 0u32..8).prop_map(|(fanout, parents, origins, wide)| {
         let s = Settings {
             fanout,
+            // Mostly the default relay head, sometimes wider origins.
+            origin_fanout: if wide < 4 { 1 } else { 1 + wide % fanout },
             parents,
             heartbeat_timeout: Duration::from_secs(4),
             report_threshold: 2,
@@ -133,10 +135,10 @@ fn run(settings: Settings, origins: u64, ops: &[Op]) -> Result<Session, TestCase
                     }
                     if let Some(after) = s.node(r) {
                         // Moved off the parent, unless it is an origin, or it
-                        // is the primary of a node with a subtree and no slot
-                        // was as shallow (subtrees are not pushed deeper).
+                        // is the primary and no slot was free within the
+                        // depth bound (as shallow, for a node with a subtree).
                         let origin = s.node(p).is_some_and(|n| n.origin);
-                        let kept_primary = after.parents.first() == Some(&p) && after.children > 0;
+                        let kept_primary = after.parents.first() == Some(&p);
                         prop_assert!(!after.parents.contains(&p) || origin || kept_primary);
                     }
                 }
@@ -205,11 +207,9 @@ fn snapshot(s: &Session) -> Vec<(NodeId, Vec<NodeId>, u32)> {
 }
 
 proptest! {
-    // A fixed seed, so that CI runs the same 64 cases every time: a random run
-    // on 2026-11-25 found a sequence (fan-out 4, one parent, a report) that
-    // leaves a node one level below the depth bound; it is recorded in
-    // properties.known-failures for the fix, and must move into the regression
-    // file with it.
+    // A fixed seed, so that CI runs the same 64 cases every time. Soak runs
+    // (RngSeed::Random, thousands of cases, release build) found the cases in
+    // properties.proptest-regressions, which run first every time.
     #![proptest_config(ProptestConfig {
         cases: 64,
         rng_seed: proptest::test_runner::RngSeed::Fixed(0x5eed_2026),
