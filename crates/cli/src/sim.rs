@@ -37,6 +37,13 @@ Examples:
   virtman sim --hosts 1000 --vms 10000 --fanout 2,4,8 --parents 1,2 --json
   virtman sim --hosts 500 --vms 2000 --fail 10%@5s --parents 1,2
   virtman sim --hosts 50 --vms 200 --trace boot.trace --link-rate 1G --hop-latency 200us
+  virtman sim --hosts 8 --vms 32 --trace traces/debian12-boot.trace --shared-cores 2 --mode all
+
+CPU: every host (and origin) has --host-cores cores of its own, and each step
+of the data path costs CPU time measured on the project's machine (see
+virtman_sim::CpuCosts::MEASURED): serving a chunk, receiving, verifying and
+storing it, and serving each VM read. --shared-cores C puts every process on
+C cores of one machine; --no-cpu turns the model off.
 
 Units: sizes 4K/256M/15G (powers of 1024); rates 1G/100M/125MB/s (bits per second
 unless B/s); durations 100us/250ms/10s/2m. Failures: 5%@10s (5% of hosts die at
@@ -111,9 +118,27 @@ pub struct SimArgs {
     /// The agent's per-request timeout before it fails over to the next source.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     pub request_timeout: Duration,
-    /// CPU time per chunk received (verify, store) before it can be served; for calibration.
+    /// A fixed delay per chunk received before it can be served (on top of the CPU model).
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     pub chunk_service: Duration,
+    /// Cores of each host (and origin), each host with its own: a real deployment.
+    #[arg(long, default_value_t = 4.0)]
+    pub host_cores: f64,
+    /// Every host, origin and VM shares this many cores: a local cluster on
+    /// one machine (as `virtman storm` runs it), instead of --host-cores each.
+    #[arg(long, value_name = "CORES")]
+    pub shared_cores: Option<f64>,
+    /// No CPU model: serving, receiving, verifying and storing cost nothing.
+    #[arg(long, conflicts_with = "shared_cores")]
+    pub no_cpu: bool,
+    /// Added to each think time of the trace: a replayer's timer overshoot
+    /// (the storm's tokio sleeps overshoot by about 1.1 ms).
+    #[arg(long, value_parser = parse_duration, default_value = "0s")]
+    pub think_overhead: Duration,
+    /// Replay the reads back to back, ignoring the trace's think time (as
+    /// `virtman storm --back-to-back`).
+    #[arg(long)]
+    pub back_to_back: bool,
     /// Seed of every random choice.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -160,7 +185,13 @@ fn load_trace(args: &SimArgs) -> anyhow::Result<Trace> {
 
 /// Builds the runs, runs them, prints the reports.
 pub fn run(args: SimArgs) -> anyhow::Result<()> {
-    let trace = Arc::new(load_trace(&args)?);
+    let mut trace = load_trace(&args)?;
+    if args.back_to_back {
+        for r in &mut trace.reads {
+            r.at_us = 0;
+        }
+    }
+    let trace = Arc::new(trace);
     if let Some(path) = &args.write_trace {
         std::fs::write(path, trace.to_text())
             .with_context(|| format!("writing {}", path.display()))?;
@@ -182,6 +213,12 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     base.seed = args.seed;
     base.request_timeout = args.request_timeout;
     base.chunk_service = args.chunk_service;
+    base.cpu.host_cores = args.host_cores;
+    base.cpu.shared_cores = args.shared_cores;
+    if args.no_cpu {
+        base.cpu = virtman_sim::CpuModel::NONE;
+    }
+    base.think_overhead = args.think_overhead;
     if let Some(r) = args.rate_interval {
         base.rate_interval = r;
     }

@@ -126,6 +126,155 @@ pub struct Config {
     /// reverse host order (so host 0, where VM 0 runs, is the deepest): the
     /// relay-chain experiment, a cold read through a tree of idle hosts.
     pub prejoin: bool,
+    /// The CPU model: costs of each piece of work and the cores they share.
+    pub cpu: CpuModel,
+    /// Added to every think time of the trace (a gap between two reads
+    /// above zero): the replayer's timer overshoot (tokio sleeps to the next
+    /// millisecond tick; `examples/cpu_costs.rs` measures it). Zero by default.
+    pub think_overhead: Duration,
+}
+
+/// The CPU cost of one kind of work: a part per request and a part per byte.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct Cost {
+    /// Seconds of one core per request.
+    pub per_request_s: f64,
+    /// Seconds of one core per byte.
+    pub per_byte_s: f64,
+}
+
+impl Cost {
+    /// A cost of `per_request_us` microseconds plus `per_byte_ns` nanoseconds a byte.
+    pub const fn us_ns(per_request_us: f64, per_byte_ns: f64) -> Self {
+        Self {
+            per_request_s: per_request_us * 1e-6,
+            per_byte_s: per_byte_ns * 1e-9,
+        }
+    }
+
+    /// Seconds for one request of `bytes`.
+    pub fn seconds(&self, bytes: u64) -> f64 {
+        #[allow(clippy::cast_precision_loss)]
+        let b = bytes as f64;
+        self.per_request_s + self.per_byte_s * b
+    }
+}
+
+/// CPU work per step of the data path. Every piece is a job on the CPU of
+/// the node doing it (see [`CpuModel`]), taken in this order:
+///
+/// ```text
+///  source serves a chunk   serve_chunk (host) / origin_serve (origin)  ─► wire
+///  receiver gets it        receive_chunk + hash_per_byte x bytes ─► present
+///  VM read, cached modes   vm_serve + vm_client, once its chunks are present
+///  VM read, direct mode    plain_serve at the origin ─► wire ─► vm_client
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct CpuCosts {
+    /// A host serving a chunk to a child host (its base export over TCP).
+    pub serve_chunk: Cost,
+    /// The origin serving a chunk (its file export over TCP).
+    pub origin_serve: Cost,
+    /// A host receiving a chunk: its NBD client, then storing it (pwrite and
+    /// the batched durable commit); verification is `hash_per_byte`.
+    pub receive_chunk: Cost,
+    /// BLAKE3 verification, seconds per byte (once per chunk per hop).
+    pub hash_per_byte_s: f64,
+    /// A VM's read served by its host's snapshot export.
+    pub vm_serve: Cost,
+    /// The VM's own side of a read (NBD client; in the storm's replayer also
+    /// the check of every byte against the image).
+    pub vm_client: Cost,
+    /// The plain NBD server of direct mode (qemu-nbd), per read.
+    pub plain_serve: Cost,
+    /// The VM's own side of a read in direct mode (NBD client over TCP; in
+    /// the storm's replayer also the byte check).
+    pub plain_client: Cost,
+}
+
+impl CpuCosts {
+    /// No CPU cost at all (the model without CPU).
+    pub const ZERO: CpuCosts = CpuCosts {
+        serve_chunk: Cost::us_ns(0.0, 0.0),
+        origin_serve: Cost::us_ns(0.0, 0.0),
+        receive_chunk: Cost::us_ns(0.0, 0.0),
+        hash_per_byte_s: 0.0,
+        vm_serve: Cost::us_ns(0.0, 0.0),
+        vm_client: Cost::us_ns(0.0, 0.0),
+        plain_serve: Cost::us_ns(0.0, 0.0),
+        plain_client: Cost::us_ns(0.0, 0.0),
+    };
+
+    /// Measured with `cargo run --release -p virtman-sim --example cpu_costs`
+    /// (examples/cpu_costs.rs) on the project's 2-core machine (2026-11-25,
+    /// release build, the median of four runs while other jobs loaded it):
+    /// CPU time (user + system, every thread) of the real code paths, each
+    /// NBD path read one request at a time at 4, 64 and 256 KiB and fitted as
+    /// per request + per byte, the server in a child process so both sides
+    /// are told apart. SCALE.md ("CPU costs") has the runs.
+    ///
+    /// | step | measured path | cost |
+    /// | --- | --- | --- |
+    /// | `serve_chunk` | `VolumeExport` of a warm volume over TCP, server | 62 µs + 0.156 ns/B |
+    /// | `origin_serve` | `FileExport` over TCP, server | 2.6 µs + 0.415 ns/B |
+    /// | `receive_chunk` | NBD client over TCP (30 µs + 0.104 ns/B) + store: cold fill of a `CachedVolume` from a page-cached `FileUpstream` (855 µs per 256 KiB chunk) less its BLAKE3 (27 µs) and pread (11 µs): 3.12 ns/B | 30 µs + 3.22 ns/B |
+    /// | `hash_per_byte` | `blake3::hash` of 256 KiB, one thread: 9.85 GB/s | 0.1015 ns/B |
+    /// | `vm_serve` | `Snapshot` export over a unix socket, server | 63 µs + 0.124 ns/B |
+    /// | `vm_client` | that read's client (28 µs + 0.070 ns/B) + the storm replayer's check, pread + memcmp (0.081 ns/B) | 28 µs + 0.151 ns/B |
+    /// | `plain_serve` | `qemu-nbd -r -t -e 1024` over TCP, server | 30.5 µs + 0.991 ns/B |
+    /// | `plain_client` | its client over TCP (32.7 µs + 0.223 ns/B) + the check | 32.7 µs + 0.304 ns/B |
+    ///
+    /// A 256 KiB chunk thus costs its receiver about 0.9 ms of CPU (mostly
+    /// storing it: write and durable commit), its sender 0.1 ms; a 64 KiB
+    /// VM read about 0.11 ms.
+    pub const MEASURED: CpuCosts = CpuCosts {
+        serve_chunk: Cost::us_ns(62.4, 0.156),
+        origin_serve: Cost::us_ns(2.6, 0.415),
+        receive_chunk: Cost::us_ns(30.0, 3.22),
+        hash_per_byte_s: 0.1015e-9,
+        vm_serve: Cost::us_ns(63.3, 0.124),
+        vm_client: Cost::us_ns(27.9, 0.151),
+        plain_serve: Cost::us_ns(30.5, 0.991),
+        plain_client: Cost::us_ns(32.7, 0.304),
+    };
+
+    /// Whether every cost is zero (the CPU model is then skipped entirely).
+    pub fn is_zero(&self) -> bool {
+        *self == Self::ZERO
+    }
+}
+
+/// Where CPU work runs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CpuModel {
+    /// What each step costs.
+    pub costs: CpuCosts,
+    /// Cores of each host and each origin when hosts have their own CPUs
+    /// (the default: a real deployment).
+    pub host_cores: f64,
+    /// If set, every host, origin and VM shares this many cores (a local
+    /// cluster on one machine, like `virtman storm`), instead of `host_cores` each.
+    pub shared_cores: Option<f64>,
+}
+
+impl CpuModel {
+    /// No CPU: every step is free.
+    pub const NONE: CpuModel = CpuModel {
+        costs: CpuCosts::ZERO,
+        host_cores: 4.0,
+        shared_cores: None,
+    };
+}
+
+impl Default for CpuModel {
+    /// The measured costs on hosts of 4 cores each.
+    fn default() -> Self {
+        CpuModel {
+            costs: CpuCosts::MEASURED,
+            host_cores: 4.0,
+            shared_cores: None,
+        }
+    }
 }
 
 /// Why a configuration was refused.
@@ -180,6 +329,17 @@ pub enum ConfigError {
         /// The bound.
         max: Duration,
     },
+    /// A core count is zero, negative or not a number.
+    #[error("{what} must be a positive number, got {cores}")]
+    Cores {
+        /// Which count.
+        what: &'static str,
+        /// The value.
+        cores: f64,
+    },
+    /// A CPU cost is negative or not a number.
+    #[error("CPU costs must be finite and not negative")]
+    Cost,
     /// A timing setting is zero where it cannot be.
     #[error("{0} must be above zero")]
     Zero(&'static str),
@@ -217,6 +377,8 @@ impl Config {
             seed: 1,
             prejoin: false,
             chunk_service: Duration::ZERO,
+            cpu: CpuModel::default(),
+            think_overhead: Duration::ZERO,
         }
     }
 
@@ -288,6 +450,34 @@ impl Config {
             }
         }
         self.topology.validate()?;
+        for (what, cores) in [
+            ("the cores per host", Some(self.cpu.host_cores)),
+            ("the shared cores", self.cpu.shared_cores),
+        ] {
+            if let Some(c) = cores
+                && !(c.is_finite() && c > 0.0)
+            {
+                return Err(ConfigError::Cores { what, cores: c });
+            }
+        }
+        let c = &self.cpu.costs;
+        let all = [
+            c.serve_chunk,
+            c.origin_serve,
+            c.receive_chunk,
+            c.vm_serve,
+            c.vm_client,
+            c.plain_serve,
+            c.plain_client,
+        ];
+        if all
+            .iter()
+            .flat_map(|k| [k.per_request_s, k.per_byte_s])
+            .chain([c.hash_per_byte_s])
+            .any(|v| !(v.is_finite() && v >= 0.0))
+        {
+            return Err(ConfigError::Cost);
+        }
         for w in &self.failures {
             if !(w.fraction > 0.0 && w.fraction <= 1.0) {
                 return Err(ConfigError::Fraction {

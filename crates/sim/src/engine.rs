@@ -34,7 +34,8 @@ use std::time::Duration;
 
 use virtman_topology::{NodeId, Progress, Session, TopologyError};
 
-use crate::config::{Config, Mode};
+use crate::config::{Config, CpuCosts, Mode};
+use crate::cpu::{Cpu, CpuWake};
 use crate::net::{Completion, Net, Transfer};
 use crate::report::{Raw, Report};
 use crate::rng::Rng;
@@ -86,6 +87,22 @@ impl<T> Slab<T> {
         self.free.push(id);
         slot.1.take()
     }
+    /// Removes whatever is at `id` (for handles that are never stale).
+    fn take(&mut self, id: u32) -> Option<T> {
+        let g = self.items.get(id as usize)?.0;
+        self.remove(id, g)
+    }
+}
+
+/// What happens when a CPU job finishes.
+#[derive(Debug, Clone, Copy)]
+enum CpuJob {
+    /// The source has prepared the reply: it goes on the wire.
+    Serve { req: u32, gen_: u32 },
+    /// The receiver has taken the reply in (and verified and stored a chunk).
+    Deliver { req: u32, gen_: u32 },
+    /// A VM's read, its chunks present, has been served to the VM.
+    Read { vm: u32, gen_: u32 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -96,6 +113,7 @@ enum Ev {
     Timeout { req: u32, gen_: u32 },
     Deliver { req: u32, gen_: u32 },
     PairDone { pair: u32, version: u32 },
+    CpuWake { pool: u32, version: u32 },
     Heartbeat { host: u32, image: u32, gen_: u32 },
     Tick { image: u32 },
     Recompute,
@@ -131,6 +149,8 @@ struct Req {
     /// Pair tag (image, or a VM's own connection in direct mode).
     tag: u32,
     timeout_set: bool,
+    /// The receiver's CPU work on the reply is done.
+    taken_in: bool,
 }
 
 #[derive(Debug)]
@@ -237,6 +257,14 @@ pub(crate) struct Engine<'a> {
     chunk: u64,
     lat: u64,
     service: u64,
+    cpu: Cpu,
+    /// Any CPU cost at all (else the CPU model is skipped).
+    cpu_on: bool,
+    costs: CpuCosts,
+    shared_cpu: bool,
+    cpu_jobs: Slab<CpuJob>,
+    cpu_out: Vec<CpuWake>,
+    think_overhead: u64,
     rng: Rng,
     pub raw: Raw,
 }
@@ -329,6 +357,16 @@ impl<'a> Engine<'a> {
             chunk,
             lat: ns(cfg.hop_latency),
             service: ns(cfg.chunk_service),
+            cpu: match cfg.cpu.shared_cores {
+                Some(c) => Cpu::new(1, c),
+                None => Cpu::new(hosts as usize + n_images as usize, cfg.cpu.host_cores),
+            },
+            cpu_on: !cfg.cpu.costs.is_zero(),
+            costs: cfg.cpu.costs,
+            shared_cpu: cfg.cpu.shared_cores.is_some(),
+            cpu_jobs: Slab::new(),
+            cpu_out: Vec::new(),
+            think_overhead: ns(cfg.think_overhead),
             rng,
             raw: Raw::default(),
         })
@@ -420,6 +458,9 @@ impl<'a> Engine<'a> {
         for (t, pair, version) in std::mem::take(&mut self.out) {
             self.push(t, Ev::PairDone { pair, version });
         }
+        for (t, pool, version) in std::mem::take(&mut self.cpu_out) {
+            self.push(t, Ev::CpuWake { pool, version });
+        }
         if let Some(at) = self.net.wants_recompute(self.now) {
             self.push(at, Ev::Recompute);
         }
@@ -450,6 +491,24 @@ impl<'a> Engine<'a> {
                             gen_: t.req_gen,
                         },
                     );
+                }
+            }
+            Ev::CpuWake { pool, version } => {
+                let mut done = Vec::new();
+                if let Some(w) = self.cpu.wake(pool, version, self.now, &mut done) {
+                    self.cpu_out.push(w);
+                }
+                for h in done {
+                    match self.cpu_jobs.take(h) {
+                        Some(CpuJob::Serve { req, gen_ }) => self.serve_now(req, gen_),
+                        Some(CpuJob::Deliver { req, gen_ }) => self.deliver(req, gen_),
+                        Some(CpuJob::Read { vm, gen_ })
+                            if self.vms.get(vm as usize).is_some_and(|v| v.gen_ == gen_) =>
+                        {
+                            self.read_done(vm);
+                        }
+                        Some(CpuJob::Read { .. }) | None => {}
+                    }
                 }
             }
             Ev::Heartbeat { host, image, gen_ } => self.heartbeat(host, image, gen_),
@@ -502,7 +561,7 @@ impl<'a> Engine<'a> {
         if let Some(v) = self.vms.get_mut(vm as usize) {
             v.next = 0;
         }
-        let at = self.now + first * 1000;
+        let at = self.now + self.think(first * 1000);
         self.push(at, Ev::VmRead { vm, gen_ });
     }
 
@@ -555,6 +614,58 @@ impl<'a> Engine<'a> {
             v.pending = pending;
         }
         if pending == 0 {
+            self.read_ready(vm);
+        }
+    }
+
+    /// A think time (ns) as the replayer waits it: with the timer's
+    /// overshoot when it waits at all.
+    fn think(&self, gap: u64) -> u64 {
+        if gap > 0 {
+            gap + self.think_overhead
+        } else {
+            0
+        }
+    }
+
+    /// The CPU pool of a net node (a host or an origin).
+    fn pool_of(&self, node: u32) -> u32 {
+        if self.shared_cpu { 0 } else { node }
+    }
+
+    /// Runs `job` on `node`'s CPU for `seconds`; false if there is nothing
+    /// to run (zero cost), and the caller goes on at once.
+    fn on_cpu(&mut self, node: u32, seconds: f64, job: CpuJob) -> bool {
+        if !self.cpu_on || seconds <= 0.0 {
+            return false;
+        }
+        let work = seconds * 1e9;
+        self.raw.cpu_jobs += 1;
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        {
+            self.raw.cpu_us += (seconds * 1e6).round() as u64;
+        }
+        let (h, _) = self.cpu_jobs.insert(job);
+        let pool = self.pool_of(node);
+        if let Some(w) = self.cpu.submit(pool, work, h, self.now) {
+            self.cpu_out.push(w);
+        }
+        true
+    }
+
+    /// Every chunk of a VM's read is present: the host serves it to the VM
+    /// (CPU), then the read is done.
+    fn read_ready(&mut self, vm: u32) {
+        let Some(v) = self.vms.get(vm as usize) else {
+            return;
+        };
+        let Some(read) = self.trace.reads.get(v.next as usize) else {
+            return;
+        };
+        let cost =
+            self.costs.vm_serve.seconds(read.length) + self.costs.vm_client.seconds(read.length);
+        let (host, gen_) = (v.host, v.gen_);
+        if !self.on_cpu(host, cost, CpuJob::Read { vm, gen_ }) {
             self.read_done(vm);
         }
     }
@@ -574,7 +685,7 @@ impl<'a> Engine<'a> {
         let gen_ = v.gen_;
         match self.trace.reads.get(idx + 1) {
             Some(next) => {
-                let think = next.at_us.saturating_sub(read.at_us) * 1000;
+                let think = self.think(next.at_us.saturating_sub(read.at_us) * 1000);
                 self.push(now + think, Ev::VmRead { vm, gen_ });
             }
             None => {
@@ -695,6 +806,7 @@ impl<'a> Engine<'a> {
             sent: self.now,
             tag,
             timeout_set: false,
+            taken_in: false,
         });
         self.raw.requests += 1;
         let at = self.now + self.lat;
@@ -755,10 +867,34 @@ impl<'a> Engine<'a> {
         self.push(at, Ev::Timeout { req, gen_ });
     }
 
+    /// The source answers a request: its CPU prepares the reply, then it
+    /// goes on the wire.
     fn serve(&mut self, req: u32, gen_: u32) {
         let Some(r) = self.reqs.get(req, gen_) else {
             return;
         };
+        let cost = if self.cfg.mode == Mode::Direct {
+            self.costs.plain_serve
+        } else if self.is_origin(r.src) {
+            self.costs.origin_serve
+        } else {
+            self.costs.serve_chunk
+        };
+        let (src, secs) = (r.src, cost.seconds(r.bytes));
+        if !self.on_cpu(src, secs, CpuJob::Serve { req, gen_ }) {
+            self.serve_now(req, gen_);
+        }
+    }
+
+    fn serve_now(&mut self, req: u32, gen_: u32) {
+        let Some(r) = self.reqs.get(req, gen_) else {
+            return;
+        };
+        if !self.alive(r.src) {
+            // It died while preparing the reply.
+            self.doom(req, gen_);
+            return;
+        }
         if !self.hosts[r.dst as usize].alive {
             self.reqs.remove(req, gen_);
             return;
@@ -773,6 +909,26 @@ impl<'a> Engine<'a> {
     }
 
     fn deliver(&mut self, req: u32, gen_: u32) {
+        // The receiver's CPU first takes the reply in: a chunk is received,
+        // verified and stored; a direct read goes to the VM's client.
+        if self.cpu_on
+            && let Some(r) = self.reqs.get_mut(req, gen_)
+            && !r.taken_in
+        {
+            r.taken_in = true;
+            let (dst, bytes) = (r.dst, r.bytes);
+            let secs = match r.owner {
+                Owner::Vm { .. } => self.costs.plain_client.seconds(bytes),
+                Owner::Fetch { .. } => {
+                    #[allow(clippy::cast_precision_loss)]
+                    let b = bytes as f64;
+                    self.costs.receive_chunk.seconds(bytes) + self.costs.hash_per_byte_s * b
+                }
+            };
+            if self.on_cpu(dst, secs, CpuJob::Deliver { req, gen_ }) {
+                return;
+            }
+        }
         let Some(r) = self.reqs.remove(req, gen_) else {
             return;
         };
@@ -801,7 +957,7 @@ impl<'a> Engine<'a> {
                             }
                             v.pending = v.pending.saturating_sub(1);
                             if v.pending == 0 {
-                                self.read_done(vm);
+                                self.read_ready(vm);
                             }
                         }
                         Waiter::Req { req, gen_ } => self.serve(req, gen_),

@@ -6,7 +6,9 @@
 //! Around it the simulator models what the agents and the network do: cached
 //! volumes filled chunk by chunk with single-flight fetches, parents tried by
 //! least outstanding requests with the origin last and failover on timeout,
-//! cut-through down the tree, and links shared max-min fairly.
+//! cut-through down the tree, links shared max-min fairly, and CPU work
+//! (serving, receiving, verifying and storing chunks, VM reads) on each
+//! host's cores or on one machine's shared cores, by processor sharing.
 //!
 //! ```text
 //!   Config ──► engine::run ──────────────────────────────────────► Report
@@ -18,17 +20,21 @@
 //!
 //! Modules: [`config`] (parameters, validation, unit parsers), [`trace`] (the
 //! boot-trace format and the synthetic generator), `engine` (the event
-//! loop), `net` (the network model), [`report`] (figures, text, chart),
+//! loop), `net` (the network model), `cpu` (cores shared by processor
+//! sharing), [`report`] (figures, text, chart),
 //! `rng` (the seeded generator).
 
 pub mod config;
+mod cpu;
 mod engine;
 mod net;
 pub mod report;
 mod rng;
 pub mod trace;
 
-pub use config::{Config, ConfigError, FailSpec, FailureWave, Mode, SecondImage};
+pub use config::{
+    Config, ConfigError, Cost, CpuCosts, CpuModel, FailSpec, FailureWave, Mode, SecondImage,
+};
 pub use engine::run;
 pub use report::{ChartLine, Report, booted_chart_svg, chart_svg};
 pub use trace::{Read, SyntheticSpec, Trace, TraceError};

