@@ -30,7 +30,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
-use virtman_cache::{CacheError, CacheGroup, CachedVolume, GroupConfig, Snapshot, Upstream};
+use virtman_cache::{
+    BootProfile, CacheError, CacheGroup, CachedVolume, GroupConfig, Snapshot, Upstream,
+};
 use virtman_coordinator::api::{
     Assignment, HeartbeatRequest, JoinRequest, LeaveRequest, RegisterImage, ReportRequest,
     SessionBeat,
@@ -418,6 +420,23 @@ impl Agent {
             manifest_export(&img.name),
             Arc::new(MemExport::new(img.manifest.encode()).read_only()),
         );
+        // A boot profile stored with the image (`virtman image profile`)
+        // goes down the tree like the manifest, for prefetch.
+        let path = img
+            .data_path
+            .with_file_name(virtman_image::store::PROFILE_FILE);
+        if path.exists() {
+            match BootProfile::load(&path, &img.manifest) {
+                Ok(p) => {
+                    info!(image = %img.name, chunks = p.entries.len(), "publishing the image's boot profile");
+                    self.base.add_export(
+                        profile_export(&img.name),
+                        Arc::new(MemExport::new(p.encode(&img.manifest)).read_only()),
+                    );
+                }
+                Err(e) => warn!(image = %img.name, error = %e, "not publishing the boot profile"),
+            }
+        }
         info!(image = %img.name, size = img.manifest.size(), "serving as origin");
         lock(&self.images).insert(
             img.name.clone(),

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use virtman_agent::prefetch::{PrefetchConfig, fetch_profile};
 use virtman_agent::upstream::FetchConfig;
 use virtman_agent::{Agent, AgentConfig};
+use virtman_cache::BootProfile;
 use virtman_coordinator::{Coordinator, CoordinatorConfig, Options, Token};
 use virtman_image::ImageStore;
 use virtman_nbd::{Client, ClientConfig, Endpoint};
@@ -51,14 +52,32 @@ impl Cluster {
     /// A coordinator with fan-out 2 and one parent per host, and an image
     /// `img` of `chunks` chunks.
     async fn start(chunks: usize) -> (Cluster, Node) {
+        Cluster::start_with_profile(chunks, &[]).await
+    }
+
+    /// The same, with a boot profile of `profile` (chunks in boot order)
+    /// stored with the image at the origin, unless it is empty.
+    async fn start_with_profile(chunks: usize, profile: &[u64]) -> (Cluster, Node) {
         let dir = tempfile::tempdir().unwrap();
         let image = virtman_testkit::pattern(chunks * CHUNK as usize, 7);
         let raw = dir.path().join("img.raw");
         std::fs::write(&raw, &image).unwrap();
-        ImageStore::open(dir.path().join("origin/images"))
+        let stored = ImageStore::open(dir.path().join("origin/images"))
             .unwrap()
             .import(&raw, "img", CHUNK, &mut |_, _| {})
             .unwrap();
+        if !profile.is_empty() {
+            let reads = profile
+                .iter()
+                .enumerate()
+                .map(|(t, &c)| (c * u64::from(CHUNK) + 10, 4096, t as u64 * 1000));
+            BootProfile::from_reads(reads, &stored.manifest)
+                .store(
+                    &stored.data_path.with_file_name("profile"),
+                    &stored.manifest,
+                )
+                .unwrap();
+        }
         let config = CoordinatorConfig {
             fanout: 2,
             parents: 1,
@@ -252,6 +271,50 @@ async fn a_later_host_prefetches_the_boot_profile_before_its_vms_read() {
 
     let _ = vm.disconnect().await;
     let _ = vm2.disconnect().await;
+    a2.kill().await;
+    a1.kill().await;
+    origin.kill().await;
+    c.coord_stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_prefetch_the_profile_stored_with_the_image_at_the_origin() {
+    // As `virtman image profile` leaves it: the image's first boot is known
+    // before any host of this cluster has booted it.
+    let order = [12u64, 0, 7, 30, 5];
+    let (c, origin) = Cluster::start_with_profile(32, &order).await;
+    let manifest = c.manifest();
+    let from_origin = vec![origin.addr.clone()];
+    let got = fetch_profile("img", &manifest, &from_origin).await.unwrap();
+    assert_eq!(got.chunks().collect::<Vec<_>>(), order);
+
+    // A host joins with no VM: exactly the profile's chunks arrive, through
+    // the origin, once each.
+    let a1 = c.node("a1").await;
+    a1.agent.ensure_image("img").await.unwrap();
+    let v1 = a1.agent.volume("img").unwrap();
+    wait_for("a1 to prefetch the profile", || async {
+        order.iter().all(|&i| v1.is_present(i))
+    })
+    .await;
+    let mut sorted = order.to_vec();
+    sorted.sort_unstable();
+    assert_eq!(v1.present_list(), sorted);
+    assert_eq!(v1.stats().misses.load(Ordering::Relaxed), 0);
+    let sent = origin.agent.status().images[0].sent.unwrap();
+    assert_eq!(sent.chunks_sent, order.len() as u64);
+    assert_eq!(sent.max_per_chunk, 1);
+    // The next host below it gets the profile and the chunks from a1.
+    let a2 = c.node("a2").await;
+    a2.agent.ensure_image("img").await.unwrap();
+    let v2 = a2.agent.volume("img").unwrap();
+    wait_for("a2 to prefetch the profile", || async {
+        order.iter().all(|&i| v2.is_present(i))
+    })
+    .await;
+    let sent = origin.agent.status().images[0].sent.unwrap();
+    assert_eq!(sent.max_per_chunk, 1, "a2 went to the origin");
+
     a2.kill().await;
     a1.kill().await;
     origin.kill().await;

@@ -151,6 +151,33 @@ impl BootProfile {
         Ok(BootProfile { entries })
     }
 
+    /// The profile a boot with these reads would record: each chunk the
+    /// reads `(offset, length, at_us)` touch, in order of first touch, with
+    /// the time of that touch. Reads are taken in the order given; parts
+    /// past the end of `manifest`'s image are ignored.
+    pub fn from_reads(
+        reads: impl IntoIterator<Item = (u64, u64, u64)>,
+        manifest: &Manifest,
+    ) -> BootProfile {
+        let size = u64::from(manifest.chunk_size());
+        let seen = AtomicBitmap::new(manifest.chunks());
+        let mut entries = Vec::new();
+        let mut last = 0u64;
+        for (offset, length, at_us) in reads {
+            let end = offset.saturating_add(length).min(manifest.size());
+            if length == 0 || offset >= end {
+                continue;
+            }
+            last = last.max(at_us);
+            for chunk in offset / size..=(end - 1) / size {
+                if seen.set(chunk) {
+                    entries.push(ProfileEntry { chunk, at_us: last });
+                }
+            }
+        }
+        BootProfile { entries }
+    }
+
     /// Reads and checks a profile file.
     pub fn load(path: &Path, manifest: &Manifest) -> Result<Self, CacheError> {
         let body = checked::read_checked(&PROFILE_FORMAT, path)?;
@@ -299,6 +326,24 @@ mod tests {
         };
         let err = BootProfile::decode(path, &far.encode(&m), &m).unwrap_err();
         assert!(err.to_string().contains("past the image"), "{err}");
+    }
+
+    #[test]
+    fn reads_give_chunks_in_first_touch_order() {
+        let m = manifest(4); // four chunks of 4 KiB
+        let reads = [
+            (2 * 4096 + 10, 100, 5), // chunk 2
+            (4096 - 1, 2, 7),        // chunks 0 and 1
+            (2 * 4096, 4096, 9),     // chunk 2 again: not a new entry
+            (3 * 4096, 1 << 20, 8),  // chunk 3 and past the end; time never goes back
+            (10 << 20, 4096, 12),    // past the end: nothing
+        ];
+        let p = BootProfile::from_reads(reads, &m);
+        let got: Vec<(u64, u64)> = p.entries.iter().map(|e| (e.chunk, e.at_us)).collect();
+        assert_eq!(got, vec![(2, 5), (0, 7), (1, 7), (3, 9)]);
+        // What it builds is a valid profile of the image.
+        let back = BootProfile::decode(Path::new("p"), &p.encode(&m), &m).unwrap();
+        assert_eq!(back, p);
     }
 
     #[test]

@@ -46,6 +46,10 @@ Example:
         /// Cache capacity per host.
         #[arg(long, default_value = "2G")]
         cache_size: String,
+        /// A boot trace to store as the image's boot profile at the origin,
+        /// so that hosts prefetch its chunks ahead of their VMs.
+        #[arg(long, value_name = "TRACE")]
+        profile: Option<PathBuf>,
         /// Put every host in its own network namespace with a shaped link
         /// (root only; needs iproute2).
         #[arg(long)]
@@ -76,6 +80,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
             origin_fanout,
             parents,
             cache_size,
+            profile,
             netns,
             link_rate,
             link_delay,
@@ -91,6 +96,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
                 origin_fanout,
                 parents,
                 cache_size,
+                profile_trace: profile,
                 net: netns.then(|| virtman_storm::cluster::NetConfig {
                     rate: link_rate.clone(),
                     delay: link_delay.clone(),

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use virtman_cache::BootProfile;
+use virtman_image::store::PROFILE_FILE;
 use virtman_image::{DEFAULT_CHUNK_SIZE, ImageStore};
 
 use crate::units::{human, parse_size};
@@ -48,6 +50,25 @@ Examples:
     },
     /// List the images in the store.
     Ls,
+    /// Store a boot profile with an image, made from a boot trace (`virtman
+    /// trace record` or `synth`): the chunks the boot touched, in order. An
+    /// origin serving the image publishes it, and every host that joins the
+    /// image prefetches those chunks in that order ahead of its VMs. Takes
+    /// effect when the origin's agent (re)starts.
+    #[command(after_help = "\
+Examples:
+  virtman image profile debian-12 --trace debian-12.trace
+  virtman image profile debian-12 --remove")]
+    Profile {
+        /// The image's name.
+        name: String,
+        /// The boot trace to make the profile from.
+        #[arg(long, required_unless_present = "remove")]
+        trace: Option<PathBuf>,
+        /// Remove the image's profile instead.
+        #[arg(long, conflicts_with = "trace")]
+        remove: bool,
+    },
     /// Re-read an image and check every chunk against its manifest.
     Verify {
         /// The image's name.
@@ -159,6 +180,47 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
                     ),
                     Err(e) => println!("{name:<24} unusable: {e}"),
                 }
+            }
+        }
+        ImageCommand::Profile {
+            name,
+            trace,
+            remove,
+        } => {
+            let store = open()?;
+            let img = store.open_image(&name)?;
+            let path = img.data_path.with_file_name(PROFILE_FILE);
+            match trace {
+                Some(t) if !remove => {
+                    let text = std::fs::read_to_string(&t)
+                        .with_context(|| format!("reading {}", t.display()))?;
+                    let trace = virtman_sim::Trace::parse(&text)
+                        .with_context(|| format!("trace {}", t.display()))?;
+                    if trace.image_size > img.manifest.size() {
+                        bail!(
+                            "the trace was recorded on a {}-byte image, larger than {name:?} ({} bytes)",
+                            trace.image_size,
+                            img.manifest.size()
+                        );
+                    }
+                    let reads = trace.reads.iter().map(|r| (r.offset, r.length, r.at_us));
+                    let profile = BootProfile::from_reads(reads, &img.manifest);
+                    profile
+                        .store(&path, &img.manifest)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    println!(
+                        "{name}: boot profile of {} chunks ({}) stored; origins publish it when they start",
+                        profile.entries.len(),
+                        human(profile.entries.len() as u64 * u64::from(img.manifest.chunk_size()))
+                    );
+                }
+                _ => match std::fs::remove_file(&path) {
+                    Ok(()) => println!("{name}: boot profile removed"),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        println!("{name}: has no boot profile")
+                    }
+                    Err(e) => return Err(e).context(format!("removing {}", path.display())),
+                },
             }
         }
         ImageCommand::Verify { name } => {

@@ -32,7 +32,8 @@ enum ModeArg {
 /// Arguments of `virtman storm`.
 #[derive(Debug, Args)]
 #[command(after_help = "\
-Modes: `virtman` (relay tree: hosts fetch from their parents), `cache-only`
+Modes: `virtman` (relay tree: hosts fetch from their parents, and prefetch the
+image's boot profile, which the origin holds from an earlier boot), `cache-only`
 (host caches, every host fetches from the origin), `direct` (every VM reads a
 plain qemu-nbd serving the image, no cache), `all` (each in turn, then a table).
 
@@ -87,6 +88,11 @@ pub struct StormArgs {
     /// Parents per host in `virtman` mode.
     #[arg(long, default_value_t = 2)]
     parents: u32,
+    /// In `virtman` mode, do not give the origin the trace as the image's
+    /// boot profile (hosts then fetch on demand only, as on an image's very
+    /// first boot anywhere).
+    #[arg(long)]
+    no_prefetch: bool,
     /// Put every host in its own network namespace with a shaped link (root
     /// only; needs iproute2). Without it, everything runs on loopback.
     #[arg(long)]
@@ -171,6 +177,7 @@ pub fn run(args: StormArgs) -> anyhow::Result<()> {
         back_to_back: args.back_to_back,
         fanout: args.fanout,
         parents: args.parents,
+        prefetch: !args.no_prefetch,
         net: args.netns.then(|| virtman_storm::cluster::NetConfig {
             rate: args.link_rate.clone(),
             delay: format!("{}ms", args.link_delay.as_secs_f64() * 1000.0),

@@ -6,6 +6,8 @@
 //!   NAME/
 //!     manifest      checked file (see crate::manifest)
 //!     image.raw     the image's bytes, sparse where chunks are all zero
+//!     profile       optional: the image's boot profile (virtman-cache's
+//!                   format), which an origin publishes for prefetch
 //!   .NAME.import/   an import in progress; renamed to NAME when complete
 //! ```
 //!
@@ -30,6 +32,8 @@ use crate::manifest::{Manifest, ManifestError, check_chunk_size, chunk_count, di
 pub const MANIFEST_FILE: &str = "manifest";
 /// File name of an image's data.
 pub const DATA_FILE: &str = "image.raw";
+/// File name of an image's boot profile, when it has one.
+pub const PROFILE_FILE: &str = "profile";
 
 /// Why an image store operation failed.
 #[derive(Debug, Error)]

@@ -93,6 +93,9 @@ pub struct ClusterConfig {
     pub parents: u32,
     /// Cache capacity per host, as `virtman agent --cache-size` takes it.
     pub cache_size: String,
+    /// A boot trace to store as the image's boot profile at the origin
+    /// (`virtman image profile`), so that hosts prefetch it; none: no profile.
+    pub profile_trace: Option<PathBuf>,
     /// Network namespaces and shaped links, or loopback when `None`.
     pub net: Option<NetConfig>,
 }
@@ -393,6 +396,23 @@ impl Cluster {
                 config.image.display(),
                 String::from_utf8_lossy(&out.stderr)
             )));
+        }
+        if let Some(trace) = &config.profile_trace {
+            let out = Command::new(&config.bin)
+                .args(["image", "profile", &config.image_name, "--trace"])
+                .arg(trace)
+                .arg("--store")
+                .arg(&store)
+                .env("VIRTMAN_LOG", "warn")
+                .output()
+                .map_err(|e| ClusterError::Command(format!("storing the boot profile: {e}")))?;
+            if !out.status.success() {
+                return Err(ClusterError::Command(format!(
+                    "storing the boot profile {}: {}",
+                    trace.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                )));
+            }
         }
         let mut cluster = Cluster {
             dir: dir.clone(),

@@ -73,6 +73,10 @@ pub struct StormConfig {
     pub fanout: u32,
     /// Parents per host in `virtman` mode.
     pub parents: u32,
+    /// In `virtman` mode, store the trace as the image's boot profile at the
+    /// origin, so hosts prefetch it ahead of their VMs (as after an earlier
+    /// boot of the image, or `virtman image profile`).
+    pub prefetch: bool,
     /// Network namespaces and shaped links (root only), or loopback.
     pub net: Option<crate::cluster::NetConfig>,
     /// The latency `net` adds per request, applied by `direct` VMs themselves
@@ -270,6 +274,7 @@ pub async fn run(
                         origin_fanout: 1,
                         parents: 1,
                         cache_size: "64M".into(),
+                        profile_trace: None,
                         net: Some(net.clone()),
                     })?;
                     let o = c.state.members.iter().find(|m| m.name == "origin").cloned();
@@ -341,6 +346,15 @@ pub async fn run(
                     (k, k, 1)
                 }
             };
+            let profile_trace = if mode == StormMode::Virtman && config.prefetch {
+                std::fs::create_dir_all(&dir).map_err(|e| StormError::Config(e.to_string()))?;
+                let path = dir.join("boot.trace");
+                std::fs::write(&path, config.trace.to_text())
+                    .map_err(|e| StormError::Config(format!("writing {}: {e}", path.display())))?;
+                Some(path)
+            } else {
+                None
+            };
             let c = Cluster::up(&ClusterConfig {
                 bin: config.bin.clone(),
                 dir: dir.clone(),
@@ -351,6 +365,7 @@ pub async fn run(
                 origin_fanout,
                 parents,
                 cache_size: format!("{}", image_size.saturating_mul(2).max(64 << 20)),
+                profile_trace,
                 net: config.net.clone(),
             })?;
             let hosts: Vec<_> = c.state.hosts().cloned().collect();
