@@ -1558,13 +1558,16 @@ mod tests {
         s.leave(NodeId(2), T0).expect("leave");
         s.join(NodeId(3), None, T0).expect("join");
         // 1 reports the origin: it moves under 3.
-        s.report_unreachable(NodeId(1), NodeId(0), t).expect("report");
+        s.report_unreachable(NodeId(1), NodeId(0), t)
+            .expect("report");
         s.join(NodeId(4), None, t).expect("join");
-        s.report_unreachable(NodeId(4), NodeId(0), t).expect("report");
+        s.report_unreachable(NodeId(4), NodeId(0), t)
+            .expect("report");
         s.check_invariants().expect("invariants");
         // Now 1 reports 3: the only free slots within the bound are the ones
         // it reported, so it goes back to one of them rather than deeper.
-        s.report_unreachable(NodeId(1), NodeId(3), t).expect("report");
+        s.report_unreachable(NodeId(1), NodeId(3), t)
+            .expect("report");
         s.check_invariants().expect("invariants");
         assert!(s.node(NodeId(1)).expect("node").depth <= s.depth_bound());
     }
