@@ -13,6 +13,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use virtman_sim::{SyntheticSpec, Trace};
+use virtman_storm::storm::QemuBoot;
 use virtman_storm::{StormConfig, StormMode, report};
 
 use crate::units::{human, parse_size};
@@ -103,6 +104,31 @@ pub struct StormArgs {
     /// Latency added to every request with --netns (in user space).
     #[arg(long, default_value = "0.2ms", value_parser = crate::coordinator::parse_duration)]
     link_delay: std::time::Duration,
+    /// Boot real guests under qemu instead of replaying a trace: each VM runs
+    /// --kernel (and --initrd) with the image as its virtio disk, and has
+    /// booted when its serial console prints --boot-marker. Needs --image (a
+    /// bootable disk) and qemu-system-x86; TCG when KVM is not usable. With
+    /// --trace (a trace of this guest's boot), virtman mode prefetches it.
+    #[arg(long, requires_all = ["image", "kernel"], conflicts_with = "synthetic")]
+    qemu: bool,
+    /// The guest kernel (with --qemu).
+    #[arg(long, requires = "qemu")]
+    kernel: Option<PathBuf>,
+    /// The guest's initial ramdisk (with --qemu).
+    #[arg(long, requires = "qemu")]
+    initrd: Option<PathBuf>,
+    /// The guest kernel's command line (with --qemu).
+    #[arg(long, default_value = "console=ttyS0 panic=-1", requires = "qemu")]
+    append: String,
+    /// A VM has booted when a line of its console contains this (with --qemu).
+    #[arg(long, default_value = "login:", requires = "qemu")]
+    boot_marker: String,
+    /// Guest memory in MiB (with --qemu).
+    #[arg(long, default_value_t = 256, requires = "qemu")]
+    memory: u32,
+    /// A guest that has not booted by then fails the storm (with --qemu).
+    #[arg(long, default_value = "300s", value_parser = crate::coordinator::parse_duration, requires = "qemu")]
+    boot_timeout: std::time::Duration,
     /// Where results go (report.json, boots.csv, chart.svg).
     #[arg(long, default_value = "storm-results")]
     out: PathBuf,
@@ -121,8 +147,16 @@ pub fn run(args: StormArgs) -> anyhow::Result<()> {
         .prefix("virtman-storm.")
         .tempdir()
         .context("creating a work directory")?;
+    if args.qemu {
+        check_memory(args.vms, args.memory)?;
+    }
     // The trace first: it says how large an image it needs.
     let trace = match (&args.trace, args.synthetic) {
+        // Real guests read what they read; no trace, no profile.
+        (None, false) if args.qemu => Some(Trace {
+            image_size: 0,
+            reads: Vec::new(),
+        }),
         (Some(p), _) => {
             let text =
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
@@ -177,12 +211,25 @@ pub fn run(args: StormArgs) -> anyhow::Result<()> {
         back_to_back: args.back_to_back,
         fanout: args.fanout,
         parents: args.parents,
-        prefetch: !args.no_prefetch,
+        // Real guests prefetch only with a trace of their own boot.
+        prefetch: !(args.no_prefetch || args.qemu && args.trace.is_none()),
         net: args.netns.then(|| virtman_storm::cluster::NetConfig {
             rate: args.link_rate.clone(),
             delay: format!("{}ms", args.link_delay.as_secs_f64() * 1000.0),
         }),
         link_delay: args.link_delay,
+        qemu: match (&args.kernel, args.qemu) {
+            (Some(kernel), true) => Some(QemuBoot {
+                qemu: "qemu-system-x86_64".into(),
+                kernel: kernel.clone(),
+                initrd: args.initrd.clone(),
+                append: args.append.clone(),
+                memory_mib: args.memory,
+                marker: args.boot_marker.clone(),
+                timeout: args.boot_timeout,
+            }),
+            _ => None,
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -230,6 +277,26 @@ pub fn run(args: StormArgs) -> anyhow::Result<()> {
         "results in {}/: report.json, boots.csv, chart.svg (booted VMs over time)",
         args.out.display()
     );
+    Ok(())
+}
+
+/// Refuses more guests than the machine's available memory holds (with a
+/// fifth kept for the agents and the page cache).
+fn check_memory(vms: usize, memory_mib: u32) -> anyhow::Result<()> {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let available_kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(u64::MAX);
+    let need_mib = u64::try_from(vms).unwrap_or(u64::MAX) * u64::from(memory_mib);
+    let can_mib = available_kib / 1024 / 5 * 4;
+    if need_mib > can_mib {
+        bail!(
+            "--vms {vms} guests of {memory_mib} MiB need {need_mib} MiB, but only {can_mib} MiB \
+             can be given to guests here (4/5 of the available memory): use fewer VMs or --memory"
+        );
+    }
     Ok(())
 }
 

@@ -282,3 +282,77 @@ fn a_storm_on_shaped_links_reads_the_image_and_ranks_origin_load() {
         namespaces()
     );
 }
+
+#[test]
+fn a_storm_of_real_guests_boots_every_vm_in_every_mode() {
+    let assets = virtman_testkit::guest::assets().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.raw");
+    assets.copy_disk(&disk).unwrap();
+    let before = std::fs::read(&disk).unwrap();
+    let out_dir = dir.path().join("results");
+    let out = Command::new(BIN)
+        .args([
+            "storm", "--hosts", "2", "--vms", "2", "--mode", "all", "--qemu",
+        ])
+        .arg("--image")
+        .arg(&disk)
+        .arg("--kernel")
+        .arg(&assets.kernel)
+        .arg("--initrd")
+        .arg(&assets.initrd)
+        .args(["--append", "console=ttyS0 panic=-1 quiet virtman.id=storm"])
+        .args(["--boot-marker", virtman_testkit::guest::DONE_LINE])
+        .args(["--boot-timeout", "120s", "--out"])
+        .arg(&out_dir)
+        .env("VIRTMAN_LOG", "warn")
+        .env("TMPDIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reports: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("report.json")).unwrap()).unwrap();
+    let reports = reports.as_array().unwrap();
+    assert_eq!(reports.len(), 3);
+    for r in reports {
+        let vms = r["vm_results"].as_array().unwrap();
+        assert_eq!(vms.len(), 2, "{r}");
+        // Every guest printed the done line, after its write was synced.
+        for v in vms {
+            let t = v["boot_secs"].as_f64().unwrap();
+            assert!(t > 0.0 && t < 120.0, "{v}");
+        }
+        assert!(r["origin_bytes"].as_u64().unwrap() > 0, "{}", r["mode"]);
+    }
+    // The guests' writes stayed in their snapshots (or qemu's overlays).
+    assert!(std::fs::read(&disk).unwrap() == before, "the image changed");
+    // Every qemu is gone.
+    let ps = Command::new("pgrep")
+        .args(["-f", &disk.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        ps.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&ps.stdout)
+    );
+    // Refused before anything starts: more guests than memory holds.
+    let out = Command::new(BIN)
+        .args(["storm", "--hosts", "1", "--vms", "64", "--qemu"])
+        .arg("--image")
+        .arg(&disk)
+        .arg("--kernel")
+        .arg(&assets.kernel)
+        .args(["--memory", "1048576"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("use fewer VMs"),
+        "{err}"
+    );
+}

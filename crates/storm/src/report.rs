@@ -26,10 +26,14 @@ pub fn table(reports: &[StormReport]) -> String {
     );
     for r in reports {
         let ratio = base.map_or(1.0, |b| r.all_booted_secs / b.all_booted_secs.max(1e-9));
-        let ws = r.origin_bytes as f64 / (r.working_set.max(1)) as f64;
+        // Real guests without a trace: the working set is not known.
+        let ws = match r.working_set {
+            0 => "-".to_owned(),
+            w => format!("{:.2}", r.origin_bytes as f64 / w as f64),
+        };
         let _ = writeln!(
             out,
-            "{:<11} {:>5} {:>5} {:>8.2} {:>8.2} {:>10.2} {:>11.1} {:>9.2} {:>8.2}x",
+            "{:<11} {:>5} {:>5} {:>8.2} {:>8.2} {:>10.2} {:>11.1} {:>9} {:>8.2}x",
             r.mode.name(),
             r.hosts,
             r.vms,

@@ -13,6 +13,11 @@
 //! A VM's replay issues its reads one at a time, each `at_us` gap after the
 //! previous one completed (the guest's think time), or back to back. Every
 //! byte read is compared with the image, so a storm is also a correctness run.
+//!
+//! With [`QemuBoot`], every VM is a real guest instead: qemu boots the given
+//! kernel from the VM's disk (its snapshot export, or the plain server with
+//! qemu's own temporary overlay in `direct` mode), and the VM has booted when
+//! its serial console prints the marker line.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -82,6 +87,56 @@ pub struct StormConfig {
     /// The latency `net` adds per request, applied by `direct` VMs themselves
     /// (agents apply it to their fetches).
     pub link_delay: Duration,
+    /// Boot real guests under qemu instead of replaying the trace.
+    pub qemu: Option<QemuBoot>,
+}
+
+/// Real guests: how each VM is booted under qemu, and how a boot is seen.
+#[derive(Clone, Debug)]
+pub struct QemuBoot {
+    /// The qemu binary.
+    pub qemu: String,
+    /// The kernel to boot (the image is the guest's disk, virtio-blk).
+    pub kernel: PathBuf,
+    /// Its initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line (a serial console, `console=ttyS0`, so the
+    /// marker can be seen).
+    pub append: String,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// A VM has booted when a console line contains this.
+    pub marker: String,
+    /// A VM that has not booted by then fails the storm.
+    pub timeout: Duration,
+}
+
+impl QemuBoot {
+    /// The qemu command for a guest whose disk is the NBD `uri`; `overlay`
+    /// keeps the guest's writes in a temporary file of qemu's (for a shared,
+    /// read-only server).
+    fn command(&self, uri: &str, overlay: bool) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&self.qemu);
+        cmd.args(["-machine", "accel=tcg", "-m"])
+            .arg(self.memory_mib.to_string())
+            .args(["-nodefaults", "-no-user-config", "-display", "none"])
+            .args(["-serial", "stdio", "-no-reboot", "-kernel"])
+            .arg(&self.kernel)
+            .args(["-append", &self.append]);
+        if let Some(i) = &self.initrd {
+            cmd.arg("-initrd").arg(i);
+        }
+        let snapshot = if overlay { ",snapshot=on" } else { "" };
+        cmd.arg("-drive")
+            .arg(format!(
+                "file={uri},format=raw,if=virtio,cache=none{snapshot}"
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        cmd
+    }
 }
 
 /// Why a storm failed.
@@ -220,6 +275,72 @@ async fn replay(
     }
     let _ = c.disconnect().await;
     Ok((t0.elapsed().as_secs_f64(), bytes))
+}
+
+/// Boots one real guest from `endpoint`'s `export` and waits for the marker.
+async fn boot_guest(
+    q: &QemuBoot,
+    endpoint: &Endpoint,
+    export: &str,
+    overlay: bool,
+    t0: Instant,
+) -> Result<(f64, u64), String> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+    let uri = match endpoint {
+        Endpoint::Unix(p) => format!("nbd+unix:///{export}?socket={}", p.display()),
+        Endpoint::Tcp(a) => format!("nbd://{a}/{export}"),
+    };
+    let mut child = q
+        .command(&uri, overlay)
+        .spawn()
+        .map_err(|e| format!("starting {} (install qemu-system-x86): {e}", q.qemu))?;
+    let stdout = child.stdout.take().ok_or("no qemu stdout")?;
+    let mut stderr = child.stderr.take().ok_or("no qemu stderr")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let mut tail: Vec<String> = Vec::new();
+    let watch = async {
+        while let Some(line) = lines.next_line().await.map_err(|e| e.to_string())? {
+            if line.contains(&q.marker) {
+                return Ok(t0.elapsed().as_secs_f64());
+            }
+            if tail.len() == 20 {
+                tail.remove(0);
+            }
+            tail.push(line.trim_end().to_owned());
+        }
+        Err("qemu exited".to_owned())
+    };
+    let result = tokio::time::timeout(q.timeout, watch).await;
+    // Booted or not, the guest is done with: stop it.
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    match result {
+        Ok(Ok(secs)) => Ok((secs, 0)),
+        Ok(Err(why)) => {
+            let mut err = String::new();
+            let _ = stderr.read_to_string(&mut err).await;
+            Err(format!(
+                "{why} before the marker {:?}; last console lines:\n{}\nqemu: {}",
+                q.marker,
+                tail.join("\n"),
+                err.trim()
+            ))
+        }
+        Err(_) => Err(format!(
+            "no marker {:?} within {:?}; last console lines:\n{}",
+            q.marker,
+            q.timeout,
+            tail.join("\n")
+        )),
+    }
+}
+
+/// Bytes a process wrote (files and sockets), from /proc/PID/io.
+fn bytes_written(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("wchar:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Runs one storm in `mode`; `on_boot(booted, total)` is called each time a
@@ -404,8 +525,13 @@ pub async fn run(
         } else {
             Duration::ZERO
         };
+        let qemu = config.qemu.clone();
+        let overlay = mode == StormMode::Direct;
         tasks.spawn(async move {
-            let r = replay(endpoint, export, trace, image, b2b, t0, delay).await;
+            let r = match qemu {
+                Some(q) => boot_guest(&q, &endpoint, &export, overlay, t0).await,
+                None => replay(endpoint, export, trace, image, b2b, t0, delay).await,
+            };
             (vm, host, r)
         });
     }
@@ -429,6 +555,11 @@ pub async fn run(
 
     let mut host_results = Vec::new();
     let origin_bytes = match &cluster {
+        // Real guests: what the plain server wrote to its sockets.
+        _ if mode == StormMode::Direct && config.qemu.is_some() => direct
+            .as_ref()
+            .and_then(|d| bytes_written(d.0.id()))
+            .unwrap_or(0),
         _ if mode == StormMode::Direct => vm_results.iter().map(|v| v.bytes).sum(),
         None => 0,
         Some(c) => {
