@@ -88,6 +88,10 @@ pub struct SimArgs {
     /// One-way latency of one hop.
     #[arg(long, value_parser = parse_duration, default_value = "100us")]
     pub hop_latency: Duration,
+    /// Token bucket of every link (as `tc tbf burst`); 0: none, as on a real NIC.
+    /// The storm's shaped links have 256K.
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    pub link_burst: u64,
     /// Fan-out k; a comma list sweeps it.
     #[arg(long, value_delimiter = ',', default_value = "4")]
     pub fanout: Vec<u32>,
@@ -207,6 +211,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     base.link_rate = args.link_rate;
     base.origin_rate = args.origin_rate.unwrap_or(args.link_rate);
     base.hop_latency = args.hop_latency;
+    base.link_burst = args.link_burst;
     base.start_spread = args.start_spread;
     base.max_vms_per_host = args.max_vms_per_host;
     base.max_time = args.max_time;

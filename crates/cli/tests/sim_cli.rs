@@ -145,3 +145,44 @@ fn impossible_scenarios_and_bad_traces_fail_clearly() {
         "{err}"
     );
 }
+
+/// The storm's shipped trace, replayed as `virtman storm` replays it: with
+/// its timing or back to back, with the CPU model on one machine's cores or
+/// off; a CPU count that makes no sense is refused.
+#[test]
+fn storm_trace_back_to_back_and_cpu_flags() {
+    let trace = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../traces/debian12-boot.trace"
+    );
+    let all_booted = |extra: &[&str]| -> f64 {
+        let mut a = vec![
+            "--hosts", "4", "--vms", "16", "--fanout", "2", "--trace", trace, "--json",
+        ];
+        a.extend_from_slice(extra);
+        let out = sim(&a);
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v[0]["booted"], 16);
+        v[0]["all_booted_s"].as_f64().unwrap()
+    };
+    let timed = all_booted(&[]);
+    assert!(timed > 9.6, "the trace alone takes 9.6 s: {timed}");
+    let b2b = all_booted(&["--back-to-back"]);
+    assert!(b2b < 5.0, "{b2b}");
+    let shared = all_booted(&["--back-to-back", "--shared-cores", "1"]);
+    let free = all_booted(&["--back-to-back", "--no-cpu"]);
+    assert!(shared > b2b && b2b > free, "{shared} {b2b} {free}");
+    let overshoot = all_booted(&["--think-overhead", "1ms"]);
+    assert!(
+        overshoot > timed + 0.7,
+        "806 sleeps of 1 ms more: {timed} {overshoot}"
+    );
+    let out = sim(&["--hosts", "2", "--vms", "4", "--shared-cores", "0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shared cores"));
+}

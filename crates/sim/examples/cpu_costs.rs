@@ -23,6 +23,8 @@
 //!  qemu-nbd    the plain server of `direct` mode over TCP          (qemu-nbd, this)
 //!  compare     the storm replayer's check: pread of the image + memcmp
 //!  sleep       tokio::time::sleep overshoot (the storm's link delay and think time)
+//!  start       how far apart the storm's replayers start: n tasks spawned at
+//!              once, each connecting its NBD client before its first read
 //! ```
 //!
 //! Each NBD path is read at 4 KiB, 64 KiB and 256 KiB; a least-squares line
@@ -124,6 +126,35 @@ fn main() -> anyhow::Result<()> {
         compare_s * 1e6,
         compare_s / f64::from(CHUNK) * 1e9
     );
+    // The store's parts: pwrite of 256 KiB chunks into a new sparse file
+    // (page cache), then one fdatasync of them all (the batched commit).
+    let mut pw = 0.0;
+    let mut sync = 0.0;
+    let rounds = 4u64;
+    for round in 0..rounds {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(dir.path().join(format!("store{round}")))?;
+        out.set_len(IMAGE)?;
+        let c0 = self_cpu()?;
+        for (i, c) in data.chunks(CHUNK as usize).enumerate() {
+            out.write_all_at(c, i as u64 * u64::from(CHUNK))?;
+        }
+        let c1 = self_cpu()?;
+        out.sync_data()?;
+        let c2 = self_cpu()?;
+        pw += c1 - c0;
+        sync += c2 - c1;
+    }
+    let chunks = (rounds * IMAGE / u64::from(CHUNK)) as f64;
+    println!(
+        "store: pwrite {:.1} us, fdatasync {:.1} us of this process's CPU per 256 KiB chunk",
+        pw / chunks * 1e6,
+        sync / chunks * 1e6
+    );
     drop(data);
 
     // The serving child: fill, then serve vol (TCP), snap (unix), file (TCP).
@@ -160,6 +191,13 @@ fn main() -> anyhow::Result<()> {
         ("file/TCP (origin FileExport)", &tcp, "file"),
     ] {
         lines.push((name, rt.block_on(path_costs(ep, export, pid))?));
+    }
+    let mut spreads = Vec::new();
+    for n in [32usize, 64] {
+        spreads.push((
+            format!("{n} VMs, snapshot export over unix"),
+            rt.block_on(start_spread(&unix, "snap", n))?,
+        ));
     }
     drop(child.stdin.take());
     let _ = child.wait();
@@ -212,6 +250,15 @@ fn main() -> anyhow::Result<()> {
             c.server.1 * 1e9,
             c.client.0 * 1e6,
             c.client.1 * 1e9
+        );
+    }
+
+    for (what, (first, last)) in &spreads {
+        println!(
+            "start spread, {what}: first read issued at {:.2} ms, last at {:.2} ms (spread {:.2} ms)",
+            first * 1e3,
+            last * 1e3,
+            (last - first) * 1e3
         );
     }
 
@@ -288,6 +335,40 @@ async fn path_costs(ep: &Endpoint, export: &str, server_pid: u32) -> anyhow::Res
         server: fit(&srv),
         client: fit(&cli),
     })
+}
+
+/// As the storm starts its replayers: `n` tasks spawned at t0, each connects
+/// its NBD client and issues its first read; returns when the first and the
+/// last of them issued it (seconds after t0).
+async fn start_spread(ep: &Endpoint, export: &str, n: usize) -> anyhow::Result<(f64, f64)> {
+    let t0 = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let ep = ep.clone();
+        let cfg = ClientConfig {
+            export: export.to_owned(),
+            ..ClientConfig::default()
+        };
+        set.spawn(async move {
+            let c = Client::connect(&ep, &cfg).await?;
+            let t = t0.elapsed().as_secs_f64();
+            c.read(0, 4096).await?;
+            anyhow::Ok((t, c))
+        });
+    }
+    let mut times = Vec::new();
+    let mut clients = Vec::new();
+    while let Some(r) = set.join_next().await {
+        let (t, c) = r??;
+        times.push(t);
+        clients.push(c);
+    }
+    for c in clients {
+        let _ = c.disconnect().await;
+    }
+    let first = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let last = times.iter().copied().fold(0.0, f64::max);
+    Ok((first, last))
 }
 
 /// Least squares y = a + b x.

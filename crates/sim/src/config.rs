@@ -88,6 +88,10 @@ pub struct Config {
     pub slow_rate: f64,
     /// One-way latency of one hop (a request or the tail of a reply).
     pub hop_latency: Duration,
+    /// Token bucket of every link, bytes (0, the default: none). The storm's
+    /// `tc tbf` shaping has a 256 KiB bucket: after a pause a link sends
+    /// that much at once, faster than its rate.
+    pub link_burst: u64,
     /// The tree's settings, given to the real topology state machine.
     pub topology: Settings,
     /// How often agents heartbeat (and learn their new parents).
@@ -363,6 +367,7 @@ impl Config {
             slow_fraction: 0.0,
             slow_rate: 1e8,
             hop_latency: Duration::from_micros(100),
+            link_burst: 0,
             topology: Settings::default(),
             heartbeat_interval: Duration::from_secs(1),
             tick_interval: Duration::from_millis(250),

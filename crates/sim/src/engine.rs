@@ -311,7 +311,8 @@ impl<'a> Engine<'a> {
             up.push(cfg.origin_rate);
             down.push(cfg.origin_rate);
         }
-        let net = Net::new(&up, &down, ns(cfg.rate_interval));
+        let mut net = Net::new(&up, &down, ns(cfg.rate_interval));
+        net.set_burst(cfg.link_burst);
         let words = (chunks as usize).div_ceil(64);
         let hosts_v = (0..hosts)
             .map(|_| Host {

@@ -29,6 +29,15 @@
 //!
 //! Bytes are counted at both ends (sent by the source, received by the
 //! receiver) as transfers complete or are cut off by a death.
+//!
+//! Optionally (`burst` above zero) every link is a token bucket like the
+//! `tc tbf` shaping of `virtman storm --netns` (rate, and a bucket of
+//! `burst` bytes): an idle link refills its bucket at its rate; a pair that
+//! becomes busy while both its links are idle sends the first bytes its
+//! links' buckets hold at once, the rest at its max-min rate. Busy links
+//! neither refill nor spend their buckets (an approximation: a real bucket
+//! refills by whatever the link leaves unused). Real NICs have no such
+//! bucket, so it is off by default.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -110,6 +119,12 @@ pub(crate) struct Net {
     pub received: Vec<u64>,
     /// Recomputations done.
     pub recomputes: u64,
+    /// Token bucket size of every link, bytes (0: no bucket).
+    burst: f64,
+    /// Bytes in each link's bucket as of `idle_since` (or while busy).
+    tokens: Vec<f64>,
+    /// When each link last became idle (`u64::MAX` while busy).
+    idle_since: Vec<u64>,
     // Scratch of the recomputation, kept to avoid reallocating.
     local: Vec<u32>,
 }
@@ -137,8 +152,28 @@ impl Net {
             sent: vec![0; nodes],
             received: vec![0; nodes],
             recomputes: 0,
+            burst: 0.0,
+            tokens: vec![0.0; 2 * nodes],
+            idle_since: vec![0; 2 * nodes],
             local: vec![u32::MAX; 2 * nodes],
         }
+    }
+
+    /// Gives every link a token bucket of `bytes` (full at time zero).
+    pub fn set_burst(&mut self, bytes: u64) {
+        self.burst = bytes_f64(bytes);
+        self.tokens.iter_mut().for_each(|t| *t = self.burst);
+    }
+
+    /// Tokens of idle link `l` at `now` (refilled since it went idle).
+    fn refill(&mut self, l: usize, now: u64) -> f64 {
+        let since = self.idle_since[l];
+        if since != u64::MAX {
+            let t = self.tokens[l] + self.cap[l] * ns_to_s(now.saturating_sub(since));
+            self.tokens[l] = t.min(self.burst);
+            self.idle_since[l] = now;
+        }
+        self.tokens[l]
     }
 
     /// The pair from `src` to `dst` for `tag` (an image or a VM), made on first use.
@@ -194,6 +229,19 @@ impl Net {
             return;
         };
         let (u, d) = self.links(p);
+        if self.burst > 0.0 {
+            let idle = self.on_link[u].is_empty() && self.on_link[d].is_empty();
+            let (tu, td) = (self.refill(u, now), self.refill(d, now));
+            if idle {
+                let remaining = self.pairs[pair as usize].remaining;
+                let b = tu.min(td).min(remaining).max(0.0);
+                self.tokens[u] -= b;
+                self.tokens[d] -= b;
+                self.pairs[pair as usize].remaining = remaining - b;
+            }
+            self.idle_since[u] = u64::MAX;
+            self.idle_since[d] = u64::MAX;
+        }
         let free = |l: usize| (self.cap[l] - self.used[l]).max(0.0);
         let mut rate = free(u).min(free(d));
         if rate < self.cap[u].min(self.cap[d]) * 1e-9 {
@@ -222,7 +270,7 @@ impl Net {
         self.dirty = true;
     }
 
-    fn deactivate(&mut self, pair: u32) {
+    fn deactivate(&mut self, pair: u32, now: u64) {
         let Some(p) = self.pairs.get_mut(pair as usize) else {
             return;
         };
@@ -254,6 +302,9 @@ impl Net {
             } else {
                 (self.used[l] - rate).max(0.0)
             };
+            if self.on_link[l].is_empty() {
+                self.idle_since[l] = now;
+            }
             self.changed.push(u32::try_from(l).unwrap_or(u32::MAX));
         }
         let pos = pos as usize;
@@ -289,7 +340,7 @@ impl Net {
                 out.push((now + ns_for(p.remaining, p.rate), pair, p.version));
             }
         } else {
-            self.deactivate(pair);
+            self.deactivate(pair, now);
         }
         self.count(src, dst, t.bytes);
         Some((t, src, dst))
@@ -325,7 +376,7 @@ impl Net {
             p.remaining = 0.0;
             // Partial head: bytes_f64(head) - remaining_now were on the wire.
             let partial = bytes_f64(head_bytes) - sent_head;
-            self.deactivate(id);
+            self.deactivate(id, now);
             #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
             let partial = partial.clamp(0.0, bytes_f64(head_bytes)).floor() as u64;
             self.count(src, dst, partial);
@@ -636,6 +687,34 @@ mod tests {
         assert_eq!(done, vec![(1_000_000, 1)]);
         assert_eq!(net.sent[0], 1_000_000);
         assert_eq!(net.received[1], 1_000_000);
+    }
+
+    #[test]
+    fn token_bucket_sends_a_burst_after_a_pause() {
+        // 1 GB/s links with 1 MB buckets: 3 MB on an idle link take 2 ms (the
+        // first MB goes at once); 3 MB more right after take 3 ms (empty
+        // bucket); after 1 ms idle the bucket is full again.
+        let mut net = Net::new(&[8e9, 8e9], &[8e9, 8e9], 0);
+        net.set_burst(1_000_000);
+        let p = net.pair(0, 1, 0);
+        let t = |req| Transfer {
+            req,
+            req_gen: 0,
+            bytes: 3_000_000,
+        };
+        let mut out = Vec::new();
+        net.enqueue(p, t(1), 0, &mut out);
+        let mut now = 0;
+        let done = run_until_idle(&mut net, &mut now, std::mem::take(&mut out));
+        assert_eq!(done, vec![(2_000_000, 1)]);
+        net.enqueue(p, t(2), now, &mut out);
+        let done = run_until_idle(&mut net, &mut now, std::mem::take(&mut out));
+        assert_eq!(done, vec![(5_000_000, 2)]);
+        now += 1_000_000;
+        net.enqueue(p, t(3), now, &mut out);
+        let done = run_until_idle(&mut net, &mut now, std::mem::take(&mut out));
+        assert_eq!(done, vec![(8_000_000, 3)]);
+        assert_eq!(net.sent[0], 9_000_000);
     }
 
     #[test]
