@@ -277,6 +277,10 @@ pub fn run(args: StormArgs) -> anyhow::Result<()> {
         "results in {}/: report.json, boots.csv, chart.svg (booted VMs over time)",
         args.out.display()
     );
+    let failed: usize = reports.iter().map(|r| r.failed().count()).sum();
+    if failed > 0 {
+        bail!("{failed} VMs did not boot (see above and report.json)");
+    }
     Ok(())
 }
 

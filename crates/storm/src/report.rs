@@ -29,21 +29,47 @@ pub fn table(reports: &[StormReport]) -> String {
         // Real guests without a trace: the working set is not known.
         let ws = match r.working_set {
             0 => "-".to_owned(),
+            _ if !r.origin_measured => "-".to_owned(),
             w => format!("{:.2}", r.origin_bytes as f64 / w as f64),
+        };
+        let sent = if r.origin_measured {
+            format!("{:.1}", mib(r.origin_bytes))
+        } else {
+            "-".to_owned()
         };
         let _ = writeln!(
             out,
-            "{:<11} {:>5} {:>5} {:>8.2} {:>8.2} {:>10.2} {:>11.1} {:>9} {:>8.2}x",
+            "{:<11} {:>5} {:>5} {:>8.2} {:>8.2} {:>10.2} {:>11} {:>9} {:>8.2}x",
             r.mode.name(),
             r.hosts,
             r.vms,
             r.percentile(0.5),
             r.percentile(0.9),
             r.all_booted_secs,
-            mib(r.origin_bytes),
+            sent,
             ws,
             ratio
         );
+    }
+    for r in reports {
+        let failed: Vec<&crate::storm::VmResult> = r.failed().collect();
+        if let Some(first) = failed.first() {
+            let _ = writeln!(
+                out,
+                "{}: {} of {} VMs did not boot{}; {} on {}: {}",
+                r.mode.name(),
+                failed.len(),
+                r.vms,
+                if r.dead.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (dead: {})", r.dead.join(", "))
+                },
+                first.vm,
+                first.host,
+                first.error.as_deref().unwrap_or_default()
+            );
+        }
     }
     out
 }
@@ -54,7 +80,12 @@ pub fn chart(reports: &[StormReport]) -> String {
     let points: Vec<Vec<(f64, u64)>> = reports
         .iter()
         .map(|r| {
-            let mut t: Vec<f64> = r.vm_results.iter().map(|v| v.boot_secs).collect();
+            let mut t: Vec<f64> = r
+                .vm_results
+                .iter()
+                .filter(|v| v.error.is_none())
+                .map(|v| v.boot_secs)
+                .collect();
             t.sort_by(f64::total_cmp);
             std::iter::once((0.0, 0))
                 .chain(t.into_iter().zip(1u64..))
@@ -75,17 +106,18 @@ pub fn chart(reports: &[StormReport]) -> String {
 
 /// One CSV row per VM per mode.
 pub fn csv(reports: &[StormReport]) -> String {
-    let mut out = String::from("mode,vm,host,boot_secs,bytes\n");
+    let mut out = String::from("mode,vm,host,boot_secs,bytes,booted\n");
     for r in reports {
         for v in &r.vm_results {
             let _ = writeln!(
                 out,
-                "{},{},{},{:.6},{}",
+                "{},{},{},{:.6},{},{}",
                 r.mode.name(),
                 v.vm,
                 v.host,
                 v.boot_secs,
-                v.bytes
+                v.bytes,
+                v.error.is_none()
             );
         }
     }
@@ -111,18 +143,40 @@ mod tests {
                     host: "host1".into(),
                     boot_secs: secs / 2.0,
                     bytes: 10,
+                    error: None,
                 },
                 VmResult {
                     vm: "vm2".into(),
                     host: "host2".into(),
                     boot_secs: secs,
                     bytes: 10,
+                    error: None,
                 },
             ],
             host_results: vec![],
             origin_bytes: origin,
             all_booted_secs: secs,
+            dead: vec![],
+            origin_measured: true,
         }
+    }
+
+    #[test]
+    fn failed_vms_are_reported_and_left_out_of_times() {
+        let mut r = report(StormMode::Virtman, 2.0, 1 << 19);
+        r.vm_results[1].error = Some("connection reset".into());
+        r.vm_results[1].boot_secs = 0.5;
+        r.dead = vec!["host2".into()];
+        let t = table(std::slice::from_ref(&r));
+        assert!(
+            t.contains(
+                "virtman: 1 of 2 VMs did not boot (dead: host2); vm2 on host2: connection reset"
+            ),
+            "{t}"
+        );
+        // The failed VM's time counts in no percentile, and the CSV says so.
+        assert_eq!(r.percentile(0.0), 1.0);
+        assert!(csv(&[r]).contains("virtman,vm2,host2,0.500000,10,false"));
     }
 
     #[test]

@@ -165,10 +165,14 @@ pub struct VmResult {
     pub vm: String,
     /// Its host.
     pub host: String,
-    /// Seconds from the storm's start until its last read completed.
+    /// Seconds from the storm's start until its last read completed (or
+    /// until it failed).
     pub boot_secs: f64,
     /// Bytes it read.
     pub bytes: u64,
+    /// Why it did not boot (its host died, a read failed or differed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// One host's figures.
@@ -207,14 +211,37 @@ pub struct StormReport {
     pub host_results: Vec<HostResult>,
     /// Bytes the origin (or the plain server) sent.
     pub origin_bytes: u64,
-    /// Seconds until every VM had booted.
+    /// Whether `origin_bytes` was measured: not for real guests reading a
+    /// plain server on loopback (qemu-nbd counts nothing), nor when the
+    /// origin died.
+    #[serde(default = "yes")]
+    pub origin_measured: bool,
+    /// Seconds until every VM had booted (or failed, when some did).
     pub all_booted_secs: f64,
+    /// Processes of the cluster found dead after the storm (`hostN`,
+    /// `origin`, `coordinator`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dead: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl StormReport {
-    /// The boot time below which a fraction `q` of the VMs finished.
+    /// The VMs that did not boot.
+    pub fn failed(&self) -> impl Iterator<Item = &VmResult> {
+        self.vm_results.iter().filter(|v| v.error.is_some())
+    }
+
+    /// The boot time below which a fraction `q` of the booted VMs finished.
     pub fn percentile(&self, q: f64) -> f64 {
-        let mut t: Vec<f64> = self.vm_results.iter().map(|v| v.boot_secs).collect();
+        let mut t: Vec<f64> = self
+            .vm_results
+            .iter()
+            .filter(|v| v.error.is_none())
+            .map(|v| v.boot_secs)
+            .collect();
         t.sort_by(f64::total_cmp);
         if t.is_empty() {
             return 0.0;
@@ -335,12 +362,20 @@ async fn boot_guest(
     }
 }
 
-/// Bytes a process wrote (files and sockets), from /proc/PID/io.
-fn bytes_written(pid: u32) -> Option<u64> {
-    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
-    io.lines()
-        .find_map(|l| l.strip_prefix("wchar:"))
-        .and_then(|v| v.trim().parse().ok())
+/// Bytes sent so far by network namespace `ns`'s link (`eth0`), headers
+/// included.
+fn ns_tx_bytes(ns: &str) -> Option<u64> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "cat",
+            "/sys/class/net/eth0/statistics/tx_bytes",
+        ])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
 }
 
 /// Runs one storm in `mode`; `on_boot(booted, total)` is called each time a
@@ -377,6 +412,9 @@ pub async fn run(
     // Set up the mode's servers and one endpoint per VM.
     let mut cluster = None;
     let mut direct = None;
+    // Real guests in direct mode: the plain server's namespace, whose link
+    // counts what it sent (qemu-nbd has no counter of its own).
+    let mut direct_ns: Option<(String, u64)> = None;
     let mut endpoints = Vec::new();
     match mode {
         StormMode::Direct => {
@@ -430,6 +468,12 @@ pub async fn run(
                     StormError::Config(format!("starting qemu-nbd (install qemu-utils): {e}"))
                 })?;
             direct = Some(KillOnDrop(child));
+            if config.qemu.is_some()
+                && let Some((ns, _)) = &origin_ns
+                && let Some(before) = ns_tx_bytes(ns)
+            {
+                direct_ns = Some((ns.clone(), before));
+            }
             let endpoint = match &origin_ns {
                 Some((_, ip)) => Endpoint::Tcp(format!("{ip}:10809")),
                 None => Endpoint::Unix(sock.clone()),
@@ -538,33 +582,52 @@ pub async fn run(
     let mut vm_results = Vec::new();
     while let Some(done) = tasks.join_next().await {
         let (vm, host, r) = done.map_err(|e| StormError::Config(e.to_string()))?;
-        let (boot_secs, bytes) = r.map_err(|message| StormError::Vm {
-            vm: vm.clone(),
-            message,
-        })?;
+        // A VM that fails (its host died, say) is reported, not waited for.
+        let (boot_secs, bytes, error) = match r {
+            Ok((secs, bytes)) => (secs, bytes, None),
+            Err(e) => (t0.elapsed().as_secs_f64(), 0, Some(e)),
+        };
         vm_results.push(VmResult {
             vm,
             host,
             boot_secs,
             bytes,
+            error,
         });
         on_boot(vm_results.len(), config.vms);
     }
     let all_booted_secs = t0.elapsed().as_secs_f64();
     vm_results.sort_by(|a, b| a.vm.cmp(&b.vm));
 
+    let dead: Vec<String> = cluster.as_ref().map_or_else(Vec::new, |c| {
+        c.state
+            .members
+            .iter()
+            .filter(|m| !crate::cluster::alive(m.pid))
+            .map(|m| m.name.clone())
+            .collect()
+    });
     let mut host_results = Vec::new();
+    let mut origin_measured = true;
     let origin_bytes = match &cluster {
-        // Real guests: what the plain server wrote to its sockets.
-        _ if mode == StormMode::Direct && config.qemu.is_some() => direct
-            .as_ref()
-            .and_then(|d| bytes_written(d.0.id()))
-            .unwrap_or(0),
+        // Real guests: what the plain server's link sent, if it has its own.
+        _ if mode == StormMode::Direct && config.qemu.is_some() => {
+            match direct_ns
+                .as_ref()
+                .and_then(|(ns, before)| Some(ns_tx_bytes(ns)?.saturating_sub(*before)))
+            {
+                Some(b) => b,
+                None => {
+                    origin_measured = false;
+                    0
+                }
+            }
+        }
         _ if mode == StormMode::Direct => vm_results.iter().map(|v| v.bytes).sum(),
         None => 0,
         Some(c) => {
             let depths = tree_depths(&config.bin, &c.state.coordinator);
-            for h in c.state.hosts() {
+            for h in c.state.hosts().filter(|h| !dead.contains(&h.name)) {
                 let s = ControlClient::new(h.data_dir.join("agent.sock"))
                     .status()
                     .await
@@ -593,14 +656,19 @@ pub async fn run(
                 .iter()
                 .find(|m| m.name == "origin")
                 .ok_or_else(|| StormError::Config("no origin".into()))?;
-            let s = ControlClient::new(origin.data_dir.join("agent.sock"))
-                .status()
-                .await
-                .map_err(|e| StormError::Config(format!("status of the origin: {e}")))?;
-            s.images
-                .iter()
-                .filter_map(|i| i.sent.map(|x| x.bytes))
-                .sum()
+            if dead.contains(&origin.name) {
+                origin_measured = false; // it died with its counters
+                0
+            } else {
+                let s = ControlClient::new(origin.data_dir.join("agent.sock"))
+                    .status()
+                    .await
+                    .map_err(|e| StormError::Config(format!("status of the origin: {e}")))?;
+                s.images
+                    .iter()
+                    .filter_map(|i| i.sent.map(|x| x.bytes))
+                    .sum()
+            }
         }
     };
     drop(cluster);
@@ -616,6 +684,8 @@ pub async fn run(
         host_results,
         origin_bytes,
         all_booted_secs,
+        dead,
+        origin_measured,
     })
 }
 
