@@ -444,3 +444,31 @@ fn a_host_that_dies_mid_storm_is_reported_not_waited_for() {
         String::from_utf8_lossy(&ps.stdout)
     );
 }
+
+#[test]
+fn a_storm_larger_than_the_open_file_limit_is_refused_before_it_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    // A hard limit of 512 open files cannot hold 200 VMs' connections.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 512 && exec {BIN} storm --hosts 2 --vms 200 --image-size 16M \
+             --synthetic --working-set 4M --mode virtman"
+        ))
+        .env("VIRTMAN_LOG", "warn")
+        .env("TMPDIR", dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("200 VMs need about 1056 open files") && err.contains("limit is 512"),
+        "{err}"
+    );
+    // Nothing was started.
+    let ps = Command::new("pgrep")
+        .args(["-f", &dir.path().display().to_string()])
+        .output()
+        .unwrap();
+    assert!(ps.stdout.is_empty());
+}
