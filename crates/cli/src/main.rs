@@ -63,6 +63,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
+    raise_open_file_limit();
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Image(args) => image::run(args),
@@ -82,6 +83,20 @@ fn main() -> ExitCode {
             // Print the whole error chain once, here at the top.
             eprintln!("virtman: error: {err:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Raises the soft limit of open files to the hard one: an agent holds a few
+/// files per VM, a server a socket per client, and Debian's soft default
+/// (1024) is far below its hard one. The processes this one starts inherit it.
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::debug!(error = %e, "cannot raise the open file limit");
         }
     }
 }

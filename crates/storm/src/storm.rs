@@ -368,23 +368,20 @@ async fn boot_guest(
 const FILES_PER_VM: u64 = 4;
 const FILES_BASE: u64 = 256;
 
-/// Refuses a storm this machine cannot hold: more VMs per process than open
-/// files allow (after raising the soft limit to the hard one, which the
-/// cluster's processes inherit), or less free disk than the origin's copy of
-/// the image and every host's cache of the working set take.
+/// Refuses a storm this machine cannot hold: more VMs than the open file
+/// limit allows one process (the `virtman` binary raises its soft limit to
+/// the hard one at start; the cluster's processes inherit it), or less free
+/// disk than the origin's copy of the image and every host's cache of the
+/// working set take.
 fn check_capacity(
     config: &StormConfig,
     mode: StormMode,
     image_size: u64,
     working_set: u64,
 ) -> Result<(), StormError> {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let mut limit = getrlimit(Resource::Nofile);
-    if limit.current < limit.maximum {
-        limit.current = limit.maximum;
-        let _ = setrlimit(Resource::Nofile, limit);
-    }
-    let files = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    let files = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
     std::fs::create_dir_all(&config.dir).map_err(|e| StormError::Config(e.to_string()))?;
     let free = rustix::fs::statvfs(&config.dir)
         .map_or(u64::MAX, |st| st.f_bavail.saturating_mul(st.f_frsize));
