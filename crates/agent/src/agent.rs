@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,6 +42,7 @@ use virtman_nbd::{
     Client, ClientConfig, Endpoint, Export, FileExport, Listener, MemExport, Server, ServerConfig,
 };
 
+use crate::known::{self, KnownParent, KnownUpstream};
 use crate::origin::{CountingExport, SendCounts};
 use crate::prefetch::{self, ImagePrefetch, PrefetchConfig, PrefetchStatus, profile_export};
 use crate::upstream::{BadParent, FetchConfig, Parents, Source};
@@ -126,6 +127,11 @@ enum Role {
         parents: Arc<Parents>,
         epoch: AtomicU64,
         prefetch: Arc<ImagePrefetch>,
+        /// False while the upstream is the one saved before a restart and the
+        /// coordinator has not answered a join yet (not heartbeaten then).
+        joined: AtomicBool,
+        /// What was last written to `DATA_DIR/upstream/IMAGE`.
+        saved: tokio::sync::Mutex<Option<KnownUpstream>>,
     },
 }
 
@@ -396,6 +402,7 @@ impl Agent {
             }
             Err(e) => warn!(error = %e, "cannot list the image store"),
         }
+        self.restore_members();
         for s in self.group.snapshots() {
             self.vms
                 .add_export(s.name().to_owned(), s as Arc<dyn Export>);
@@ -447,12 +454,15 @@ impl Agent {
         );
     }
 
-    async fn register_origins(&self) -> Result<(), AgentError> {
+    /// Registers the origin images; returns how many (0: the coordinator was
+    /// not contacted).
+    async fn register_origins(&self) -> Result<usize, AgentError> {
         let origins: Vec<(String, Arc<Manifest>)> = lock(&self.images)
             .iter()
             .filter(|(_, e)| matches!(e.role, Role::Origin { .. }))
             .map(|(n, e)| (n.clone(), Arc::clone(&e.manifest)))
             .collect();
+        let n = origins.len();
         for (name, m) in origins {
             let req = RegisterImage {
                 name: name.clone(),
@@ -467,7 +477,7 @@ impl Agent {
                 .await
                 .map_err(|e| AgentError::Coordinator(e.to_string()))?;
         }
-        Ok(())
+        Ok(n)
     }
 
     /// Registers origins, re-joins restored volumes, then heartbeats and
@@ -481,9 +491,11 @@ impl Agent {
         loop {
             if !registered {
                 match self.register_origins().await {
-                    Ok(()) => {
+                    Ok(n) => {
                         registered = true;
-                        self.coordinator_ok.store(true, Ordering::Relaxed);
+                        if n > 0 {
+                            self.coordinator_ok.store(true, Ordering::Relaxed);
+                        }
                     }
                     Err(e) => warn!(error = %e, "registering origin images failed; will retry"),
                 }
@@ -502,6 +514,7 @@ impl Agent {
                     }
                 }
             }
+            self.save_all_known().await;
             let period = Duration::from_millis(self.heartbeat_ms.load(Ordering::Relaxed));
             let sleep = tokio::time::sleep(period);
             tokio::pin!(sleep);
@@ -511,6 +524,7 @@ impl Agent {
                     _ = &mut sleep => break,
                     Some(r) = async { match reports.as_mut() { Some(rx) => rx.recv().await, None => None } } => {
                         self.report(r).await;
+                        self.save_all_known().await;
                     }
                 }
             }
@@ -553,21 +567,39 @@ impl Agent {
         let mut ok = true;
         for v in self.group.volumes() {
             let name = v.name().to_owned();
-            if lock(&self.images).contains_key(&name) {
+            let restored = match lock(&self.images).get(&name).map(|e| &e.role) {
+                Some(Role::Member { joined, .. }) => !joined.load(Ordering::Relaxed),
+                Some(Role::Origin { .. }) => continue,
+                None => false,
+            };
+            let res = if restored {
+                self.confirm_restored(&name).await
+            } else if lock(&self.images).contains_key(&name) {
                 continue;
-            }
-            if let Err(e) = self.ensure_image(&name).await {
-                warn!(image = %name, error = %e, "re-joining restored image failed; will retry");
-                ok = false;
+            } else {
+                self.ensure_image(&name).await
+            };
+            match res {
+                Ok(()) => self.coordinator_ok.store(true, Ordering::Relaxed),
+                Err(e) => {
+                    if matches!(e, AgentError::Coordinator(_)) {
+                        self.coordinator_ok.store(false, Ordering::Relaxed);
+                    }
+                    warn!(image = %name, error = %e, "re-joining restored image failed; will retry");
+                    ok = false;
+                }
             }
         }
         ok
     }
 
     async fn heartbeat(&self) -> Result<(), AgentError> {
+        // Members still on a saved upstream have not joined yet.
         let members: Vec<(String, Arc<ImageEntry>)> = lock(&self.images)
             .iter()
-            .filter(|(_, e)| matches!(e.role, Role::Member { .. }))
+            .filter(|(_, e)| {
+                matches!(&e.role, Role::Member { joined, .. } if joined.load(Ordering::Relaxed))
+            })
             .map(|(n, e)| (n.clone(), Arc::clone(e)))
             .collect();
         let sessions = members
@@ -635,6 +667,9 @@ impl Agent {
                 })
                 .collect();
             debug!(image = %a.image, epoch = a.epoch, parents = ?list, "new parents");
+            if !a.origins.is_empty() {
+                parents.set_origins(known::origin_sources(&a.origins));
+            }
             parents.set(list);
             epoch.store(a.epoch, Ordering::Relaxed);
         }
@@ -706,15 +741,6 @@ impl Agent {
             .find(|i| i.name == image)
             .ok_or_else(|| AgentError::UnknownImage(image.to_owned()))?;
         let assignment = self.join(image).await?;
-        let origins: Vec<Source> = info
-            .origins
-            .iter()
-            .enumerate()
-            .map(|(i, a)| Source {
-                name: format!("origin:{i}"),
-                addr: a.clone(),
-            })
-            .collect();
 
         let volume = match self.group.volume(image) {
             Some(v) if v.manifest().id().to_hex() == info.manifest_digest => v,
@@ -733,30 +759,59 @@ impl Agent {
                 self.group.add_volume(image, &m)?
             }
         };
+        let parent_list: Vec<Source> = assignment
+            .parents
+            .iter()
+            .filter(|p| p.node != self.config.name)
+            .map(|p| Source {
+                name: p.node.clone(),
+                addr: p.addr.clone(),
+            })
+            .collect();
+        let entry = self.install_member(
+            image,
+            volume,
+            &info.origins,
+            parent_list,
+            assignment.epoch,
+            true,
+            None,
+        );
+        self.save_known(image, &entry).await;
+        info!(image, parents = ?assignment.parents.iter().map(|p| &p.node).collect::<Vec<_>>(), "joined");
+        Ok(())
+    }
+
+    /// Serves a member image: its volume's upstream (`parents`, then
+    /// `origins`), its base and manifest exports, and the boot profile's
+    /// replay. `joined` is false for an upstream restored from disk before
+    /// the coordinator answered.
+    #[allow(clippy::too_many_arguments)]
+    fn install_member(
+        self: &Arc<Self>,
+        image: &str,
+        volume: Arc<CachedVolume>,
+        origins: &[String],
+        parent_list: Vec<Source>,
+        epoch: u64,
+        joined: bool,
+        saved: Option<KnownUpstream>,
+    ) -> Arc<ImageEntry> {
         let manifest = Arc::new(volume.manifest().clone());
         let profile_sources = prefetch::ProfileSources {
-            parents: assignment.parents.iter().map(|p| p.addr.clone()).collect(),
-            origins: info.origins.clone(),
+            parents: parent_list.iter().map(|p| p.addr.clone()).collect(),
+            origins: origins.to_vec(),
             me: self.config.name.clone(),
             coord: self.coord.clone(),
         };
         let parents = Arc::new(Parents::new(
             image,
             Arc::clone(&manifest),
-            origins,
+            known::origin_sources(origins),
             self.config.fetch.clone(),
             self.reports.clone(),
         ));
-        parents.set(
-            assignment
-                .parents
-                .iter()
-                .map(|p| Source {
-                    name: p.node.clone(),
-                    addr: p.addr.clone(),
-                })
-                .collect(),
-        );
+        parents.set(parent_list);
         volume.set_upstream(Some(Arc::clone(&parents) as Arc<dyn Upstream>));
         self.base.add_export(
             image.to_owned(),
@@ -777,20 +832,182 @@ impl Agent {
                 prefetch_config,
             ));
         }
-        lock(&self.images).insert(
-            image.to_owned(),
-            Arc::new(ImageEntry {
-                manifest,
-                role: Role::Member {
-                    volume,
-                    parents,
-                    epoch: AtomicU64::new(assignment.epoch),
-                    prefetch,
-                },
+        let entry = Arc::new(ImageEntry {
+            manifest,
+            role: Role::Member {
+                volume,
+                parents,
+                epoch: AtomicU64::new(epoch),
+                prefetch,
+                joined: AtomicBool::new(joined),
+                saved: tokio::sync::Mutex::new(saved),
+            },
+        });
+        lock(&self.images).insert(image.to_owned(), Arc::clone(&entry));
+        entry
+    }
+
+    /// What this host knows now about a member image's upstream.
+    fn known_now(image: &str, entry: &ImageEntry) -> Option<KnownUpstream> {
+        match &entry.role {
+            Role::Member { parents, epoch, .. } => Some(KnownUpstream {
+                image: image.to_owned(),
+                manifest_digest: entry.manifest.id().to_hex(),
+                epoch: epoch.load(Ordering::Relaxed),
+                parents: parents
+                    .current()
+                    .into_iter()
+                    .map(|s| KnownParent {
+                        name: s.name,
+                        addr: s.addr,
+                    })
+                    .collect(),
+                origins: parents.origins().into_iter().map(|s| s.addr).collect(),
             }),
-        );
-        info!(image, parents = ?assignment.parents.iter().map(|p| &p.node).collect::<Vec<_>>(), "joined");
+            Role::Origin { .. } => None,
+        }
+    }
+
+    /// Writes `DATA_DIR/upstream/IMAGE` when what the coordinator said about
+    /// the image changed since it was last written.
+    async fn save_known(&self, image: &str, entry: &ImageEntry) {
+        let Role::Member { saved, joined, .. } = &entry.role else {
+            return;
+        };
+        let mut saved = saved.lock().await;
+        if !joined.load(Ordering::Relaxed) {
+            return; // nothing new: it is what was loaded
+        }
+        let Some(now) = Self::known_now(image, entry) else {
+            return;
+        };
+        if saved.as_ref() == Some(&now) {
+            return;
+        }
+        let path = known::known_path(&self.config.data_dir, image);
+        let k = now.clone();
+        match tokio::task::spawn_blocking(move || k.save(&path)).await {
+            Ok(Ok(())) => *saved = Some(now),
+            Ok(Err(e)) => warn!(image, error = %e, "saving the image's parents and origins failed"),
+            Err(e) => warn!(image, error = %e, "saving the image's parents and origins failed"),
+        }
+    }
+
+    /// [`Agent::save_known`] for every member image.
+    async fn save_all_known(&self) {
+        let members: Vec<(String, Arc<ImageEntry>)> = lock(&self.images)
+            .iter()
+            .filter(|(_, e)| matches!(e.role, Role::Member { .. }))
+            .map(|(n, e)| (n.clone(), Arc::clone(e)))
+            .collect();
+        for (image, entry) in members {
+            self.save_known(&image, &entry).await;
+        }
+    }
+
+    /// Gives each volume a restart left an upstream at once, from what was
+    /// saved before: the last parents, then the origins. The control loop
+    /// joins again when the coordinator answers, and its lists replace these.
+    /// A missing or damaged file leaves the volume waiting for the
+    /// coordinator, as before.
+    fn restore_members(self: &Arc<Self>) {
+        for volume in self.group.volumes() {
+            let image = volume.name().to_owned();
+            if lock(&self.images).contains_key(&image) {
+                continue;
+            }
+            let path = known::known_path(&self.config.data_dir, &image);
+            let digest = volume.manifest().id().to_hex();
+            match KnownUpstream::load(&path, &image, &digest) {
+                Ok(Some(k)) => {
+                    info!(image, parents = ?k.parents.iter().map(|p| &p.name).collect::<Vec<_>>(),
+                        origins = ?k.origins, epoch = k.epoch,
+                        "serving the restored image with its saved parents and origins until the coordinator answers");
+                    self.install_member(
+                        &image,
+                        volume,
+                        &k.origins.clone(),
+                        k.parent_sources(),
+                        k.epoch,
+                        false,
+                        Some(k),
+                    );
+                }
+                Ok(None) => info!(
+                    image,
+                    file = %path.display(),
+                    "no saved parents or origins for the restored image; its absent chunks wait for the coordinator"
+                ),
+                Err(e) => warn!(
+                    image,
+                    error = %e,
+                    "refusing the saved parents and origins of the restored image; its absent chunks wait for the coordinator"
+                ),
+            }
+        }
+    }
+
+    /// Joins the session of an image served from its saved upstream; the
+    /// coordinator's lists replace the saved ones.
+    async fn confirm_restored(self: &Arc<Self>, image: &str) -> Result<(), AgentError> {
+        let _g = self.join_lock.lock().await;
+        let Some(entry) = lock(&self.images).get(image).cloned() else {
+            return Ok(());
+        };
+        let Role::Member {
+            parents,
+            epoch,
+            joined,
+            ..
+        } = &entry.role
+        else {
+            return Ok(());
+        };
+        if joined.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let info = self
+            .coord
+            .images()
+            .await
+            .map_err(|e| AgentError::Coordinator(e.to_string()))?
+            .into_iter()
+            .find(|i| i.name == image)
+            .ok_or_else(|| AgentError::UnknownImage(image.to_owned()))?;
+        if info.manifest_digest != entry.manifest.id().to_hex() {
+            // As without a saved upstream: the volume gets none.
+            self.drop_member(image, &entry);
+            return Err(AgentError::Manifest {
+                image: image.to_owned(),
+                reason: "the cached volume holds another version of the image; evict it first"
+                    .into(),
+            });
+        }
+        if !info.origins.is_empty() {
+            parents.set_origins(known::origin_sources(&info.origins));
+        }
+        let a = self.join(image).await?;
+        if a.epoch == 0 {
+            // Already a member (the coordinator did not notice the restart):
+            // known epoch 0 makes the next heartbeat bring the list.
+            epoch.store(0, Ordering::Relaxed);
+        }
+        joined.store(true, Ordering::Relaxed);
+        info!(image, parents = ?parents.current().into_iter().map(|s| s.name).collect::<Vec<_>>(),
+            "joined again; the coordinator's parent list replaces the saved one");
+        self.save_known(image, &entry).await;
         Ok(())
+    }
+
+    /// Stops serving a member image (its volume stays on disk).
+    fn drop_member(&self, image: &str, entry: &ImageEntry) {
+        if let Role::Member { volume, .. } = &entry.role {
+            volume.set_upstream(None);
+        }
+        self.base.remove_export(image);
+        self.base.remove_export(&manifest_export(image));
+        self.base.remove_export(&profile_export(image));
+        lock(&self.images).remove(image);
     }
 
     /// Creates a VM's snapshot over `image`, joining the image first if needed.
@@ -905,6 +1122,12 @@ impl Agent {
         };
         if let Err(e) = self.coord.leave(image, &leave).await {
             warn!(image, error = %e, "leaving the session failed");
+        }
+        let known = known::known_path(&self.config.data_dir, image);
+        if let Err(e) = std::fs::remove_file(&known)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(image, file = %known.display(), error = %e, "removing the saved parents failed");
         }
         if let Err(e) = self.group.remove_volume(image) {
             // Children still connected hold it: keep serving it as before.

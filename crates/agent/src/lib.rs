@@ -6,6 +6,8 @@
 //! - [`metrics`]: Prometheus metrics read from live counters;
 //! - [`prefetch`]: boot profiles fetched from parents and replayed ahead of
 //!   the VMs, pins (the whole image in the background), behind demand reads;
+//! - [`known`]: what the coordinator last said about each member image
+//!   (parents, epoch, origins), saved so a restart can serve without it;
 //! - [`origin`]: serving an image whole and counting what leaves;
 //! - [`upstream`]: fetching chunks from parents in the relay tree, spread by
 //!   load, with failover and reports of bad parents.
@@ -15,6 +17,7 @@
 
 pub mod agent;
 pub mod control;
+pub mod known;
 pub mod metrics;
 pub mod origin;
 pub mod prefetch;

@@ -183,7 +183,7 @@ pub struct Parents {
     manifest: Arc<Manifest>,
     config: FetchConfig,
     parents: RwLock<Vec<Arc<Conn>>>,
-    origins: Vec<Arc<Conn>>,
+    origins: RwLock<Vec<Arc<Conn>>>,
     reports: mpsc::UnboundedSender<BadParent>,
     stats: Arc<FetchStats>,
 }
@@ -211,7 +211,7 @@ impl Parents {
             manifest,
             config,
             parents: RwLock::new(Vec::new()),
-            origins: origins.into_iter().map(|s| Conn::new(s, true)).collect(),
+            origins: RwLock::new(origins.into_iter().map(|s| Conn::new(s, true)).collect()),
             reports,
             stats: Arc::new(FetchStats::default()),
         }
@@ -220,10 +220,11 @@ impl Parents {
     /// Replaces the parent list (ordered by preference). Connections to parents
     /// that stay are kept; fetches in flight finish on the connection they hold.
     pub fn set(&self, list: Vec<Source>) {
+        let origins = self.origins.read().unwrap_or_else(|p| p.into_inner());
         let mut g = self.parents.write().unwrap_or_else(|p| p.into_inner());
         let old = std::mem::take(&mut *g);
         for s in list {
-            if self.origins.iter().any(|o| o.source.addr == s.addr) {
+            if origins.iter().any(|o| o.source.addr == s.addr) {
                 continue; // origins are always tried, last
             }
             let keep = old
@@ -233,6 +234,33 @@ impl Parents {
                 .unwrap_or_else(|| Conn::new(s, false));
             g.push(keep);
         }
+    }
+
+    /// Replaces the origins (the coordinator may know other addresses than
+    /// the ones saved before a restart). Connections to origins that stay are
+    /// kept; parents that are now origins are dropped from the parent list.
+    pub fn set_origins(&self, list: Vec<Source>) {
+        let mut g = self.origins.write().unwrap_or_else(|p| p.into_inner());
+        if g.iter().map(|c| &c.source).eq(list.iter()) {
+            return;
+        }
+        let old = std::mem::take(&mut *g);
+        for s in list {
+            let keep = old
+                .iter()
+                .find(|c| c.source == s)
+                .cloned()
+                .unwrap_or_else(|| Conn::new(s, true));
+            g.push(keep);
+        }
+        let mut p = self.parents.write().unwrap_or_else(|p| p.into_inner());
+        p.retain(|c| !g.iter().any(|o| o.source.addr == c.source.addr));
+    }
+
+    /// The origins, in order.
+    pub fn origins(&self) -> Vec<Source> {
+        let g = self.origins.read().unwrap_or_else(|p| p.into_inner());
+        g.iter().map(|c| c.source.clone()).collect()
     }
 
     /// The current parents (not counting origins), in order.
@@ -248,9 +276,11 @@ impl Parents {
 
     /// Bytes fetched from each source so far, by name (origins included).
     pub fn bytes_by_source(&self) -> Vec<(String, bool, u64)> {
+        // Origins first, then parents: the order every method locks in.
+        let o = self.origins.read().unwrap_or_else(|p| p.into_inner());
         let g = self.parents.read().unwrap_or_else(|p| p.into_inner());
         g.iter()
-            .chain(self.origins.iter())
+            .chain(o.iter())
             .map(|c| {
                 (
                     c.source.name.clone(),
@@ -265,6 +295,11 @@ impl Parents {
     /// are cooling down, then origins.
     fn candidates(&self) -> Vec<Arc<Conn>> {
         let now = Instant::now();
+        let origins = self
+            .origins
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let g = self.parents.read().unwrap_or_else(|p| p.into_inner());
         let mut healthy: Vec<Arc<Conn>> = Vec::new();
         let mut cooling: Vec<Arc<Conn>> = Vec::new();
@@ -277,11 +312,7 @@ impl Parents {
         }
         // Stable sort: equal load keeps the coordinator's order of preference.
         healthy.sort_by_key(|c| c.outstanding.load(Ordering::Relaxed));
-        healthy
-            .into_iter()
-            .chain(cooling)
-            .chain(self.origins.iter().cloned())
-            .collect()
+        healthy.into_iter().chain(cooling).chain(origins).collect()
     }
 
     fn report(&self, conn: &Conn, fault: Fault) {
