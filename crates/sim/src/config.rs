@@ -9,7 +9,8 @@
 //!
 //! Defaults mirror the real components: the coordinator's heartbeat (1 s),
 //! timeout (4 s) and tick (250 ms), the agent's request timeout (5 s) and
-//! cool-down (3 s), 256 KiB chunks, and gigabit links with 100 µs per hop.
+//! cool-down (3 s), 256 KiB chunks, gigabit links with 100 µs per hop, and
+//! the CPU costs measured by `examples/cpu_costs.rs` on hosts of 4 cores each.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -121,10 +122,9 @@ pub struct Config {
     pub max_time: Duration,
     /// Seed of every random choice (start times, victims, slow hosts).
     pub seed: u64,
-    /// CPU time a host spends on each chunk it receives (verify, store)
-    /// before the chunk is present and can be served on; zero by default.
-    /// The knob for calibrating against measured storms (the relay-chain
-    /// benchmark measured 0.3 to 0.8 ms per 256 KiB chunk per hop).
+    /// A fixed delay per chunk a host receives before it is present, on top
+    /// of the CPU model (`cpu`); zero by default. Kept for experiments: the
+    /// CPU model's `receive_chunk` and `hash_per_byte` are the measured way.
     pub chunk_service: Duration,
     /// Every host joins the tree at time zero, before any VM starts, in
     /// reverse host order (so host 0, where VM 0 runs, is the deepest): the
@@ -215,7 +215,8 @@ impl CpuCosts {
     /// CPU time (user + system, every thread) of the real code paths, each
     /// NBD path read one request at a time at 4, 64 and 256 KiB and fitted as
     /// per request + per byte, the server in a child process so both sides
-    /// are told apart. SCALE.md ("CPU costs") has the runs.
+    /// are told apart. crates/sim/SCALE.md ("The CPU model") has the spread
+    /// over the runs and the calibration against measured storms.
     ///
     /// | step | measured path | cost |
     /// | --- | --- | --- |

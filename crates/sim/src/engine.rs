@@ -14,13 +14,20 @@
 //!             child's miss became the parent's miss)
 //!          ─► source absent: start the source's own fetch, wait on it
 //!          ─► source dead: Timeout at sent + request timeout
-//!   PairDone (net.rs) ─► Deliver one hop later ─► chunk present, waiters served
+//!   serve: the source's CPU prepares the reply (cpu.rs) ─► queued on its pair
+//!   PairDone (net.rs) ─► Deliver one hop later ─► the receiver's CPU takes
+//!             it in (receive, verify, store) ─► chunk present, waiters served
+//!   read's chunks all present ─► the host's CPU serves it to the VM ─► done
 //!   Timeout ─► cool the source, report it (Session::report_unreachable),
 //!              next candidate
 //!   Heartbeat (each host, 1 s) ─► Session::heartbeat ─► new parents
 //!   Tick (coordinator, 250 ms) ─► Session::tick(now): deaths, repairs
 //!   Wave / Recover / OriginFail: hosts or origins die (silently) or return
+//!   CpuWake (cpu.rs) ─► the jobs that finished go on (serve, deliver, read)
 //! ```
+//!
+//! With zero CPU costs no job is made and every step goes on at once, so
+//! the model is then exactly the one without a CPU.
 //!
 //! Everything is ordered: the heap breaks ties by insertion sequence, maps
 //! that are iterated are sorted first, and every random choice comes from the
