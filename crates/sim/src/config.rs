@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Defaults mirror the real components: the coordinator's heartbeat (1 s),
-//! timeout (4 s) and tick (250 ms), the agent's request timeout (5 s) and
+//! timeout (4 s) and tick (250 ms), the agent's request timeout (2 s) and
 //! cool-down (3 s), 256 KiB chunks, gigabit links with 100 µs per hop, and
 //! the CPU costs measured by `examples/cpu_costs.rs` on hosts of 4 cores each.
 
@@ -372,7 +372,7 @@ impl Config {
             topology: Settings::default(),
             heartbeat_interval: Duration::from_secs(1),
             tick_interval: Duration::from_millis(250),
-            request_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(2),
             cool_down: Duration::from_secs(3),
             start_spread: Duration::ZERO,
             failures: Vec::new(),
