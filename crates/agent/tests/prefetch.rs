@@ -8,12 +8,14 @@
 //!   once pinned, the host's reads survive its parents and the origin dying.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::{vm_client, wait_for};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use virtman_agent::prefetch::{PrefetchConfig, fetch_profile};
@@ -22,7 +24,6 @@ use virtman_agent::{Agent, AgentConfig};
 use virtman_cache::BootProfile;
 use virtman_coordinator::{Coordinator, CoordinatorConfig, Options, Token};
 use virtman_image::ImageStore;
-use virtman_nbd::{Client, ClientConfig, Endpoint};
 
 const CHUNK: u32 = 64 * 1024;
 const TOKEN: &str = "prefetch-test-token-0123456789";
@@ -149,30 +150,6 @@ impl Cluster {
     fn manifest(&self) -> virtman_image::Manifest {
         virtman_image::Manifest::load(&self.dir.path().join("origin/images/img/manifest")).unwrap()
     }
-}
-
-async fn wait_for<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn vm_client(socket: &Path, vm: &str) -> Client {
-    let cfg = ClientConfig {
-        export: vm.into(),
-        request_timeout: Duration::from_secs(30),
-        connect_timeout: Duration::from_secs(5),
-        connections: 1,
-    };
-    Client::connect(&Endpoint::Unix(PathBuf::from(socket)), &cfg)
-        .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

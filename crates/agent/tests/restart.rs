@@ -12,12 +12,15 @@
 //!   starts, and serves the image once the coordinator answers.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{vm_client, wait_for};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use virtman_agent::known::{KnownUpstream, known_path};
@@ -26,7 +29,7 @@ use virtman_agent::upstream::FetchConfig;
 use virtman_agent::{Agent, AgentConfig};
 use virtman_coordinator::{Coordinator, CoordinatorConfig, Options, Token};
 use virtman_image::ImageStore;
-use virtman_nbd::{Client, ClientConfig, Endpoint};
+use virtman_nbd::Client;
 
 const CHUNK: u32 = 64 * 1024;
 const CHUNKS: usize = 32;
@@ -189,38 +192,6 @@ impl Cluster {
                 got[..] == self.image[off..off + CHUNK as usize],
                 "chunk {i}: wrong bytes"
             );
-        }
-    }
-}
-
-async fn wait_for<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn vm_client(socket: &Path, vm: &str) -> Client {
-    let cfg = ClientConfig {
-        export: vm.into(),
-        request_timeout: Duration::from_secs(30),
-        connect_timeout: Duration::from_secs(5),
-        connections: 1,
-    };
-    // A restarted agent binds its socket and restores its VMs in `run`.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match Client::connect(&Endpoint::Unix(PathBuf::from(socket)), &cfg).await {
-            Ok(c) => return c,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "connecting to VM {vm}: {e}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
         }
     }
 }
