@@ -34,8 +34,8 @@ use virtman_cache::{
     BootProfile, CacheError, CacheGroup, CachedVolume, GroupConfig, Snapshot, Upstream,
 };
 use virtman_coordinator::api::{
-    Assignment, HeartbeatRequest, JoinRequest, LeaveRequest, RegisterImage, ReportRequest,
-    SessionBeat,
+    Assignment, HeartbeatRequest, ImageInfo, JoinRequest, LeaveRequest, RegisterImage,
+    ReportRequest, SessionBeat,
 };
 use virtman_image::{ImageStore, Manifest, StoredImage};
 use virtman_nbd::{
@@ -722,6 +722,17 @@ impl Agent {
         }
     }
 
+    /// The coordinator's record of `image`.
+    async fn image_info(&self, image: &str) -> Result<ImageInfo, AgentError> {
+        self.coord
+            .images()
+            .await
+            .map_err(|e| AgentError::Coordinator(e.to_string()))?
+            .into_iter()
+            .find(|i| i.name == image)
+            .ok_or_else(|| AgentError::UnknownImage(image.to_owned()))
+    }
+
     /// Makes sure this host takes part in `image`: joins its session, gets its
     /// manifest, and creates (or reopens) its cached volume and base export.
     pub async fn ensure_image(self: &Arc<Self>, image: &str) -> Result<(), AgentError> {
@@ -732,14 +743,7 @@ impl Agent {
         if lock(&self.images).contains_key(image) {
             return Ok(());
         }
-        let info = self
-            .coord
-            .images()
-            .await
-            .map_err(|e| AgentError::Coordinator(e.to_string()))?
-            .into_iter()
-            .find(|i| i.name == image)
-            .ok_or_else(|| AgentError::UnknownImage(image.to_owned()))?;
+        let info = self.image_info(image).await?;
         let assignment = self.join(image).await?;
 
         let volume = match self.group.volume(image) {
@@ -966,14 +970,7 @@ impl Agent {
         if joined.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let info = self
-            .coord
-            .images()
-            .await
-            .map_err(|e| AgentError::Coordinator(e.to_string()))?
-            .into_iter()
-            .find(|i| i.name == image)
-            .ok_or_else(|| AgentError::UnknownImage(image.to_owned()))?;
+        let info = self.image_info(image).await?;
         if info.manifest_digest != entry.manifest.id().to_hex() {
             // As without a saved upstream: the volume gets none.
             self.drop_member(image, &entry);
