@@ -475,3 +475,42 @@ fn a_storm_larger_than_the_open_file_limit_is_refused_before_it_starts() {
         .unwrap();
     assert!(ps.stdout.is_empty());
 }
+
+#[test]
+fn with_namespaces_a_real_guest_is_counted_on_the_plain_servers_link() {
+    let assets = virtman_testkit::guest::assets().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.raw");
+    assets.copy_disk(&disk).unwrap();
+    let out_dir = dir.path().join("results");
+    let out = Command::new(BIN)
+        .args(["storm", "--hosts", "1", "--vms", "1", "--mode", "direct"])
+        .args(["--netns", "--qemu", "--image"])
+        .arg(&disk)
+        .arg("--kernel")
+        .arg(&assets.kernel)
+        .arg("--initrd")
+        .arg(&assets.initrd)
+        .args(["--append", "console=ttyS0 panic=-1 quiet virtman.id=storm"])
+        .args(["--boot-marker", virtman_testkit::guest::DONE_LINE])
+        .args(["--boot-timeout", "120s", "--out"])
+        .arg(&out_dir)
+        .env("VIRTMAN_LOG", "warn")
+        .env("TMPDIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reports: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("report.json")).unwrap()).unwrap();
+    let r = &reports[0];
+    // The guest's reads of its disk (ext4 metadata and its two files) crossed
+    // the origin's link: counted, and far less than the whole disk.
+    assert_eq!(r["origin_measured"], true, "{r}");
+    let sent = r["origin_bytes"].as_u64().unwrap();
+    let disk_len = std::fs::metadata(&disk).unwrap().len();
+    assert!(sent > 16 << 10 && sent < disk_len, "{sent} bytes");
+}
