@@ -45,6 +45,11 @@ virtman_sim::CpuCosts::MEASURED): serving a chunk, receiving, verifying and
 storing it, and serving each VM read. --shared-cores C puts every process on
 C cores of one machine; --no-cpu turns the model off.
 
+Prefetch (virtman mode): every host, once it joins, fetches the boot profile's
+chunks (the trace's, in first-touch order) from its parents, at most
+--prefetch-in-flight at once and never while a demand read on the host waits,
+as the agent does; --no-prefetch fetches on demand only.
+
 Units: sizes 4K/256M/15G (powers of 1024); rates 1G/100M/125MB/s (bits per second
 unless B/s); durations 100us/250ms/10s/2m. Failures: 5%@10s (5% of hosts die at
 10 s), 5%@10s+30s (they come back 30 s later), origin@20s.")]
@@ -120,7 +125,7 @@ pub struct SimArgs {
     #[arg(long, value_parser = parse_duration)]
     pub rate_interval: Option<Duration>,
     /// The agent's per-request timeout before it fails over to the next source.
-    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
     pub request_timeout: Duration,
     /// A fixed delay per chunk received before it can be served (on top of the CPU model).
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
@@ -143,6 +148,17 @@ pub struct SimArgs {
     /// `virtman storm --back-to-back`).
     #[arg(long)]
     pub back_to_back: bool,
+    /// No boot-profile prefetch in virtman mode (on by default, as in
+    /// `virtman storm`): hosts fetch on demand only.
+    #[arg(long)]
+    pub no_prefetch: bool,
+    /// Chunks a host's prefetch has in flight at once (the agent's 2).
+    #[arg(long, default_value_t = 2)]
+    pub prefetch_in_flight: u32,
+    /// The boot whose first-touch order is the prefetched profile (default:
+    /// the trace the VMs replay, as the storm stores it).
+    #[arg(long, value_name = "FILE")]
+    pub profile_trace: Option<PathBuf>,
     /// Seed of every random choice.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -224,6 +240,14 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         base.cpu = virtman_sim::CpuModel::NONE;
     }
     base.think_overhead = args.think_overhead;
+    base.prefetch.enabled = !args.no_prefetch;
+    base.prefetch.in_flight = args.prefetch_in_flight;
+    if let Some(path) = &args.profile_trace {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the profile trace {}", path.display()))?;
+        let t = Trace::parse(&text).with_context(|| format!("trace {}", path.display()))?;
+        base.prefetch.profile = Some(Arc::new(t));
+    }
     if let Some(r) = args.rate_interval {
         base.rate_interval = r;
     }

@@ -186,3 +186,58 @@ fn storm_trace_back_to_back_and_cpu_flags() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("shared cores"));
 }
+
+/// Prefetch of the boot profile (virtman mode, on by default): one host and
+/// one VM booting the shipped trace take about the trace's own 9.62 s, not
+/// that plus a fetch per chunk; `--no-prefetch` fetches on demand; the
+/// profile can come from another trace; a zero in-flight limit is refused.
+#[test]
+fn prefetch_flags() {
+    let trace = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../traces/debian12-boot.trace"
+    );
+    let one = |extra: &[&str]| -> serde_json::Value {
+        let mut a = vec!["--hosts", "1", "--vms", "1", "--trace", trace, "--json"];
+        a.extend_from_slice(extra);
+        let out = sim(&a);
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v[0]["booted"], 1);
+        v[0].clone()
+    };
+    let on = one(&[]);
+    assert_eq!(on["prefetch"], true);
+    let t_on = on["all_booted_s"].as_f64().unwrap();
+    // The trace's last read is at 9.62 s; the VM's own read CPU and the
+    // first chunk's fetch add a little.
+    assert!(t_on > 9.62 && t_on < 9.62 + 0.2, "{t_on}");
+    // 238 chunks: the first read's on demand, the rest prefetched, each once.
+    assert_eq!(on["counters"]["prefetch_fetches"], 237);
+    assert_eq!(on["counters"]["fetches"], 238);
+    let off = one(&["--no-prefetch"]);
+    assert_eq!(off["prefetch"], false);
+    assert_eq!(off["counters"]["prefetch_fetches"], 0);
+    let t_off = off["all_booted_s"].as_f64().unwrap();
+    assert!(t_off > t_on + 0.5, "{t_on} {t_off}");
+    assert_eq!(on["origin_bytes"], off["origin_bytes"]);
+    // A profile from another boot: here one read, of the chunk the trace's
+    // last read touches, so only that one is prefetched (and the boot
+    // fetches the rest on demand).
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("profile.trace");
+    std::fs::write(
+        &profile,
+        "virtman-trace 1\nimage-size 1073741824\n0 37314560 4096\n",
+    )
+    .unwrap();
+    let other = one(&["--profile-trace", profile.to_str().unwrap()]);
+    assert!(other["counters"]["prefetch_fetches"].as_u64().unwrap() <= 1);
+    let out = sim(&["--hosts", "1", "--vms", "1", "--prefetch-in-flight", "0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chunks in flight"));
+}

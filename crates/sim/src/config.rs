@@ -135,7 +135,54 @@ pub struct Config {
     /// Added to every think time of the trace (a gap between two reads
     /// above zero): the replayer's timer overshoot (tokio sleeps to the next
     /// millisecond tick; `examples/cpu_costs.rs` measures it). Zero by default.
+    /// The agent's prefetch poll is a tokio sleep too and gets it as well.
     pub think_overhead: Duration,
+    /// Boot-profile prefetch (virtman mode only, as `virtman storm` stores the
+    /// profile only there): every host, as soon as it joins the image,
+    /// fetches the profile's chunks in order from its parents, like
+    /// `crates/agent/src/prefetch.rs`. On by default, as in the storm.
+    pub prefetch: Prefetch,
+}
+
+/// Boot-profile prefetch, as the agent's `PrefetchConfig` and
+/// `fetch_in_order` do it: the profile's chunks in order, missing ones only,
+/// at most `in_flight` at once, no new one while a demand read on the host
+/// waits on a fetch (the loop then sleeps `poll` and looks again), single
+/// flight shared with demand reads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prefetch {
+    /// Whether hosts replay the boot profile.
+    pub enabled: bool,
+    /// Chunks in flight at once (`PrefetchConfig::in_flight`, 2).
+    pub in_flight: u32,
+    /// How often a paused prefetch looks whether demand reads still wait
+    /// (`PrefetchConfig::poll`, 5 ms).
+    pub poll: Duration,
+    /// The boot whose chunks, in first-touch order, are the profile; `None`
+    /// (the default): the trace the VMs replay, as the storm stores it.
+    pub profile: Option<Arc<Trace>>,
+}
+
+impl Default for Prefetch {
+    /// On, the agent's defaults, the VMs' own trace as the profile.
+    fn default() -> Self {
+        Prefetch {
+            enabled: true,
+            in_flight: 2,
+            poll: Duration::from_millis(5),
+            profile: None,
+        }
+    }
+}
+
+impl Prefetch {
+    /// No prefetch (on-demand fetching only, the model before prefetch).
+    pub fn off() -> Self {
+        Prefetch {
+            enabled: false,
+            ..Prefetch::default()
+        }
+    }
 }
 
 /// The CPU cost of one kind of work: a part per request and a part per byte.
@@ -385,7 +432,14 @@ impl Config {
             chunk_service: Duration::ZERO,
             cpu: CpuModel::default(),
             think_overhead: Duration::ZERO,
+            prefetch: Prefetch::default(),
         }
+    }
+
+    /// Whether this run's hosts prefetch the boot profile (virtman mode with
+    /// prefetch on).
+    pub fn prefetching(&self) -> bool {
+        self.mode == Mode::Virtman && self.prefetch.enabled
     }
 
     /// All VMs of both images.
@@ -450,10 +504,14 @@ impl Config {
             ("the tick interval", self.tick_interval),
             ("the request timeout", self.request_timeout),
             ("the run's time bound", self.max_time),
+            ("the prefetch poll", self.prefetch.poll),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::Zero(what));
             }
+        }
+        if self.prefetch.in_flight == 0 {
+            return Err(ConfigError::Zero("the prefetch's chunks in flight"));
         }
         self.topology.validate()?;
         for (what, cores) in [

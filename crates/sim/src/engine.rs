@@ -20,6 +20,10 @@
 //!   read's chunks all present ─► the host's CPU serves it to the VM ─► done
 //!   Timeout ─► cool the source, report it (Session::report_unreachable),
 //!              next candidate
+//!   PrefetchStart (a host joined, one round trip later: the profile read)
+//!          ─► the profile's chunks in order, missing ones only: ≤ in_flight
+//!             at once, none started while a demand read on the host waits
+//!             (PrefetchPoll: look again after the poll), single flight
 //!   Heartbeat (each host, 1 s) ─► Session::heartbeat ─► new parents
 //!   Tick (coordinator, 250 ms) ─► Session::tick(now): deaths, repairs
 //!   Wave / Recover / OriginFail: hosts or origins die (silently) or return
@@ -128,12 +132,24 @@ enum Ev {
     Wave { index: u32 },
     Recover { host: u32 },
     OriginFail,
+    PrefetchStart { host: u32, image: u32, gen_: u32 },
+    PrefetchPoll { host: u32, image: u32, gen_: u32 },
 }
 
 #[derive(Debug, Clone, Copy)]
 enum Waiter {
-    Vm { vm: u32, gen_: u32 },
-    Req { req: u32, gen_: u32 },
+    Vm {
+        vm: u32,
+        gen_: u32,
+    },
+    Req {
+        req: u32,
+        gen_: u32,
+    },
+    /// A prefetch task of the fetch's host (its replay's generation).
+    Prefetch {
+        gen_: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -170,9 +186,30 @@ struct Fetch {
     next: usize,
 }
 
+/// A host's replay of the boot profile (`prefetch::fetch_in_order`).
+#[derive(Debug, Default)]
+struct Replay {
+    /// The loop runs (started and not past the profile's end).
+    active: bool,
+    /// Bumped at every (re)start and death: stale events and tasks are ignored.
+    gen_: u32,
+    /// Next position in the profile.
+    pos: usize,
+    /// The chunk taken from the profile (missing when taken), not yet spawned.
+    next: Option<u32>,
+    /// Prefetch tasks in flight (the `JoinSet`).
+    tasks: u32,
+    /// The loop waits for a task to finish (`join_next`).
+    joining: bool,
+}
+
 #[derive(Debug, Default)]
 struct Volume {
     joined: bool,
+    /// Reads waiting on fetches now: the host's VMs' reads and its
+    /// children's requests (`CachedVolume::demand_waiting`).
+    demand: u32,
+    replay: Replay,
     present: Vec<u64>,
     count: u32,
     inflight: HashMap<u32, (u32, u32)>,
@@ -272,6 +309,8 @@ pub(crate) struct Engine<'a> {
     cpu_jobs: Slab<CpuJob>,
     cpu_out: Vec<CpuWake>,
     think_overhead: u64,
+    /// The boot profile: chunks in first-touch order (empty: no prefetch).
+    profile: Vec<u32>,
     rng: Rng,
     pub raw: Raw,
 }
@@ -288,6 +327,9 @@ fn node_id(host: u32) -> NodeId {
 pub fn run(cfg: &Config) -> Result<Report, SimError> {
     cfg.validate()?;
     cfg.trace.validate()?;
+    if let Some(p) = &cfg.prefetch.profile {
+        p.validate()?;
+    }
     let mut e = Engine::new(cfg)?;
     e.start();
     e.run_loop();
@@ -375,6 +417,12 @@ impl<'a> Engine<'a> {
             cpu_jobs: Slab::new(),
             cpu_out: Vec::new(),
             think_overhead: ns(cfg.think_overhead),
+            profile: if cfg.prefetching() {
+                let t = cfg.prefetch.profile.as_deref().unwrap_or(trace);
+                first_touch(t, chunk, chunks)
+            } else {
+                Vec::new()
+            },
             rng,
             raw: Raw::default(),
         })
@@ -540,6 +588,19 @@ impl<'a> Engine<'a> {
                 }
                 self.send_attempt(fetch, gen_);
             }
+            Ev::PrefetchStart { host, image, gen_ } => {
+                let h = &mut self.hosts[host as usize];
+                let r = &mut h.vols[image as usize].replay;
+                if r.gen_ == gen_ && h.alive {
+                    r.active = true;
+                    self.replay_step(host, image);
+                }
+            }
+            Ev::PrefetchPoll { host, image, gen_ } => {
+                if self.hosts[host as usize].vols[image as usize].replay.gen_ == gen_ {
+                    self.replay_step(host, image);
+                }
+            }
             Ev::Wave { index } => self.wave(index),
             Ev::Recover { host } => self.recover(host),
             Ev::OriginFail => {
@@ -623,6 +684,8 @@ impl<'a> Engine<'a> {
         }
         if pending == 0 {
             self.read_ready(vm);
+        } else {
+            self.hosts[host as usize].vols[image as usize].demand += 1;
         }
     }
 
@@ -764,7 +827,29 @@ impl<'a> Engine<'a> {
             return;
         };
         let Some(&src) = f.cands.get(f.next) else {
-            // Every source failed: the guest retries the read after a cool-down.
+            // Every source failed: a prefetch gives its chunk up (the
+            // replay goes on); the guest retries the read after a cool-down.
+            let (host, image, chunk) = (f.host, f.image, f.chunk);
+            let mut given_up = Vec::new();
+            f.waiters.retain(|w| match *w {
+                Waiter::Prefetch { gen_ } => {
+                    given_up.push(gen_);
+                    false
+                }
+                _ => true,
+            });
+            if f.waiters.is_empty() {
+                self.fetches.remove(fid, fgen);
+                self.hosts[host as usize].vols[image as usize]
+                    .inflight
+                    .remove(&chunk);
+            }
+            for g in given_up {
+                self.task_done(host, image, g);
+            }
+            if self.fetches.get(fid, fgen).is_none() {
+                return;
+            }
             let at = self.now + ns(self.cfg.cool_down);
             self.push(
                 at,
@@ -852,6 +937,8 @@ impl<'a> Engine<'a> {
             return;
         }
         let w = Waiter::Req { req, gen_ };
+        // A child's read waits on this host's fetch: demand here too.
+        vol.demand += 1;
         if let Some(&(fid, fgen)) = vol.inflight.get(&chunk)
             && let Some(f) = self.fetches.get_mut(fid, fgen)
         {
@@ -965,10 +1052,15 @@ impl<'a> Engine<'a> {
                             }
                             v.pending = v.pending.saturating_sub(1);
                             if v.pending == 0 {
+                                self.undemand(f.host, f.image);
                                 self.read_ready(vm);
                             }
                         }
-                        Waiter::Req { req, gen_ } => self.serve(req, gen_),
+                        Waiter::Req { req, gen_ } => {
+                            self.undemand(f.host, f.image);
+                            self.serve(req, gen_);
+                        }
+                        Waiter::Prefetch { gen_ } => self.task_done(f.host, f.image, gen_),
                     }
                 }
             }
@@ -1013,6 +1105,97 @@ impl<'a> Engine<'a> {
         }
     }
 
+    // ----- prefetch -----
+
+    /// A read that waited on a fetch of this host has all its chunks.
+    fn undemand(&mut self, host: u32, image: u32) {
+        let vol = &mut self.hosts[host as usize].vols[image as usize];
+        vol.demand = vol.demand.saturating_sub(1);
+    }
+
+    /// One turn of `fetch_in_order`'s loop: take the next missing chunk of
+    /// the profile; wait while the set is full (for a task) or a demand read
+    /// waits (a poll later); else spawn its prefetch, and go on.
+    fn replay_step(&mut self, host: u32, image: u32) {
+        let in_flight = self.cfg.prefetch.in_flight.max(1);
+        loop {
+            let Volume {
+                replay: r,
+                present,
+                inflight,
+                demand,
+                ..
+            } = &mut self.hosts[host as usize].vols[image as usize];
+            let has = |c: u32| {
+                present
+                    .get((c / 64) as usize)
+                    .is_some_and(|w| w & (1 << (c % 64)) != 0)
+            };
+            if !r.active {
+                return;
+            }
+            let chunk = match r.next {
+                Some(c) => c,
+                None => {
+                    let mut found = None;
+                    while let Some(&c) = self.profile.get(r.pos) {
+                        r.pos += 1;
+                        if !has(c) {
+                            found = Some(c);
+                            break;
+                        }
+                    }
+                    let Some(c) = found else {
+                        // Past the end: the tasks in flight just finish.
+                        r.active = false;
+                        return;
+                    };
+                    r.next = Some(c);
+                    c
+                }
+            };
+            if r.tasks >= in_flight {
+                r.joining = true;
+                return;
+            }
+            if *demand > 0 {
+                let (gen_, at) = (r.gen_, self.now + self.think(ns(self.cfg.prefetch.poll)));
+                self.push(at, Ev::PrefetchPoll { host, image, gen_ });
+                return;
+            }
+            r.next = None;
+            // `CachedVolume::prefetch`: nothing if present by now, else the
+            // chunk's fetch (joined if one is in flight).
+            if has(chunk) {
+                continue;
+            }
+            r.tasks += 1;
+            let w = Waiter::Prefetch { gen_: r.gen_ };
+            if let Some(&(fid, fgen)) = inflight.get(&chunk)
+                && let Some(f) = self.fetches.get_mut(fid, fgen)
+            {
+                f.waiters.push(w);
+                self.raw.prefetch_joined += 1;
+                continue;
+            }
+            self.raw.prefetch_fetches += 1;
+            self.start_fetch(host, image, chunk, w);
+        }
+    }
+
+    /// A prefetch task finished (its chunk arrived or was given up).
+    fn task_done(&mut self, host: u32, image: u32, gen_: u32) {
+        let r = &mut self.hosts[host as usize].vols[image as usize].replay;
+        if r.gen_ != gen_ {
+            return;
+        }
+        r.tasks = r.tasks.saturating_sub(1);
+        if r.joining {
+            r.joining = false;
+            self.replay_step(host, image);
+        }
+    }
+
     // ----- the control path -----
 
     fn join(&mut self, host: u32, image: u32) {
@@ -1031,6 +1214,18 @@ impl<'a> Engine<'a> {
         if self.images[image as usize].session.is_some() {
             let at = self.now + ns(self.cfg.heartbeat_interval);
             self.push(at, Ev::Heartbeat { host, image, gen_ });
+        }
+        if !self.profile.is_empty() {
+            // `ensure_image` starts the replay; the profile is read from a
+            // source first (one request and its reply).
+            let r = &mut self.hosts[host as usize].vols[image as usize].replay;
+            let gen_ = r.gen_.wrapping_add(1);
+            *r = Replay {
+                gen_,
+                ..Replay::default()
+            };
+            let at = self.now + 2 * self.lat;
+            self.push(at, Ev::PrefetchStart { host, image, gen_ });
         }
     }
 
@@ -1120,6 +1315,11 @@ impl<'a> Engine<'a> {
             vol.outstanding.clear();
             vol.cooling.clear();
             vol.hb_gen = vol.hb_gen.wrapping_add(1);
+            vol.demand = 0;
+            vol.replay = Replay {
+                gen_: vol.replay.gen_.wrapping_add(1),
+                ..Replay::default()
+            };
             for (_, (fid, fgen)) in inflight {
                 if let Some(f) = self.fetches.remove(fid, fgen) {
                     for w in f.waiters {
@@ -1180,6 +1380,28 @@ impl<'a> Engine<'a> {
     fn origin_nodes(&self) -> Vec<u32> {
         self.images.iter().map(|i| i.origin).collect()
     }
+}
+
+/// The chunks `trace` touches, in first-touch order, those of an image of
+/// `chunks` chunks only (`BootProfile::from_reads`).
+fn first_touch(trace: &Trace, chunk: u64, chunks: u32) -> Vec<u32> {
+    let mut seen = vec![false; chunks as usize];
+    let mut out = Vec::new();
+    for r in &trace.reads {
+        if r.length == 0 {
+            continue;
+        }
+        for c in r.offset / chunk..=(r.offset + r.length - 1) / chunk {
+            if let Ok(c) = u32::try_from(c)
+                && let Some(s) = seen.get_mut(c as usize)
+                && !*s
+            {
+                *s = true;
+                out.push(c);
+            }
+        }
+    }
+    out
 }
 
 /// `fraction` of `n`, rounded, at least 1 when the fraction is above zero.

@@ -6,7 +6,8 @@
 //! Around it the simulator models what the agents and the network do: cached
 //! volumes filled chunk by chunk with single-flight fetches, parents tried by
 //! least outstanding requests with the origin last and failover on timeout,
-//! cut-through down the tree, links shared max-min fairly, and CPU work
+//! cut-through down the tree, boot-profile prefetch behind demand reads
+//! (virtman mode), links shared max-min fairly, and CPU work
 //! (serving, receiving, verifying and storing chunks, VM reads) on each
 //! host's cores or on one machine's shared cores, by processor sharing.
 //!
@@ -33,7 +34,8 @@ mod rng;
 pub mod trace;
 
 pub use config::{
-    Config, ConfigError, Cost, CpuCosts, CpuModel, FailSpec, FailureWave, Mode, SecondImage,
+    Config, ConfigError, Cost, CpuCosts, CpuModel, FailSpec, FailureWave, Mode, Prefetch,
+    SecondImage,
 };
 pub use engine::run;
 pub use report::{ChartLine, Report, booted_chart_svg, chart_svg};

@@ -42,6 +42,10 @@ pub struct Raw {
     pub cpu_jobs: u64,
     /// CPU work they needed, microseconds of one core.
     pub cpu_us: u64,
+    /// Chunk fetches started by boot-profile prefetch.
+    pub prefetch_fetches: u64,
+    /// Prefetches that joined a fetch already in flight (single flight).
+    pub prefetch_joined: u64,
 }
 
 /// Boot-time percentiles, in seconds from each VM's start to its last read.
@@ -115,6 +119,8 @@ pub struct Report {
     pub fanout: u32,
     /// Parents per node p (virtman mode).
     pub parents: u32,
+    /// Hosts replayed the boot profile (virtman mode with prefetch).
+    pub prefetch: bool,
     /// Seed.
     pub seed: u64,
     /// VMs that read their whole trace.
@@ -301,6 +307,7 @@ pub(crate) fn build(
         vms: vms.len() as u64,
         fanout: cfg.topology.fanout,
         parents: cfg.topology.parents,
+        prefetch: cfg.prefetching(),
         seed: cfg.seed,
         booted: booted.len() as u64,
         lost,
@@ -389,6 +396,13 @@ impl Report {
                 s,
                 "  CPU: {} jobs, {:.2} s of one core in all",
                 self.counters.cpu_jobs, cpu_s
+            );
+        }
+        if self.prefetch {
+            let _ = writeln!(
+                s,
+                "  prefetch: {} chunk fetches started ahead of the VMs, {} joined a fetch in flight",
+                self.counters.prefetch_fetches, self.counters.prefetch_joined
             );
         }
         if let Some(t) = &self.tree {

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use virtman_sim::{
-    Config, ConfigError, Cost, CpuCosts, CpuModel, FailureWave, Mode, Read, SecondImage, SimError,
-    SyntheticSpec, Trace, run,
+    Config, ConfigError, Cost, CpuCosts, CpuModel, FailureWave, Mode, Prefetch, Read, SecondImage,
+    SimError, SyntheticSpec, Trace, run,
 };
 
 const CHUNK: u32 = 256 << 10;
@@ -51,15 +51,18 @@ fn chunk_reads(n: u64) -> Arc<Trace> {
 
 #[test]
 fn determinism_same_seed_same_output() {
-    for (mode, shared) in [
-        (Mode::Virtman, None),
-        (Mode::CacheOnly, None),
-        (Mode::Direct, None),
-        (Mode::Virtman, Some(2.0)),
-        (Mode::Direct, Some(2.0)),
+    // Virtman mode with prefetch (the default) and without.
+    for (mode, shared, prefetch) in [
+        (Mode::Virtman, None, true),
+        (Mode::Virtman, None, false),
+        (Mode::CacheOnly, None, true),
+        (Mode::Direct, None, true),
+        (Mode::Virtman, Some(2.0), true),
+        (Mode::Direct, Some(2.0), true),
     ] {
         let mut c = storm(mode, 30, 90);
         c.cpu.shared_cores = shared;
+        c.prefetch.enabled = prefetch;
         c.failures.push(FailureWave {
             fraction: 0.1,
             at: Duration::from_secs(1),
@@ -109,8 +112,9 @@ fn closed_form_one_host_one_vm() {
     let n = 10;
     let mut c = Config::new(Mode::Virtman, 1, 1, chunk_reads(n));
     c.hop_latency = Duration::from_micros(200);
-    // Without CPU costs: the model as it was before it had a CPU.
+    // Without CPU costs: the model as it was before it had a CPU; on demand only.
     c.cpu = CpuModel::NONE;
+    c.prefetch = Prefetch::off();
     let r = run(&c).unwrap();
     // Per chunk: the request goes one hop, the chunk comes back at 1 Gbit/s plus one hop.
     let per_chunk = 2.0 * 200e-6 + f64::from(CHUNK) * 8.0 / 1e9;
@@ -158,6 +162,7 @@ fn closed_form_cpu_bound() {
     c.link_rate = 1e13;
     c.origin_rate = 1e13;
     c.cpu = cpu_only(rate);
+    c.prefetch = Prefetch::off();
     let r = run(&c).unwrap();
     let expect = (n * u64::from(CHUNK)) as f64 / rate;
     let got = r.boot_s.max;
@@ -256,6 +261,8 @@ fn closed_form_chain_without_contention() {
         c.topology.fanout = 2;
         c.topology.parents = 1;
         c.prejoin = true;
+        // On demand: with prefetch the idle chain would fetch ahead of the VM.
+        c.prefetch = Prefetch::off();
         c.hop_latency = Duration::from_micros(300);
         c.link_rate = 1e9;
         c.origin_rate = 1e9;
@@ -279,9 +286,26 @@ fn closed_form_chain_without_contention() {
 
 #[test]
 fn failure_wave_with_two_parents_waits_at_most_the_failover_time() {
+    // On demand, the wave at 2 s; with prefetch the hosts hold the working
+    // set well before that, so its wave comes while they still fetch.
+    for (prefetch, at) in [
+        (Prefetch::off(), Duration::from_secs(2)),
+        (
+            Prefetch::default(),
+            Duration::from_millis(WAVE_WITH_PREFETCH_MS),
+        ),
+    ] {
+        failure_wave_case(prefetch, at);
+    }
+}
+
+const WAVE_WITH_PREFETCH_MS: u64 = 300;
+
+fn failure_wave_case(prefetch: Prefetch, at: Duration) {
     let mut c = storm(Mode::Virtman, 60, 180);
     c.trace = trace(16 << 20, Duration::from_secs(6), 3);
     c.topology.parents = 2;
+    c.prefetch = prefetch;
     let clean = run(&c).unwrap();
     assert_eq!(clean.counters.timeouts, 0);
     for seed in 1..=3 {
@@ -289,7 +313,7 @@ fn failure_wave_with_two_parents_waits_at_most_the_failover_time() {
         f.seed = seed;
         f.failures.push(FailureWave {
             fraction: 0.1,
-            at: Duration::from_secs(2),
+            at,
             recover_after: None,
         });
         let r = run(&f).unwrap();
@@ -314,6 +338,9 @@ fn failure_wave_with_two_parents_waits_at_most_the_failover_time() {
 #[test]
 fn dead_origin_reports_the_vms_that_never_booted() {
     let mut c = storm(Mode::Virtman, 10, 20);
+    // On demand: with prefetch the hosts would hold the whole working set
+    // before the origin dies at 200 ms (see prefetch_gives_up_with_a_dead_origin).
+    c.prefetch = Prefetch::off();
     c.origin_fail_at = Some(Duration::from_millis(200));
     c.max_time = Duration::from_secs(60);
     let r = run(&c).unwrap();
@@ -443,4 +470,170 @@ proptest! {
             prop_assert!(t.max_depth <= t.depth_bound);
         }
     }
+}
+
+/// One read of one chunk every `gap`, chunks 0, 1, 2, ... in that order.
+fn spaced_chunk_reads(n: u64, gap: Duration) -> Arc<Trace> {
+    let gap_us = u64::try_from(gap.as_micros()).unwrap();
+    Arc::new(Trace {
+        image_size: 64 << 20,
+        reads: (0..n)
+            .map(|i| Read {
+                at_us: i * gap_us,
+                offset: i * u64::from(CHUNK),
+                length: u64::from(CHUNK),
+            })
+            .collect(),
+    })
+}
+
+#[test]
+fn prefetch_hides_fetches_behind_think_time() {
+    // One host, one VM, one chunk read every 50 ms, no CPU: on demand every
+    // read waits for its chunk (request hop, wire, reply hop); with prefetch
+    // only the first does (the replay starts while it waits, pauses, then
+    // fetches the rest in profile order long before they are read), so the
+    // boot is the trace's own 450 ms plus one chunk.
+    let n = 10;
+    let gap = Duration::from_millis(50);
+    let mut c = Config::new(Mode::Virtman, 1, 1, spaced_chunk_reads(n, gap));
+    c.hop_latency = Duration::from_micros(200);
+    c.cpu = CpuModel::NONE;
+    let per_chunk = 2.0 * 200e-6 + f64::from(CHUNK) * 8.0 / 1e9;
+    let trace_s = gap.as_secs_f64() * (n - 1) as f64;
+    let close = |got: f64, want: f64| (got - want).abs() / want < 0.01;
+
+    c.prefetch = Prefetch::off();
+    let off = run(&c).unwrap();
+    let want = trace_s + n as f64 * per_chunk;
+    assert!(close(off.boot_s.max, want), "{} vs {want}", off.boot_s.max);
+    assert_eq!(off.counters.prefetch_fetches, 0);
+    assert!(!off.prefetch);
+
+    c.prefetch = Prefetch::default();
+    let on = run(&c).unwrap();
+    assert!(on.prefetch);
+    let want = trace_s + per_chunk;
+    assert!(close(on.boot_s.max, want), "{} vs {want}", on.boot_s.max);
+    // Chunk 0 came on demand, the other 9 by prefetch; each once.
+    assert_eq!(on.counters.prefetch_fetches, n - 1);
+    assert_eq!(on.counters.fetches, n);
+    assert_eq!(on.origin_bytes, n * u64::from(CHUNK));
+    assert!(
+        close(on.max_read_wait_s, per_chunk),
+        "only the first read waited: {}",
+        on.max_read_wait_s
+    );
+
+    // Cache-only mode has no profile (the storm stores it in virtman mode only).
+    c.mode = Mode::CacheOnly;
+    let co = run(&c).unwrap();
+    assert!(!co.prefetch);
+    assert_eq!(co.counters.prefetch_fetches, 0);
+}
+
+#[test]
+fn prefetch_fetches_every_chunk_once() {
+    // Single flight shared with demand reads: with prefetch every host still
+    // receives each chunk of the working set exactly once, and the origin
+    // sends it once (it feeds one relay head), with think time or back to
+    // back, with one to three parents.
+    let hosts = 40;
+    for (think, parents) in [(2, 2), (0, 2), (0, 1), (2, 3)] {
+        let mut c = storm(Mode::Virtman, hosts, 160);
+        c.trace = trace(8 << 20, Duration::from_secs(think), 7);
+        c.topology.parents = parents;
+        assert!(c.prefetch.enabled, "on by default");
+        let r = run(&c).unwrap();
+        let case = format!("think {think} s, p = {parents}");
+        assert_eq!(r.booted, 160, "{case}");
+        assert_eq!(r.vms_read_whole_trace, 160, "{case}");
+        assert_eq!(r.bytes_sent, r.bytes_received, "{case}");
+        assert_eq!(
+            r.bytes_received,
+            u64::from(hosts) * r.working_set_bytes,
+            "{case}"
+        );
+        assert_eq!(r.origin_bytes, r.working_set_bytes, "{case}");
+        let chunks = r.working_set_bytes / u64::from(CHUNK);
+        assert_eq!(r.counters.fetches, u64::from(hosts) * chunks, "{case}");
+        assert!(r.counters.prefetch_fetches > 0, "{case}");
+        assert_eq!(r.counters.timeouts, 0, "{case}");
+    }
+}
+
+#[test]
+fn prefetch_delays_a_demand_read_by_at_most_its_chunks_in_flight() {
+    // A profile in the reverse order of the reads (recorded from another
+    // boot): prefetch is busy with chunks the VM reads last when it asks for
+    // the next one, and that read's chunk queues behind them on the link.
+    // Demand first: no prefetch starts while the read waits, so it waits
+    // behind at most `in_flight` chunks: its own fetch plus in_flight wire
+    // times. Without prefetch it waits for its own fetch only.
+    let n = 12;
+    let reads = spaced_chunk_reads(n, Duration::from_millis(11));
+    let mut reversed = (*reads).clone();
+    reversed.reads.reverse();
+    for (i, r) in reversed.reads.iter_mut().enumerate() {
+        r.at_us = i as u64 * 11_000;
+    }
+    let mut c = Config::new(Mode::Virtman, 1, 1, reads);
+    c.hop_latency = Duration::from_micros(200);
+    c.cpu = CpuModel::NONE;
+    let wire = f64::from(CHUNK) * 8.0 / 1e9;
+    let per_chunk = 2.0 * 200e-6 + wire;
+    c.prefetch = Prefetch::off();
+    let off = run(&c).unwrap();
+    assert!(
+        (off.max_read_wait_s - per_chunk).abs() < 1e-6,
+        "{}",
+        off.max_read_wait_s
+    );
+    for in_flight in [1u32, 2, 4] {
+        c.prefetch = Prefetch {
+            in_flight,
+            profile: Some(Arc::new(reversed.clone())),
+            ..Prefetch::default()
+        };
+        let r = run(&c).unwrap();
+        let bound = per_chunk + f64::from(in_flight) * wire;
+        let waited = r.max_read_wait_s;
+        assert!(
+            waited <= bound + 1e-6,
+            "in flight {in_flight}: {waited} > {bound}"
+        );
+        // Some read did queue behind prefetches, behind more than
+        // in_flight - 1 of them.
+        assert!(
+            waited > per_chunk + (f64::from(in_flight) - 1.0) * wire + 1e-4,
+            "in flight {in_flight}: {waited} vs {bound}"
+        );
+        assert_eq!(r.counters.fetches, n, "each chunk once");
+        assert_eq!(r.booted, 1);
+    }
+}
+
+#[test]
+fn prefetch_waits_for_demand_and_gives_up_with_a_dead_origin() {
+    // The origin dies before anything arrives. Hosts that join with their
+    // first VM never prefetch: that VM's first read waits from the start
+    // (and, retried, for ever), and demand goes first.
+    let mut c = storm(Mode::Virtman, 4, 8);
+    c.origin_fail_at = Some(Duration::from_millis(1));
+    c.max_time = Duration::from_secs(60);
+    let r = run(&c).unwrap();
+    assert!(r.counters.timed_out);
+    assert_eq!(r.never_booted, 8);
+    assert_eq!(r.counters.prefetch_fetches, 0);
+    // Hosts joined before their VMs start: their replays start at once,
+    // every prefetch times out and is given up (the replay moves on, as the
+    // real one returns its failures), the VMs' reads retry, the run stops
+    // at its bound.
+    c.prejoin = true;
+    let r = run(&c).unwrap();
+    assert!(r.counters.timed_out);
+    assert_eq!(r.never_booted, 8);
+    assert!(r.counters.prefetch_fetches > 0);
+    // Only the part of the first chunks on the wire when it died.
+    assert!(r.origin_bytes < 2 * u64::from(CHUNK), "{}", r.origin_bytes);
 }
