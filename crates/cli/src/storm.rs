@@ -13,6 +13,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use virtman_sim::{SyntheticSpec, Trace};
+use virtman_storm::guest::{Accel, Guest};
 use virtman_storm::storm::QemuBoot;
 use virtman_storm::{StormConfig, StormMode, report};
 
@@ -107,7 +108,7 @@ pub struct StormArgs {
     /// Boot real guests under qemu instead of replaying a trace: each VM runs
     /// --kernel (and --initrd) with the image as its virtio disk, and has
     /// booted when its serial console prints --boot-marker. Needs --image (a
-    /// bootable disk) and qemu-system-x86; TCG when KVM is not usable. With
+    /// bootable disk) and qemu-system-x86; KVM when usable, else TCG. With
     /// --trace (a trace of this guest's boot), virtman mode prefetches it.
     #[arg(long, requires_all = ["image", "kernel"], conflicts_with = "synthetic")]
     qemu: bool,
@@ -220,11 +221,15 @@ pub fn run(args: StormArgs) -> anyhow::Result<()> {
         link_delay: args.link_delay,
         qemu: match (&args.kernel, args.qemu) {
             (Some(kernel), true) => Some(QemuBoot {
-                qemu: "qemu-system-x86_64".into(),
-                kernel: kernel.clone(),
-                initrd: args.initrd.clone(),
-                append: args.append.clone(),
-                memory_mib: args.memory,
+                guest: Guest {
+                    qemu: "qemu-system-x86_64".into(),
+                    accel: Accel::Auto,
+                    memory_mib: args.memory,
+                    kernel: Some(kernel.clone()),
+                    initrd: args.initrd.clone(),
+                    append: args.append.clone(),
+                    extra_args: Vec::new(),
+                },
                 marker: args.boot_marker.clone(),
                 timeout: args.boot_timeout,
             }),

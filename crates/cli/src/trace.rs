@@ -30,6 +30,7 @@ use virtman_nbd::{
 };
 use virtman_sim::config::parse_duration;
 use virtman_sim::{Read, SyntheticSpec, Trace};
+use virtman_storm::guest::{Accel, Console, Guest};
 
 use crate::units::parse_size;
 
@@ -264,27 +265,25 @@ async fn run_qemu(boot: &Boot, socket: &Path) -> anyhow::Result<String> {
 
 fn run_qemu_blocking(boot: &Boot, socket: &Path) -> anyhow::Result<String> {
     use std::io::Read as _;
-    let append = format!("console=ttyS0 panic=-1 {}", boot.append);
-    let uri = format!("nbd+unix:///disk?socket={}", socket.display()).replace(',', ",,");
-    let mut cmd = std::process::Command::new(&boot.qemu);
-    cmd.args(["-machine", &format!("accel={}", boot.accel)])
-        .args(["-m", &boot.memory.to_string()])
-        .args(["-nodefaults", "-no-user-config", "-display", "none"])
-        .args(["-serial", "stdio", "-no-reboot"])
-        .arg("-kernel")
-        .arg(&boot.kernel)
-        .args(["-append", append.trim()])
-        .args([
-            "-drive",
-            &format!("file={uri},format=raw,if=virtio,cache=none"),
-        ])
-        .args(&boot.qemu_args)
-        .stdin(Stdio::null())
+    let guest = Guest {
+        qemu: boot.qemu.clone(),
+        accel: match boot.accel.as_str() {
+            "kvm" => Accel::Kvm,
+            _ => Accel::Tcg,
+        },
+        memory_mib: boot.memory,
+        kernel: Some(boot.kernel.clone()),
+        initrd: boot.initrd.clone(),
+        append: format!("console=ttyS0 panic=-1 {}", boot.append),
+        extra_args: boot.qemu_args.clone(),
+    };
+    let uri = format!("nbd+unix:///disk?socket={}", socket.display());
+    let mut cmd = guest
+        .command(&uri, false, Console::Captured)
+        .map_err(anyhow::Error::msg)?;
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    if let Some(i) = &boot.initrd {
-        cmd.arg("-initrd").arg(i);
-    }
     let mut child = cmd
         .spawn()
         .with_context(|| format!("starting {} (Debian package qemu-system-x86)", boot.qemu))?;

@@ -6,12 +6,12 @@
 //!   virtman status [--json]              ─► GET /v1/status
 //! ```
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use virtman_agent::control::ControlClient;
+use virtman_storm::guest::{Accel, Console, Guest};
 
 use crate::agent::DEFAULT_DATA_DIR;
 use crate::units::human;
@@ -147,16 +147,18 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
             let Some(vm) = vms.into_iter().find(|v| v.name == name) else {
                 bail!("no VM named {name:?} on this host (see `virtman vm ls`)");
             };
-            let mut cmd = qemu_command(
-                &qemu,
-                &vm.uri,
-                memory,
-                kernel.as_deref(),
-                initrd.as_deref(),
-                &append,
-            )?;
-            cmd.args(&qemu_args);
-            let status = cmd
+            let guest = Guest {
+                qemu: qemu.clone(),
+                accel: Accel::Auto,
+                memory_mib: memory,
+                kernel,
+                initrd,
+                append,
+                extra_args: qemu_args,
+            };
+            let status = guest
+                .command(&vm.uri, false, Console::Interactive)
+                .map_err(|e| anyhow::anyhow!("--initrd: {e}"))?
                 .status()
                 .with_context(|| format!("starting {qemu} (install qemu-system-x86)"))?;
             if !status.success() {
@@ -165,53 +167,6 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// The qemu command line that boots `uri` (KVM when available, else TCG).
-pub fn qemu_command(
-    qemu: &str,
-    uri: &str,
-    memory: u32,
-    kernel: Option<&Path>,
-    initrd: Option<&Path>,
-    append: &str,
-) -> anyhow::Result<Command> {
-    let mut cmd = Command::new(qemu);
-    let kvm = kvm_usable();
-    cmd.args(["-machine", if kvm { "accel=kvm" } else { "accel=tcg" }])
-        .args(["-m", &memory.to_string()])
-        .args(["-nographic", "-no-reboot"])
-        .args([
-            "-drive",
-            &format!("file={uri},format=raw,if=virtio,cache=none"),
-        ]);
-    match (kernel, initrd) {
-        (Some(k), i) => {
-            cmd.arg("-kernel").arg(k).args(["-append", append]);
-            if let Some(i) = i {
-                cmd.arg("-initrd").arg(i);
-            }
-        }
-        (None, Some(_)) => bail!("--initrd needs --kernel"),
-        (None, None) => {}
-    }
-    Ok(cmd)
-}
-
-/// Whether KVM can run guests here: the device opens and the CPU advertises
-/// hardware virtualisation (a /dev/kvm without vmx/svm hangs guests).
-fn kvm_usable() -> bool {
-    let device = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let flags = cpu
-        .lines()
-        .find(|l| l.starts_with("flags"))
-        .unwrap_or_default();
-    device && flags.split_whitespace().any(|f| f == "vmx" || f == "svm")
 }
 
 /// Runs `virtman status`.

@@ -4,12 +4,14 @@
 //!   processes on loopback, started and stopped as one (`virtman cluster`);
 //! - [`storm`]: N VMs replaying a boot trace at once, in `virtman`,
 //!   `cache-only` and `direct` modes (`virtman storm`);
-//! - [`report`]: the comparison table, CSV and JSON.
+//! - [`report`]: the comparison table, CSV and JSON;
+//! - [`guest`]: the qemu command line of every real guest virtman boots.
 
 // Tests may cast freely; library code must use checked conversions.
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
 pub mod cluster;
+pub mod guest;
 pub mod report;
 pub mod storm;
 

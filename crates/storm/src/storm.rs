@@ -33,6 +33,7 @@ use virtman_nbd::{Client, ClientConfig, Endpoint};
 use virtman_sim::Trace;
 
 use crate::cluster::{Cluster, ClusterConfig, ClusterError};
+use crate::guest::{Console, Guest};
 
 /// How VMs get their image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,49 +95,13 @@ pub struct StormConfig {
 /// Real guests: how each VM is booted under qemu, and how a boot is seen.
 #[derive(Clone, Debug)]
 pub struct QemuBoot {
-    /// The qemu binary.
-    pub qemu: String,
-    /// The kernel to boot (the image is the guest's disk, virtio-blk).
-    pub kernel: PathBuf,
-    /// Its initial ramdisk.
-    pub initrd: Option<PathBuf>,
-    /// The kernel command line (a serial console, `console=ttyS0`, so the
-    /// marker can be seen).
-    pub append: String,
-    /// Guest memory in MiB.
-    pub memory_mib: u32,
+    /// The guest (its kernel command line should put a console on ttyS0,
+    /// so the marker can be seen).
+    pub guest: Guest,
     /// A VM has booted when a console line contains this.
     pub marker: String,
-    /// A VM that has not booted by then fails the storm.
+    /// A VM that has not booted by then fails.
     pub timeout: Duration,
-}
-
-impl QemuBoot {
-    /// The qemu command for a guest whose disk is the NBD `uri`; `overlay`
-    /// keeps the guest's writes in a temporary file of qemu's (for a shared,
-    /// read-only server).
-    fn command(&self, uri: &str, overlay: bool) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new(&self.qemu);
-        cmd.args(["-machine", "accel=tcg", "-m"])
-            .arg(self.memory_mib.to_string())
-            .args(["-nodefaults", "-no-user-config", "-display", "none"])
-            .args(["-serial", "stdio", "-no-reboot", "-kernel"])
-            .arg(&self.kernel)
-            .args(["-append", &self.append]);
-        if let Some(i) = &self.initrd {
-            cmd.arg("-initrd").arg(i);
-        }
-        let snapshot = if overlay { ",snapshot=on" } else { "" };
-        cmd.arg("-drive")
-            .arg(format!(
-                "file={uri},format=raw,if=virtio,cache=none{snapshot}"
-            ))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        cmd
-    }
 }
 
 /// Why a storm failed.
@@ -317,10 +282,15 @@ async fn boot_guest(
         Endpoint::Unix(p) => format!("nbd+unix:///{export}?socket={}", p.display()),
         Endpoint::Tcp(a) => format!("nbd://{a}/{export}"),
     };
-    let mut child = q
-        .command(&uri, overlay)
+    let mut cmd =
+        tokio::process::Command::from(q.guest.command(&uri, overlay, Console::Captured)?);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd
         .spawn()
-        .map_err(|e| format!("starting {} (install qemu-system-x86): {e}", q.qemu))?;
+        .map_err(|e| format!("starting {} (install qemu-system-x86): {e}", q.guest.qemu))?;
     let stdout = child.stdout.take().ok_or("no qemu stdout")?;
     let mut stderr = child.stderr.take().ok_or("no qemu stderr")?;
     let mut lines = BufReader::new(stdout).lines();
