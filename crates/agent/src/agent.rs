@@ -488,6 +488,9 @@ impl Agent {
         let mut registered = false;
         let mut rejoined = false;
         let mut down_logged = false;
+        // Retries each second: the first failure in a row is a warning, the
+        // rest only debug lines, so a long outage does not flood the log.
+        let (mut register_failed, mut rejoin_failed) = (false, false);
         loop {
             if !registered {
                 match self.register_origins().await {
@@ -497,11 +500,18 @@ impl Agent {
                             self.coordinator_ok.store(true, Ordering::Relaxed);
                         }
                     }
-                    Err(e) => warn!(error = %e, "registering origin images failed; will retry"),
+                    Err(e) if register_failed => {
+                        debug!(error = %e, "registering origin images failed again")
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "registering origin images failed; will retry");
+                        register_failed = true;
+                    }
                 }
             }
             if !rejoined {
-                rejoined = self.rejoin_restored().await;
+                rejoined = self.rejoin_restored(rejoin_failed).await;
+                rejoin_failed = !rejoined;
             }
             self.publish_profiles().await;
             match self.heartbeat().await {
@@ -562,8 +572,8 @@ impl Agent {
     }
 
     /// Joins again the sessions of volumes restored from disk. Returns whether
-    /// every one succeeded.
-    async fn rejoin_restored(self: &Arc<Self>) -> bool {
+    /// every one succeeded; failures are warnings unless `quiet` (a retry).
+    async fn rejoin_restored(self: &Arc<Self>, quiet: bool) -> bool {
         let mut ok = true;
         for v in self.group.volumes() {
             let name = v.name().to_owned();
@@ -585,7 +595,11 @@ impl Agent {
                     if matches!(e, AgentError::Coordinator(_)) {
                         self.coordinator_ok.store(false, Ordering::Relaxed);
                     }
-                    warn!(image = %name, error = %e, "re-joining restored image failed; will retry");
+                    if quiet {
+                        debug!(image = %name, error = %e, "re-joining restored image failed again");
+                    } else {
+                        warn!(image = %name, error = %e, "re-joining restored image failed; will retry");
+                    }
                     ok = false;
                 }
             }
