@@ -177,6 +177,11 @@ pub struct ImageStatus {
     /// Prefetch of a member image (boot profile, pin).
     #[serde(default)]
     pub prefetch: Option<PrefetchStatus>,
+    /// A member restored at start that still fetches from the parents and
+    /// origins saved before the restart: the coordinator has not answered
+    /// its join yet.
+    #[serde(default)]
+    pub on_saved_parents: bool,
 }
 
 /// What an origin sent (see [`SendCounts`]).
@@ -1273,12 +1278,14 @@ impl Agent {
                             max_per_chunk: c.max_per_chunk,
                         }),
                         prefetch: None,
+                        on_saved_parents: false,
                     }
                 }
                 Role::Member {
                     volume,
                     parents,
                     prefetch,
+                    joined,
                     ..
                 } => ImageStatus {
                     name,
@@ -1291,6 +1298,7 @@ impl Agent {
                     failovers: parents.stats().failovers.load(Ordering::Relaxed),
                     sent: None,
                     prefetch: Some(prefetch.status(volume)),
+                    on_saved_parents: !joined.load(Ordering::Relaxed),
                 },
             })
             .collect();

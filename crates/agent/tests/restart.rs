@@ -258,6 +258,7 @@ async fn a_host_restarted_while_the_coordinator_is_down_reads_from_its_saved_par
         !a2.agent.status().coordinator_ok,
         "the coordinator is down, yet the status says it answered"
     );
+    assert!(a2.agent.status().images[0].on_saved_parents);
     // The saved parent dies too: the rest comes from the saved origin.
     a1.kill().await;
     c.read_chunks(&vm2, CHUNKS / 2..CHUNKS).await;
@@ -275,6 +276,10 @@ async fn a_host_restarted_while_the_coordinator_is_down_reads_from_its_saved_par
     c.restart_coordinator().await;
     wait_for("a2 to reach the coordinator again", || async {
         a2.agent.status().coordinator_ok
+    })
+    .await;
+    wait_for("a2 to join again", || async {
+        !a2.agent.status().images[0].on_saved_parents
     })
     .await;
     wait_for(

@@ -205,6 +205,11 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
                 o.chunks_sent,
                 o.max_per_chunk
             ),
+            None if i.on_saved_parents => format!(
+                "{} (saved before a restart; waiting for the coordinator; failovers {})",
+                i.parents.join(", "),
+                i.failovers
+            ),
             None => format!("{} (failovers {})", i.parents.join(", "), i.failovers),
         };
         let detail = match &i.prefetch {
