@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use virtman_sim::config::{FailSpec, parse_duration, parse_fail, parse_rate};
-use virtman_sim::{Config, Mode, Report, SecondImage, SyntheticSpec, Trace};
+use virtman_sim::{Config, JoinLead, Mode, Report, SecondImage, SyntheticSpec, Trace};
 
 use crate::units::parse_size;
 
@@ -159,6 +159,12 @@ pub struct SimArgs {
     /// the trace the VMs replay, as the storm stores it).
     #[arg(long, value_name = "FILE")]
     pub profile_trace: Option<PathBuf>,
+    /// Hosts join (and prefetch) before the VMs start, as `virtman storm`
+    /// joins them while it creates the VMs: host 0 FIRST before, the last
+    /// host LAST before, the others evenly between (e.g. `1.2s:0.69s`).
+    /// Reported times count from the VMs' start.
+    #[arg(long, value_name = "FIRST:LAST")]
+    pub join_lead: Option<String>,
     /// Seed of every random choice.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -241,6 +247,13 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     }
     base.think_overhead = args.think_overhead;
     base.prefetch.enabled = !args.no_prefetch;
+    if let Some(s) = &args.join_lead {
+        let (first, last) = split_pair(s, "--join-lead")?;
+        base.join_lead = Some(JoinLead {
+            first: parse_duration(&first).map_err(anyhow::Error::msg)?,
+            last: parse_duration(&last).map_err(anyhow::Error::msg)?,
+        });
+    }
     base.prefetch.in_flight = args.prefetch_in_flight;
     if let Some(path) = &args.profile_trace {
         let text = std::fs::read_to_string(path)

@@ -237,6 +237,15 @@ fn prefetch_flags() {
     .unwrap();
     let other = one(&["--profile-trace", profile.to_str().unwrap()]);
     assert!(other["counters"]["prefetch_fetches"].as_u64().unwrap() <= 1);
+    // Joined 2 s before the VM starts, the host holds every chunk by then:
+    // the boot is the trace's own time, counted from the VM's start.
+    let early = one(&["--join-lead", "2s:2s"]);
+    assert_eq!(early["counters"]["prefetch_fetches"], 238);
+    let t_early = early["all_booted_s"].as_f64().unwrap();
+    assert!(t_early > 9.62 && t_early < t_on, "{t_early} {t_on}");
+    let out = sim(&["--hosts", "1", "--vms", "1", "--join-lead", "1s"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--join-lead"));
     let out = sim(&["--hosts", "1", "--vms", "1", "--prefetch-in-flight", "0"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("chunks in flight"));

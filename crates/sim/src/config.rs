@@ -142,6 +142,24 @@ pub struct Config {
     /// fetches the profile's chunks in order from its parents, like
     /// `crates/agent/src/prefetch.rs`. On by default, as in the storm.
     pub prefetch: Prefetch,
+    /// Hosts join before any VM starts, as in `virtman storm`, which creates
+    /// every VM through the agents' control API (joining each host at its
+    /// first VM, and so starting its prefetch) before it starts them all at
+    /// once. `None` (the default): a host joins when its first VM starts.
+    pub join_lead: Option<JoinLead>,
+}
+
+/// How long before the VMs start the hosts join: host 0 `first` before, the
+/// last host `last` before, the others evenly between, in host order. Time
+/// zero is host 0's join; the VMs start at `first` (plus their spread), and
+/// the report counts times from there. Failure waves, the origin's failure
+/// and a second image's start are from the VMs' start too.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct JoinLead {
+    /// Host 0's lead.
+    pub first: Duration,
+    /// The last host's lead (at most `first`).
+    pub last: Duration,
 }
 
 /// Boot-profile prefetch, as the agent's `PrefetchConfig` and
@@ -392,6 +410,14 @@ pub enum ConfigError {
     /// A CPU cost is negative or not a number.
     #[error("CPU costs must be finite and not negative")]
     Cost,
+    /// The last host's join lead is longer than the first's.
+    #[error("the last host's join lead ({last:?}) must not be longer than the first's ({first:?})")]
+    JoinLead {
+        /// Host 0's lead.
+        first: Duration,
+        /// The last host's.
+        last: Duration,
+    },
     /// A timing setting is zero where it cannot be.
     #[error("{0} must be above zero")]
     Zero(&'static str),
@@ -433,7 +459,13 @@ impl Config {
             cpu: CpuModel::default(),
             think_overhead: Duration::ZERO,
             prefetch: Prefetch::default(),
+            join_lead: None,
         }
+    }
+
+    /// When the VMs start (virtual time): after the join lead, if any.
+    pub fn epoch(&self) -> Duration {
+        self.join_lead.map_or(Duration::ZERO, |l| l.first)
     }
 
     /// Whether this run's hosts prefetch the boot profile (virtman mode with
@@ -510,6 +542,14 @@ impl Config {
                 return Err(ConfigError::Zero(what));
             }
         }
+        if let Some(l) = self.join_lead
+            && l.last > l.first
+        {
+            return Err(ConfigError::JoinLead {
+                first: l.first,
+                last: l.last,
+            });
+        }
         if self.prefetch.in_flight == 0 {
             return Err(ConfigError::Zero("the prefetch's chunks in flight"));
         }
@@ -549,15 +589,15 @@ impl Config {
                     value: w.fraction,
                 });
             }
-            self.before_end("a failure wave", w.at)?;
+            self.before_end("a failure wave", self.epoch() + w.at)?;
         }
         if let Some(t) = self.origin_fail_at {
-            self.before_end("the origin's failure", t)?;
+            self.before_end("the origin's failure", self.epoch() + t)?;
         }
         if let Some(s) = self.second_image {
-            self.before_end("the second image", s.at)?;
+            self.before_end("the second image", self.epoch() + s.at)?;
         }
-        self.before_end("the last VM start", self.start_spread)?;
+        self.before_end("the last VM start", self.epoch() + self.start_spread)?;
         Ok(())
     }
 

@@ -133,6 +133,7 @@ enum Ev {
     Recover { host: u32 },
     OriginFail,
     PrefetchStart { host: u32, image: u32, gen_: u32 },
+    Join { host: u32 },
     PrefetchPoll { host: u32, image: u32, gen_: u32 },
 }
 
@@ -470,9 +471,22 @@ impl<'a> Engine<'a> {
                 }
             }
         }
-        place(self, cfg.vms, 0, 0);
+        let epoch = ns(cfg.epoch());
+        if let Some(l) = cfg.join_lead
+            && cfg.mode != Mode::Direct
+        {
+            // Host h joins (first - last) * h / (hosts - 1) after host 0.
+            let span = ns(l.first).saturating_sub(ns(l.last));
+            let n = u64::from(cfg.hosts.saturating_sub(1)).max(1);
+            for host in 0..cfg.hosts {
+                let at = u64::try_from(u128::from(span) * u128::from(host) / u128::from(n))
+                    .unwrap_or(u64::MAX);
+                self.push(at, Ev::Join { host });
+            }
+        }
+        place(self, cfg.vms, 0, epoch);
         if let Some(s) = cfg.second_image {
-            place(self, s.vms, 1, ns(s.at));
+            place(self, s.vms, 1, epoch + ns(s.at));
         }
         self.unfinished = self.vms.len() as u64;
         if cfg.mode == Mode::Virtman {
@@ -482,10 +496,10 @@ impl<'a> Engine<'a> {
         }
         for (i, w) in cfg.failures.iter().enumerate() {
             let index = u32::try_from(i).unwrap_or(u32::MAX);
-            self.push(ns(w.at), Ev::Wave { index });
+            self.push(epoch + ns(w.at), Ev::Wave { index });
         }
         if let Some(t) = cfg.origin_fail_at {
-            self.push(ns(t), Ev::OriginFail);
+            self.push(epoch + ns(t), Ev::OriginFail);
         }
     }
 
@@ -599,6 +613,11 @@ impl<'a> Engine<'a> {
             Ev::PrefetchPoll { host, image, gen_ } => {
                 if self.hosts[host as usize].vols[image as usize].replay.gen_ == gen_ {
                     self.replay_step(host, image);
+                }
+            }
+            Ev::Join { host } => {
+                if self.hosts[host as usize].alive && !self.hosts[host as usize].vols[0].joined {
+                    self.join(host, 0);
                 }
             }
             Ev::Wave { index } => self.wave(index),

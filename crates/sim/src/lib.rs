@@ -34,7 +34,7 @@ mod rng;
 pub mod trace;
 
 pub use config::{
-    Config, ConfigError, Cost, CpuCosts, CpuModel, FailSpec, FailureWave, Mode, Prefetch,
+    Config, ConfigError, Cost, CpuCosts, CpuModel, FailSpec, FailureWave, JoinLead, Mode, Prefetch,
     SecondImage,
 };
 pub use engine::run;

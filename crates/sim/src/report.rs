@@ -208,6 +208,9 @@ pub(crate) fn build(
     raw: Raw,
 ) -> Report {
     let boot_of = |v: &Vm| v.boot.map(|b| b.saturating_sub(v.start));
+    // Times are counted from the VMs' start (after a join lead, if any).
+    let epoch = u64::try_from(cfg.epoch().as_nanos()).unwrap_or(u64::MAX);
+    let since = |t: u64| secs(t.saturating_sub(epoch));
     let booted: Vec<&Vm> = vms.iter().filter(|v| v.boot.is_some()).collect();
     let lost = vms.iter().filter(|v| v.lost).count() as u64;
     let never: Vec<u32> = vms
@@ -232,7 +235,7 @@ pub(crate) fn build(
         })
         .collect();
     let last_boot = booted.iter().filter_map(|v| v.boot).max().unwrap_or(0);
-    let all_booted_s = never.is_empty().then(|| secs(last_boot));
+    let all_booted_s = never.is_empty().then(|| since(last_boot));
     let image_rows = (0..images.len())
         .map(|i| {
             let i32_ = u32::try_from(i).unwrap_or(0);
@@ -250,7 +253,7 @@ pub(crate) fn build(
                     .get(images[i].origin as usize)
                     .copied()
                     .unwrap_or(0),
-                all_booted_s: none_left.then(|| secs(last)),
+                all_booted_s: none_left.then(|| since(last)),
             }
         })
         .collect();
@@ -276,13 +279,13 @@ pub(crate) fn build(
     let mut series: Vec<(f64, u64)> = vec![(0.0, 0)];
     for (i, &t) in times.iter().enumerate() {
         if (i + 1) % step == 0 || i + 1 == times.len() {
-            series.push((secs(t), i as u64 + 1));
+            series.push((since(t), i as u64 + 1));
         }
     }
     let trace_bytes = cfg.trace.bytes();
     let mut notes = Vec::new();
     for w in &cfg.failures {
-        if w.at.as_nanos() > u128::from(end) {
+        if (cfg.epoch() + w.at).as_nanos() > u128::from(end) {
             notes.push(format!(
                 "the failure wave at {:?} came after the run ended at {:.2} s: it changed nothing",
                 w.at,
@@ -291,7 +294,7 @@ pub(crate) fn build(
         }
     }
     if let Some(t) = cfg.origin_fail_at
-        && t.as_nanos() > u128::from(end)
+        && (cfg.epoch() + t).as_nanos() > u128::from(end)
     {
         notes.push(format!(
             "the origin's failure at {t:?} came after the run ended at {:.2} s",

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use virtman_sim::{
-    Config, ConfigError, Cost, CpuCosts, CpuModel, FailureWave, Mode, Prefetch, Read, SecondImage,
-    SimError, SyntheticSpec, Trace, run,
+    Config, ConfigError, Cost, CpuCosts, CpuModel, FailureWave, JoinLead, Mode, Prefetch, Read,
+    SecondImage, SimError, SyntheticSpec, Trace, run,
 };
 
 const CHUNK: u32 = 256 << 10;
@@ -636,4 +636,49 @@ fn prefetch_waits_for_demand_and_gives_up_with_a_dead_origin() {
     assert!(r.counters.prefetch_fetches > 0);
     // Only the part of the first chunks on the wire when it died.
     assert!(r.origin_bytes < 2 * u64::from(CHUNK), "{}", r.origin_bytes);
+}
+
+#[test]
+fn join_lead_lets_prefetch_run_before_the_vms_start() {
+    // As `virtman storm` does: the host joins (creating its VMs) 1 s before
+    // they start. With prefetch every chunk is there by then and the boot,
+    // back to back and without CPU costs, takes no time; on demand the lead
+    // changes nothing (the closed form). Times count from the VMs' start.
+    let n = 10;
+    let mut c = Config::new(Mode::Virtman, 1, 1, chunk_reads(n));
+    c.hop_latency = Duration::from_micros(200);
+    c.cpu = CpuModel::NONE;
+    c.join_lead = Some(JoinLead {
+        first: Duration::from_secs(1),
+        last: Duration::from_secs(1),
+    });
+    let r = run(&c).unwrap();
+    assert_eq!(r.counters.prefetch_fetches, n);
+    assert!(r.all_booted_s.unwrap() < 1e-9, "{:?}", r.all_booted_s);
+    assert!(r.max_read_wait_s < 1e-9);
+    assert!((r.end_s - 1.0).abs() < 1e-9, "{}", r.end_s);
+    c.prefetch = Prefetch::off();
+    let r = run(&c).unwrap();
+    let expect = (2.0 * 200e-6 + f64::from(CHUNK) * 8.0 / 1e9) * n as f64;
+    let got = r.all_booted_s.unwrap();
+    assert!((got - expect).abs() / expect < 0.01, "{got} vs {expect}");
+    // Hosts join in order, host 0 first: with a lead from 1 s down to 0.5 s
+    // over 8 hosts the tree still conserves bytes and every VM boots.
+    let mut s = storm(Mode::Virtman, 8, 32);
+    s.join_lead = Some(JoinLead {
+        first: Duration::from_secs(1),
+        last: Duration::from_millis(500),
+    });
+    let r = run(&s).unwrap();
+    assert_eq!(r.booted, 32);
+    assert_eq!(r.origin_bytes, r.working_set_bytes);
+    assert_eq!(r.bytes_received, 8 * r.working_set_bytes);
+    s.join_lead = Some(JoinLead {
+        first: Duration::from_millis(500),
+        last: Duration::from_secs(1),
+    });
+    assert!(matches!(
+        run(&s),
+        Err(SimError::Config(ConfigError::JoinLead { .. }))
+    ));
 }
