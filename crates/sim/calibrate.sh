@@ -16,6 +16,9 @@
 # (the replayer's sleeps), the tc tbf bucket of 256 KiB, and the replayers'
 # start spread (1.2 ms for 32, 4.4 ms for 64). With NO_STORMS=1 it runs no
 # storm and compares with the results already in OUT_DIR (NAME-RUN/report.json).
+# Both sides run without boot-profile prefetch (the calibration in SCALE.md
+# ran before the storm had one); PREFETCH=1 runs both with it (the storm's
+# and the simulator's default in virtman mode).
 set -euo pipefail
 out=${1:-/tmp/virtman-cal}
 runs=${2:-1}
@@ -27,6 +30,9 @@ cp target/release/virtman "$bin"
 lock=/tmp/virtman-bench.lock
 sim_params="--fanout 2 --parents 2 --link-rate 1G --mode all --json --shared-cores 2
   --hop-latency 0.65ms --think-overhead 1.1ms --link-burst 256K"
+pf=--no-prefetch
+[ "${PREFETCH:-}" = 1 ] && pf=
+sim_params="$sim_params $pf"
 synthetic="--image-size 256M --working-set 32M --read-size 64K --think 2s --seed 1"
 
 storm() { # name hosts vms storm-flags...
@@ -35,9 +41,8 @@ storm() { # name hosts vms storm-flags...
     [ "${NO_STORMS:-}" = 1 ] && return
     for r in $(seq 1 "$runs"); do
         echo "storm $name run $r (load $(cut -d' ' -f1 /proc/loadavg))" >&2
-        # --no-prefetch: the model has no boot-profile prefetch (the
-        # calibration in SCALE.md ran before the storm had one).
-        flock "$lock" "$bin" storm --netns --mode all --no-prefetch --hosts "$h" --vms "$v" \
+        # shellcheck disable=SC2086
+        flock "$lock" "$bin" storm --netns --mode all $pf --hosts "$h" --vms "$v" \
             --out "$out/$name-$r" "$@" >"$out/$name-$r.log" 2>&1
     done
 }
