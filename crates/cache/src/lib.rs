@@ -30,4 +30,4 @@ pub use group::{CacheGroup, GroupConfig, Usage};
 pub use profile::{BootProfile, ProfileEntry};
 pub use snapshot::Snapshot;
 pub use upstream::{ChunkRequest, FileUpstream, Upstream, UpstreamError};
-pub use volume::{CachedVolume, VolumeExport, VolumeUse, flatten};
+pub use volume::{CachedVolume, PRESENT, VolumeExport, VolumeUse, X_VIRTMAN_PRESENT, flatten};

@@ -1051,6 +1051,32 @@ impl CachedVolume {
         }
         out
     }
+
+    /// Runs of (length, flags) from `offset` for the `x-virtman:present`
+    /// context: [`PRESENT`] where a read needs no parent (the chunk is held,
+    /// or all zero), 0 where it would fetch. Covers at least one byte of the
+    /// image and at most `len` bytes, in at most 1024 runs.
+    pub fn present_runs(&self, offset: u64, len: u32) -> Vec<(u64, u32)> {
+        let mut out: Vec<(u64, u32)> = Vec::new();
+        for p in self.pieces(
+            offset,
+            len.max(1)
+                .min(u32::try_from(self.size().saturating_sub(offset)).unwrap_or(u32::MAX)),
+        ) {
+            let held = self.is_present(p.chunk) || self.manifest.is_zero_chunk(p.chunk);
+            let flags = if held { PRESENT } else { 0 };
+            match out.last_mut() {
+                Some((length, f)) if *f == flags => *length += u64::from(p.len),
+                _ => {
+                    if out.len() >= 1024 {
+                        break;
+                    }
+                    out.push((u64::from(p.len), flags));
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Concatenates read chunks into one buffer.
@@ -1068,6 +1094,13 @@ pub fn flatten(chunks: Vec<ReadChunk>) -> Bytes {
     }
     out.freeze()
 }
+
+/// The NBD metadata context of a cached volume's export that tells which
+/// chunks this host holds: flag [`PRESENT`] on the runs it holds, 0 on the
+/// runs a read would fetch from a parent (`nbdinfo --map=x-virtman:present`).
+pub const X_VIRTMAN_PRESENT: &str = "x-virtman:present";
+/// The flag of held runs in [`X_VIRTMAN_PRESENT`].
+pub const PRESENT: u32 = 1;
 
 /// The read-only NBD export of a cached volume. Holds a use of the volume.
 #[derive(Debug)]
@@ -1122,6 +1155,24 @@ impl Export for VolumeExport {
 
     async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, ExportError> {
         Ok(self.volume().extents(offset, len))
+    }
+
+    fn meta_contexts(&self) -> Vec<String> {
+        vec![X_VIRTMAN_PRESENT.to_owned()]
+    }
+
+    async fn context_status(
+        &self,
+        context: &str,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<(u64, u32)>, ExportError> {
+        if context != X_VIRTMAN_PRESENT {
+            return Err(ExportError::Invalid(format!(
+                "no metadata context {context:?}"
+            )));
+        }
+        Ok(self.volume().present_runs(offset, len))
     }
 }
 

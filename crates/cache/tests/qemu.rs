@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use common::*;
 use tokio_util::sync::CancellationToken;
-use virtman_cache::{CacheGroup, GroupConfig, Upstream};
+use virtman_cache::{CacheGroup, GroupConfig, Upstream, X_VIRTMAN_PRESENT};
 use virtman_nbd::{Export, Listener, Server, ServerConfig};
 
 const MIB: usize = 1 << 20;
@@ -156,4 +156,104 @@ async fn qemu_io_and_qemu_img_through_volume_and_snapshot_exports() {
     let snap = g.snapshot("vm1").unwrap();
     let got = snap.read_bytes(0, (4 * MIB) as u32).await.unwrap();
     assert!(got[..] == expect[..], "snapshot changed across a restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbdinfo_maps_the_chunks_a_host_holds_in_the_x_virtman_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = image(); // 64 chunks of 64 KiB; 1 MiB to 2 MiB all zero
+    let (img, m) = image_file(dir.path(), "img.raw", &data, 65536);
+    let g = CacheGroup::open(dir.path().join("g"), GroupConfig::with_capacity(1 << 30)).unwrap();
+    let v = g.add_volume("deb", &m).unwrap();
+    v.set_upstream(Some(file_upstream(&img) as Arc<dyn Upstream>));
+    // The host holds chunk 0 and chunks 48 and 49.
+    v.read(100, 10).await.unwrap();
+    v.read(3 * MIB as u64, 128 << 10).await.unwrap();
+
+    let server = Server::new(ServerConfig::default());
+    server.add_export("deb", Arc::new(v.export()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(Arc::clone(&server).serve(Listener::Tcp(listener), cancel.clone()));
+    let uri = format!("nbd://127.0.0.1:{port}/deb");
+
+    // The export offers the context beside base:allocation.
+    let (ok, out) = run("nbdinfo", vec!["--json".into(), uri.clone()]).await;
+    assert!(ok, "{out}");
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let contexts = info["exports"][0]["contexts"].as_array().unwrap();
+    assert!(contexts.iter().any(|c| c == "base:allocation"), "{info}");
+    assert!(contexts.iter().any(|c| c == X_VIRTMAN_PRESENT), "{info}");
+
+    let (ok, out) = run(
+        "nbdinfo",
+        vec![
+            format!("--map={X_VIRTMAN_PRESENT}"),
+            "--json".into(),
+            uri.clone(),
+        ],
+    )
+    .await;
+    assert!(ok, "{out}");
+    let map: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let runs: Vec<(u64, u64, u64)> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let n = |k: &str| e[k].as_u64().unwrap();
+            (n("offset"), n("length"), n("type"))
+        })
+        .collect();
+    // Held: chunks 0, 48 and 49, and every all-zero chunk (1 MiB to 2 MiB,
+    // and the few the generator made): a read of those needs no parent.
+    let k = 64 << 10;
+    let mut want: Vec<(u64, u64, u64)> = Vec::new();
+    for (i, c) in data.chunks(k).enumerate() {
+        let held = [0, 48, 49].contains(&i) || c.iter().all(|&b| b == 0);
+        let (off, t) = ((i * k) as u64, u64::from(held));
+        match want.last_mut() {
+            Some(last) if last.2 == t => last.1 += k as u64,
+            _ => want.push((off, k as u64, t)),
+        }
+    }
+    assert!(want.len() >= 6, "{want:?}");
+    assert_eq!(runs, want);
+    // Both contexts at once: one block status request, a reply chunk for
+    // each (libnbd's nbdsh calls back once per context).
+    let script = format!(
+        "import json\n\
+         h.add_meta_context('base:allocation')\n\
+         h.add_meta_context('{X_VIRTMAN_PRESENT}')\n\
+         h.connect_uri('{uri}')\n\
+         seen = {{}}\n\
+         def cb(ctx, off, entries, err):\n    seen[ctx] = list(entries)\n\
+         h.block_status(h.get_size(), 0, cb)\n\
+         print(json.dumps(seen))\n"
+    );
+    // nbdsh is `python3 -m nbd`; Debian's Python, whatever comes first in PATH.
+    let args = vec!["-m".into(), "nbd".into(), "-c".into(), script];
+    let (ok, out) = run("/usr/bin/python3", args).await;
+    assert!(ok, "nbdsh (Debian package python3-libnbd): {out}");
+    let seen: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    // Entries are (length, flags) pairs. base:allocation: the first MiB is
+    // data; x-virtman:present: chunk 0 held, the rest of that MiB not.
+    let first = |ctx: &str, n: usize| seen[ctx].as_array().unwrap()[..n].to_vec();
+    assert_eq!(first("base:allocation", 2), [1 << 20, 0], "{seen}");
+    assert_eq!(
+        first(X_VIRTMAN_PRESENT, 4),
+        [65536, 1, (1 << 20) - 65536, 0],
+        "{seen}"
+    );
+
+    // Asking for nothing the export has selects nothing (and fails cleanly).
+    let (ok, _) = run(
+        "nbdinfo",
+        vec!["--map=x-virtman:nothing".into(), uri.clone()],
+    )
+    .await;
+    assert!(!ok);
+    cancel.cancel();
+    task.await.unwrap().unwrap();
 }

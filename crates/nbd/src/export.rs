@@ -197,6 +197,28 @@ pub trait Export: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Metadata contexts besides `base:allocation` that this export answers
+    /// block status for (full names, `namespace:name`), e.g. a cache's
+    /// `x-virtman:present`. None by default.
+    fn meta_contexts(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Block status in `context` (one of [`Export::meta_contexts`]) from
+    /// `offset`: runs of (length, flags), covering at least one byte and at
+    /// most a little more than `len` bytes. Flags mean what the context says.
+    async fn context_status(
+        &self,
+        context: &str,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<(u64, u32)>, ExportError> {
+        let _ = (offset, len);
+        Err(ExportError::Invalid(format!(
+            "no metadata context {context:?}"
+        )))
+    }
+
     /// Allocation status from `offset`, covering at least one byte and at most a
     /// little more than `len` bytes. The default reports everything allocated.
     async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, ExportError> {

@@ -25,16 +25,20 @@ use crate::proto::{
 /// Option data longer than this is not even skipped: the connection is closed.
 const MAX_SKIPPED_OPTION: u32 = 16 * 1024 * 1024;
 
-/// The id of `base:allocation` on every connection.
+/// The id of `base:allocation` on every connection; an export's own
+/// contexts ([`Export::meta_contexts`]) follow from 2, in its order.
 pub(super) const BASE_ALLOCATION_ID: u32 = 1;
+
+/// A metadata context selected for block status: its id and full name.
+pub(super) type MetaContext = (u32, String);
 
 /// What transmission needs from a finished handshake.
 pub(super) struct Session {
     pub name: String,
     pub export: Arc<dyn Export>,
     pub negotiated: Negotiated,
-    /// Whether `base:allocation` was selected for this export.
-    pub base_allocation: bool,
+    /// The metadata contexts selected for this export, by id.
+    pub contexts: Vec<MetaContext>,
 }
 
 /// Why a handshake ended without a session.
@@ -186,8 +190,8 @@ pub(super) async fn negotiate(
 #[derive(Default)]
 struct State {
     structured: bool,
-    /// The export `base:allocation` was selected for, if it was.
-    meta_export: Option<String>,
+    /// The export metadata contexts were selected for, and those contexts.
+    meta: Option<(String, Vec<MetaContext>)>,
 }
 
 impl State {
@@ -198,13 +202,16 @@ impl State {
         mut negotiated: Negotiated,
     ) -> Session {
         // Contexts count only if selected for the export finally chosen.
-        let base_allocation = self.structured && self.meta_export.as_deref() == Some(name.as_str());
-        negotiated.meta_contexts = base_allocation;
+        let contexts = match self.meta {
+            Some((for_export, contexts)) if self.structured && for_export == name => contexts,
+            _ => Vec::new(),
+        };
+        negotiated.meta_contexts = !contexts.is_empty();
         Session {
             name,
             export,
             negotiated,
-            base_allocation,
+            contexts,
         }
     }
 }
@@ -287,7 +294,7 @@ fn meta_context(
 ) {
     if set {
         // SET replaces the selection even when it fails.
-        state.meta_export = None;
+        state.meta = None;
     }
     if !state.structured {
         reply_error(
@@ -298,30 +305,33 @@ fn meta_context(
         );
         return;
     }
-    let Some((canonical, _)) = server.lookup(&m.name) else {
+    let Some((canonical, export)) = server.lookup(&m.name) else {
         let msg = format!("no export named {:?}", m.name);
         reply_error(out, option, rep::ERR_UNKNOWN, &msg);
         return;
     };
-    let matches = |q: &str| {
-        if set {
-            q == BASE_ALLOCATION
-        } else {
-            q == BASE_ALLOCATION || q == "base:"
-        }
-    };
-    let selected = if set {
-        m.queries.iter().any(|q| matches(q))
-    } else {
-        m.queries.is_empty() || m.queries.iter().any(|q| matches(q))
-    };
-    if selected {
-        let id = if set { BASE_ALLOCATION_ID } else { 0 };
-        let data = hs::encode_rep_meta_context(id, BASE_ALLOCATION);
+    let own = export
+        .meta_contexts()
+        .into_iter()
+        .zip(BASE_ALLOCATION_ID + 1..);
+    let all = std::iter::once((BASE_ALLOCATION.to_owned(), BASE_ALLOCATION_ID)).chain(own);
+    // SET takes full names; LIST also takes `namespace:` for all of one
+    // namespace, and no query at all for every context.
+    let matches =
+        |q: &str, name: &str| q == name || (!set && q.ends_with(':') && name.starts_with(q));
+    let chosen: Vec<MetaContext> = all
+        .filter(|(name, _)| {
+            (!set && m.queries.is_empty()) || m.queries.iter().any(|q| matches(q, name))
+        })
+        .map(|(name, id)| (id, name))
+        .collect();
+    for (id, name) in &chosen {
+        let id = if set { *id } else { 0 };
+        let data = hs::encode_rep_meta_context(id, name);
         encode_option_reply(out, option, rep::META_CONTEXT, &data);
-        if set {
-            state.meta_export = Some(canonical);
-        }
+    }
+    if set && !chosen.is_empty() {
+        state.meta = Some((canonical, chosen));
     }
     encode_option_reply(out, option, rep::ACK, &[]);
 }

@@ -73,7 +73,8 @@ type SharedWriter = Arc<tokio::sync::Mutex<BufWriter<BoxWrite>>>;
 struct Context {
     export: Arc<dyn Export>,
     negotiated: Negotiated,
-    base_allocation: bool,
+    /// The metadata contexts selected for block status, by id.
+    contexts: Vec<super::handshake::MetaContext>,
     name: String,
 }
 
@@ -96,7 +97,7 @@ pub(super) async fn run(
     let ctx = Arc::new(Context {
         export: session.export,
         negotiated: session.negotiated,
-        base_allocation: session.base_allocation,
+        contexts: session.contexts,
         name: session.name,
     });
     let tasks = TaskTracker::new();
@@ -366,17 +367,27 @@ async fn execute(
             Ok(ok_reply(req))
         }
         Command::BlockStatus => {
-            if req.length == 0 || !ctx.base_allocation {
+            if req.length == 0 || ctx.contexts.is_empty() {
                 return Err(ExportError::Invalid("empty block status request".into()));
             }
-            let extents = e.block_status(req.offset, req.length).await?;
+            // One chunk per selected context, the last one marked done.
             let req_one = req.flags & cmd_flags::REQ_ONE != 0;
-            let descriptors = descriptors(&extents, req.length, req_one);
-            if descriptors.is_empty() {
-                return Err(ExportError::Invalid("export returned no extents".into()));
-            }
             let mut b = BytesMut::new();
-            tm::encode_block_status(&mut b, true, req.cookie, BASE_ALLOCATION_ID, &descriptors);
+            for (i, (id, name)) in ctx.contexts.iter().enumerate() {
+                let runs = if *id == BASE_ALLOCATION_ID {
+                    extent_runs(&e.block_status(req.offset, req.length).await?)
+                } else {
+                    e.context_status(name, req.offset, req.length).await?
+                };
+                let descriptors = descriptors(&runs, req.length, req_one);
+                if descriptors.is_empty() {
+                    return Err(ExportError::Invalid(format!(
+                        "export returned no extents for {name}"
+                    )));
+                }
+                let done = i + 1 == ctx.contexts.len();
+                tm::encode_block_status(&mut b, done, req.cookie, *id, &descriptors);
+            }
             Ok(vec![b.freeze()])
         }
         Command::Disc => Ok(Vec::new()),
@@ -479,19 +490,29 @@ fn push_flat(chunks: Vec<ReadChunk>, parts: &mut Vec<Bytes>) {
     }
 }
 
-/// Turns extents into `base:allocation` descriptors: merged where the status is
-/// equal, cut to fit `u32`, and no more than the request needs.
-fn descriptors(extents: &[Extent], len: u32, req_one: bool) -> Vec<Descriptor> {
+/// `base:allocation` runs (length, flags) of extents.
+fn extent_runs(extents: &[Extent]) -> Vec<(u64, u32)> {
+    extents
+        .iter()
+        .map(|e| {
+            let flags = if e.hole { state::HOLE } else { 0 } | if e.zero { state::ZERO } else { 0 };
+            (e.length, flags)
+        })
+        .collect()
+}
+
+/// Turns runs of (length, flags) into block status descriptors: merged where
+/// the flags are equal, cut to fit `u32`, and no more than the request needs.
+fn descriptors(runs: &[(u64, u32)], len: u32, req_one: bool) -> Vec<Descriptor> {
     let mut out: Vec<Descriptor> = Vec::new();
     let mut covered: u64 = 0;
-    for e in extents {
-        if covered >= u64::from(len) || e.length == 0 {
+    for &(length, flags) in runs {
+        if covered >= u64::from(len) || length == 0 {
             break;
         }
-        let flags = if e.hole { state::HOLE } else { 0 } | if e.zero { state::ZERO } else { 0 };
         // Keep descriptor lengths multiples of 512 where they are cut.
         let max = u64::from(u32::MAX - 511);
-        let mut left = e.length;
+        let mut left = length;
         while left > 0 {
             let piece = left.min(max);
             let piece32 = u32::try_from(piece).unwrap_or(u32::MAX - 511);
@@ -546,7 +567,7 @@ mod tests {
                 zero: true,
             },
         ];
-        let d = descriptors(&ext, 16384, false);
+        let d = descriptors(&extent_runs(&ext), 16384, false);
         assert_eq!(
             d,
             vec![
@@ -560,7 +581,7 @@ mod tests {
                 },
             ]
         );
-        let d = descriptors(&ext, 1000, true);
+        let d = descriptors(&extent_runs(&ext), 1000, true);
         assert_eq!(
             d,
             vec![Descriptor {
@@ -577,7 +598,7 @@ mod tests {
             hole: true,
             zero: true,
         }];
-        let d = descriptors(&ext, u32::MAX, false);
+        let d = descriptors(&extent_runs(&ext), u32::MAX, false);
         // The first descriptor stops short of the request; the last may cross it.
         assert_eq!(d.len(), 2);
         assert!(d.iter().all(|d| d.length % 512 == 0));
