@@ -7,8 +7,14 @@
 //!              from the origin, each once (host cache)
 //!  direct      qemu-nbd -e 64 serving the image; every VM reads it, no cache
 //!
-//!  t0 ─► every VM: connect ─► read 0 ─ think ─► read 1 ─ … ─► last read = booted
+//!  t0 ─► every VM at once: [create its snapshot] ─► connect ─► read 0 ─ think ─►
+//!        read 1 ─ … ─► last read = booted
 //! ```
+//!
+//! Time 0 is when the whole request arrives: in the cached modes a VM's
+//! snapshot is created on the clock (a host joins the image, and starts its
+//! prefetch, when its first VM is created), while `direct` has nothing to
+//! create.
 //!
 //! A VM's replay issues its reads one at a time, each `at_us` gap after the
 //! previous one completed (the guest's think time), or back to back. Every
@@ -267,6 +273,31 @@ async fn replay(
     }
     let _ = c.disconnect().await;
     Ok((t0.elapsed().as_secs_f64(), bytes))
+}
+
+/// Where a VM's disk comes from.
+enum VmDisk {
+    /// An export that already exists (the plain server of `direct` mode).
+    Ready(Endpoint, String),
+    /// A snapshot to create through the host's agent, named after the VM.
+    Create(ControlClient),
+}
+
+impl VmDisk {
+    /// The endpoint and export name of `vm`'s disk, creating it if needed.
+    async fn open(self, vm: &str) -> Result<(Endpoint, String), String> {
+        match self {
+            VmDisk::Ready(endpoint, export) => Ok((endpoint, export)),
+            VmDisk::Create(ctl) => {
+                let info = ctl
+                    .create_vm(vm, "img")
+                    .await
+                    .map_err(|e| format!("creating the VM: {e}"))?;
+                let sock = info.uri.split("socket=").nth(1).unwrap_or_default();
+                Ok((Endpoint::Unix(sock.into()), vm.to_owned()))
+            }
+        }
+    }
 }
 
 /// Boots one real guest from `endpoint`'s `export` and waits for the marker.
@@ -551,8 +582,7 @@ pub async fn run(
                 endpoints.push((
                     format!("vm{}", i + 1),
                     host,
-                    endpoint.clone(),
-                    "img".to_owned(),
+                    VmDisk::Ready(endpoint.clone(), "img".to_owned()),
                 ));
             }
         }
@@ -587,34 +617,24 @@ pub async fn run(
                 profile_trace,
                 net: config.net.clone(),
             })?;
+            // Each VM's snapshot is created inside the storm, on the clock:
+            // a host joins the image (and starts its prefetch) only when its
+            // first VM is created, as when a user's request arrives.
             let hosts: Vec<_> = c.state.hosts().cloned().collect();
             for i in 0..config.vms {
                 let h = &hosts[i % hosts.len()];
-                let vm = format!("vm{}", i + 1);
                 let ctl = ControlClient::new(h.data_dir.join("agent.sock"));
-                let info = ctl
-                    .create_vm(&vm, "img")
-                    .await
-                    .map_err(|e| StormError::Vm {
-                        vm: vm.clone(),
-                        message: e.to_string(),
-                    })?;
-                let sock = info
-                    .uri
-                    .split("socket=")
-                    .nth(1)
-                    .unwrap_or_default()
-                    .to_owned();
-                endpoints.push((vm.clone(), h.name.clone(), Endpoint::Unix(sock.into()), vm));
+                endpoints.push((format!("vm{}", i + 1), h.name.clone(), VmDisk::Create(ctl)));
             }
             cluster = Some(c);
         }
     }
 
-    // The storm: every VM starts at once.
+    // The storm: every VM starts at once (its snapshot created first, in
+    // the cached modes: time 0 is the moment the whole request arrives).
     let t0 = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for (vm, host, endpoint, export) in endpoints {
+    for (vm, host, disk) in endpoints {
         let trace = Arc::clone(&config.trace);
         let image = Arc::clone(&image);
         let b2b = config.back_to_back;
@@ -626,9 +646,12 @@ pub async fn run(
         let qemu = config.qemu.clone();
         let overlay = mode == StormMode::Direct;
         tasks.spawn(async move {
-            let r = match qemu {
-                Some(q) => boot_guest(&q, &endpoint, &export, overlay, t0).await,
-                None => replay(endpoint, export, trace, image, b2b, t0, delay).await,
+            let r = match disk.open(&vm).await {
+                Err(e) => Err(e),
+                Ok((endpoint, export)) => match qemu {
+                    Some(q) => boot_guest(&q, &endpoint, &export, overlay, t0).await,
+                    None => replay(endpoint, export, trace, image, b2b, t0, delay).await,
+                },
             };
             (vm, host, r)
         });
