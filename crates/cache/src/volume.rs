@@ -523,12 +523,21 @@ impl CachedVolume {
         for p in &pieces {
             self.touch(p.chunk);
         }
-        // Local pieces first, in one blocking call.
-        let vol = Arc::clone(self);
-        let ps = pieces.clone();
-        let mut local = tokio::task::spawn_blocking(move || vol.read_local(&ps))
-            .await
-            .map_err(|e| CacheError::Task(e.to_string()))??;
+        // Local pieces first: from the page cache without blocking, on this
+        // task (no hand-off to a thread: most reads of a warm host are
+        // these), else in one blocking call.
+        let inline = u64::from(len) <= INLINE_READ_MAX;
+        let mut local = match inline.then(|| self.read_local(&pieces, true)) {
+            Some(Ok(Some(local))) => local,
+            _ => {
+                let vol = Arc::clone(self);
+                let ps = pieces.clone();
+                tokio::task::spawn_blocking(move || vol.read_local(&ps, false))
+                    .await
+                    .map_err(|e| CacheError::Task(e.to_string()))??
+                    .ok_or_else(|| CacheError::Task("a blocking read gave up".into()))?
+            }
+        };
         // Missing pieces: fetch their chunks in parallel.
         /// Counts this read as waiting for as long as it waits.
         struct Waiting<'a>(&'a AtomicUsize);
@@ -583,12 +592,26 @@ impl CachedVolume {
     }
 
     /// Reads the pieces that are local (present or all-zero); `None` for the
-    /// others. Contiguous present pieces are read with one `pread`.
-    fn read_local(&self, pieces: &[Piece]) -> Result<Vec<Option<ReadChunk>>, CacheError> {
-        let _g = self
-            .gate
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    /// others. Contiguous present pieces are read with one `pread`. With
+    /// `nowait`, only from the page cache (`RWF_NOWAIT`): `Ok(None)` if any
+    /// of it would wait for the disk.
+    fn read_local(
+        &self,
+        pieces: &[Piece],
+        nowait: bool,
+    ) -> Result<Option<Vec<Option<ReadChunk>>>, CacheError> {
+        // Without waiting: not while an eviction holds the gate either.
+        let _g = if nowait {
+            match self.gate.try_read() {
+                Ok(g) => g,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return Ok(None),
+            }
+        } else {
+            self.gate
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
         let mut out: Vec<Option<ReadChunk>> = vec![None; pieces.len()];
         let mut k = 0;
         while k < pieces.len() {
@@ -611,16 +634,26 @@ impl CachedVolume {
             }
             let total: usize = pieces[k..j].iter().map(|p| p.len as usize).sum();
             let mut buf = BytesMut::zeroed(total);
-            self.data.read_exact_at(&mut buf, p.offset).map_err(|e| {
-                CacheError::io(
-                    format!(
-                        "volume {:?}: reading {total} bytes at {}",
-                        self.name, p.offset
-                    ),
-                    &self.data_path,
-                    e,
-                )
-            })?;
+            if nowait {
+                let mut slices = [std::io::IoSliceMut::new(&mut buf)];
+                let flags = rustix::io::ReadWriteFlags::NOWAIT;
+                match rustix::io::preadv2(&self.data, &mut slices, p.offset, flags) {
+                    Ok(n) if n == total => {}
+                    // Not all in the page cache, or no RWF_NOWAIT here.
+                    _ => return Ok(None),
+                }
+            } else {
+                self.data.read_exact_at(&mut buf, p.offset).map_err(|e| {
+                    CacheError::io(
+                        format!(
+                            "volume {:?}: reading {total} bytes at {}",
+                            self.name, p.offset
+                        ),
+                        &self.data_path,
+                        e,
+                    )
+                })?;
+            }
             let buf = buf.freeze();
             let mut at = 0usize;
             for (q, slot) in pieces[k..j].iter().zip(out[k..j].iter_mut()) {
@@ -630,12 +663,16 @@ impl CachedVolume {
             }
             k = j;
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
     /// The whole of chunk `index`: local if present, else fetched once for all
     /// waiting readers.
     async fn chunk_bytes(self: Arc<Self>, index: u64) -> Result<ReadChunk, CacheError> {
+        // A reader that joined a fetch someone else started, which then found
+        // the group full, tries once more itself: the fetch may have started
+        // under other conditions (volumes in use then, released since).
+        let mut retried = false;
         loop {
             if self.manifest.is_zero_chunk(index) {
                 return Ok(ReadChunk::Zero(self.manifest.chunk_len(index)));
@@ -643,26 +680,34 @@ impl CachedVolume {
             if self.present.get(index) {
                 let vol = Arc::clone(&self);
                 let local = tokio::task::spawn_blocking(move || {
-                    vol.read_local(&[Piece {
-                        chunk: index,
-                        offset: vol.manifest.chunk_offset(index),
-                        len: vol.manifest.chunk_len(index),
-                    }])
+                    vol.read_local(
+                        &[Piece {
+                            chunk: index,
+                            offset: vol.manifest.chunk_offset(index),
+                            len: vol.manifest.chunk_len(index),
+                        }],
+                        false,
+                    )
                 })
                 .await
-                .map_err(|e| CacheError::Task(e.to_string()))??;
+                .map_err(|e| CacheError::Task(e.to_string()))??
+                .unwrap_or_default();
                 if let Some(Some(c)) = local.into_iter().next() {
                     return Ok(c);
                 }
                 // Evicted in between: fetch it.
             }
+            let mut joined = false;
             let mut rx = {
                 let mut map = lock(&self.inflight);
                 if self.present.get(index) {
                     continue;
                 }
                 match map.get(&index) {
-                    Some(rx) => rx.clone(),
+                    Some(rx) => {
+                        joined = true;
+                        rx.clone()
+                    }
                     None => {
                         let (tx, rx) = watch::channel(None);
                         map.insert(index, rx.clone());
@@ -681,6 +726,10 @@ impl CachedVolume {
             };
             return match res {
                 Some(Ok(b)) => Ok(ReadChunk::Data(b)),
+                Some(Err(e)) if joined && !retried && matches!(*e, CacheError::NoSpace { .. }) => {
+                    retried = true;
+                    continue;
+                }
                 Some(Err(e)) => Err(CacheError::Shared(e)),
                 None => continue,
             };
@@ -1114,6 +1163,10 @@ impl VolumeExport {
         self.use_.volume()
     }
 }
+
+/// Reads up to this long try the page cache on the calling task first (a
+/// chunk's worth: a VM's reads and a child's chunk fetches).
+const INLINE_READ_MAX: u64 = 256 * 1024;
 
 /// Block sizes of cache exports: any alignment, 4 KiB preferred.
 pub(crate) const EXPORT_BLOCK_SIZES: BlockSizes = BlockSizes {
