@@ -193,11 +193,12 @@ async fn a_later_host_prefetches_the_boot_profile_before_its_vms_read() {
     let a2 = c.node("a2").await;
     a2.agent.ensure_image("img").await.unwrap();
     let v2 = a2.agent.volume("img").unwrap();
+    let st = v2.stats();
+    // The counter follows a chunk's presence by a moment: wait for both.
     wait_for("a2 to prefetch the profile", || async {
-        order.iter().all(|&i| v2.is_present(i))
+        order.iter().all(|&i| v2.is_present(i)) && st.prefetched_chunks.load(Ordering::Relaxed) == 4
     })
     .await;
-    let st = v2.stats();
     assert_eq!(st.misses.load(Ordering::Relaxed), 0, "a read happened");
     assert_eq!(st.hits.load(Ordering::Relaxed), 0, "a read happened");
     assert_eq!(st.prefetched_chunks.load(Ordering::Relaxed), 4);
