@@ -671,20 +671,24 @@ impl Agent {
         }
     }
 
+    /// The sources an assignment names, this host left out.
+    fn parent_sources(&self, a: &Assignment) -> Vec<Source> {
+        a.parents
+            .iter()
+            .filter(|p| p.node != self.config.name)
+            .map(|p| Source {
+                name: p.node.clone(),
+                addr: p.addr.clone(),
+            })
+            .collect()
+    }
+
     /// Applies a parent list from the coordinator.
     fn apply(&self, a: &Assignment) {
         let entry = lock(&self.images).get(&a.image).cloned();
         let Some(entry) = entry else { return };
         if let Role::Member { parents, epoch, .. } = &entry.role {
-            let list: Vec<Source> = a
-                .parents
-                .iter()
-                .filter(|p| p.node != self.config.name)
-                .map(|p| Source {
-                    name: p.node.clone(),
-                    addr: p.addr.clone(),
-                })
-                .collect();
+            let list = self.parent_sources(a);
             debug!(image = %a.image, epoch = a.epoch, parents = ?list, "new parents");
             if !a.origins.is_empty() {
                 parents.set_origins(known::origin_sources(&a.origins));
@@ -782,15 +786,7 @@ impl Agent {
                 self.group.add_volume(image, &m)?
             }
         };
-        let parent_list: Vec<Source> = assignment
-            .parents
-            .iter()
-            .filter(|p| p.node != self.config.name)
-            .map(|p| Source {
-                name: p.node.clone(),
-                addr: p.addr.clone(),
-            })
-            .collect();
+        let parent_list = self.parent_sources(&assignment);
         let entry = self.install_member(
             image,
             volume,

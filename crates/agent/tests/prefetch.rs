@@ -10,37 +10,18 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
-use common::{vm_client, wait_for};
-use tokio::task::JoinHandle;
+use common::{Node, vm_client, wait_for};
 use tokio_util::sync::CancellationToken;
 use virtman_agent::prefetch::{PrefetchConfig, fetch_profile};
-use virtman_agent::upstream::FetchConfig;
-use virtman_agent::{Agent, AgentConfig};
 use virtman_cache::BootProfile;
 use virtman_coordinator::{Coordinator, CoordinatorConfig, Options, Token};
 use virtman_image::ImageStore;
 
 const CHUNK: u32 = 64 * 1024;
 const TOKEN: &str = "prefetch-test-token-0123456789";
-
-struct Node {
-    agent: Arc<Agent>,
-    addr: String,
-    stop: CancellationToken,
-    task: JoinHandle<()>,
-}
-
-impl Node {
-    async fn kill(self) {
-        self.stop.cancel();
-        self.task.await.unwrap();
-    }
-}
 
 struct Cluster {
     dir: tempfile::TempDir,
@@ -119,32 +100,14 @@ impl Cluster {
     }
 
     async fn node(&self, name: &str) -> Node {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let agent = Agent::open(AgentConfig {
-            name: name.into(),
-            data_dir: self.dir.path().join(name),
-            image_store: None,
-            coordinator: self.url.clone(),
-            token: Some(TOKEN.into()),
-            advertise: addr.clone(),
-            cache_size: 1 << 30,
-            labels: BTreeMap::new(),
-            fetch: FetchConfig::default(),
-            heartbeat_interval: Duration::from_millis(200),
-        })
-        .unwrap();
-        agent.set_prefetch(PrefetchConfig::default());
-        let stop = CancellationToken::new();
-        let a = Arc::clone(&agent);
-        let s = stop.clone();
-        let task = tokio::spawn(async move { a.run(listener, s).await.unwrap() });
-        Node {
-            agent,
-            addr,
-            stop,
-            task,
-        }
+        Node::start(
+            name,
+            self.dir.path().join(name),
+            &self.url,
+            TOKEN,
+            PrefetchConfig::default(),
+        )
+        .await
     }
 
     fn manifest(&self) -> virtman_image::Manifest {

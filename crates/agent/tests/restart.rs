@@ -14,19 +14,15 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{vm_client, wait_for};
+use common::{Node, vm_client, wait_for};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use virtman_agent::known::{KnownUpstream, known_path};
 use virtman_agent::prefetch::PrefetchConfig;
-use virtman_agent::upstream::FetchConfig;
-use virtman_agent::{Agent, AgentConfig};
 use virtman_coordinator::{Coordinator, CoordinatorConfig, Options, Token};
 use virtman_image::ImageStore;
 use virtman_nbd::Client;
@@ -34,19 +30,6 @@ use virtman_nbd::Client;
 const CHUNK: u32 = 64 * 1024;
 const CHUNKS: usize = 32;
 const TOKEN: &str = "restart-test-token-0123456789";
-
-struct Node {
-    agent: Arc<Agent>,
-    stop: CancellationToken,
-    task: JoinHandle<()>,
-}
-
-impl Node {
-    async fn kill(self) {
-        self.stop.cancel();
-        self.task.await.unwrap();
-    }
-}
 
 struct Cluster {
     dir: tempfile::TempDir,
@@ -138,31 +121,18 @@ impl Cluster {
     }
 
     async fn node(&self, name: &str) -> Node {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let agent = Agent::open(AgentConfig {
-            name: name.into(),
-            data_dir: self.data_dir(name),
-            image_store: None,
-            coordinator: self.url.clone(),
-            token: Some(TOKEN.into()),
-            advertise: addr,
-            cache_size: 1 << 30,
-            labels: BTreeMap::new(),
-            fetch: FetchConfig::default(),
-            heartbeat_interval: Duration::from_millis(200),
-        })
-        .unwrap();
         // No background prefetch: every chunk a VM reads is a demand fetch.
-        agent.set_prefetch(PrefetchConfig {
-            profile: false,
-            ..PrefetchConfig::default()
-        });
-        let stop = CancellationToken::new();
-        let a = Arc::clone(&agent);
-        let s = stop.clone();
-        let task = tokio::spawn(async move { a.run(listener, s).await.unwrap() });
-        Node { agent, stop, task }
+        Node::start(
+            name,
+            self.data_dir(name),
+            &self.url,
+            TOKEN,
+            PrefetchConfig {
+                profile: false,
+                ..PrefetchConfig::default()
+            },
+        )
+        .await
     }
 
     fn digest(&self) -> String {

@@ -39,3 +39,58 @@ pub async fn vm_client(socket: &Path, vm: &str) -> Client {
         }
     }
 }
+
+/// An agent running in this process, on a loopback listener.
+pub struct Node {
+    pub agent: std::sync::Arc<virtman_agent::Agent>,
+    /// The address children use.
+    pub addr: String,
+    /// Cancelling it stops the agent (and anything tied to its life).
+    pub stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    /// Starts agent `name` with its data in `data_dir`, heartbeating every
+    /// 200 ms to the coordinator at `url`, with prefetch set to `prefetch`.
+    pub async fn start(
+        name: &str,
+        data_dir: PathBuf,
+        url: &str,
+        token: &str,
+        prefetch: virtman_agent::prefetch::PrefetchConfig,
+    ) -> Node {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let agent = virtman_agent::Agent::open(virtman_agent::AgentConfig {
+            name: name.into(),
+            data_dir,
+            image_store: None,
+            coordinator: url.to_owned(),
+            token: Some(token.into()),
+            advertise: addr.clone(),
+            cache_size: 1 << 30,
+            labels: std::collections::BTreeMap::new(),
+            fetch: virtman_agent::upstream::FetchConfig::default(),
+            heartbeat_interval: Duration::from_millis(200),
+        })
+        .unwrap();
+        agent.set_prefetch(prefetch);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let a = std::sync::Arc::clone(&agent);
+        let s = stop.clone();
+        let task = tokio::spawn(async move { a.run(listener, s).await.unwrap() });
+        Node {
+            agent,
+            addr,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops the agent (as a crash would, without leaving its sessions).
+    pub async fn kill(self) {
+        self.stop.cancel();
+        self.task.await.unwrap();
+    }
+}
