@@ -286,20 +286,18 @@ fn a_storm_on_shaped_links_reads_the_image_and_ranks_origin_load() {
     assert!(left.is_empty(), "namespaces left: {left:?}");
 }
 
-#[test]
-fn a_storm_of_real_guests_boots_every_vm_in_every_mode() {
+/// `virtman storm EXTRA... --qemu` of the test guest booting from `disk`
+/// (a guest is done when it prints its done line), work files under `dir`;
+/// asserts success and returns report.json.
+fn real_guest_storm(dir: &Path, disk: &Path, extra: &[&str]) -> serde_json::Value {
     let assets = virtman_testkit::guest::assets().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.raw");
-    assets.copy_disk(&disk).unwrap();
-    let before = std::fs::read(&disk).unwrap();
-    let out_dir = dir.path().join("results");
+    let out_dir = dir.join("results");
     let out = Command::new(BIN)
-        .args([
-            "storm", "--hosts", "2", "--vms", "2", "--mode", "all", "--qemu",
-        ])
+        .arg("storm")
+        .args(extra)
+        .arg("--qemu")
         .arg("--image")
-        .arg(&disk)
+        .arg(disk)
         .arg("--kernel")
         .arg(&assets.kernel)
         .arg("--initrd")
@@ -309,7 +307,7 @@ fn a_storm_of_real_guests_boots_every_vm_in_every_mode() {
         .args(["--boot-timeout", "120s", "--out"])
         .arg(&out_dir)
         .env("VIRTMAN_LOG", "warn")
-        .env("TMPDIR", dir.path())
+        .env("TMPDIR", dir)
         .output()
         .unwrap();
     assert!(
@@ -317,8 +315,21 @@ fn a_storm_of_real_guests_boots_every_vm_in_every_mode() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let reports: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out_dir.join("report.json")).unwrap()).unwrap();
+    serde_json::from_slice(&std::fs::read(out_dir.join("report.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn a_storm_of_real_guests_boots_every_vm_in_every_mode() {
+    let assets = virtman_testkit::guest::assets().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.raw");
+    assets.copy_disk(&disk).unwrap();
+    let before = std::fs::read(&disk).unwrap();
+    let reports = real_guest_storm(
+        dir.path(),
+        &disk,
+        &["--hosts", "2", "--vms", "2", "--mode", "all"],
+    );
     let reports = reports.as_array().unwrap();
     assert_eq!(reports.len(), 3);
     for r in reports {
@@ -482,30 +493,11 @@ fn with_namespaces_a_real_guest_is_counted_on_the_plain_servers_link() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.raw");
     assets.copy_disk(&disk).unwrap();
-    let out_dir = dir.path().join("results");
-    let out = Command::new(BIN)
-        .args(["storm", "--hosts", "1", "--vms", "1", "--mode", "direct"])
-        .args(["--netns", "--qemu", "--image"])
-        .arg(&disk)
-        .arg("--kernel")
-        .arg(&assets.kernel)
-        .arg("--initrd")
-        .arg(&assets.initrd)
-        .args(["--append", "console=ttyS0 panic=-1 quiet virtman.id=storm"])
-        .args(["--boot-marker", virtman_testkit::guest::DONE_LINE])
-        .args(["--boot-timeout", "120s", "--out"])
-        .arg(&out_dir)
-        .env("VIRTMAN_LOG", "warn")
-        .env("TMPDIR", dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let reports = real_guest_storm(
+        dir.path(),
+        &disk,
+        &["--hosts", "1", "--vms", "1", "--mode", "direct", "--netns"],
     );
-    let reports: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out_dir.join("report.json")).unwrap()).unwrap();
     let r = &reports[0];
     // The guest's reads of its disk (ext4 metadata and its two files) crossed
     // the origin's link: counted, and far less than the whole disk.
