@@ -176,6 +176,8 @@ fn absurd_settings_and_unknown_images_exit_with_an_error() {
         vec!["--parents", "0"],
         vec!["--heartbeat-interval", "2s", "--heartbeat-timeout", "1s"],
         vec!["--heartbeat-interval", "soon"],
+        vec!["--origin-fanout", "0"],
+        vec!["--fanout", "4", "--origin-fanout", "5"],
     ] {
         let out = Command::new(BIN)
             .args(["coordinator", "--listen", "127.0.0.1:0"])
