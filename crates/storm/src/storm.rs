@@ -225,12 +225,35 @@ impl StormReport {
     }
 }
 
-/// Replays `trace` against one VM's export, checking every byte with `image`.
+/// The bytes each of `trace`'s reads must return, in trace order, read from
+/// `image` once before the storm so that checking a VM's reads costs the
+/// replayers a comparison, not a read of the image per VM.
+fn expected_reads(trace: &Trace, image: &File) -> Result<Vec<Vec<u8>>, StormError> {
+    trace
+        .reads
+        .iter()
+        .map(|r| {
+            let len = usize::try_from(r.length)
+                .map_err(|_| StormError::Config(format!("a read of {} bytes", r.length)))?;
+            let mut want = vec![0u8; len];
+            image.read_exact_at(&mut want, r.offset).map_err(|e| {
+                StormError::Config(format!(
+                    "reading the image at {} (+{}): {e}",
+                    r.offset, r.length
+                ))
+            })?;
+            Ok(want)
+        })
+        .collect()
+}
+
+/// Replays `trace` against one VM's export, checking every byte against
+/// `expected` (from [`expected_reads`]).
 async fn replay(
     endpoint: Endpoint,
     export: String,
     trace: Arc<Trace>,
-    image: Arc<File>,
+    expected: Arc<Vec<Vec<u8>>>,
     back_to_back: bool,
     t0: Instant,
     per_read_delay: Duration,
@@ -247,7 +270,7 @@ async fn replay(
     .map_err(|e| e.to_string())?;
     let mut last_at = 0u64;
     let mut bytes = 0u64;
-    for r in &trace.reads {
+    for (r, want) in trace.reads.iter().zip(expected.iter()) {
         if !back_to_back && r.at_us > last_at {
             tokio::time::sleep(Duration::from_micros(r.at_us - last_at)).await;
         }
@@ -259,10 +282,6 @@ async fn replay(
             .read(r.offset, r.length)
             .await
             .map_err(|e| e.to_string())?;
-        let mut want = vec![0u8; got.len()];
-        image
-            .read_exact_at(&mut want, r.offset)
-            .map_err(|e| format!("reading the image: {e}"))?;
         if got[..] != want[..] {
             return Err(format!(
                 "read of {} bytes at {} differs from the image",
@@ -474,10 +493,8 @@ pub async fn run(
             "a storm needs at least one host and one VM".into(),
         ));
     }
-    let image = Arc::new(
-        File::open(&config.image)
-            .map_err(|e| StormError::Config(format!("opening {}: {e}", config.image.display())))?,
-    );
+    let image = File::open(&config.image)
+        .map_err(|e| StormError::Config(format!("opening {}: {e}", config.image.display())))?;
     let image_size = image
         .metadata()
         .map_err(|e| StormError::Config(e.to_string()))?
@@ -493,6 +510,12 @@ pub async fn run(
     let dir = config.dir.join(mode.name());
     let working_set = config.trace.chunk_bytes(virtman_image::DEFAULT_CHUNK_SIZE);
     check_capacity(config, mode, image_size, working_set)?;
+    // Real guests check themselves (they boot or not); replays check bytes.
+    let expected = Arc::new(if config.qemu.is_none() {
+        expected_reads(&config.trace, &image)?
+    } else {
+        Vec::new()
+    });
 
     // Set up the mode's servers and one endpoint per VM.
     let mut cluster = None;
@@ -636,7 +659,7 @@ pub async fn run(
     let mut tasks = tokio::task::JoinSet::new();
     for (vm, host, disk) in endpoints {
         let trace = Arc::clone(&config.trace);
-        let image = Arc::clone(&image);
+        let expected = Arc::clone(&expected);
         let b2b = config.back_to_back;
         let delay = if mode == StormMode::Direct && config.net.is_some() {
             config.link_delay
@@ -650,7 +673,7 @@ pub async fn run(
                 Err(e) => Err(e),
                 Ok((endpoint, export)) => match qemu {
                     Some(q) => boot_guest(&q, &endpoint, &export, overlay, t0).await,
-                    None => replay(endpoint, export, trace, image, b2b, t0, delay).await,
+                    None => replay(endpoint, export, trace, expected, b2b, t0, delay).await,
                 },
             };
             (vm, host, r)
