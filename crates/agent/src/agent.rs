@@ -62,8 +62,8 @@ pub struct AgentConfig {
     pub token: Option<String>,
     /// The address children reach this node's base exports at (`host:port`).
     pub advertise: String,
-    /// Cache group capacity in bytes.
-    pub cache_size: u64,
+    /// The cache group's capacity and tunables.
+    pub cache: GroupConfig,
     /// Labels sent on join (e.g. `rack`).
     pub labels: BTreeMap<String, String>,
     /// Fetching from parents.
@@ -291,10 +291,7 @@ impl Agent {
         // Absolute, so the socket paths in VM URIs work from any directory.
         config.data_dir = std::path::absolute(&config.data_dir)
             .map_err(io(format!("resolving {}", config.data_dir.display())))?;
-        let group = CacheGroup::open(
-            config.data_dir.join("cache"),
-            GroupConfig::with_capacity(config.cache_size),
-        )?;
+        let group = CacheGroup::open(config.data_dir.join("cache"), config.cache.clone())?;
         let store_dir = config
             .image_store
             .clone()

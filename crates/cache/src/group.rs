@@ -38,18 +38,39 @@ pub struct GroupConfig {
     /// that a storm of misses does not evict one chunk per fetch.
     #[serde(default = "default_low_watermark")]
     pub low_watermark: f64,
+    /// How long a fetched chunk may stay stored but not yet durable, in
+    /// milliseconds: stored chunks are synced and recorded in the presence
+    /// file in one batch at most this long after the first of them (0: as
+    /// soon as possible). A crash loses at most this much fetching (those
+    /// chunks are fetched again); a longer interval keeps the sync and its
+    /// writeback out of a boot storm. Clean shutdown and eviction commit
+    /// first regardless.
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
 }
 
 fn default_low_watermark() -> f64 {
     0.9
 }
 
+fn default_commit_interval_ms() -> u64 {
+    DEFAULT_COMMIT_INTERVAL_MS
+}
+
+/// The default of [`GroupConfig::commit_interval_ms`]: 5 s.
+pub const DEFAULT_COMMIT_INTERVAL_MS: u64 = 5000;
+
+/// The longest [`GroupConfig::commit_interval_ms`] accepted: 10 minutes.
+pub const MAX_COMMIT_INTERVAL_MS: u64 = 600_000;
+
 impl GroupConfig {
-    /// A group of `capacity` bytes, draining to 90 % when full.
+    /// A group of `capacity` bytes, draining to 90 % when full, committing
+    /// fetched chunks every 5 s.
     pub fn with_capacity(capacity: u64) -> GroupConfig {
         GroupConfig {
             capacity,
             low_watermark: default_low_watermark(),
+            commit_interval_ms: DEFAULT_COMMIT_INTERVAL_MS,
         }
     }
 }
@@ -59,6 +80,7 @@ impl GroupConfig {
 pub(crate) struct Accounting {
     capacity: u64,
     low: u64,
+    pub(crate) commit_interval: std::time::Duration,
     used: AtomicU64,
     clock: AtomicU64,
     volumes: Mutex<Vec<WeakVolume>>,
@@ -267,6 +289,12 @@ impl CacheGroup {
                 config.low_watermark
             )));
         }
+        if config.commit_interval_ms > MAX_COMMIT_INTERVAL_MS {
+            return Err(CacheError::Config(format!(
+                "commit interval {} ms is longer than {MAX_COMMIT_INTERVAL_MS} ms",
+                config.commit_interval_ms
+            )));
+        }
         for d in [dir.clone(), dir.join(VOLUMES), dir.join(SNAPSHOTS)] {
             fs::create_dir_all(&d).map_err(|e| CacheError::io("creating", &d, e))?;
         }
@@ -294,6 +322,7 @@ impl CacheGroup {
         let acct = Arc::new(Accounting {
             capacity: config.capacity,
             low: low.min(config.capacity),
+            commit_interval: std::time::Duration::from_millis(config.commit_interval_ms),
             used: AtomicU64::new(0),
             clock: AtomicU64::new(0),
             volumes: Mutex::new(Vec::new()),
@@ -501,13 +530,22 @@ mod tests {
             let err = CacheGroup::open(
                 dir.path(),
                 GroupConfig {
-                    capacity: 10,
                     low_watermark: bad,
+                    ..GroupConfig::with_capacity(10)
                 },
             )
             .unwrap_err();
             assert!(matches!(err, CacheError::Config(_)), "{err}");
         }
+        let err = CacheGroup::open(
+            dir.path(),
+            GroupConfig {
+                commit_interval_ms: MAX_COMMIT_INTERVAL_MS + 1,
+                ..GroupConfig::with_capacity(10)
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("commit interval"), "{err}");
     }
 
     #[test]

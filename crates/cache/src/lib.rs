@@ -26,7 +26,9 @@ pub mod upstream;
 pub mod volume;
 
 pub use error::CacheError;
-pub use group::{CacheGroup, GroupConfig, Usage};
+pub use group::{
+    CacheGroup, DEFAULT_COMMIT_INTERVAL_MS, GroupConfig, MAX_COMMIT_INTERVAL_MS, Usage,
+};
 pub use profile::{BootProfile, ProfileEntry};
 pub use snapshot::Snapshot;
 pub use upstream::{ChunkRequest, FileUpstream, Upstream, UpstreamError};

@@ -22,7 +22,8 @@
 //!        leader task: upstream.fetch ─► verify (BLAKE3 vs manifest) ─► reserve
 //!        capacity (may evict) ─► pwrite ─► present bit ─► queue for commit
 //!                                                             │
-//!        committer (batched): fdatasync(data) ─► durable bits ─► write presence
+//!        committer (batched, at most the group's commit interval later):
+//!                   fdatasync(data) ─► durable bits ─► write presence
 //! ```
 //!
 //! Two maps are kept: `present` (readable from `data` now) and `durable`
@@ -842,8 +843,9 @@ impl CachedVolume {
         Ok(())
     }
 
-    /// Chunks stored but not yet durable.
-    pub(crate) fn pending_chunks(&self) -> usize {
+    /// Chunks stored but not yet durable (committed within the group's
+    /// commit interval).
+    pub fn pending_chunks(&self) -> usize {
         lock(&self.pending).len()
     }
 
@@ -851,11 +853,23 @@ impl CachedVolume {
         if self.commit_scheduled.swap(true, Ordering::AcqRel) {
             return;
         }
-        let vol = Arc::clone(self);
-        tokio::task::spawn_blocking(move || {
-            vol.commit_scheduled.store(false, Ordering::Release);
-            if let Err(e) = vol.commit() {
-                tracing::warn!(volume = %vol.name, error = %e, "committing fetched chunks failed; will retry");
+        // Weak: a volume closed meanwhile committed as it dropped.
+        let weak = Arc::downgrade(self);
+        let interval = self.acct.commit_interval;
+        tokio::spawn(async move {
+            tokio::time::sleep(interval).await;
+            let Some(vol) = weak.upgrade() else {
+                return;
+            };
+            let res = tokio::task::spawn_blocking(move || {
+                vol.commit_scheduled.store(false, Ordering::Release);
+                if let Err(e) = vol.commit() {
+                    tracing::warn!(volume = %vol.name, error = %e, "committing fetched chunks failed; will retry");
+                }
+            })
+            .await;
+            if let Err(e) = res {
+                tracing::warn!(error = %e, "the commit task failed");
             }
         });
     }

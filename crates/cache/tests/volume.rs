@@ -101,6 +101,41 @@ async fn fills_on_demand_single_flight_and_survives_reopen() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetched_chunks_are_committed_in_one_batch_after_the_commit_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = image_bytes(3, 8 * CHUNK as usize, CHUNK as usize);
+    let m = virtman_image::Manifest::of_bytes(&data, CHUNK).unwrap();
+    let interval = Duration::from_millis(400);
+    let g = CacheGroup::open(
+        dir.path(),
+        GroupConfig {
+            commit_interval_ms: interval.as_millis() as u64,
+            ..GroupConfig::with_capacity(1 << 30)
+        },
+    )
+    .unwrap();
+    let v = g.add_volume("img", &m).unwrap();
+    v.set_upstream(Some(MemUpstream::new(data.clone()) as Arc<dyn Upstream>));
+    let first = std::time::Instant::now();
+    v.read_bytes(0, CHUNK).await.unwrap();
+    v.read_bytes(4 * u64::from(CHUNK), 2 * CHUNK).await.unwrap();
+    // Stored and readable at once, durable only later: nothing is synced
+    // before the interval has passed since the first chunk.
+    assert_eq!(v.present_list(), vec![0, 4, 5]);
+    tokio::time::sleep(interval / 4).await;
+    assert_eq!(v.pending_chunks(), 3);
+    while v.pending_chunks() > 0 {
+        assert!(first.elapsed() < Duration::from_secs(20), "never committed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(first.elapsed() >= interval, "committed before the interval");
+    // What the commit recorded survives a restart.
+    drop((v, g));
+    let g = group(dir.path(), 1 << 30);
+    assert_eq!(g.volume("img").unwrap().present_list(), vec![0, 4, 5]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lying_upstream_never_gets_a_wrong_byte_to_a_reader() {
     let dir = tempfile::tempdir().unwrap();
     let data = image_bytes(2, 24 * CHUNK as usize + 333, CHUNK as usize);
@@ -345,8 +380,8 @@ async fn in_use_objects_and_second_opener_are_refused() {
         CacheGroup::open(
             dir.path().join("x"),
             GroupConfig {
-                capacity: 1,
-                low_watermark: 0.0
+                low_watermark: 0.0,
+                ..GroupConfig::with_capacity(1)
             }
         )
         .is_err()

@@ -15,6 +15,7 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 use virtman_agent::upstream::FetchConfig;
 use virtman_agent::{Agent, AgentConfig};
+use virtman_cache::GroupConfig;
 
 use crate::units::parse_size;
 
@@ -61,6 +62,13 @@ pub struct AgentArgs {
     /// Capacity of the cache group (e.g. 512M, 50G).
     #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = parse_size)]
     pub cache_size: u64,
+
+    /// How long a fetched chunk may wait before it is synced and recorded
+    /// as cached (0s: at once). A crash loses at most this much fetching,
+    /// which is fetched again; a longer wait keeps the sync's disk writes
+    /// out of a boot storm. At most 10m.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = crate::coordinator::parse_duration)]
+    pub commit_interval: std::time::Duration,
 
     /// File holding the coordinator's bearer token.
     #[arg(long, value_name = "FILE")]
@@ -136,7 +144,10 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         coordinator: args.coordinator.clone(),
         token,
         advertise,
-        cache_size: args.cache_size,
+        cache: GroupConfig {
+            commit_interval_ms: u64::try_from(args.commit_interval.as_millis()).unwrap_or(u64::MAX),
+            ..GroupConfig::with_capacity(args.cache_size)
+        },
         labels,
         fetch: FetchConfig {
             link_delay: args.link_delay.unwrap_or_default(),

@@ -635,3 +635,15 @@ fn a_real_vm_boots_two_levels_below_the_origin_and_its_writes_stay_in_its_snapsh
         "boot cli-boot\n"
     );
 }
+
+#[test]
+fn an_agent_with_an_absurd_commit_interval_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), "t0ken").unwrap();
+    let mut args = Cluster::agent_args(dir.path(), "http://127.0.0.1:9", "a1");
+    args.extend(["--commit-interval".into(), "11m".into()]);
+    let out = Command::new(BIN).args(&args).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("commit interval"), "{err}");
+}

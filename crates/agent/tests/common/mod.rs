@@ -69,7 +69,7 @@ impl Node {
             coordinator: url.to_owned(),
             token: Some(token.into()),
             advertise: addr.clone(),
-            cache_size: 1 << 30,
+            cache: virtman_cache::GroupConfig::with_capacity(1 << 30),
             labels: std::collections::BTreeMap::new(),
             fetch: virtman_agent::upstream::FetchConfig::default(),
             heartbeat_interval: Duration::from_millis(200),
