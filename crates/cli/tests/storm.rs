@@ -133,6 +133,115 @@ fn the_default_trace_is_the_real_debian_boot_and_bad_traces_are_refused() {
 }
 
 #[test]
+fn cluster_up_with_a_profile_prefetches_its_chunks_before_any_vm_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("img.raw");
+    // 16 chunks of 256 KiB, none all-zero.
+    std::fs::write(&image, vec![7u8; 4 << 20]).unwrap();
+    let chunk = 256 << 10;
+    let trace = dir.path().join("boot.trace");
+    std::fs::write(
+        &trace,
+        format!(
+            "virtman-trace 1\nimage-size {}\n0 {} 4096\n10 {} 512\n20 {} 8192\n",
+            4 << 20,
+            2 * chunk,
+            9 * chunk + 100,
+            5 * chunk
+        ),
+    )
+    .unwrap();
+    let cdir = dir.path().join("cluster");
+    // A bad profile is refused with its name, and nothing is left running.
+    let bad = dir.path().join("bad.trace");
+    std::fs::write(&bad, "not a trace\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["cluster", "up", "--hosts", "1", "--profile"])
+        .arg(&bad)
+        .arg("--image")
+        .arg(&image)
+        .arg("--dir")
+        .arg(&cdir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.trace"), "{err}");
+    assert_eq!(err.matches("error:").count(), 1, "{err}");
+    assert!(!cdir.exists(), "a refused cluster left its directory");
+    // A directory holding anything else is refused and left alone (down
+    // removes a cluster's directory whole).
+    let busy = dir.path().join("busy");
+    std::fs::create_dir(&busy).unwrap();
+    std::fs::write(busy.join("notes.txt"), "mine").unwrap();
+    let out = Command::new(BIN)
+        .args(["cluster", "up", "--hosts", "1", "--image"])
+        .arg(&image)
+        .arg("--dir")
+        .arg(&busy)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not empty"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(busy.join("notes.txt")).unwrap(),
+        "mine"
+    );
+
+    let state = cluster_up(
+        &image,
+        &cdir,
+        &["--hosts", "1", "--profile", trace.to_str().unwrap()],
+    );
+    let host = state["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "host1")
+        .unwrap();
+    let data_dir = host["data_dir"].as_str().unwrap().to_owned();
+    let out = Command::new(BIN)
+        .args([
+            "vm",
+            "create",
+            "vm1",
+            "--image",
+            "img",
+            "--data-dir",
+            &data_dir,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // Nobody reads the VM's disk, yet the host fetches the profile's three
+    // chunks (and only those) from the tree.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let image_status = loop {
+        let out = Command::new(BIN)
+            .args(["status", "--json", "--data-dir", &data_dir])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let img = s["images"][0].clone();
+        if img["prefetch"]["profile_done"] == true {
+            break img;
+        }
+        assert!(std::time::Instant::now() < deadline, "no prefetch: {s}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let p = &image_status["prefetch"];
+    assert_eq!(p["profile_chunks"], 3, "{image_status}");
+    assert_eq!(p["prefetched_chunks"], 3, "{image_status}");
+    assert!(
+        (image_status["progress"].as_f64().unwrap() - 3.0 / 16.0).abs() < 1e-9,
+        "{image_status}"
+    );
+    assert!(cluster_down(&cdir).status.success());
+}
+
+#[test]
 fn cluster_down_leaves_no_process_and_no_file() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("img.raw");

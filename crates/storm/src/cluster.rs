@@ -377,8 +377,29 @@ impl Cluster {
                 dir.display()
             )));
         }
+        // `cluster down` (and a failed `up`) removes the directory whole, so
+        // it must hold nothing but the cluster.
+        if fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
+            return Err(ClusterError::Command(format!(
+                "{} is not empty: a cluster needs a new or empty directory \
+                 (`cluster down` removes it whole)",
+                dir.display()
+            )));
+        }
         fs::create_dir_all(dir).map_err(io("creating", dir))?;
         let dir = std::path::absolute(dir).map_err(io("resolving", dir))?;
+        // From here on, a failure stops what was started and removes `dir`.
+        let mut cluster = Cluster {
+            dir: dir.clone(),
+            state: ClusterState {
+                coordinator: String::new(),
+                image: config.image_name.clone(),
+                members: Vec::new(),
+                namespaces: Vec::new(),
+                bridge: None,
+            },
+            detached: false,
+        };
         let token = dir.join("token");
         fs::write(&token, TOKEN).map_err(io("writing", &token))?;
         let store = dir.join("origin/images");
@@ -394,7 +415,7 @@ impl Cluster {
             return Err(ClusterError::Command(format!(
                 "importing {}: {}",
                 config.image.display(),
-                String::from_utf8_lossy(&out.stderr)
+                child_error(&out.stderr)
             )));
         }
         if let Some(trace) = &config.profile_trace {
@@ -410,21 +431,10 @@ impl Cluster {
                 return Err(ClusterError::Command(format!(
                     "storing the boot profile {}: {}",
                     trace.display(),
-                    String::from_utf8_lossy(&out.stderr)
+                    child_error(&out.stderr)
                 )));
             }
         }
-        let mut cluster = Cluster {
-            dir: dir.clone(),
-            state: ClusterState {
-                coordinator: String::new(),
-                image: config.image_name.clone(),
-                members: Vec::new(),
-                namespaces: Vec::new(),
-                bridge: None,
-            },
-            detached: false,
-        };
         let net = match &config.net {
             Some(n) => {
                 let net = Net::new(n)?;
@@ -563,6 +573,15 @@ fn stop_all(state: &ClusterState) {
     if let Some(br) = &state.bridge {
         let _ = run(&["ip", "link", "del", br]);
     }
+}
+
+/// What a failed `virtman` subcommand printed, without its own prefix.
+fn child_error(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let text = text.trim();
+    text.strip_prefix("virtman: error: ")
+        .unwrap_or(text)
+        .to_owned()
 }
 
 impl Drop for Cluster {

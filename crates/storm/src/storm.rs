@@ -619,8 +619,10 @@ pub async fn run(
                 }
             };
             let profile_trace = if mode == StormMode::Virtman && config.prefetch {
-                std::fs::create_dir_all(&dir).map_err(|e| StormError::Config(e.to_string()))?;
-                let path = dir.join("boot.trace");
+                // Beside the cluster's directory, which must start empty.
+                std::fs::create_dir_all(&config.dir)
+                    .map_err(|e| StormError::Config(e.to_string()))?;
+                let path = config.dir.join("boot.trace");
                 std::fs::write(&path, config.trace.to_text())
                     .map_err(|e| StormError::Config(format!("writing {}: {e}", path.display())))?;
                 Some(path)
