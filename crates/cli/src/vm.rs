@@ -174,9 +174,20 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let s = runtime()?.block_on(args.agent.client().status())?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
-        return Ok(());
+    } else {
+        print!("{}", status_text(&s));
     }
-    println!(
+    Ok(())
+}
+
+/// `virtman status` for a person: the host, then one line per image (held
+/// fraction, parents or what an origin sent, prefetch), then the VMs.
+fn status_text(s: &virtman_agent::agent::Status) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = writeln!(
+        out,
         "node {} at {}  (coordinator {})",
         s.node,
         s.advertise,
@@ -186,14 +197,16 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             "UNREACHABLE"
         }
     );
-    println!(
+    let _ = writeln!(
+        out,
         "cache {} of {} used; served {} to children, {} to VMs",
         human(s.cache_used),
         human(s.cache_capacity),
         human(s.served_to_children),
         human(s.served_to_vms)
     );
-    println!(
+    let _ = writeln!(
+        out,
         "\n{:<20} {:<7} {:>10} {:>7}  PARENTS / SENT",
         "IMAGE", "ROLE", "SIZE", "HELD"
     );
@@ -226,7 +239,8 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             ),
             _ => detail,
         };
-        println!(
+        let _ = writeln!(
+            out,
             "{:<20} {:<7} {:>10} {:>6.1}%  {}",
             i.name,
             i.role,
@@ -235,9 +249,73 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             detail
         );
     }
-    println!("\n{} VMs", s.vms.len());
+    let _ = writeln!(out, "\n{} VMs", s.vms.len());
     for v in &s.vms {
-        println!("  {:<20} {:<20} {}", v.name, v.image, v.uri);
+        let _ = writeln!(out, "  {:<20} {:<20} {}", v.name, v.image, v.uri);
     }
-    Ok(())
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_text_says_where_each_image_comes_from() {
+        let image = |name: &str, extra: serde_json::Value| {
+            let mut v = serde_json::json!({
+                "name": name, "role": "member", "size": 1u64 << 30, "progress": 0.25,
+                "parents": ["h1", "h2"], "fetched": [], "from_origins": 0,
+                "failovers": 3, "sent": null,
+            });
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            v
+        };
+        let s: virtman_agent::agent::Status = serde_json::from_value(serde_json::json!({
+            "node": "h3", "advertise": "10.0.0.3:10809",
+            "images": [
+                image("saved", serde_json::json!({"on_saved_parents": true})),
+                image("joined", serde_json::json!({"prefetch": {
+                    "profile_chunks": 240, "profile_done": true, "recorded_chunks": 0,
+                    "prefetched_chunks": 200, "prefetched_bytes": 200u64 << 18,
+                    "pinned": true, "pin_done": false}})),
+                image("base", serde_json::json!({"role": "origin", "progress": 1.0,
+                    "parents": [], "sent": {"bytes": 1u64 << 20, "chunks_sent": 4,
+                    "max_per_chunk": 1}})),
+            ],
+            "vms": [{"name": "vm1", "image": "joined", "uri": "nbd+unix:///vm1?socket=/s",
+                     "written_bytes": 0}],
+            "cache_used": 1u64 << 28, "cache_capacity": 1u64 << 31,
+            "served_to_children": 0, "served_to_vms": 0, "coordinator_ok": false,
+        }))
+        .unwrap();
+        let text = status_text(&s);
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_else(|| panic!("no line for {name}: {text}"))
+                .to_owned()
+        };
+        assert!(text.contains("(coordinator UNREACHABLE)"), "{text}");
+        assert!(
+            line("saved").contains(
+                "h1, h2 (saved before a restart; waiting for the coordinator; failovers 3)"
+            ),
+            "{text}"
+        );
+        let joined = line("joined");
+        assert!(joined.contains("h1, h2 (failovers 3)"), "{text}");
+        assert!(joined.contains("25.0%"), "{text}");
+        assert!(
+            joined.contains("prefetched 50 MiB (200 chunks, profile 240 chunks), pinning"),
+            "{text}"
+        );
+        assert!(
+            line("base").contains("sent 1 MiB (4 chunks, at most 1x each)"),
+            "{text}"
+        );
+        assert!(text.contains("1 VMs\n  vm1"), "{text}");
+    }
 }
