@@ -738,7 +738,7 @@ pub async fn list_exports(endpoint: &Endpoint) -> Result<Vec<(String, String)>, 
 
 /// Reads replies until the connection fails, then fails every pending request.
 async fn reader_task(r: BoxRead, shared: Arc<Shared>, info: ExportInfo) {
-    let mut r = BufReader::with_capacity(256 * 1024, r);
+    let mut r = BufReader::with_capacity(16 * 1024, r);
     let reason = loop {
         match read_one(&mut r, &shared, &info).await {
             Ok(()) => {}

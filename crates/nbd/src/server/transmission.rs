@@ -264,7 +264,7 @@ async fn write_batch(writer: &SharedWriter, batch: &mut Vec<Outgoing>) -> std::i
 
 /// Replies at least this long bypass the buffer: header and data go to the
 /// socket in one vectored write, without a copy.
-const DIRECT_WRITE_MIN: usize = 128 * 1024;
+const DIRECT_WRITE_MIN: usize = 16 * 1024;
 
 async fn write_out(w: &mut BufWriter<BoxWrite>, out: &Outgoing) -> std::io::Result<()> {
     let total: usize = out.parts.iter().map(Bytes::len).sum();
