@@ -219,6 +219,7 @@ pub fn run(args: StormArgs) -> anyhow::Result<()> {
             delay: format!("{}ms", args.link_delay.as_secs_f64() * 1000.0),
         }),
         link_delay: args.link_delay,
+        logs: Some(args.out.join("logs")),
         qemu: match (&args.kernel, args.qemu) {
             (Some(kernel), true) => Some(QemuBoot {
                 guest: Guest {
@@ -279,7 +280,8 @@ pub fn run(args: StormArgs) -> anyhow::Result<()> {
     std::fs::write(args.out.join("boots.csv"), report::csv(&reports))?;
     std::fs::write(args.out.join("chart.svg"), report::chart(&reports))?;
     println!(
-        "results in {}/: report.json, boots.csv, chart.svg (booted VMs over time)",
+        "results in {}/: report.json, boots.csv, chart.svg (booted VMs over time), \
+         logs/MODE/ (every cluster process's log)",
         args.out.display()
     );
     let failed: usize = reports.iter().map(|r| r.failed().count()).sum();

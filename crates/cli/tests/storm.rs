@@ -86,6 +86,13 @@ fn a_small_storm_in_every_mode_reads_the_image_and_ranks_origin_load() {
     assert_eq!(csv.lines().count(), 1 + 3 * 6);
     let svg = std::fs::read_to_string(out_dir.join("chart.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("cache-only"));
+    // Every cluster process's log is kept, per mode (direct has no cluster).
+    for mode in ["virtman", "cache-only"] {
+        for name in ["coordinator", "origin", "host1", "host2", "host3"] {
+            let log = out_dir.join("logs").join(mode).join(format!("{name}.log"));
+            assert!(log.is_file(), "no {}", log.display());
+        }
+    }
     // No process of the storm is left: every cluster was stopped.
     let ps = Command::new("pgrep")
         .args(["-f", dir.path().to_str().unwrap()])

@@ -96,6 +96,9 @@ pub struct StormConfig {
     pub link_delay: Duration,
     /// Boot real guests under qemu instead of replaying the trace.
     pub qemu: Option<QemuBoot>,
+    /// Where to keep every cluster process's log after each mode
+    /// (`LOGS/MODE/NAME.log`), or nowhere: the cluster's directory is removed.
+    pub logs: Option<PathBuf>,
 }
 
 /// Real guests: how each VM is booted under qemu, and how a boot is seen.
@@ -709,6 +712,9 @@ pub async fn run(
             .map(|m| m.name.clone())
             .collect()
     });
+    if let (Some(c), Some(logs)) = (&cluster, &config.logs) {
+        save_logs(c, &logs.join(mode.name()));
+    }
     let mut host_results = Vec::new();
     let mut origin_measured = true;
     let origin_bytes = match &cluster {
@@ -789,6 +795,21 @@ pub async fn run(
         dead,
         origin_measured,
     })
+}
+
+/// Copies each member's log to `to/NAME.log` (before the cluster and its
+/// directory go). A log that cannot be copied is reported and skipped.
+fn save_logs(cluster: &Cluster, to: &Path) {
+    if let Err(e) = std::fs::create_dir_all(to) {
+        tracing::warn!(dir = %to.display(), error = %e, "cannot keep the cluster's logs");
+        return;
+    }
+    for m in &cluster.state.members {
+        let from = m.data_dir.join("log");
+        if let Err(e) = std::fs::copy(&from, to.join(format!("{}.log", m.name))) {
+            tracing::warn!(log = %from.display(), error = %e, "cannot keep a log");
+        }
+    }
 }
 
 /// Each host's depth, from `virtman tree --json`.
