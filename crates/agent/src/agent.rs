@@ -764,6 +764,9 @@ impl Agent {
             return Ok(());
         }
         let info = self.image_info(image).await?;
+        // Children may be told of this host as soon as it has joined, before
+        // its export exists: they wait for it rather than report this host.
+        let _expected = self.base.expect_export(image);
         let assignment = self.join(image).await?;
 
         let volume = match self.group.volume(image) {

@@ -26,4 +26,4 @@ pub use client::{Client, ClientConfig, ClientError, Endpoint};
 pub use export::{Capabilities, Export, ExportError, Extent, ReadChunk};
 pub use file::FileExport;
 pub use mem::MemExport;
-pub use server::{Listener, Server, ServerConfig};
+pub use server::{ExpectedExport, Listener, Server, ServerConfig};

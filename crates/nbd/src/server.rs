@@ -43,6 +43,10 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Most connections served at once; further ones are closed at accept.
     pub max_connections: usize,
+    /// How long a handshake waits for an export that is expected (see
+    /// [`Server::expect_export`]) but not there yet, before refusing it as
+    /// unknown.
+    pub expect_wait: Duration,
     /// How long a closing connection waits for its requests in flight (an
     /// export stuck on a dead upstream must not hold shutdown forever).
     pub drain_timeout: Duration,
@@ -54,6 +58,9 @@ impl Default for ServerConfig {
             connection_budget: 64 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(30),
             max_connections: 4096,
+            // Below a 2 s client connect timeout: a client waits for an
+            // export being set up rather than giving up on the server.
+            expect_wait: Duration::from_millis(1500),
             drain_timeout: Duration::from_secs(10),
         }
     }
@@ -117,9 +124,41 @@ impl Listener {
     }
 }
 
+/// An export announced by [`Server::expect_export`]; dropping it ends the
+/// announcement (clients still waiting for the export are then refused).
+#[derive(Debug)]
+pub struct ExpectedExport {
+    server: Arc<Server>,
+    name: String,
+}
+
+impl Drop for ExpectedExport {
+    fn drop(&mut self) {
+        {
+            let mut e = self
+                .server
+                .expected
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = e.get_mut(&self.name) {
+                *n -= 1;
+                if *n == 0 {
+                    e.remove(&self.name);
+                }
+            }
+        }
+        self.server.changed.notify_waiters();
+    }
+}
+
 /// An NBD server with a set of named exports that can change at run time.
 pub struct Server {
     exports: RwLock<BTreeMap<String, Arc<dyn Export>>>,
+    /// Exports announced by [`Server::expect_export`], with how many
+    /// announcements of each are alive.
+    expected: std::sync::Mutex<BTreeMap<String, usize>>,
+    /// Woken when an export is added or an expectation ends.
+    changed: tokio::sync::Notify,
     config: ServerConfig,
     stats: ServerStats,
 }
@@ -138,6 +177,8 @@ impl Server {
     pub fn new(config: ServerConfig) -> Arc<Server> {
         Arc::new(Server {
             exports: RwLock::new(BTreeMap::new()),
+            expected: std::sync::Mutex::new(BTreeMap::new()),
+            changed: tokio::sync::Notify::new(),
             config,
             stats: ServerStats::default(),
         })
@@ -146,6 +187,61 @@ impl Server {
     /// Adds or replaces the export called `name` (new connections see it).
     pub fn add_export(&self, name: impl Into<String>, export: Arc<dyn Export>) {
         self.exports_mut().insert(name.into(), export);
+        self.changed.notify_waiters();
+    }
+
+    /// Announces that an export called `name` is being set up: until it is
+    /// added or the returned guard is dropped, a client asking for it waits
+    /// (up to [`ServerConfig::expect_wait`]) instead of being refused. A relay
+    /// whose children learn of it before it has fetched the image's manifest
+    /// thus answers them late rather than "unknown export".
+    pub fn expect_export(self: &Arc<Self>, name: impl Into<String>) -> ExpectedExport {
+        let name = name.into();
+        *self
+            .expected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.clone())
+            .or_insert(0) += 1;
+        ExpectedExport {
+            server: Arc::clone(self),
+            name,
+        }
+    }
+
+    fn is_expected(&self, name: &str) -> bool {
+        self.expected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(name)
+    }
+
+    /// Waits until `name` is an export, is no longer expected, or `deadline`
+    /// (set at the first wait to [`ServerConfig::expect_wait`] from now) has
+    /// passed; at once if it is not expected.
+    pub(crate) async fn wait_for_export(
+        &self,
+        name: &str,
+        deadline: &mut Option<tokio::time::Instant>,
+    ) {
+        if self.lookup(name).is_some() || !self.is_expected(name) {
+            return;
+        }
+        let deadline =
+            *deadline.get_or_insert_with(|| tokio::time::Instant::now() + self.config.expect_wait);
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the checks, so a change between them and the
+            // wait below is not missed.
+            changed.as_mut().enable();
+            if self.lookup(name).is_some() || !self.is_expected(name) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Removes an export; connections already using it keep it until they end.

@@ -149,3 +149,79 @@ async fn unknown_export_and_dead_server_are_clear_errors() {
         .unwrap_err();
     assert!(err.to_string().contains("cannot connect"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_waits_for_an_expected_export_and_is_refused_when_it_never_comes() {
+    let config = ServerConfig {
+        expect_wait: Duration::from_secs(10),
+        ..ServerConfig::default()
+    };
+    let s = TestServer::start(config, vec![]).await;
+    let connect = |export: &str| {
+        let endpoint = s.endpoint();
+        let config = ClientConfig {
+            export: export.into(),
+            connect_timeout: Duration::from_secs(20),
+            ..ClientConfig::default()
+        };
+        async move { Client::connect(&endpoint, &config).await }
+    };
+    // Expected, added 300 ms later: the handshake waits and succeeds.
+    let guard = s.server.expect_export("img");
+    let started = std::time::Instant::now();
+    let waiting = tokio::spawn(connect("img"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "answered before the export existed");
+    s.server
+        .add_export("img", Arc::new(MemExport::new(pattern(8192, 3))));
+    let c = waiting.await.unwrap().unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(&c.read(0, 8192).await.unwrap()[..], &pattern(8192, 3)[..]);
+    drop(guard);
+
+    // Not expected: refused at once.
+    let started = std::time::Instant::now();
+    let err = connect("other").await.unwrap_err();
+    assert!(err.to_string().contains("NBD_REP_ERR_UNKNOWN"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // Expected but given up (the guard dropped): the waiting client is
+    // refused then, not after the whole wait.
+    let guard = s.server.expect_export("late");
+    let started = std::time::Instant::now();
+    let waiting = tokio::spawn(connect("late"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(guard);
+    let err = waiting.await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("NBD_REP_ERR_UNKNOWN"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_expected_export_that_does_not_come_in_time_is_refused() {
+    let config = ServerConfig {
+        expect_wait: Duration::from_millis(300),
+        ..ServerConfig::default()
+    };
+    let s = TestServer::start(config, vec![]).await;
+    let _guard = s.server.expect_export("img");
+    let started = std::time::Instant::now();
+    let err = Client::connect(
+        &s.endpoint(),
+        &ClientConfig {
+            export: "img".into(),
+            ..ClientConfig::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("NBD_REP_ERR_UNKNOWN"), "{err}");
+    // One wait per handshake, not one per option the client sends.
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_millis(600),
+        "{waited:?}"
+    );
+    s.stop().await;
+}

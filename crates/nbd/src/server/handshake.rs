@@ -111,6 +111,9 @@ pub(super) async fn negotiate(
 
         match parsed {
             ClientOption::ExportName(name) => {
+                server
+                    .wait_for_export(&name, &mut state.expect_deadline)
+                    .await;
                 let Some((name, export)) = server.lookup(&name) else {
                     return Err(NegotiationError::ExportNameRefused(name));
                 };
@@ -164,10 +167,16 @@ pub(super) async fn negotiate(
                 }
             }
             ClientOption::ListMetaContext(m) | ClientOption::SetMetaContext(m) => {
+                server
+                    .wait_for_export(&m.name, &mut state.expect_deadline)
+                    .await;
                 let set = option == opt::SET_META_CONTEXT;
                 meta_context(server, &mut state, &mut out, option, m, set);
             }
             ClientOption::Info(req) | ClientOption::Go(req) => {
+                server
+                    .wait_for_export(&req.name, &mut state.expect_deadline)
+                    .await;
                 let go = option == opt::GO;
                 if let Some((name, export)) = info_or_go(server, &state, &mut out, option, &req)
                     && go
@@ -192,6 +201,9 @@ struct State {
     structured: bool,
     /// The export metadata contexts were selected for, and those contexts.
     meta: Option<(String, Vec<MetaContext>)>,
+    /// When waiting for expected exports ends for this connection (set at
+    /// its first wait: one wait per handshake, however many options).
+    expect_deadline: Option<tokio::time::Instant>,
 }
 
 impl State {
