@@ -843,8 +843,8 @@ impl CachedVolume {
         Ok(())
     }
 
-    /// Chunks stored but not yet durable (committed within the group's
-    /// commit interval).
+    /// Chunks stored but not yet durable and recorded in the presence file
+    /// (committed within the group's commit interval).
     pub fn pending_chunks(&self) -> usize {
         lock(&self.pending).len()
     }
@@ -878,7 +878,10 @@ impl CachedVolume {
     /// one `fdatasync` and one presence write for everything stored so far.
     pub fn commit(&self) -> Result<(), CacheError> {
         let _c = lock(&self.commit_lock);
-        let batch = std::mem::take(&mut *lock(&self.pending));
+        // The batch stays pending until it is recorded, so that
+        // `pending_chunks() == 0` means durable; chunks stored meanwhile are
+        // pushed after it.
+        let batch = lock(&self.pending).clone();
         if batch.is_empty() {
             return Ok(());
         }
@@ -898,8 +901,8 @@ impl CachedVolume {
                 }
                 self.save_presence()
             });
-        if res.is_err() {
-            lock(&self.pending).extend(batch);
+        if res.is_ok() {
+            lock(&self.pending).drain(..batch.len());
         }
         res
     }
