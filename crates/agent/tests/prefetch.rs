@@ -13,11 +13,10 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use common::{Node, vm_client, wait_for};
+use common::{Node, serve_coordinator, vm_client, wait_for, wait_for_image};
 use tokio_util::sync::CancellationToken;
 use virtman_agent::prefetch::{PrefetchConfig, fetch_profile};
 use virtman_cache::BootProfile;
-use virtman_coordinator::{Coordinator, CoordinatorConfig, Options, Token};
 use virtman_image::ImageStore;
 
 const CHUNK: u32 = 64 * 1024;
@@ -60,26 +59,9 @@ impl Cluster {
                 )
                 .unwrap();
         }
-        let config = CoordinatorConfig {
-            fanout: 2,
-            parents: 1,
-            heartbeat_interval_ms: 200,
-            heartbeat_timeout_ms: 2000,
-            ..CoordinatorConfig::default()
-        };
-        let coord_stop = CancellationToken::new();
-        let coordinator = Coordinator::open(
-            Options {
-                config,
-                token: Token::new(TOKEN).unwrap(),
-                data_dir: dir.path().join("coord"),
-            },
-            coord_stop.clone(),
-        )
-        .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(coordinator.serve(listener));
+        let (coord_stop, _task) = serve_coordinator(dir.path().join("coord"), TOKEN, listener);
         let c = Cluster {
             dir,
             url,
@@ -87,15 +69,7 @@ impl Cluster {
             image,
         };
         let origin = c.node("origin").await;
-        // Wait for the origin to register the image.
-        let client = virtman_coordinator::Client::new(&c.url, None).unwrap();
-        wait_for("the image to be registered", || async {
-            client
-                .images()
-                .await
-                .is_ok_and(|l| l.iter().any(|i| i.name == "img"))
-        })
-        .await;
+        wait_for_image(&c.url, "img").await;
         (c, origin)
     }
 

@@ -18,12 +18,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{Node, vm_client, wait_for};
+use common::{Node, serve_coordinator, vm_client, wait_for, wait_for_image};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use virtman_agent::known::{KnownUpstream, known_path};
 use virtman_agent::prefetch::PrefetchConfig;
-use virtman_coordinator::{Coordinator, CoordinatorConfig, Options, Token};
 use virtman_image::ImageStore;
 use virtman_nbd::Client;
 
@@ -60,39 +59,14 @@ impl Cluster {
             coord: None,
             image,
         };
-        c.serve_coordinator(listener);
+        c.coord = Some(serve_coordinator(
+            c.dir.path().join("coord"),
+            TOKEN,
+            listener,
+        ));
         let origin = c.node("origin").await;
-        let client = virtman_coordinator::Client::new(&c.url, None).unwrap();
-        wait_for("the image to be registered", || async {
-            client
-                .images()
-                .await
-                .is_ok_and(|l| l.iter().any(|i| i.name == "img"))
-        })
-        .await;
+        wait_for_image(&c.url, "img").await;
         (c, origin)
-    }
-
-    fn serve_coordinator(&mut self, listener: tokio::net::TcpListener) {
-        let config = CoordinatorConfig {
-            fanout: 2,
-            parents: 1,
-            heartbeat_interval_ms: 200,
-            heartbeat_timeout_ms: 2000,
-            ..CoordinatorConfig::default()
-        };
-        let stop = CancellationToken::new();
-        let coordinator = Coordinator::open(
-            Options {
-                config,
-                token: Token::new(TOKEN).unwrap(),
-                data_dir: self.dir.path().join("coord"),
-            },
-            stop.clone(),
-        )
-        .unwrap();
-        let task = tokio::spawn(async move { coordinator.serve(listener).await.unwrap() });
-        self.coord = Some((stop, task));
     }
 
     async fn stop_coordinator(&mut self) {
@@ -113,7 +87,11 @@ impl Cluster {
                 }
             }
         };
-        self.serve_coordinator(listener);
+        self.coord = Some(serve_coordinator(
+            self.dir.path().join("coord"),
+            TOKEN,
+            listener,
+        ));
     }
 
     fn data_dir(&self, name: &str) -> PathBuf {

@@ -94,3 +94,47 @@ impl Node {
         self.task.await.unwrap();
     }
 }
+
+/// Serves a coordinator (fan-out 2, one parent per host, heartbeats every
+/// 200 ms, dead after 2 s) with its data in `data_dir` on `listener`; cancel
+/// the token to stop it, then await the task.
+pub fn serve_coordinator(
+    data_dir: PathBuf,
+    token: &str,
+    listener: tokio::net::TcpListener,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let config = virtman_coordinator::CoordinatorConfig {
+        fanout: 2,
+        parents: 1,
+        heartbeat_interval_ms: 200,
+        heartbeat_timeout_ms: 2000,
+        ..virtman_coordinator::CoordinatorConfig::default()
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let coordinator = virtman_coordinator::Coordinator::open(
+        virtman_coordinator::Options {
+            config,
+            token: virtman_coordinator::Token::new(token).unwrap(),
+            data_dir,
+        },
+        stop.clone(),
+    )
+    .unwrap();
+    let task = tokio::spawn(async move { coordinator.serve(listener).await.unwrap() });
+    (stop, task)
+}
+
+/// Waits until an origin has registered `image` with the coordinator at `url`.
+pub async fn wait_for_image(url: &str, image: &str) {
+    let client = virtman_coordinator::Client::new(url, None).unwrap();
+    wait_for("the image to be registered", || async {
+        client
+            .images()
+            .await
+            .is_ok_and(|l| l.iter().any(|i| i.name == image))
+    })
+    .await;
+}
