@@ -85,7 +85,14 @@ fn torture(a: &[String]) -> Res {
     let mut seq: u64 = a[4].parse()?;
     let mut rng = Rng(a[5].parse::<u64>()? | 1);
     runtime()?.block_on(async move {
-        let g = CacheGroup::open(dir, GroupConfig::with_capacity(capacity))?;
+        // Commit at once: kills then land in and around commits, which is
+        // what this torture is for (the default interval would defer them
+        // past most kills).
+        let config = GroupConfig {
+            commit_interval_ms: 0,
+            ..GroupConfig::with_capacity(capacity)
+        };
+        let g = CacheGroup::open(dir, config)?;
         let ma = manifest_of(img_a, 16384)?;
         let mb = manifest_of(img_b, 16384)?;
         let va = g.add_volume("a", &ma)?;
