@@ -1,0 +1,307 @@
+//! What each request does to the state: register an image, join, leave,
+//! report, heartbeat, tick, and the read-only tree and node views. Each
+//! returns its answer; the batch it belongs to is committed before any
+//! answer goes out (see the parent module).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use axum::http::StatusCode;
+use virtman_topology::{NodeId, Progress, Session};
+
+use crate::api::{
+    Assignment, HeartbeatRequest, HeartbeatResponse, ImageInfo, JoinRequest, JoinResponse,
+    LeaveRequest, NodeSession, NodeState, NodeView, RegisterImage, ReportRequest, SessionStats,
+    TreeView,
+};
+use crate::error::ApiError;
+use crate::store::ImageRecord;
+use crate::validate;
+
+use super::State;
+use super::image::{ImageState, Member, image_settings, topology_error};
+
+impl State {
+    pub(super) fn register_image(
+        &mut self,
+        req: RegisterImage,
+    ) -> Result<(bool, ImageInfo), ApiError> {
+        validate::image(&req)?;
+        let record = ImageRecord {
+            name: req.name,
+            size: req.size,
+            manifest_digest: req.manifest_digest,
+            origins: req.origins,
+            fanout: req.fanout,
+            parents: req.parents,
+        };
+        let settings = image_settings(self.settings, &record)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        if let Some(existing) = self.images.get(&record.name) {
+            if existing.record == record {
+                return Ok((false, existing.info()));
+            }
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!(
+                    "image {:?} is already registered with other size, digest or origins",
+                    record.name
+                ),
+            ));
+        }
+        let origins = self.origin_ids(&record.origins);
+        let ids: Vec<NodeId> = origins.iter().map(|(id, _, _)| *id).collect();
+        let session =
+            Session::new(settings, &ids).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let state = ImageState {
+            record: record.clone(),
+            session,
+            origins,
+            members: BTreeMap::new(),
+        };
+        let info = state.info();
+        self.batch.images.push(record.clone());
+        self.images.insert(record.name, state);
+        Ok((true, info))
+    }
+
+    pub(super) fn join(&mut self, image: &str, req: JoinRequest) -> Result<JoinResponse, ApiError> {
+        validate::join(&req)?;
+        if !self.images.contains_key(image) {
+            return Err(ApiError::unknown_image(image));
+        }
+        let id = self.node_id(&req.node);
+        let now = self.now();
+        let st = self
+            .images
+            .get_mut(image)
+            .ok_or_else(|| ApiError::unknown_image(image))?;
+        if st.session.contains(id) {
+            return Err(ApiError::already_joined(&req.node, image));
+        }
+        let before = st.session.stats();
+        let rack = req.labels.get("rack").cloned();
+        let outcome = st
+            .session
+            .join(id, rack.as_deref(), now)
+            .map_err(|e| topology_error(e, &req.node, image))?;
+        st.members.insert(
+            id,
+            Member {
+                name: req.node.clone(),
+                addr: req.addr,
+                labels: req.labels,
+            },
+        );
+        Self::absorb(&mut self.batch, &self.metrics, st, &outcome, before);
+        self.metrics.joins.inc();
+        Ok(JoinResponse {
+            assignment: st.assignment(id),
+            heartbeat_interval_ms: self.config.heartbeat_interval_ms,
+            heartbeat_timeout_ms: self.config.heartbeat_timeout_ms,
+        })
+    }
+
+    fn member_id(&self, st: &ImageState, node: &str, image: &str) -> Result<NodeId, ApiError> {
+        validate::node_name(node)?;
+        let id = self
+            .ids
+            .get(node)
+            .copied()
+            .ok_or_else(|| ApiError::unknown_node(node, image))?;
+        if st.session.is_dead(id) {
+            return Err(ApiError::dead(node, &[image.to_owned()]));
+        }
+        if !st.members.contains_key(&id) {
+            return Err(ApiError::unknown_node(node, image));
+        }
+        Ok(id)
+    }
+
+    pub(super) fn leave(&mut self, image: &str, req: &LeaveRequest) -> Result<(), ApiError> {
+        let st = self
+            .images
+            .get(image)
+            .ok_or_else(|| ApiError::unknown_image(image))?;
+        let id = self.member_id(st, &req.node, image)?;
+        let now = self.now();
+        let st = self
+            .images
+            .get_mut(image)
+            .ok_or_else(|| ApiError::unknown_image(image))?;
+        let before = st.session.stats();
+        let outcome = st
+            .session
+            .leave(id, now)
+            .map_err(|e| topology_error(e, &req.node, image))?;
+        Self::absorb(&mut self.batch, &self.metrics, st, &outcome, before);
+        self.metrics.leaves.inc();
+        Ok(())
+    }
+
+    pub(super) fn report(
+        &mut self,
+        image: &str,
+        req: &ReportRequest,
+    ) -> Result<Assignment, ApiError> {
+        let st = self
+            .images
+            .get(image)
+            .ok_or_else(|| ApiError::unknown_image(image))?;
+        let id = self.member_id(st, &req.node, image)?;
+        let parent = st
+            .origin_by_name(&req.parent)
+            .or_else(|| self.ids.get(&req.parent).copied())
+            .ok_or_else(|| ApiError::unknown_node(&req.parent, image))?;
+        let now = self.now();
+        let st = self
+            .images
+            .get_mut(image)
+            .ok_or_else(|| ApiError::unknown_image(image))?;
+        let before = st.session.stats();
+        let outcome = st
+            .session
+            .report_unreachable(id, parent, now)
+            .map_err(|e| topology_error(e, &req.node, image))?;
+        Self::absorb(&mut self.batch, &self.metrics, st, &outcome, before);
+        self.metrics.reports.inc();
+        Ok(st.assignment(id))
+    }
+
+    pub(super) fn heartbeat(
+        &mut self,
+        req: &HeartbeatRequest,
+    ) -> Result<HeartbeatResponse, ApiError> {
+        validate::heartbeat(req)?;
+        let image_hint = req.sessions.first().map_or("", |s| s.image.as_str());
+        let id = self
+            .ids
+            .get(&req.node)
+            .copied()
+            .ok_or_else(|| ApiError::unknown_node(&req.node, image_hint))?;
+        // Check everything first: a refused heartbeat changes nothing.
+        let mut dead = Vec::new();
+        for beat in &req.sessions {
+            let st = self
+                .images
+                .get(&beat.image)
+                .ok_or_else(|| ApiError::unknown_image(&beat.image))?;
+            if st.session.is_dead(id) {
+                dead.push(beat.image.clone());
+            } else if !st.members.contains_key(&id) {
+                return Err(ApiError::unknown_node(&req.node, &beat.image));
+            }
+        }
+        if !dead.is_empty() {
+            return Err(ApiError::dead(&req.node, &dead));
+        }
+        let now = self.now();
+        let mut changed = Vec::new();
+        for beat in &req.sessions {
+            let Some(st) = self.images.get_mut(&beat.image) else {
+                continue;
+            };
+            let before = st.session.stats();
+            let progress = Progress {
+                fraction: beat.progress,
+                complete: beat.complete,
+            };
+            let outcome = st
+                .session
+                .heartbeat(id, now, progress)
+                .map_err(|e| topology_error(e, &req.node, &beat.image))?;
+            Self::absorb(&mut self.batch, &self.metrics, st, &outcome, before);
+            if st.session.epoch(id) != Some(beat.known_epoch) {
+                changed.push(st.assignment(id));
+            }
+        }
+        Ok(HeartbeatResponse {
+            changed,
+            heartbeat_interval_ms: self.config.heartbeat_interval_ms,
+        })
+    }
+
+    pub(super) fn tick(&mut self) {
+        let now = self.now();
+        for st in self.images.values_mut() {
+            let before = st.session.stats();
+            let outcome = st.session.tick(now);
+            if !outcome.dead.is_empty() {
+                let names: Vec<&str> = outcome.dead.iter().filter_map(|&d| st.name_of(d)).collect();
+                tracing::info!(image = %st.record.name, dead = ?names, "declared dead");
+            }
+            Self::absorb(&mut self.batch, &self.metrics, st, &outcome, before);
+        }
+        self.update_gauges();
+    }
+
+    pub(super) fn tree(&self, image: &str) -> Result<TreeView, ApiError> {
+        let st = self
+            .images
+            .get(image)
+            .ok_or_else(|| ApiError::unknown_image(image))?;
+        let now = self.now();
+        let mut nodes: Vec<NodeView> = st
+            .origins
+            .iter()
+            .filter_map(|(id, _, _)| st.view(*id, now))
+            .collect();
+        let mut members: Vec<NodeView> = st
+            .members
+            .keys()
+            .filter_map(|&id| st.view(id, now))
+            .collect();
+        members.sort_by(|a, b| a.node.cmp(&b.node));
+        nodes.extend(members);
+        let s = st.session.stats();
+        Ok(TreeView {
+            image: image.to_owned(),
+            fanout: st.session.settings().fanout,
+            origin_fanout: st.session.settings().origin_fanout,
+            parents_per_node: st.session.settings().parents,
+            depth_bound: st.session.depth_bound(),
+            max_depth: st.session.max_depth(),
+            nodes,
+            stats: SessionStats {
+                joins: s.joins,
+                leaves: s.leaves,
+                deaths: s.deaths,
+                reports: s.reports,
+                parent_changes: s.parent_changes,
+                rebalance_moves: s.rebalance_moves,
+                promotions: s.promotions,
+            },
+        })
+    }
+
+    pub(super) fn node(&self, node: &str) -> Result<NodeState, ApiError> {
+        validate::node_name(node)?;
+        let id = self.ids.get(node).copied().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_node",
+                format!("node {node:?} never joined"),
+            )
+        })?;
+        let now = self.now();
+        let mut sessions = Vec::new();
+        let mut dead_in = BTreeSet::new();
+        for (name, st) in &self.images {
+            if st.members.contains_key(&id) {
+                if let Some(view) = st.view(id, now) {
+                    sessions.push(NodeSession {
+                        image: name.clone(),
+                        view,
+                    });
+                }
+            } else if st.session.is_dead(id) {
+                dead_in.insert(name.clone());
+            }
+        }
+        Ok(NodeState {
+            node: node.to_owned(),
+            sessions,
+            dead_in: dead_in.into_iter().collect(),
+        })
+    }
+}
