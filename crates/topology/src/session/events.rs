@@ -15,8 +15,7 @@
 //!   are dead; they are removed as above and cannot be anyone's parent after
 //!   the tick returns. They must join again.
 //!
-//! Every event then rebalances to the depth bound and ends with
-//! [`Session::finish`], which returns the [`Outcome`].
+//! Every event ends with [`Session::finish`], which returns the [`Outcome`].
 
 use std::time::Duration;
 

@@ -3,8 +3,9 @@
 //! - **lookups**: a node's capacity (k, or the origins' fan-out), whether a
 //!   node descends from another, the trunk node above a node, refusals for
 //!   unknown, dead and origin nodes, rack labels as numbers.
-//! - **indices**: the free-slot indices (primary and secondary), the members
-//!   by depth and the heartbeat deadlines follow every change of a node.
+//! - **indices**: the free-slot indices (primary and secondary) and the
+//!   members by depth follow every change of a node; the heartbeat deadlines
+//!   follow its heartbeats.
 //! - **edges**: float a node off its primary parent, attach it under another
 //!   (depth and branch recomputed in its subtree), link and unlink secondaries;
 //!   each remembers the parent list the event started with.
