@@ -48,7 +48,8 @@ use virtman_topology::{NodeId, Progress, Session, TopologyError};
 use crate::config::{Config, CpuCosts, Mode};
 use crate::cpu::{Cpu, CpuWake};
 use crate::net::{Completion, Net, Transfer};
-use crate::report::{Raw, Report};
+use crate::record::{ImageState, Raw, Vm};
+use crate::report::Report;
 use crate::rng::Rng;
 use crate::{SimError, Trace};
 
@@ -259,28 +260,6 @@ struct Host {
     vols: Vec<Volume>,
     vms: Vec<u32>,
     recovering: bool,
-}
-
-#[derive(Debug)]
-pub(crate) struct Vm {
-    pub host: u32,
-    pub image: u32,
-    pub start: u64,
-    pub gen_: u32,
-    pub next: u32,
-    pub pending: u32,
-    pub issued: u64,
-    pub boot: Option<u64>,
-    pub lost: bool,
-    pub max_wait: u64,
-    pub bytes_read: u64,
-    pub depth: u32,
-}
-
-pub(crate) struct ImageState {
-    pub session: Option<Session>,
-    pub origin: u32,
-    pub chunks: u32,
 }
 
 /// The running simulation.
