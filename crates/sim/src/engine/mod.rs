@@ -40,7 +40,7 @@
 //! the VMs that never booted are listed.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::time::Duration;
 
 use virtman_topology::{NodeId, Progress, Session, TopologyError};
@@ -54,8 +54,10 @@ use crate::rng::Rng;
 use crate::{SimError, Trace};
 
 mod slab;
+mod state;
 
 use slab::Slab;
+use state::{Fetch, Host, Owner, Replay, Req, Volume, Waiter};
 
 /// What happens when a CPU job finishes.
 #[derive(Debug, Clone, Copy)]
@@ -87,130 +89,6 @@ enum Ev {
     PrefetchStart { host: u32, image: u32, gen_: u32 },
     Join { host: u32 },
     PrefetchPoll { host: u32, image: u32, gen_: u32 },
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Waiter {
-    Vm {
-        vm: u32,
-        gen_: u32,
-    },
-    Req {
-        req: u32,
-        gen_: u32,
-    },
-    /// A prefetch task of the fetch's host (its replay's generation).
-    Prefetch {
-        gen_: u32,
-    },
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Owner {
-    Fetch { id: u32, gen_: u32 },
-    Vm { vm: u32, gen_: u32 },
-}
-
-#[derive(Debug)]
-struct Req {
-    owner: Owner,
-    /// Net node asked.
-    src: u32,
-    /// Requesting host.
-    dst: u32,
-    image: u32,
-    chunk: u32,
-    bytes: u64,
-    sent: u64,
-    /// Pair tag (image, or a VM's own connection in direct mode).
-    tag: u32,
-    timeout_set: bool,
-    /// The receiver's CPU work on the reply is done.
-    taken_in: bool,
-}
-
-#[derive(Debug)]
-struct Fetch {
-    host: u32,
-    image: u32,
-    chunk: u32,
-    waiters: Vec<Waiter>,
-    cands: Vec<u32>,
-    next: usize,
-}
-
-/// A host's replay of the boot profile (`prefetch::fetch_in_order`).
-#[derive(Debug, Default)]
-struct Replay {
-    /// The loop runs (started and not past the profile's end).
-    active: bool,
-    /// Bumped at every (re)start and death: stale events and tasks are ignored.
-    gen_: u32,
-    /// Next position in the profile.
-    pos: usize,
-    /// The chunk taken from the profile (missing when taken), not yet spawned.
-    next: Option<u32>,
-    /// Prefetch tasks in flight (the `JoinSet`).
-    tasks: u32,
-    /// The loop waits for a task to finish (`join_next`).
-    joining: bool,
-}
-
-#[derive(Debug, Default)]
-struct Volume {
-    joined: bool,
-    /// Reads waiting on fetches now: the host's VMs' reads and its
-    /// children's requests (`CachedVolume::demand_waiting`).
-    demand: u32,
-    replay: Replay,
-    present: Vec<u64>,
-    count: u32,
-    inflight: HashMap<u32, (u32, u32)>,
-    /// Parents as net nodes, origins excluded (they are always tried last).
-    parents: Vec<u32>,
-    outstanding: Vec<(u32, u32)>,
-    cooling: Vec<(u32, u64)>,
-    hb_gen: u32,
-}
-
-impl Volume {
-    fn has(&self, chunk: u32) -> bool {
-        self.present
-            .get((chunk / 64) as usize)
-            .is_some_and(|w| w & (1 << (chunk % 64)) != 0)
-    }
-    fn set(&mut self, chunk: u32) {
-        if let Some(w) = self.present.get_mut((chunk / 64) as usize) {
-            let bit = 1 << (chunk % 64);
-            if *w & bit == 0 {
-                *w |= bit;
-                self.count += 1;
-            }
-        }
-    }
-    fn bump(&mut self, node: u32, up: bool) {
-        match self.outstanding.iter_mut().find(|(n, _)| *n == node) {
-            Some((_, c)) => {
-                *c = if up { *c + 1 } else { c.saturating_sub(1) };
-            }
-            None if up => self.outstanding.push((node, 1)),
-            None => {}
-        }
-    }
-    fn load(&self, node: u32) -> u32 {
-        self.outstanding
-            .iter()
-            .find(|(n, _)| *n == node)
-            .map_or(0, |(_, c)| *c)
-    }
-}
-
-#[derive(Debug)]
-struct Host {
-    alive: bool,
-    vols: Vec<Volume>,
-    vms: Vec<u32>,
-    recovering: bool,
 }
 
 /// The running simulation.
