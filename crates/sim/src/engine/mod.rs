@@ -54,6 +54,7 @@ use crate::rng::Rng;
 use crate::{SimError, Trace};
 
 mod fetch;
+mod prefetch;
 mod slab;
 mod state;
 mod vms;
@@ -230,7 +231,7 @@ impl<'a> Engine<'a> {
             think_overhead: ns(cfg.think_overhead),
             profile: if cfg.prefetching() {
                 let t = cfg.prefetch.profile.as_deref().unwrap_or(trace);
-                first_touch(t, chunk, chunks)
+                prefetch::first_touch(t, chunk, chunks)
             } else {
                 Vec::new()
             },
@@ -469,97 +470,6 @@ impl<'a> Engine<'a> {
         true
     }
 
-    // ----- prefetch -----
-
-    /// A read that waited on a fetch of this host has all its chunks.
-    fn undemand(&mut self, host: u32, image: u32) {
-        let vol = &mut self.hosts[host as usize].vols[image as usize];
-        vol.demand = vol.demand.saturating_sub(1);
-    }
-
-    /// One turn of `fetch_in_order`'s loop: take the next missing chunk of
-    /// the profile; wait while the set is full (for a task) or a demand read
-    /// waits (a poll later); else spawn its prefetch, and go on.
-    fn replay_step(&mut self, host: u32, image: u32) {
-        let in_flight = self.cfg.prefetch.in_flight.max(1);
-        loop {
-            let Volume {
-                replay: r,
-                present,
-                inflight,
-                demand,
-                ..
-            } = &mut self.hosts[host as usize].vols[image as usize];
-            let has = |c: u32| {
-                present
-                    .get((c / 64) as usize)
-                    .is_some_and(|w| w & (1 << (c % 64)) != 0)
-            };
-            if !r.active {
-                return;
-            }
-            let chunk = match r.next {
-                Some(c) => c,
-                None => {
-                    let mut found = None;
-                    while let Some(&c) = self.profile.get(r.pos) {
-                        r.pos += 1;
-                        if !has(c) {
-                            found = Some(c);
-                            break;
-                        }
-                    }
-                    let Some(c) = found else {
-                        // Past the end: the tasks in flight just finish.
-                        r.active = false;
-                        return;
-                    };
-                    r.next = Some(c);
-                    c
-                }
-            };
-            if r.tasks >= in_flight {
-                r.joining = true;
-                return;
-            }
-            if *demand > 0 {
-                let (gen_, at) = (r.gen_, self.now + self.think(ns(self.cfg.prefetch.poll)));
-                self.push(at, Ev::PrefetchPoll { host, image, gen_ });
-                return;
-            }
-            r.next = None;
-            // `CachedVolume::prefetch`: nothing if present by now, else the
-            // chunk's fetch (joined if one is in flight).
-            if has(chunk) {
-                continue;
-            }
-            r.tasks += 1;
-            let w = Waiter::Prefetch { gen_: r.gen_ };
-            if let Some(&(fid, fgen)) = inflight.get(&chunk)
-                && let Some(f) = self.fetches.get_mut(fid, fgen)
-            {
-                f.waiters.push(w);
-                self.raw.prefetch_joined += 1;
-                continue;
-            }
-            self.raw.prefetch_fetches += 1;
-            self.start_fetch(host, image, chunk, w);
-        }
-    }
-
-    /// A prefetch task finished (its chunk arrived or was given up).
-    fn task_done(&mut self, host: u32, image: u32, gen_: u32) {
-        let r = &mut self.hosts[host as usize].vols[image as usize].replay;
-        if r.gen_ != gen_ {
-            return;
-        }
-        r.tasks = r.tasks.saturating_sub(1);
-        if r.joining {
-            r.joining = false;
-            self.replay_step(host, image);
-        }
-    }
-
     // ----- the control path -----
 
     fn join(&mut self, host: u32, image: u32) {
@@ -744,28 +654,6 @@ impl<'a> Engine<'a> {
     fn origin_nodes(&self) -> Vec<u32> {
         self.images.iter().map(|i| i.origin).collect()
     }
-}
-
-/// The chunks `trace` touches, in first-touch order, those of an image of
-/// `chunks` chunks only (`BootProfile::from_reads`).
-fn first_touch(trace: &Trace, chunk: u64, chunks: u32) -> Vec<u32> {
-    let mut seen = vec![false; chunks as usize];
-    let mut out = Vec::new();
-    for r in &trace.reads {
-        if r.length == 0 {
-            continue;
-        }
-        for c in r.offset / chunk..=(r.offset + r.length - 1) / chunk {
-            if let Ok(c) = u32::try_from(c)
-                && let Some(s) = seen.get_mut(c as usize)
-                && !*s
-            {
-                *s = true;
-                out.push(c);
-            }
-        }
-    }
-    out
 }
 
 /// `fraction` of `n`, rounded, at least 1 when the fraction is above zero.
