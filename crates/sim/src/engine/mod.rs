@@ -43,7 +43,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::Duration;
 
-use virtman_topology::{NodeId, Progress, Session, TopologyError};
+use virtman_topology::{NodeId, Session};
 
 use crate::config::{Config, CpuCosts, Mode};
 use crate::cpu::{Cpu, CpuWake};
@@ -53,6 +53,8 @@ use crate::report::Report;
 use crate::rng::Rng;
 use crate::{SimError, Trace};
 
+mod control;
+mod failures;
 mod fetch;
 mod prefetch;
 mod slab;
@@ -60,7 +62,7 @@ mod state;
 mod vms;
 
 use slab::Slab;
-use state::{Fetch, Host, Owner, Replay, Req, Volume, Waiter};
+use state::{Fetch, Host, Owner, Req, Volume};
 
 /// What happens when a CPU job finishes.
 #[derive(Debug, Clone, Copy)]
@@ -468,175 +470,6 @@ impl<'a> Engine<'a> {
             self.cpu_out.push(w);
         }
         true
-    }
-
-    // ----- the control path -----
-
-    fn join(&mut self, host: u32, image: u32) {
-        let now = Duration::from_nanos(self.now);
-        if let Some(s) = self.images[image as usize].session.as_mut() {
-            match s.join(node_id(host), None, now) {
-                Ok(_) | Err(TopologyError::AlreadyMember(_)) => {}
-                Err(_) => return,
-            }
-        }
-        let vol = &mut self.hosts[host as usize].vols[image as usize];
-        vol.joined = true;
-        vol.hb_gen = vol.hb_gen.wrapping_add(1);
-        let gen_ = vol.hb_gen;
-        self.refresh_parents(host, image);
-        if self.images[image as usize].session.is_some() {
-            let at = self.now + ns(self.cfg.heartbeat_interval);
-            self.push(at, Ev::Heartbeat { host, image, gen_ });
-        }
-        if !self.profile.is_empty() {
-            // `ensure_image` starts the replay; the profile is read from a
-            // source first (one request and its reply).
-            let r = &mut self.hosts[host as usize].vols[image as usize].replay;
-            let gen_ = r.gen_.wrapping_add(1);
-            *r = Replay {
-                gen_,
-                ..Replay::default()
-            };
-            let at = self.now + 2 * self.lat;
-            self.push(at, Ev::PrefetchStart { host, image, gen_ });
-        }
-    }
-
-    fn refresh_parents(&mut self, host: u32, image: u32) {
-        let list = self.images[image as usize]
-            .session
-            .as_ref()
-            .and_then(|s| s.parents(node_id(host)))
-            .unwrap_or_default();
-        let parents: Vec<u32> = list
-            .into_iter()
-            .filter(|p| p.0 != 0)
-            .filter_map(|p| u32::try_from(p.0 - 1).ok())
-            .collect();
-        self.hosts[host as usize].vols[image as usize].parents = parents;
-    }
-
-    fn heartbeat(&mut self, host: u32, image: u32, gen_: u32) {
-        let h = &self.hosts[host as usize];
-        let vol = &h.vols[image as usize];
-        if !h.alive || vol.hb_gen != gen_ {
-            return;
-        }
-        let chunks = self.images[image as usize].chunks;
-        let progress = Progress {
-            fraction: f64::from(vol.count) / f64::from(chunks.max(1)),
-            complete: vol.count >= chunks,
-        };
-        let now = Duration::from_nanos(self.now);
-        if let Some(s) = self.images[image as usize].session.as_mut() {
-            self.raw.heartbeats += 1;
-            if s.heartbeat(node_id(host), now, progress).is_err() {
-                // Declared dead (or unknown): the agent joins again.
-                let _ = s.join(node_id(host), None, now);
-            }
-        }
-        self.refresh_parents(host, image);
-        let at = self.now + ns(self.cfg.heartbeat_interval);
-        self.push(at, Ev::Heartbeat { host, image, gen_ });
-    }
-
-    fn wave(&mut self, index: u32) {
-        let Some(w) = self.cfg.failures.get(index as usize).copied() else {
-            return;
-        };
-        let mut alive: Vec<u32> = (0..self.cfg.hosts)
-            .filter(|&h| self.hosts[h as usize].alive)
-            .collect();
-        let n = count_of(w.fraction, self.cfg.hosts).min(u32::try_from(alive.len()).unwrap_or(0));
-        self.rng.shuffle(&mut alive);
-        let mut victims: Vec<u32> = alive.into_iter().take(n as usize).collect();
-        victims.sort_unstable();
-        for &h in &victims {
-            self.kill(h, w.recover_after.is_some());
-        }
-        if let Some(after) = w.recover_after {
-            let at = self.now + ns(after);
-            for &host in &victims {
-                self.push(at, Ev::Recover { host });
-            }
-        }
-        self.raw.killed += u64::from(n);
-    }
-
-    fn kill(&mut self, host: u32, will_recover: bool) {
-        let h = &mut self.hosts[host as usize];
-        if !h.alive {
-            return;
-        }
-        h.alive = false;
-        h.recovering = will_recover;
-        let vms = h.vms.clone();
-        for vm in vms {
-            let v = &mut self.vms[vm as usize];
-            v.gen_ = v.gen_.wrapping_add(1);
-            if v.boot.is_none() && !v.lost && !will_recover {
-                v.lost = true;
-                self.unfinished -= 1;
-            }
-        }
-        // Its fetches die; the children waiting on them time out.
-        for image in 0..self.images.len() {
-            let vol = &mut self.hosts[host as usize].vols[image];
-            let mut inflight: Vec<(u32, (u32, u32))> = vol.inflight.drain().collect();
-            inflight.sort_unstable();
-            vol.joined = false;
-            vol.outstanding.clear();
-            vol.cooling.clear();
-            vol.hb_gen = vol.hb_gen.wrapping_add(1);
-            vol.demand = 0;
-            vol.replay = Replay {
-                gen_: vol.replay.gen_.wrapping_add(1),
-                ..Replay::default()
-            };
-            for (_, (fid, fgen)) in inflight {
-                if let Some(f) = self.fetches.remove(fid, fgen) {
-                    for w in f.waiters {
-                        if let Waiter::Req { req, gen_ } = w {
-                            self.doom(req, gen_);
-                        }
-                    }
-                }
-            }
-        }
-        self.abort_node(host);
-    }
-
-    fn abort_node(&mut self, node: u32) {
-        for (t, src, _) in self.net.abort_node(node, self.now) {
-            if src == node {
-                self.doom(t.req, t.req_gen);
-            } else {
-                self.reqs.remove(t.req, t.req_gen);
-            }
-        }
-    }
-
-    fn recover(&mut self, host: u32) {
-        let h = &mut self.hosts[host as usize];
-        if h.alive {
-            return;
-        }
-        h.alive = true;
-        h.recovering = false;
-        let vms = h.vms.clone();
-        for vm in vms {
-            let v = &mut self.vms[vm as usize];
-            if v.boot.is_none() && !v.lost {
-                // Its VMs start over (the cache kept its chunks).
-                v.gen_ = v.gen_.wrapping_add(1);
-                v.bytes_read = 0;
-                let gen_ = v.gen_;
-                let at = self.now.max(v.start);
-                self.push(at, Ev::VmStart { vm, gen_ });
-            }
-        }
-        self.raw.recovered += 1;
     }
 
     fn finish(self) -> Report {
