@@ -21,7 +21,8 @@
 //!
 //! Modules: [`config`] (parameters, validation, unit parsers), [`trace`] (the
 //! boot-trace format and the synthetic generator), `engine` (the event
-//! loop), `net` (the network model), `cpu` (cores shared by processor
+//! loop, with one file per kind of handler: VMs, fetches, prefetch, control,
+//! failures), `net` (the network model), `cpu` (cores shared by processor
 //! sharing), `record` (what the engine leaves for the report: VMs, images,
 //! counters), [`report`] (figures, text, chart), `rng` (the seeded
 //! generator).

@@ -4,31 +4,20 @@
 //! ```text
 //!   heap of (time ns, seq, event) ── pop the earliest ──► handle ──► push new events
 //!
-//!   VmStart ─► (first VM of a host: Session::join) ─► VmRead
-//!   VmRead ──► chunks present? ── all ──► read done ─► think ─► VmRead … boot done
-//!                 │ absent: join the chunk's fetch (single flight) or start one
-//!   fetch ──► candidates: parents by least outstanding, cooling ones, origin last
-//!          ──► Arrive at the source (one hop later)
-//!   Arrive ─► source has it: queue a transfer on the pair source→requester
-//!          ─► source fetching it: wait on that fetch (cut-through: the
-//!             child's miss became the parent's miss)
-//!          ─► source absent: start the source's own fetch, wait on it
-//!          ─► source dead: Timeout at sent + request timeout
-//!   serve: the source's CPU prepares the reply (cpu.rs) ─► queued on its pair
-//!   PairDone (net.rs) ─► Deliver one hop later ─► the receiver's CPU takes
-//!             it in (receive, verify, store) ─► chunk present, waiters served
-//!   read's chunks all present ─► the host's CPU serves it to the VM ─► done
-//!   Timeout ─► cool the source, report it (Session::report_unreachable),
-//!              next candidate
-//!   PrefetchStart (a host joined, one round trip later: the profile read)
-//!          ─► the profile's chunks in order, missing ones only: ≤ in_flight
-//!             at once, none started while a demand read on the host waits
-//!             (PrefetchPoll: look again after the poll), single flight
-//!   Heartbeat (each host, 1 s) ─► Session::heartbeat ─► new parents
+//!   VmStart, VmRead, a read served to its VM ............... vms.rs
+//!   fetch, Arrive, serve, PairDone ─► Deliver, Timeout, Retry  fetch.rs
+//!   PrefetchStart, PrefetchPoll ............................. prefetch.rs
+//!   join, Heartbeat ......................................... control.rs
+//!   Wave, Recover, OriginFail ............................... failures.rs
 //!   Tick (coordinator, 250 ms) ─► Session::tick(now): deaths, repairs
-//!   Wave / Recover / OriginFail: hosts or origins die (silently) or return
 //!   CpuWake (cpu.rs) ─► the jobs that finished go on (serve, deliver, read)
 //! ```
+//!
+//! This module holds the [`Engine`], its setup (links, hosts, images, the
+//! VMs placed and the first events pushed), the loop and the dispatch of
+//! each event; the handlers live in the files above. `state.rs` holds what
+//! the engine keeps per host and request, `slab.rs` the generation-checked
+//! handles events carry.
 //!
 //! With zero CPU costs no job is made and every step goes on at once, so
 //! the model is then exactly the one without a CPU.
@@ -471,6 +460,8 @@ impl<'a> Engine<'a> {
         }
         true
     }
+
+    // ----- the end -----
 
     fn finish(self) -> Report {
         crate::report::build(
