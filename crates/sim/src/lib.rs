@@ -21,14 +21,17 @@
 //!
 //! Modules: [`config`] (parameters, validation, unit parsers), [`trace`] (the
 //! boot-trace format and the synthetic generator), `engine` (the event
-//! loop), `net` (the network model), `cpu` (cores shared by processor
-//! sharing), [`report`] (figures, text, chart),
-//! `rng` (the seeded generator).
+//! loop, with one file per kind of handler: VMs, fetches, prefetch, control,
+//! failures), `net` (the network model), `cpu` (cores shared by processor
+//! sharing), `record` (what the engine leaves for the report: VMs, images,
+//! counters), [`report`] (figures, text, chart), `rng` (the seeded
+//! generator).
 
 pub mod config;
 mod cpu;
 mod engine;
 mod net;
+mod record;
 pub mod report;
 mod rng;
 pub mod trace;

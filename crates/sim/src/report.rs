@@ -14,39 +14,9 @@ use std::fmt::Write;
 use serde::Serialize;
 
 use crate::config::{Config, Mode};
-use crate::engine::{ImageState, Vm};
 use crate::net::Net;
-
-/// Counters the engine keeps while it runs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct Raw {
-    /// Events handled.
-    pub events: u64,
-    /// Chunk (or, in direct mode, read) requests sent.
-    pub requests: u64,
-    /// Chunk fetches started (single flight: one per host and chunk, plus retries of dead ones).
-    pub fetches: u64,
-    /// Requests that timed out (their source was dead).
-    pub timeouts: u64,
-    /// Fetches that moved on to their next source after a timeout.
-    pub failovers: u64,
-    /// Heartbeats given to the topology state machine.
-    pub heartbeats: u64,
-    /// Hosts killed by failure waves.
-    pub killed: u64,
-    /// Hosts that came back.
-    pub recovered: u64,
-    /// The run hit its time bound (or ran out of events) before every VM booted.
-    pub timed_out: bool,
-    /// CPU jobs run (serving, receiving, verifying, storing, VM reads).
-    pub cpu_jobs: u64,
-    /// CPU work they needed, microseconds of one core.
-    pub cpu_us: u64,
-    /// Chunk fetches started by boot-profile prefetch.
-    pub prefetch_fetches: u64,
-    /// Prefetches that joined a fetch already in flight (single flight).
-    pub prefetch_joined: u64,
-}
+pub use crate::record::Raw;
+use crate::record::{ImageState, Vm};
 
 /// Boot-time percentiles, in seconds from each VM's start to its last read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]

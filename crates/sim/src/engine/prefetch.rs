@@ -1,0 +1,130 @@
+//! Boot-profile prefetch (virtman mode): each host replays the profile,
+//! the chunks the boot touches in first-touch order, behind its demand reads
+//! (the agent's `prefetch::fetch_in_order`).
+//!
+//! ```text
+//!   PrefetchStart (a host joined, one round trip later: the profile read)
+//!          ─► the profile's chunks in order, missing ones only: ≤ in_flight
+//!             at once, none started while a demand read on the host waits
+//!             (PrefetchPoll: look again after the poll), single flight
+//! ```
+//!
+//! `PrefetchStart` and `PrefetchPoll` are dispatched by the event loop
+//! (`mod.rs`); a join (`control.rs`) schedules the start.
+
+use super::state::{Volume, Waiter};
+use super::{Engine, Ev, ns};
+use crate::Trace;
+
+impl Engine<'_> {
+    /// A read that waited on a fetch of this host has all its chunks.
+    pub(super) fn undemand(&mut self, host: u32, image: u32) {
+        let vol = &mut self.hosts[host as usize].vols[image as usize];
+        vol.demand = vol.demand.saturating_sub(1);
+    }
+
+    /// One turn of `fetch_in_order`'s loop: take the next missing chunk of
+    /// the profile; wait while the set is full (for a task) or a demand read
+    /// waits (a poll later); else spawn its prefetch, and go on.
+    pub(super) fn replay_step(&mut self, host: u32, image: u32) {
+        let in_flight = self.cfg.prefetch.in_flight.max(1);
+        loop {
+            let Volume {
+                replay: r,
+                present,
+                inflight,
+                demand,
+                ..
+            } = &mut self.hosts[host as usize].vols[image as usize];
+            let has = |c: u32| {
+                present
+                    .get((c / 64) as usize)
+                    .is_some_and(|w| w & (1 << (c % 64)) != 0)
+            };
+            if !r.active {
+                return;
+            }
+            let chunk = match r.next {
+                Some(c) => c,
+                None => {
+                    let mut found = None;
+                    while let Some(&c) = self.profile.get(r.pos) {
+                        r.pos += 1;
+                        if !has(c) {
+                            found = Some(c);
+                            break;
+                        }
+                    }
+                    let Some(c) = found else {
+                        // Past the end: the tasks in flight just finish.
+                        r.active = false;
+                        return;
+                    };
+                    r.next = Some(c);
+                    c
+                }
+            };
+            if r.tasks >= in_flight {
+                r.joining = true;
+                return;
+            }
+            if *demand > 0 {
+                let (gen_, at) = (r.gen_, self.now + self.think(ns(self.cfg.prefetch.poll)));
+                self.push(at, Ev::PrefetchPoll { host, image, gen_ });
+                return;
+            }
+            r.next = None;
+            // `CachedVolume::prefetch`: nothing if present by now, else the
+            // chunk's fetch (joined if one is in flight).
+            if has(chunk) {
+                continue;
+            }
+            r.tasks += 1;
+            let w = Waiter::Prefetch { gen_: r.gen_ };
+            if let Some(&(fid, fgen)) = inflight.get(&chunk)
+                && let Some(f) = self.fetches.get_mut(fid, fgen)
+            {
+                f.waiters.push(w);
+                self.raw.prefetch_joined += 1;
+                continue;
+            }
+            self.raw.prefetch_fetches += 1;
+            self.start_fetch(host, image, chunk, w);
+        }
+    }
+
+    /// A prefetch task finished (its chunk arrived or was given up).
+    pub(super) fn task_done(&mut self, host: u32, image: u32, gen_: u32) {
+        let r = &mut self.hosts[host as usize].vols[image as usize].replay;
+        if r.gen_ != gen_ {
+            return;
+        }
+        r.tasks = r.tasks.saturating_sub(1);
+        if r.joining {
+            r.joining = false;
+            self.replay_step(host, image);
+        }
+    }
+}
+
+/// The chunks `trace` touches, in first-touch order, those of an image of
+/// `chunks` chunks only (`BootProfile::from_reads`).
+pub(super) fn first_touch(trace: &Trace, chunk: u64, chunks: u32) -> Vec<u32> {
+    let mut seen = vec![false; chunks as usize];
+    let mut out = Vec::new();
+    for r in &trace.reads {
+        if r.length == 0 {
+            continue;
+        }
+        for c in r.offset / chunk..=(r.offset + r.length - 1) / chunk {
+            if let Ok(c) = u32::try_from(c)
+                && let Some(s) = seen.get_mut(c as usize)
+                && !*s
+            {
+                *s = true;
+                out.push(c);
+            }
+        }
+    }
+    out
+}
