@@ -38,7 +38,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -48,9 +48,9 @@ use virtman_image::checked::Format;
 use virtman_nbd::proto::BlockSizes;
 use virtman_nbd::{Capabilities, Export, ExportError, Extent, ReadChunk};
 
+use crate::accounting::{Accounting, Evictable};
 use crate::bitmap::{self, AtomicBitmap};
 use crate::error::CacheError;
-use crate::group::Accounting;
 use crate::profile::{BootProfile, PROFILE_FILE, Recorder};
 use crate::upstream::{ChunkRequest, Upstream};
 
@@ -338,7 +338,7 @@ impl CachedVolume {
             demand_waiting: AtomicUsize::new(0),
             hints: AtomicUsize::new(0),
         });
-        acct.register(Arc::downgrade(&vol));
+        acct.register(Arc::<CachedVolume>::downgrade(&vol));
         Ok(vol)
     }
 
@@ -925,10 +925,32 @@ impl CachedVolume {
         )
         .map_err(CacheError::from)
     }
+}
+
+impl Evictable for CachedVolume {
+    fn name(&self) -> &str {
+        CachedVolume::name(self)
+    }
+
+    fn manifest(&self) -> &Manifest {
+        CachedVolume::manifest(self)
+    }
+
+    fn uses(&self) -> usize {
+        CachedVolume::uses(self)
+    }
+
+    fn pending_chunks(&self) -> usize {
+        CachedVolume::pending_chunks(self)
+    }
+
+    fn commit(&self) -> Result<(), CacheError> {
+        CachedVolume::commit(self)
+    }
 
     /// Eviction candidates: (last use, chunk) of durable chunks, none if the
     /// volume is in use.
-    pub(crate) fn evict_candidates(&self) -> Vec<(u64, u64)> {
+    fn evict_candidates(&self) -> Vec<(u64, u64)> {
         if self.uses() > 0 {
             return Vec::new();
         }
@@ -947,7 +969,7 @@ impl CachedVolume {
 
     /// Evicts `chunks` (those still durable and present): clears their bits,
     /// writes the presence file, then punches the holes. Returns bytes freed.
-    pub(crate) fn evict(&self, chunks: &[u64]) -> u64 {
+    fn evict(&self, chunks: &[u64]) -> u64 {
         let _g = self
             .gate
             .write()
@@ -987,7 +1009,9 @@ impl CachedVolume {
         self.acct.sub_used(freed);
         freed
     }
+}
 
+impl CachedVolume {
     /// Fetches every missing chunk of `offset..offset+len` (a prefetch).
     pub async fn prefetch(self: &Arc<Self>, offset: u64, len: u64) -> Result<(), CacheError> {
         self.check_range(offset, len)?;
@@ -1245,6 +1269,3 @@ impl Export for VolumeExport {
         Ok(self.volume().present_runs(offset, len))
     }
 }
-
-/// Weak handle used by the group's accounting.
-pub(crate) type WeakVolume = Weak<CachedVolume>;
