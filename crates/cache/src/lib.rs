@@ -12,11 +12,13 @@
 //! - [`bitmap`]: atomic presence/allocation maps and their persisted form.
 //! - [`upstream`]: the [`Upstream`] trait and [`FileUpstream`].
 //! - [`volume`]: [`CachedVolume`] and its read-only [`VolumeExport`].
-//! - [`group`]: [`CacheGroup`], capacity and eviction.
+//! - [`group`]: [`CacheGroup`], its directory and its volumes and snapshots.
+//! - `accounting`: the group's one capacity and LRU eviction (crate-private).
 //! - [`snapshot`]: [`Snapshot`], the copy-on-write view a VM boots from.
 //! - [`profile`]: [`BootProfile`], the recorded first-touch order of chunks.
 //! - [`error`]: [`CacheError`] and its mapping to NBD errors.
 
+mod accounting;
 pub mod bitmap;
 pub mod error;
 pub mod group;

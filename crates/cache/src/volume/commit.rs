@@ -1,0 +1,104 @@
+//! The committer of a cached volume: batched durable commits and the
+//! presence file.
+//!
+//! ```text
+//! store ─► present bit ─► queue for commit
+//!                             │
+//! committer (batched, at most the group's commit interval later):
+//!            fdatasync(data) ─► durable bits ─► write presence
+//! ```
+//!
+//! Two maps are kept: `present` (readable from `data` now) and `durable`
+//! (data synced, what the presence file records).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::{CachedVolume, PRESENCE_FORMAT, lock};
+use crate::bitmap;
+use crate::error::CacheError;
+
+impl CachedVolume {
+    /// Chunks stored but not yet durable and recorded in the presence file
+    /// (committed within the group's commit interval).
+    pub fn pending_chunks(&self) -> usize {
+        lock(&self.pending).len()
+    }
+
+    pub(super) fn schedule_commit(self: &Arc<Self>) {
+        if self.commit_scheduled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Weak: a volume closed meanwhile committed as it dropped.
+        let weak = Arc::downgrade(self);
+        let interval = self.acct.commit_interval;
+        tokio::spawn(async move {
+            tokio::time::sleep(interval).await;
+            let Some(vol) = weak.upgrade() else {
+                return;
+            };
+            let res = tokio::task::spawn_blocking(move || {
+                vol.commit_scheduled.store(false, Ordering::Release);
+                if let Err(e) = vol.commit() {
+                    tracing::warn!(volume = %vol.name, error = %e, "committing fetched chunks failed; will retry");
+                }
+            })
+            .await;
+            if let Err(e) = res {
+                tracing::warn!(error = %e, "the commit task failed");
+            }
+        });
+    }
+
+    /// Makes every stored chunk durable and records it in the presence file:
+    /// one `fdatasync` and one presence write for everything stored so far.
+    pub fn commit(&self) -> Result<(), CacheError> {
+        let _c = lock(&self.commit_lock);
+        // The batch stays pending until it is recorded, so that
+        // `pending_chunks() == 0` means durable; chunks stored meanwhile are
+        // pushed after it.
+        let batch = lock(&self.pending).clone();
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let res = rustix::fs::fdatasync(&self.data)
+            .map_err(|e| {
+                CacheError::io(
+                    format!("volume {:?}: syncing data", self.name),
+                    &self.data_path,
+                    e.into(),
+                )
+            })
+            .and_then(|()| {
+                for &i in &batch {
+                    if self.present.get(i) {
+                        self.durable.set(i);
+                    }
+                }
+                self.save_presence()
+            });
+        if res.is_ok() {
+            lock(&self.pending).drain(..batch.len());
+        }
+        res
+    }
+
+    /// Makes everything fetched so far durable (blocking thread).
+    pub async fn sync(self: &Arc<Self>) -> Result<(), CacheError> {
+        let vol = Arc::clone(self);
+        tokio::task::spawn_blocking(move || vol.commit())
+            .await
+            .map_err(|e| CacheError::Task(e.to_string()))?
+    }
+
+    pub(super) fn save_presence(&self) -> Result<(), CacheError> {
+        bitmap::save(
+            &PRESENCE_FORMAT,
+            &self.presence_path,
+            &self.manifest.id().0,
+            self.manifest.chunks(),
+            &self.durable.snapshot(),
+        )
+        .map_err(CacheError::from)
+    }
+}
