@@ -38,13 +38,12 @@ use virtman_coordinator::api::{
     ReportRequest, SessionBeat,
 };
 use virtman_image::{ImageStore, Manifest, StoredImage};
-use virtman_nbd::{
-    Client, ClientConfig, Endpoint, Export, FileExport, Listener, MemExport, Server, ServerConfig,
-};
+use virtman_nbd::{Export, FileExport, Listener, MemExport, Server, ServerConfig};
 
 use crate::known::{self, KnownParent, KnownUpstream};
 use crate::origin::{CountingExport, SendCounts};
 use crate::prefetch::{self, ImagePrefetch, PrefetchConfig, PrefetchStatus, profile_export};
+use crate::small_export::read_small_export;
 use crate::upstream::{BadParent, FetchConfig, Parents, Source};
 
 /// Settings of an agent.
@@ -1311,26 +1310,6 @@ impl Agent {
             coordinator_ok: self.coordinator_ok.load(Ordering::Relaxed),
         }
     }
-}
-
-/// Reads a whole small export (a manifest, a boot profile) from `addr`;
-/// returns a pseudo path naming it, for error messages, and its bytes.
-pub(crate) async fn read_small_export(
-    addr: &str,
-    export: &str,
-) -> Result<(PathBuf, bytes::Bytes), String> {
-    let cfg = ClientConfig {
-        export: export.to_owned(),
-        request_timeout: Duration::from_secs(10),
-        connect_timeout: Duration::from_secs(3),
-        connections: 1,
-    };
-    let c = Client::connect(&Endpoint::Tcp(addr.to_owned()), &cfg)
-        .await
-        .map_err(|e| e.to_string())?;
-    let bytes = c.read(0, c.size()).await.map_err(|e| e.to_string())?;
-    let _ = c.disconnect().await;
-    Ok((PathBuf::from(format!("nbd://{addr}/{export}")), bytes))
 }
 
 /// Reads `manifest/IMAGE` from the first source that has it and whose bytes
