@@ -30,9 +30,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
-use virtman_cache::{
-    BootProfile, CacheError, CacheGroup, CachedVolume, GroupConfig, Snapshot, Upstream,
-};
+use virtman_cache::{BootProfile, CacheError, CacheGroup, CachedVolume, GroupConfig, Upstream};
 use virtman_coordinator::api::{
     Assignment, HeartbeatRequest, ImageInfo, JoinRequest, LeaveRequest, RegisterImage,
     ReportRequest, SessionBeat,
@@ -47,8 +45,10 @@ use crate::small_export::read_small_export;
 use crate::upstream::{BadParent, FetchConfig, Parents, Source};
 
 mod status;
+mod vms;
 
 pub use status::{ImageStatus, MemberStats, OriginSent, Status};
+pub use vms::VmInfo;
 
 /// Settings of an agent.
 #[derive(Clone, Debug)]
@@ -141,19 +141,6 @@ enum Role {
 struct ImageEntry {
     manifest: Arc<Manifest>,
     role: Role,
-}
-
-/// A VM as the agent reports it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct VmInfo {
-    /// The VM's name (its snapshot's name).
-    pub name: String,
-    /// Its image.
-    pub image: String,
-    /// Its NBD URI (qemu syntax).
-    pub uri: String,
-    /// Bytes the VM has written (allocated in its overlay).
-    pub written_bytes: u64,
 }
 
 /// The agent.
@@ -933,75 +920,6 @@ impl Agent {
         self.base.remove_export(&manifest_export(image));
         self.base.remove_export(&profile_export(image));
         lock(&self.images).remove(image);
-    }
-
-    /// Creates a VM's snapshot over `image`, joining the image first if needed.
-    pub async fn create_vm(
-        self: &Arc<Self>,
-        name: &str,
-        image: &str,
-    ) -> Result<VmInfo, AgentError> {
-        if self.group.snapshot(name).is_some() {
-            return Err(AgentError::VmExists(name.to_owned()));
-        }
-        let origin = matches!(
-            lock(&self.images)
-                .get(image)
-                .map(|e| matches!(e.role, Role::Origin { .. })),
-            Some(true)
-        );
-        if origin {
-            return Err(AgentError::Invalid(format!(
-                "image {image:?} is an origin image on this host; VMs run on member hosts"
-            )));
-        }
-        self.ensure_image(image).await?;
-        let snap = self.group.create_snapshot(name, image)?;
-        self.vms
-            .add_export(name.to_owned(), Arc::clone(&snap) as Arc<dyn Export>);
-        Ok(self.vm_info(&snap))
-    }
-
-    fn vm_info(&self, s: &Snapshot) -> VmInfo {
-        VmInfo {
-            name: s.name().to_owned(),
-            image: s.base().name().to_owned(),
-            uri: format!(
-                "nbd+unix:///{}?socket={}",
-                s.name(),
-                self.vm_socket.display()
-            ),
-            written_bytes: s.allocated_blocks() * 4096,
-        }
-    }
-
-    /// The VMs of this host.
-    pub fn list_vms(&self) -> Vec<VmInfo> {
-        self.group
-            .snapshots()
-            .iter()
-            .map(|s| self.vm_info(s))
-            .collect()
-    }
-
-    /// Removes a VM's snapshot (refused while a client still has it open).
-    pub fn remove_vm(&self, name: &str) -> Result<(), AgentError> {
-        if self.group.snapshot(name).is_none() {
-            return Err(AgentError::NoVm(name.to_owned()));
-        }
-        // Drop the server's handle first: deletion is refused while any is held.
-        let was_exported = self.vms.remove_export(name).is_some();
-        match self.group.delete_snapshot(name) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                if was_exported && let Some(s) = self.group.snapshot(name) {
-                    self.vms.add_export(name.to_owned(), s as Arc<dyn Export>);
-                }
-                Err(AgentError::InUse(format!(
-                    "VM {name:?} is still in use (stop its qemu first): {e}"
-                )))
-            }
-        }
     }
 
     /// Drops an image's cached volume and leaves its session. Refused while VMs
