@@ -17,11 +17,24 @@
 //! fed by parents). Manifests travel over NBD too: each node exports
 //! `manifest/IMAGE`, and a joining node checks what it reads against the digest
 //! the coordinator registered.
+//!
+//! This file holds the agent itself: its settings, its errors, its state and
+//! [`Agent::run`]. The rest extends [`Agent`] in files named for what they do:
+//!
+//! - `agent/membership.rs`: joining an image (session, manifest, cached
+//!   volume, exports, profile replay), confirming a restored one;
+//! - `agent/restore.rs`: what is served again at start (origins, volumes on
+//!   their saved parents, VMs), and saving each member's parents and origins;
+//! - `agent/control_loop.rs`: registering origins, heartbeats, parent lists,
+//!   reports of bad parents, re-joins, publishing boot profiles;
+//! - `agent/vms.rs`: VM snapshots ([`VmInfo`]);
+//! - `agent/eviction.rs`: evicting and pinning images;
+//! - `agent/status.rs`: the host's [`Status`] and the metrics' counters.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,20 +42,20 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
-use virtman_cache::{BootProfile, CacheError, CacheGroup, CachedVolume, GroupConfig, Upstream};
-use virtman_coordinator::api::{Assignment, ImageInfo, JoinRequest};
-use virtman_image::{ImageStore, Manifest, StoredImage};
-use virtman_nbd::{Export, FileExport, Listener, MemExport, Server, ServerConfig};
+use tracing::warn;
+use virtman_cache::{CacheError, CacheGroup, CachedVolume, GroupConfig};
+use virtman_image::{ImageStore, Manifest};
+use virtman_nbd::{Listener, Server, ServerConfig};
 
-use crate::known::{self, KnownParent, KnownUpstream};
+use crate::known::KnownUpstream;
 use crate::origin::CountingExport;
-use crate::prefetch::{self, ImagePrefetch, PrefetchConfig, profile_export};
-use crate::small_export::read_small_export;
-use crate::upstream::{BadParent, FetchConfig, Parents, Source};
+use crate::prefetch::{ImagePrefetch, PrefetchConfig};
+use crate::upstream::{BadParent, FetchConfig, Parents};
 
 mod control_loop;
 mod eviction;
+mod membership;
+mod restore;
 mod status;
 mod vms;
 
@@ -289,414 +302,6 @@ impl Agent {
         }
         Ok(())
     }
-
-    /// Serves origin images and the volumes and snapshots a restart left.
-    fn restore(self: &Arc<Self>) {
-        match self.store.list() {
-            Ok(list) => {
-                for (name, img) in list {
-                    match img {
-                        Ok(img) => self.add_origin(img),
-                        Err(e) => warn!(image = %name, error = %e, "skipping unreadable image"),
-                    }
-                }
-            }
-            Err(e) => warn!(error = %e, "cannot list the image store"),
-        }
-        self.restore_members();
-        for s in self.group.snapshots() {
-            self.vms
-                .add_export(s.name().to_owned(), s as Arc<dyn Export>);
-        }
-    }
-
-    fn add_origin(&self, img: StoredImage) {
-        let file = match FileExport::open(&img.data_path, true) {
-            Ok(f) => f.with_description(format!("virtman origin of image {}", img.name)),
-            Err(e) => {
-                warn!(image = %img.name, error = %e, "cannot open image data");
-                return;
-            }
-        };
-        let export = Arc::new(CountingExport::new(
-            Arc::new(file),
-            img.manifest.chunk_size(),
-        ));
-        self.base
-            .add_export(img.name.clone(), Arc::clone(&export) as Arc<dyn Export>);
-        self.base.add_export(
-            manifest_export(&img.name),
-            Arc::new(MemExport::new(img.manifest.encode()).read_only()),
-        );
-        // A boot profile stored with the image (`virtman image profile`)
-        // goes down the tree like the manifest, for prefetch.
-        let path = img
-            .data_path
-            .with_file_name(virtman_image::store::PROFILE_FILE);
-        if path.exists() {
-            match BootProfile::load(&path, &img.manifest) {
-                Ok(p) => {
-                    info!(image = %img.name, chunks = p.entries.len(), "publishing the image's boot profile");
-                    self.base.add_export(
-                        profile_export(&img.name),
-                        Arc::new(MemExport::new(p.encode(&img.manifest)).read_only()),
-                    );
-                }
-                Err(e) => warn!(image = %img.name, error = %e, "not publishing the boot profile"),
-            }
-        }
-        info!(image = %img.name, size = img.manifest.size(), "serving as origin");
-        lock(&self.images).insert(
-            img.name.clone(),
-            Arc::new(ImageEntry {
-                manifest: Arc::new(img.manifest),
-                role: Role::Origin { export },
-            }),
-        );
-    }
-
-    /// Joins the image's session with the coordinator, returning the assignment.
-    async fn join(&self, image: &str) -> Result<Assignment, AgentError> {
-        let req = JoinRequest {
-            node: self.config.name.clone(),
-            addr: self.config.advertise.clone(),
-            labels: self.config.labels.clone(),
-        };
-        match self.coord.join(image, &req).await {
-            Ok(resp) => {
-                self.heartbeat_ms
-                    .store(resp.heartbeat_interval_ms.max(50), Ordering::Relaxed);
-                self.apply(&resp.assignment);
-                Ok(resp.assignment)
-            }
-            Err(e) if e.code() == Some("unknown_image") => {
-                Err(AgentError::UnknownImage(image.to_owned()))
-            }
-            Err(e) if e.code() == Some("already_joined") => {
-                // A restart before the coordinator noticed: the next heartbeat
-                // (known epoch 0) brings the parent list.
-                Ok(Assignment {
-                    image: image.to_owned(),
-                    epoch: 0,
-                    parents: Vec::new(),
-                    origins: Vec::new(),
-                })
-            }
-            Err(e) => Err(AgentError::Coordinator(e.to_string())),
-        }
-    }
-
-    /// The coordinator's record of `image`.
-    async fn image_info(&self, image: &str) -> Result<ImageInfo, AgentError> {
-        self.coord
-            .images()
-            .await
-            .map_err(|e| AgentError::Coordinator(e.to_string()))?
-            .into_iter()
-            .find(|i| i.name == image)
-            .ok_or_else(|| AgentError::UnknownImage(image.to_owned()))
-    }
-
-    /// Makes sure this host takes part in `image`: joins its session, gets its
-    /// manifest, and creates (or reopens) its cached volume and base export.
-    pub async fn ensure_image(self: &Arc<Self>, image: &str) -> Result<(), AgentError> {
-        if lock(&self.images).contains_key(image) {
-            return Ok(());
-        }
-        let _g = self.join_lock.lock().await;
-        if lock(&self.images).contains_key(image) {
-            return Ok(());
-        }
-        let info = self.image_info(image).await?;
-        // Children may be told of this host as soon as it has joined, before
-        // its export exists: they wait for it rather than report this host.
-        let _expected = self.base.expect_export(image);
-        let assignment = self.join(image).await?;
-
-        let volume = match self.group.volume(image) {
-            Some(v) if v.manifest().id().to_hex() == info.manifest_digest => v,
-            Some(_) => {
-                return Err(AgentError::Manifest {
-                    image: image.to_owned(),
-                    reason: "the cached volume holds another version of the image; evict it first"
-                        .into(),
-                });
-            }
-            None => {
-                let mut sources: Vec<String> =
-                    assignment.parents.iter().map(|p| p.addr.clone()).collect();
-                sources.extend(info.origins.iter().cloned());
-                let m = fetch_manifest(image, &info.manifest_digest, &sources).await?;
-                self.group.add_volume(image, &m)?
-            }
-        };
-        let parent_list = self.parent_sources(&assignment);
-        let entry = self.install_member(
-            image,
-            volume,
-            &info.origins,
-            parent_list,
-            assignment.epoch,
-            true,
-            None,
-        );
-        self.save_known(image, &entry).await;
-        info!(image, parents = ?assignment.parents.iter().map(|p| &p.node).collect::<Vec<_>>(), "joined");
-        Ok(())
-    }
-
-    /// Serves a member image: its volume's upstream (`parents`, then
-    /// `origins`), its base and manifest exports, and the boot profile's
-    /// replay. `joined` is false for an upstream restored from disk before
-    /// the coordinator answered.
-    #[allow(clippy::too_many_arguments)]
-    fn install_member(
-        self: &Arc<Self>,
-        image: &str,
-        volume: Arc<CachedVolume>,
-        origins: &[String],
-        parent_list: Vec<Source>,
-        epoch: u64,
-        joined: bool,
-        saved: Option<KnownUpstream>,
-    ) -> Arc<ImageEntry> {
-        let manifest = Arc::new(volume.manifest().clone());
-        let profile_sources = prefetch::ProfileSources {
-            parents: parent_list.iter().map(|p| p.addr.clone()).collect(),
-            origins: origins.to_vec(),
-            me: self.config.name.clone(),
-            coord: self.coord.clone(),
-        };
-        let parents = Arc::new(Parents::new(
-            image,
-            Arc::clone(&manifest),
-            known::origin_sources(origins),
-            self.config.fetch.clone(),
-            self.reports.clone(),
-        ));
-        parents.set(parent_list);
-        volume.set_upstream(Some(Arc::clone(&parents) as Arc<dyn Upstream>));
-        self.base.add_export(
-            image.to_owned(),
-            Arc::new(volume.export()) as Arc<dyn Export>,
-        );
-        self.base.add_export(
-            manifest_export(image),
-            Arc::new(MemExport::new(manifest.encode()).read_only()),
-        );
-        let prefetch = Arc::new(ImagePrefetch::default());
-        let prefetch_config = lock(&self.prefetch).clone();
-        if prefetch_config.profile {
-            prefetch.tasks.spawn(prefetch::replay_profile(
-                image.to_owned(),
-                Arc::clone(&volume),
-                Arc::clone(&prefetch),
-                profile_sources,
-                prefetch_config,
-            ));
-        }
-        let entry = Arc::new(ImageEntry {
-            manifest,
-            role: Role::Member {
-                volume,
-                parents,
-                epoch: AtomicU64::new(epoch),
-                prefetch,
-                joined: AtomicBool::new(joined),
-                saved: tokio::sync::Mutex::new(saved),
-            },
-        });
-        lock(&self.images).insert(image.to_owned(), Arc::clone(&entry));
-        entry
-    }
-
-    /// What this host knows now about a member image's upstream.
-    fn known_now(image: &str, entry: &ImageEntry) -> Option<KnownUpstream> {
-        match &entry.role {
-            Role::Member { parents, epoch, .. } => Some(KnownUpstream {
-                image: image.to_owned(),
-                manifest_digest: entry.manifest.id().to_hex(),
-                epoch: epoch.load(Ordering::Relaxed),
-                parents: parents
-                    .current()
-                    .into_iter()
-                    .map(|s| KnownParent {
-                        name: s.name,
-                        addr: s.addr,
-                    })
-                    .collect(),
-                origins: parents.origins().into_iter().map(|s| s.addr).collect(),
-            }),
-            Role::Origin { .. } => None,
-        }
-    }
-
-    /// Writes `DATA_DIR/upstream/IMAGE` when what the coordinator said about
-    /// the image changed since it was last written.
-    async fn save_known(&self, image: &str, entry: &ImageEntry) {
-        let Role::Member { saved, joined, .. } = &entry.role else {
-            return;
-        };
-        let mut saved = saved.lock().await;
-        if !joined.load(Ordering::Relaxed) {
-            return; // nothing new: it is what was loaded
-        }
-        let Some(now) = Self::known_now(image, entry) else {
-            return;
-        };
-        if saved.as_ref() == Some(&now) {
-            return;
-        }
-        let path = known::known_path(&self.config.data_dir, image);
-        let k = now.clone();
-        match tokio::task::spawn_blocking(move || k.save(&path)).await {
-            Ok(Ok(())) => *saved = Some(now),
-            Ok(Err(e)) => warn!(image, error = %e, "saving the image's parents and origins failed"),
-            Err(e) => warn!(image, error = %e, "saving the image's parents and origins failed"),
-        }
-    }
-
-    /// [`Agent::save_known`] for every member image.
-    async fn save_all_known(&self) {
-        let members: Vec<(String, Arc<ImageEntry>)> = lock(&self.images)
-            .iter()
-            .filter(|(_, e)| matches!(e.role, Role::Member { .. }))
-            .map(|(n, e)| (n.clone(), Arc::clone(e)))
-            .collect();
-        for (image, entry) in members {
-            self.save_known(&image, &entry).await;
-        }
-    }
-
-    /// Gives each volume a restart left an upstream at once, from what was
-    /// saved before: the last parents, then the origins. The control loop
-    /// joins again when the coordinator answers, and its lists replace these.
-    /// A missing or damaged file leaves the volume waiting for the
-    /// coordinator, as before.
-    fn restore_members(self: &Arc<Self>) {
-        for volume in self.group.volumes() {
-            let image = volume.name().to_owned();
-            if lock(&self.images).contains_key(&image) {
-                continue;
-            }
-            let path = known::known_path(&self.config.data_dir, &image);
-            let digest = volume.manifest().id().to_hex();
-            match KnownUpstream::load(&path, &image, &digest) {
-                Ok(Some(k)) => {
-                    info!(image, parents = ?k.parents.iter().map(|p| &p.name).collect::<Vec<_>>(),
-                        origins = ?k.origins, epoch = k.epoch,
-                        "serving the restored image with its saved parents and origins until the coordinator answers");
-                    self.install_member(
-                        &image,
-                        volume,
-                        &k.origins.clone(),
-                        k.parent_sources(),
-                        k.epoch,
-                        false,
-                        Some(k),
-                    );
-                }
-                Ok(None) => info!(
-                    image,
-                    file = %path.display(),
-                    "no saved parents or origins for the restored image; its absent chunks wait for the coordinator"
-                ),
-                Err(e) => warn!(
-                    image,
-                    error = %e,
-                    "refusing the saved parents and origins of the restored image; its absent chunks wait for the coordinator"
-                ),
-            }
-        }
-    }
-
-    /// Joins the session of an image served from its saved upstream; the
-    /// coordinator's lists replace the saved ones.
-    async fn confirm_restored(self: &Arc<Self>, image: &str) -> Result<(), AgentError> {
-        let _g = self.join_lock.lock().await;
-        let Some(entry) = lock(&self.images).get(image).cloned() else {
-            return Ok(());
-        };
-        let Role::Member {
-            parents,
-            epoch,
-            joined,
-            ..
-        } = &entry.role
-        else {
-            return Ok(());
-        };
-        if joined.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        let info = self.image_info(image).await?;
-        if info.manifest_digest != entry.manifest.id().to_hex() {
-            // As without a saved upstream: the volume gets none.
-            self.drop_member(image, &entry);
-            return Err(AgentError::Manifest {
-                image: image.to_owned(),
-                reason: "the cached volume holds another version of the image; evict it first"
-                    .into(),
-            });
-        }
-        if !info.origins.is_empty() {
-            parents.set_origins(known::origin_sources(&info.origins));
-        }
-        let a = self.join(image).await?;
-        if a.epoch == 0 {
-            // Already a member (the coordinator did not notice the restart):
-            // known epoch 0 makes the next heartbeat bring the list.
-            epoch.store(0, Ordering::Relaxed);
-        }
-        joined.store(true, Ordering::Relaxed);
-        info!(image, parents = ?parents.current().into_iter().map(|s| s.name).collect::<Vec<_>>(),
-            "joined again; the coordinator's parent list replaces the saved one");
-        self.save_known(image, &entry).await;
-        Ok(())
-    }
-
-    /// Stops serving a member image (its volume stays on disk).
-    fn drop_member(&self, image: &str, entry: &ImageEntry) {
-        if let Role::Member { volume, .. } = &entry.role {
-            volume.set_upstream(None);
-        }
-        self.base.remove_export(image);
-        self.base.remove_export(&manifest_export(image));
-        self.base.remove_export(&profile_export(image));
-        lock(&self.images).remove(image);
-    }
-}
-
-/// Reads `manifest/IMAGE` from the first source that has it and whose bytes
-/// match the registered digest.
-async fn fetch_manifest(
-    image: &str,
-    digest: &str,
-    sources: &[String],
-) -> Result<Manifest, AgentError> {
-    let mut why = Vec::new();
-    for addr in sources {
-        let got = async {
-            let (path, bytes) = read_small_export(addr, &manifest_export(image)).await?;
-            let m = Manifest::decode(&path, &bytes).map_err(|e| e.to_string())?;
-            if m.id().to_hex() != digest {
-                return Err(format!(
-                    "digest {} is not the registered {digest}",
-                    m.id().to_hex()
-                ));
-            }
-            Ok(m)
-        }
-        .await;
-        match got {
-            Ok(m) => return Ok(m),
-            Err(e) => why.push(format!("{addr}: {e}")),
-        }
-    }
-    Err(AgentError::Manifest {
-        image: image.to_owned(),
-        reason: format!("no source gave it: {}", why.join("; ")),
-    })
 }
 
 /// Resolves the address to advertise for a bound listener.
