@@ -10,7 +10,9 @@
 //!   (parents, epoch, origins), saved so a restart can serve without it;
 //! - [`origin`]: serving an image whole and counting what leaves;
 //! - [`upstream`]: fetching chunks from parents in the relay tree, spread by
-//!   load, with failover and reports of bad parents.
+//!   load, with failover and reports of bad parents;
+//! - `small_export`: reading a small export (`manifest/IMAGE`,
+//!   `profile/IMAGE`) whole from a node, for both `agent` and `prefetch`.
 
 // Tests may cast freely; library code must use checked conversions.
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))]
@@ -21,6 +23,7 @@ pub mod known;
 pub mod metrics;
 pub mod origin;
 pub mod prefetch;
+mod small_export;
 pub mod upstream;
 
 pub use agent::{Agent, AgentConfig, AgentError, Status, VmInfo};

@@ -27,6 +27,8 @@ use tracing::debug;
 use virtman_cache::{BootProfile, CachedVolume};
 use virtman_image::Manifest;
 
+use crate::small_export::read_small_export;
+
 /// The profile export's name for an image.
 pub fn profile_export(image: &str) -> String {
     format!("profile/{image}")
@@ -170,8 +172,7 @@ pub async fn fetch_profile(
 ) -> Option<BootProfile> {
     for addr in sources {
         let got = async {
-            let (path, bytes) =
-                crate::agent::read_small_export(addr, &profile_export(image)).await?;
+            let (path, bytes) = read_small_export(addr, &profile_export(image)).await?;
             BootProfile::decode(&path, &bytes, manifest).map_err(|e| e.to_string())
         }
         .await;

@@ -1,0 +1,281 @@
+//! The control loop: how the agent follows the coordinator. It registers
+//! the origin images, re-joins the volumes a restart left, heartbeats each
+//! member session (applying the parent lists that changed), reports bad
+//! parents as the upstream finds them, and publishes boot profiles. A
+//! coordinator that is down is retried; meanwhile the agent serves with the
+//! parents it has.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use virtman_cache::CachedVolume;
+use virtman_coordinator::api::{
+    Assignment, HeartbeatRequest, RegisterImage, ReportRequest, SessionBeat,
+};
+use virtman_image::Manifest;
+use virtman_nbd::MemExport;
+
+use super::{Agent, AgentError, ImageEntry, Role, lock};
+use crate::known;
+use crate::prefetch::{ImagePrefetch, profile_export};
+use crate::upstream::{BadParent, Source};
+
+impl Agent {
+    /// Registers the origin images; returns how many (0: the coordinator was
+    /// not contacted).
+    async fn register_origins(&self) -> Result<usize, AgentError> {
+        let origins: Vec<(String, Arc<Manifest>)> = lock(&self.images)
+            .iter()
+            .filter(|(_, e)| matches!(e.role, Role::Origin { .. }))
+            .map(|(n, e)| (n.clone(), Arc::clone(&e.manifest)))
+            .collect();
+        let n = origins.len();
+        for (name, m) in origins {
+            let req = RegisterImage {
+                name: name.clone(),
+                size: m.size(),
+                manifest_digest: m.id().to_hex(),
+                origins: vec![self.config.advertise.clone()],
+                fanout: None,
+                parents: None,
+            };
+            self.coord
+                .register_image(&req)
+                .await
+                .map_err(|e| AgentError::Coordinator(e.to_string()))?;
+        }
+        Ok(n)
+    }
+
+    /// Registers origins, re-joins restored volumes, then heartbeats and
+    /// applies parent changes and reports until shutdown. A coordinator that
+    /// is down is retried; meanwhile the agent serves with what it has.
+    pub(super) async fn control_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut reports = lock(&self.reports_rx).take();
+        let mut registered = false;
+        let mut rejoined = false;
+        let mut down_logged = false;
+        // Retries each second: the first failure in a row is a warning, the
+        // rest only debug lines, so a long outage does not flood the log.
+        let (mut register_failed, mut rejoin_failed) = (false, false);
+        loop {
+            if !registered {
+                match self.register_origins().await {
+                    Ok(n) => {
+                        registered = true;
+                        if n > 0 {
+                            self.coordinator_ok.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    Err(e) if register_failed => {
+                        debug!(error = %e, "registering origin images failed again")
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "registering origin images failed; will retry");
+                        register_failed = true;
+                    }
+                }
+            }
+            if !rejoined {
+                rejoined = self.rejoin_restored(rejoin_failed).await;
+                rejoin_failed = !rejoined;
+            }
+            self.publish_profiles().await;
+            match self.heartbeat().await {
+                Ok(()) => down_logged = false,
+                Err(e) => {
+                    self.coordinator_ok.store(false, Ordering::Relaxed);
+                    if !down_logged {
+                        warn!(error = %e, "coordinator unreachable; serving with the parents we have");
+                        down_logged = true;
+                    }
+                }
+            }
+            self.save_all_known().await;
+            let period = Duration::from_millis(self.heartbeat_ms.load(Ordering::Relaxed));
+            let sleep = tokio::time::sleep(period);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = &mut sleep => break,
+                    Some(r) = async { match reports.as_mut() { Some(rx) => rx.recv().await, None => None } } => {
+                        self.report(r).await;
+                        self.save_all_known().await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Saves each member's recorded boot profile when it changed, and
+    /// (re)publishes `profile/IMAGE` when what it should hold changed.
+    async fn publish_profiles(&self) {
+        let members: Vec<(String, Arc<CachedVolume>, Arc<ImagePrefetch>)> = lock(&self.images)
+            .iter()
+            .filter_map(|(n, e)| match &e.role {
+                Role::Member {
+                    volume, prefetch, ..
+                } => Some((n.clone(), Arc::clone(volume), Arc::clone(prefetch))),
+                Role::Origin { .. } => None,
+            })
+            .collect();
+        for (image, volume, prefetch) in members {
+            let Some(profile) = prefetch.to_publish(&volume) else {
+                continue;
+            };
+            let v = Arc::clone(&volume);
+            match tokio::task::spawn_blocking(move || v.save_profile()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(image, error = %e, "saving the boot profile failed"),
+                Err(e) => warn!(image, error = %e, "saving the boot profile failed"),
+            }
+            let bytes = profile.encode(volume.manifest());
+            self.base.add_export(
+                profile_export(&image),
+                Arc::new(MemExport::new(bytes).read_only()),
+            );
+        }
+    }
+
+    /// Joins again the sessions of volumes restored from disk. Returns whether
+    /// every one succeeded; failures are warnings unless `quiet` (a retry).
+    async fn rejoin_restored(self: &Arc<Self>, quiet: bool) -> bool {
+        let mut ok = true;
+        for v in self.group.volumes() {
+            let name = v.name().to_owned();
+            let restored = match lock(&self.images).get(&name).map(|e| &e.role) {
+                Some(Role::Member { joined, .. }) => !joined.load(Ordering::Relaxed),
+                Some(Role::Origin { .. }) => continue,
+                None => false,
+            };
+            let res = if restored {
+                self.confirm_restored(&name).await
+            } else if lock(&self.images).contains_key(&name) {
+                continue;
+            } else {
+                self.ensure_image(&name).await
+            };
+            match res {
+                Ok(()) => self.coordinator_ok.store(true, Ordering::Relaxed),
+                Err(e) => {
+                    if matches!(e, AgentError::Coordinator(_)) {
+                        self.coordinator_ok.store(false, Ordering::Relaxed);
+                    }
+                    if quiet {
+                        debug!(image = %name, error = %e, "re-joining restored image failed again");
+                    } else {
+                        warn!(image = %name, error = %e, "re-joining restored image failed; will retry");
+                    }
+                    ok = false;
+                }
+            }
+        }
+        ok
+    }
+
+    async fn heartbeat(&self) -> Result<(), AgentError> {
+        // Members still on a saved upstream have not joined yet.
+        let members: Vec<(String, Arc<ImageEntry>)> = lock(&self.images)
+            .iter()
+            .filter(|(_, e)| {
+                matches!(&e.role, Role::Member { joined, .. } if joined.load(Ordering::Relaxed))
+            })
+            .map(|(n, e)| (n.clone(), Arc::clone(e)))
+            .collect();
+        let sessions = members
+            .iter()
+            .filter_map(|(name, e)| match &e.role {
+                Role::Member { volume, epoch, .. } => {
+                    let chunks = e.manifest.chunks().max(1);
+                    let held = volume.present_chunks();
+                    Some(SessionBeat {
+                        image: name.clone(),
+                        progress: held as f64 / chunks as f64,
+                        complete: held >= e.manifest.chunks(),
+                        known_epoch: epoch.load(Ordering::Relaxed),
+                    })
+                }
+                Role::Origin { .. } => None,
+            })
+            .collect();
+        let sessions: Vec<SessionBeat> = sessions;
+        if sessions.is_empty() {
+            // Nothing to report: an origin-only host is not a session member.
+            return Ok(());
+        }
+        let req = HeartbeatRequest {
+            node: self.config.name.clone(),
+            sessions,
+        };
+        match self.coord.heartbeat(&req).await {
+            Ok(resp) => {
+                self.coordinator_ok.store(true, Ordering::Relaxed);
+                self.heartbeat_ms
+                    .store(resp.heartbeat_interval_ms.max(50), Ordering::Relaxed);
+                for a in resp.changed {
+                    self.apply(&a);
+                }
+                Ok(())
+            }
+            Err(e) if matches!(e.code(), Some("dead") | Some("unknown_node")) => {
+                // Declared dead (or the coordinator forgot us): join again.
+                info!(error = %e, "coordinator does not count us as live; joining again");
+                self.coordinator_ok.store(true, Ordering::Relaxed);
+                for (name, _) in members {
+                    if let Err(e) = self.join(&name).await {
+                        warn!(image = %name, error = %e, "re-join failed");
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => Err(AgentError::Coordinator(e.to_string())),
+        }
+    }
+
+    /// The sources an assignment names, this host left out.
+    pub(super) fn parent_sources(&self, a: &Assignment) -> Vec<Source> {
+        a.parents
+            .iter()
+            .filter(|p| p.node != self.config.name)
+            .map(|p| Source {
+                name: p.node.clone(),
+                addr: p.addr.clone(),
+            })
+            .collect()
+    }
+
+    /// Applies a parent list from the coordinator.
+    pub(super) fn apply(&self, a: &Assignment) {
+        let entry = lock(&self.images).get(&a.image).cloned();
+        let Some(entry) = entry else { return };
+        if let Role::Member { parents, epoch, .. } = &entry.role {
+            let list = self.parent_sources(a);
+            debug!(image = %a.image, epoch = a.epoch, parents = ?list, "new parents");
+            if !a.origins.is_empty() {
+                parents.set_origins(known::origin_sources(&a.origins));
+            }
+            parents.set(list);
+            epoch.store(a.epoch, Ordering::Relaxed);
+        }
+    }
+
+    async fn report(&self, r: BadParent) {
+        if r.parent.name.starts_with("origin") {
+            return; // origins are not tree members
+        }
+        let req = ReportRequest {
+            node: self.config.name.clone(),
+            parent: r.parent.name.clone(),
+        };
+        match self.coord.report(&r.image, &req).await {
+            Ok(a) => self.apply(&a),
+            Err(e) => {
+                debug!(image = %r.image, parent = %r.parent.name, error = %e, "report failed")
+            }
+        }
+    }
+}
