@@ -8,6 +8,7 @@ mod agent;
 mod cluster;
 mod coordinator;
 mod image;
+mod pki;
 mod serve;
 mod sim;
 mod storm;
@@ -56,6 +57,8 @@ enum Command {
     Storm(storm::StormArgs),
     /// Simulate a boot storm of many hosts on virtual time (text, JSON, SVG chart).
     Sim(sim::SimArgs),
+    /// The cluster's certificate authority: make it, issue node certificates, show them.
+    Pki(pki::PkiArgs),
     /// Make boot traces: synthetic, or recorded from a real guest booting under qemu.
     Trace(trace::TraceArgs),
 }
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
         Command::Storm(args) => storm::run(args),
         Command::Sim(args) => sim::run(args),
         Command::Trace(args) => trace::run(args),
+        Command::Pki(args) => pki::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
