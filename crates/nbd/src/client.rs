@@ -13,6 +13,8 @@
 //! a timeout; every error names the server, export, operation, offset and length.
 //! Later, agents fetch image chunks from their parents with this client.
 
+mod error;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
@@ -22,7 +24,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
@@ -42,6 +43,8 @@ use crate::proto::{
 const MAX_CHUNK_PAYLOAD: u32 = 8 * 1024 * 1024 + 4;
 /// Largest option reply data accepted during the handshake.
 const MAX_OPTION_REPLY: u32 = 1024 * 1024;
+
+pub use error::{ClientError, RequestFailure};
 
 /// Where a server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,82 +125,6 @@ impl ExportInfo {
     /// Whether several connections may be used.
     pub fn multi_conn(&self) -> bool {
         self.flags & transmission_flags::CAN_MULTI_CONN != 0
-    }
-}
-
-/// Why a request failed.
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
-pub enum RequestFailure {
-    /// The server answered with an error.
-    #[error("server replied {errno}{}", if message.is_empty() { String::new() } else { format!(": {message}") })]
-    Server {
-        /// The error value.
-        errno: Errno,
-        /// The server's message, if any.
-        message: String,
-    },
-    /// No reply within the timeout.
-    #[error("no reply within {0:?}")]
-    Timeout(Duration),
-    /// The connection is gone.
-    #[error("connection lost: {0}")]
-    Disconnected(String),
-    /// The server's reply broke the protocol.
-    #[error("protocol violation: {0}")]
-    Protocol(String),
-}
-
-/// A client error, with the context needed to act on it from one log line.
-#[derive(Debug, Error)]
-pub enum ClientError {
-    /// The server could not be reached.
-    #[error("cannot connect to NBD server {server}: {source}")]
-    Connect {
-        /// The server.
-        server: String,
-        /// The socket error.
-        source: io::Error,
-    },
-    /// The handshake failed.
-    #[error("NBD handshake with {server} for export {export:?} failed: {reason}")]
-    Handshake {
-        /// The server.
-        server: String,
-        /// The export.
-        export: String,
-        /// What went wrong.
-        reason: String,
-    },
-    /// A request failed.
-    #[error(
-        "NBD {op} of {length} bytes at offset {offset} on export {export:?} at {server}: {failure}"
-    )]
-    Request {
-        /// The server.
-        server: String,
-        /// The export.
-        export: String,
-        /// The operation.
-        op: &'static str,
-        /// Its offset.
-        offset: u64,
-        /// Its length.
-        length: u64,
-        /// What went wrong.
-        failure: RequestFailure,
-    },
-}
-
-impl ClientError {
-    /// The server's errno, if the server answered with an error.
-    pub fn errno(&self) -> Option<Errno> {
-        match self {
-            ClientError::Request {
-                failure: RequestFailure::Server { errno, .. },
-                ..
-            } => Some(*errno),
-            _ => None,
-        }
     }
 }
 
