@@ -13,18 +13,19 @@
 //! a timeout; every error names the server, export, operation, offset and length.
 //! Later, agents fetch image chunks from their parents with this client.
 
+mod config;
 mod error;
+mod transport;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
@@ -44,62 +45,9 @@ const MAX_CHUNK_PAYLOAD: u32 = 8 * 1024 * 1024 + 4;
 /// Largest option reply data accepted during the handshake.
 const MAX_OPTION_REPLY: u32 = 1024 * 1024;
 
+pub use config::{ClientConfig, Endpoint};
 pub use error::{ClientError, RequestFailure};
-
-/// Where a server listens.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Endpoint {
-    /// `host:port`.
-    Tcp(String),
-    /// A unix socket path.
-    Unix(PathBuf),
-}
-
-impl Endpoint {
-    /// Parses `unix:PATH`, a path starting with `/`, or `HOST:PORT`.
-    pub fn parse(s: &str) -> Endpoint {
-        if let Some(p) = s.strip_prefix("unix:") {
-            Endpoint::Unix(PathBuf::from(p))
-        } else if s.starts_with('/') {
-            Endpoint::Unix(PathBuf::from(s))
-        } else {
-            Endpoint::Tcp(s.to_owned())
-        }
-    }
-}
-
-impl fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Endpoint::Tcp(a) => write!(f, "{a}"),
-            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
-        }
-    }
-}
-
-/// Client settings.
-#[derive(Clone, Debug)]
-pub struct ClientConfig {
-    /// Export to open (empty: the server's default export).
-    pub export: String,
-    /// Connections to open; more than one only if the server allows multi-conn.
-    pub connections: usize,
-    /// Time one request may take before it fails with a timeout.
-    pub request_timeout: Duration,
-    /// Time to connect and finish the handshake.
-    pub connect_timeout: Duration,
-}
-
-impl Default for ClientConfig {
-    fn default() -> Self {
-        ClientConfig {
-            export: String::new(),
-            connections: 1,
-            request_timeout: Duration::from_secs(30),
-            connect_timeout: Duration::from_secs(10),
-        }
-    }
-}
+use transport::{BoxRead, BoxWrite, dial};
 
 /// What the server said about the export.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,25 +73,6 @@ impl ExportInfo {
     /// Whether several connections may be used.
     pub fn multi_conn(&self) -> bool {
         self.flags & transmission_flags::CAN_MULTI_CONN != 0
-    }
-}
-
-type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
-type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
-
-async fn dial(endpoint: &Endpoint) -> io::Result<(BoxRead, BoxWrite)> {
-    match endpoint {
-        Endpoint::Tcp(addr) => {
-            let s = tokio::net::TcpStream::connect(addr).await?;
-            s.set_nodelay(true)?;
-            let (r, w) = s.into_split();
-            Ok((Box::new(r), Box::new(w)))
-        }
-        Endpoint::Unix(path) => {
-            let s = tokio::net::UnixStream::connect(path).await?;
-            let (r, w) = s.into_split();
-            Ok((Box::new(r), Box::new(w)))
-        }
     }
 }
 
