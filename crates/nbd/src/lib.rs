@@ -10,7 +10,8 @@
 //! - [`server`]: a tokio server for many exports, connections and requests in
 //!   flight, on TCP and unix sockets;
 //! - [`client`]: a tokio client with many requests in flight per connection,
-//!   several connections, and per-request timeouts.
+//!   several connections, and per-request timeouts;
+//! - [`tls`]: `NBD_OPT_STARTTLS` on both sides (rustls).
 
 // Tests may cast freely; library code must use checked conversions.
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))]
@@ -18,12 +19,15 @@
 pub mod client;
 pub mod export;
 pub mod file;
+mod io;
 pub mod mem;
 pub mod proto;
 pub mod server;
+pub mod tls;
 
 pub use client::{Client, ClientConfig, ClientError, Endpoint};
 pub use export::{Capabilities, Export, ExportError, Extent, ReadChunk};
 pub use file::FileExport;
 pub use mem::MemExport;
-pub use server::{ExpectedExport, Listener, Server, ServerConfig};
+pub use server::{ExpectedExport, ExportAccess, Listener, Server, ServerConfig};
+pub use tls::{ClientTls, ServerTls};

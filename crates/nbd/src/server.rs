@@ -23,13 +23,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use rustls_pki_types::CertificateDer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::export::Export;
+pub use crate::io::{BoxRead, BoxWrite};
+use crate::tls::ServerTls;
 
 /// Tunables of the server. The defaults suit an agent serving a few hundred
 /// VMs and children on one host.
@@ -50,6 +52,21 @@ pub struct ServerConfig {
     /// How long a closing connection waits for its requests in flight (an
     /// export stuck on a dead upstream must not hold shutdown forever).
     pub drain_timeout: Duration,
+    /// TLS: when set, clients must upgrade with `NBD_OPT_STARTTLS` before
+    /// anything else (see [`crate::tls`]).
+    pub tls: Option<Arc<ServerTls>>,
+    /// Which clients may see and open which exports (all may, without it).
+    pub access: Option<Arc<dyn ExportAccess>>,
+}
+
+/// Decides which client may see and open which export, by the certificate
+/// it presented over TLS. A refused export is left out of `NBD_OPT_LIST`
+/// and answered `NBD_REP_ERR_POLICY` (INFO, GO, meta contexts), or the
+/// connection is closed (`NBD_OPT_EXPORT_NAME`).
+pub trait ExportAccess: Send + Sync + std::fmt::Debug {
+    /// Whether the client with certificate `peer` (none: no TLS, or no
+    /// client certificate) may use `export`.
+    fn allows(&self, peer: Option<&CertificateDer<'_>>, export: &str) -> bool;
 }
 
 impl Default for ServerConfig {
@@ -62,6 +79,8 @@ impl Default for ServerConfig {
             // export being set up rather than giving up on the server.
             expect_wait: Duration::from_millis(1500),
             drain_timeout: Duration::from_secs(10),
+            tls: None,
+            access: None,
         }
     }
 }
@@ -365,11 +384,6 @@ impl Server {
         }
     }
 }
-
-/// The read half of a connection.
-pub type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
-/// The write half of a connection.
-pub type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
 
 async fn accept(l: &Listener) -> io::Result<(BoxRead, BoxWrite, String)> {
     match l {

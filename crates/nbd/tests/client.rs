@@ -127,7 +127,7 @@ async fn unknown_export_and_dead_server_are_clear_errors() {
         text.contains("NBD_REP_ERR_UNKNOWN") && text.contains("\"b\""),
         "{text}"
     );
-    let list = list_exports(&s.endpoint()).await.unwrap();
+    let list = list_exports(&s.endpoint(), None).await.unwrap();
     assert_eq!(list, vec![("a".to_string(), String::new())]);
 
     // A connection whose server goes away fails its requests, it does not hang.

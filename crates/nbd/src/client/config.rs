@@ -5,6 +5,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::tls::ClientTls;
+
 /// Where a server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Endpoint {
@@ -47,6 +49,8 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// Time to connect and finish the handshake.
     pub connect_timeout: Duration,
+    /// TLS: upgrade every connection with `NBD_OPT_STARTTLS`, or fail.
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for ClientConfig {
@@ -56,6 +60,7 @@ impl Default for ClientConfig {
             connections: 1,
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }

@@ -19,8 +19,9 @@ use super::error::{ClientError, RequestFailure};
 use super::handshake::{ExportInfo, negotiate};
 use super::pending::{Done, Pending, PendingTable, Shared};
 use super::reader::reader_task;
-use super::transport::{BoxWrite, dial};
+use super::transport::dial;
 use crate::export::Extent;
+use crate::io::BoxWrite;
 use crate::proto::transmission::{self as tm, Command, Request};
 use crate::proto::{cmd_flags, state};
 
@@ -76,7 +77,8 @@ impl Connection {
                     server: server.clone(),
                     source,
                 })?;
-            let info = negotiate(&mut r, &mut w, &config.export)
+            let tls = config.tls.as_ref().map(|t| (t, endpoint));
+            let info = negotiate(&mut r, &mut w, &config.export, tls)
                 .await
                 .map_err(handshake_error)?;
             Ok::<_, ClientError>((r, w, info))

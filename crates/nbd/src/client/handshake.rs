@@ -5,20 +5,24 @@
 //! ends with what the server said about the export ([`ExportInfo`]).
 //! [`list_exports`] asks a server for its exports (`NBD_OPT_LIST`) instead.
 //! Parsing is in [`crate::proto::handshake`]; this file only chooses the
-//! options and moves bytes.
+//! options and moves bytes. With TLS configured, `NBD_OPT_STARTTLS` comes
+//! first and any answer but `NBD_REP_ACK` ends the connection: no plaintext
+//! fallback.
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::config::Endpoint;
 use super::error::ClientError;
-use super::transport::{BoxRead, BoxWrite, dial};
+use super::transport::dial;
+use crate::io::{BoxRead, BoxWrite};
 use crate::proto::handshake::{
     self as hs, GREETING_LEN, GoRequest, Info, MetaRequest, OPTION_REPLY_HEADER_LEN,
 };
 use crate::proto::{
     BASE_ALLOCATION, BlockSizes, client_flags, handshake_flags, info, opt, rep, transmission_flags,
 };
+use crate::tls::ClientTls;
 
 /// Largest option reply data accepted during the handshake.
 const MAX_OPTION_REPLY: u32 = 1024 * 1024;
@@ -55,6 +59,7 @@ pub(super) async fn negotiate(
     r: &mut BoxRead,
     w: &mut BoxWrite,
     export: &str,
+    tls: Option<(&ClientTls, &Endpoint)>,
 ) -> Result<ExportInfo, String> {
     let mut g = [0u8; GREETING_LEN];
     r.read_exact(&mut g)
@@ -69,6 +74,9 @@ pub(super) async fn negotiate(
     w.write_all(&cflags.to_be_bytes())
         .await
         .map_err(|e| e.to_string())?;
+    if let Some((tls, endpoint)) = tls {
+        start_tls(r, w, tls, endpoint).await?;
+    }
 
     let structured = match option(r, w, opt::STRUCTURED_REPLY, &[]).await?.last() {
         Some((t, _)) => *t == rep::ACK,
@@ -163,6 +171,33 @@ async fn export_name(
     })
 }
 
+/// Upgrades the connection with `NBD_OPT_STARTTLS`, replacing `r` and `w`
+/// by their encrypted halves.
+async fn start_tls(
+    r: &mut BoxRead,
+    w: &mut BoxWrite,
+    tls: &ClientTls,
+    endpoint: &Endpoint,
+) -> Result<(), String> {
+    let name = tls.name_for(endpoint)?;
+    let replies = option(r, w, opt::STARTTLS, &[]).await?;
+    let (last, data) = replies.last().cloned().unwrap_or((0, Vec::new()));
+    if last != rep::ACK {
+        return Err(format!(
+            "server refused TLS ({} {}); not continuing without it",
+            rep_name(last),
+            String::from_utf8_lossy(&data)
+        ));
+    }
+    let plain_r = std::mem::replace(r, Box::new(tokio::io::empty()));
+    let plain_w = std::mem::replace(w, Box::new(tokio::io::sink()));
+    let (tr, tw) = crate::tls::connect(tls, name, plain_r, plain_w)
+        .await
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    (*r, *w) = (tr, tw);
+    Ok(())
+}
+
 /// Sends one option and collects its replies up to the final one.
 async fn option(
     r: &mut BoxRead,
@@ -214,8 +249,12 @@ fn rep_name(t: u32) -> String {
     }
 }
 
-/// Lists the exports of a server (`NBD_OPT_LIST`) as (name, description) pairs.
-pub async fn list_exports(endpoint: &Endpoint) -> Result<Vec<(String, String)>, ClientError> {
+/// Lists the exports of a server (`NBD_OPT_LIST`) as (name, description)
+/// pairs, over TLS when `tls` is given.
+pub async fn list_exports(
+    endpoint: &Endpoint,
+    tls: Option<&ClientTls>,
+) -> Result<Vec<(String, String)>, ClientError> {
     let server = endpoint.to_string();
     let herr = |reason: String| ClientError::Handshake {
         server: server.clone(),
@@ -236,6 +275,11 @@ pub async fn list_exports(endpoint: &Endpoint) -> Result<Vec<(String, String)>, 
     w.write_all(&client_flags::FIXED_NEWSTYLE.to_be_bytes())
         .await
         .map_err(|e| herr(e.to_string()))?;
+    if let Some(tls) = tls {
+        start_tls(&mut r, &mut w, tls, endpoint)
+            .await
+            .map_err(herr)?;
+    }
     let replies = option(&mut r, &mut w, opt::LIST, &[]).await.map_err(herr)?;
     let mut out = Vec::new();
     for (t, data) in replies {

@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, BufReader};
 use super::error::RequestFailure;
 use super::handshake::ExportInfo;
 use super::pending::{Done, Pending, Shared};
-use super::transport::BoxRead;
+use crate::io::BoxRead;
 use crate::proto::transmission::{self as tm, Command, ReplyHeader};
 use crate::proto::{Errno, reply};
 

@@ -4,12 +4,8 @@
 
 use std::io;
 
-use tokio::io::{AsyncRead, AsyncWrite};
-
 use super::config::Endpoint;
-
-pub(super) type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
-pub(super) type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
+use crate::io::{BoxRead, BoxWrite};
 
 pub(super) async fn dial(endpoint: &Endpoint) -> io::Result<(BoxRead, BoxWrite)> {
     match endpoint {

@@ -4,6 +4,13 @@
 //! transmission (`NBD_OPT_GO` acknowledged, or `NBD_OPT_EXPORT_NAME`), aborts,
 //! or breaks the protocol. Parsing is in [`crate::proto::handshake`]; this file
 //! only decides the answers and moves bytes.
+//!
+//! With TLS configured ([`super::ServerConfig::tls`]) the server runs the
+//! spec's FORCEDTLS mode: until `NBD_OPT_STARTTLS` every option but ABORT is
+//! answered `NBD_REP_ERR_TLS_REQD` (`NBD_OPT_EXPORT_NAME`, which cannot be
+//! answered with an error, closes the connection); after the TLS handshake
+//! all state negotiated before it is forgotten, and a second STARTTLS is
+//! `NBD_REP_ERR_INVALID`. Without TLS, STARTTLS is `NBD_REP_ERR_POLICY`.
 
 use std::sync::Arc;
 
@@ -11,8 +18,11 @@ use bytes::BytesMut;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{BoxRead, BoxWrite, Server};
+use rustls_pki_types::CertificateDer;
+
+use super::Server;
 use crate::export::Export;
+use crate::io::{BoxRead, BoxWrite};
 use crate::proto::handshake::{
     self as hs, ClientOption, GoRequest, HandshakeError, Info, MAX_OPTION_DATA, MetaRequest,
     OPTION_HEADER_LEN, encode_option_reply,
@@ -61,6 +71,12 @@ pub(super) enum NegotiationError {
     /// `NBD_OPT_EXPORT_NAME` named an export that does not exist, or was bad.
     #[error("export {0:?} refused")]
     ExportNameRefused(String),
+    /// `NBD_OPT_EXPORT_NAME` before TLS on a server that requires it.
+    #[error("NBD_OPT_EXPORT_NAME before STARTTLS on a TLS-only server")]
+    TlsRequired,
+    /// The TLS handshake after STARTTLS failed.
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
 }
 
 /// Runs the handshake; `Ok(None)` means the client aborted cleanly.
@@ -109,11 +125,52 @@ pub(super) async fn negotiate(
             }
         };
 
+        if let Some(tls) = &server.config.tls
+            && !state.tls
+        {
+            match parsed {
+                ClientOption::StartTls => {
+                    encode_option_reply(&mut out, option, rep::ACK, &[]);
+                    flush(w, &mut out).await?;
+                    let (r2, w2) = (
+                        std::mem::replace(r, Box::new(tokio::io::empty())),
+                        std::mem::replace(w, Box::new(tokio::io::sink())),
+                    );
+                    let (r2, w2, peer) = crate::tls::accept(tls, r2, w2)
+                        .await
+                        .map_err(NegotiationError::Tls)?;
+                    (*r, *w) = (r2, w2);
+                    // Nothing negotiated before TLS counts after it.
+                    state = State {
+                        tls: true,
+                        peer_certificate: peer,
+                        ..State::default()
+                    };
+                    continue;
+                }
+                ClientOption::Abort => {}
+                ClientOption::ExportName(_) => return Err(NegotiationError::TlsRequired),
+                _ => {
+                    reply_error(
+                        &mut out,
+                        option,
+                        rep::ERR_TLS_REQD,
+                        "TLS is required: send NBD_OPT_STARTTLS first",
+                    );
+                    flush(w, &mut out).await?;
+                    continue;
+                }
+            }
+        }
+
         match parsed {
             ClientOption::ExportName(name) => {
                 server
                     .wait_for_export(&name, &mut state.expect_deadline)
                     .await;
+                if refusal(server, &state, &name).is_some() {
+                    return Err(NegotiationError::ExportNameRefused(name));
+                }
                 let Some((name, export)) = server.lookup(&name) else {
                     return Err(NegotiationError::ExportNameRefused(name));
                 };
@@ -134,9 +191,17 @@ pub(super) async fn negotiate(
                 return Ok(None);
             }
             ClientOption::List => {
+                let peer = state.peer_certificate.as_ref();
                 let exports: Vec<_> = server
                     .exports_ref()
                     .iter()
+                    .filter(|(n, _)| {
+                        server
+                            .config
+                            .access
+                            .as_ref()
+                            .is_none_or(|a| a.allows(peer, n))
+                    })
                     .map(|(n, e)| (n.clone(), e.capabilities().description.unwrap_or_default()))
                     .collect();
                 for (name, description) in exports {
@@ -144,6 +209,9 @@ pub(super) async fn negotiate(
                     encode_option_reply(&mut out, option, rep::SERVER, &data);
                 }
                 encode_option_reply(&mut out, option, rep::ACK, &[]);
+            }
+            ClientOption::StartTls if state.tls => {
+                reply_error(&mut out, option, rep::ERR_INVALID, "TLS is already in use");
             }
             ClientOption::StartTls => {
                 reply_error(
@@ -171,14 +239,24 @@ pub(super) async fn negotiate(
                     .wait_for_export(&m.name, &mut state.expect_deadline)
                     .await;
                 let set = option == opt::SET_META_CONTEXT;
-                meta_context(server, &mut state, &mut out, option, m, set);
+                if let Some(msg) = refusal(server, &state, &m.name) {
+                    if set {
+                        state.meta = None;
+                    }
+                    reply_error(&mut out, option, rep::ERR_POLICY, &msg);
+                } else {
+                    meta_context(server, &mut state, &mut out, option, m, set);
+                }
             }
             ClientOption::Info(req) | ClientOption::Go(req) => {
                 server
                     .wait_for_export(&req.name, &mut state.expect_deadline)
                     .await;
                 let go = option == opt::GO;
-                if let Some((name, export)) = info_or_go(server, &state, &mut out, option, &req)
+                if let Some(msg) = refusal(server, &state, &req.name) {
+                    reply_error(&mut out, option, rep::ERR_POLICY, &msg);
+                } else if let Some((name, export)) =
+                    info_or_go(server, &state, &mut out, option, &req)
                     && go
                 {
                     flush(w, &mut out).await?;
@@ -195,9 +273,24 @@ pub(super) async fn negotiate(
     }
 }
 
+/// Why this client may not use export `name` (resolved as [`Server::lookup`]
+/// does), or `None` when it may.
+fn refusal(server: &Server, state: &State, name: &str) -> Option<String> {
+    let access = server.config.access.as_ref()?;
+    let canonical = server
+        .lookup(name)
+        .map_or_else(|| name.to_owned(), |(n, _)| n);
+    (!access.allows(state.peer_certificate.as_ref(), &canonical))
+        .then(|| format!("export {canonical:?} is not open to this client"))
+}
+
 /// Negotiation state that later options depend on.
 #[derive(Default)]
 struct State {
+    /// TLS is in use.
+    tls: bool,
+    /// The client's certificate, when it sent one over TLS.
+    peer_certificate: Option<CertificateDer<'static>>,
     structured: bool,
     /// The export metadata contexts were selected for, and those contexts.
     meta: Option<(String, Vec<MetaContext>)>,

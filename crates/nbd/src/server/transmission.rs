@@ -30,8 +30,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::handshake::{BASE_ALLOCATION_ID, Session};
-use super::{BoxRead, BoxWrite, Server, ServerStats};
+use super::{Server, ServerStats};
 use crate::export::{Export, ExportError, Extent, ReadChunk};
+use crate::io::{BoxRead, BoxWrite};
 use crate::proto::transmission::{
     self as tm, Command, Descriptor, Negotiated, REQUEST_LEN, Request, RequestError,
 };

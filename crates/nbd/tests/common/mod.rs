@@ -66,12 +66,22 @@ impl Drop for TestServer {
     }
 }
 
-/// A client that speaks the protocol byte by byte.
-pub struct Raw {
-    pub s: TcpStream,
+/// A client that speaks the protocol byte by byte (over TCP, or over any
+/// stream, such as TLS after STARTTLS).
+pub struct Raw<S = TcpStream> {
+    pub s: S,
 }
 
-impl Raw {
+/// A raw client over another stream.
+pub type RawStream<S> = Raw<S>;
+
+impl<S> Raw<S> {
+    pub fn new(s: S) -> Raw<S> {
+        Raw { s }
+    }
+}
+
+impl Raw<TcpStream> {
     /// Connects and reads the greeting; does not send client flags.
     pub async fn connect(addr: SocketAddr) -> Raw {
         let mut s = TcpStream::connect(addr).await.unwrap();
@@ -88,7 +98,9 @@ impl Raw {
             .await;
         r
     }
+}
 
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Raw<S> {
     pub async fn send(&mut self, b: &[u8]) {
         self.s.write_all(b).await.unwrap();
     }
