@@ -18,6 +18,7 @@ pub(crate) async fn read_small_export(
         request_timeout: Duration::from_secs(10),
         connect_timeout: Duration::from_secs(3),
         connections: 1,
+        tls: None,
     };
     let c = Client::connect(&Endpoint::Tcp(addr.to_owned()), &cfg)
         .await

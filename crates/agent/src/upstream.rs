@@ -164,6 +164,7 @@ impl Conn {
             connections: config.connections,
             request_timeout: config.request_timeout,
             connect_timeout: config.connect_timeout,
+            tls: None,
         };
         let c = Client::connect(&Endpoint::Tcp(self.source.addr.clone()), &cc)
             .await

@@ -1,12 +1,13 @@
 //! `virtman serve`: serve a file over NBD, like `qemu-nbd`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Args;
 use tokio_util::sync::CancellationToken;
-use virtman_nbd::{FileExport, Listener, Server, ServerConfig};
+use virtman_nbd::{FileExport, Listener, Server, ServerConfig, ServerTls};
+use virtman_pki::{NodeTls, PeerVerification};
 
 /// Arguments of `virtman serve`.
 #[derive(Debug, Args)]
@@ -15,7 +16,16 @@ Examples:
   virtman serve disk.raw                          # TCP 127.0.0.1:10809, export \"disk\"
   virtman serve disk.raw --socket /run/disk.sock --read-only
   qemu-img info nbd://127.0.0.1:10809/disk
-  nbdinfo --list nbd://127.0.0.1:10809")]
+  nbdinfo --list nbd://127.0.0.1:10809
+
+  virtman serve disk.raw --tls /etc/virtman/tls --tls-verify-peer
+  qemu-img info --object tls-creds-x509,id=tls0,dir=/etc/virtman/tls,endpoint=client \
+      --image-opts driver=nbd,host=127.0.0.1,port=10809,export=disk,tls-creds=tls0
+  nbdinfo 'nbds://127.0.0.1:10809/disk?tls-certificates=/etc/virtman/tls'
+
+With --tls, clients must upgrade with NBD_OPT_STARTTLS before anything else (no plaintext
+is served). NODEDIR is a node directory of `virtman pki issue` (or any directory in qemu's
+tls-creds-x509 layout: ca-cert.pem, server-cert.pem, server-key.pem). SIGHUP reloads it.")]
 pub struct ServeArgs {
     /// The file (or block device) to serve.
     pub file: PathBuf,
@@ -41,6 +51,14 @@ pub struct ServeArgs {
     /// Description shown by `nbdinfo --list`.
     #[arg(long)]
     pub description: Option<String>,
+
+    /// Serve TLS only, with the certificate and key of this node directory.
+    #[arg(long, value_name = "NODEDIR")]
+    pub tls: Option<PathBuf>,
+
+    /// With --tls: clients must present a certificate of the directory's CA.
+    #[arg(long, requires = "tls")]
+    pub tls_verify_peer: bool,
 }
 
 /// Runs the server until SIGINT or SIGTERM.
@@ -70,7 +88,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(d) = &args.description {
         export = export.with_description(d.clone());
     }
-    let server = Server::new(ServerConfig::default());
+    let verify = if args.tls_verify_peer {
+        PeerVerification::Required
+    } else {
+        PeerVerification::None
+    };
+    let tls = match &args.tls {
+        Some(dir) => Some(ServerTls::new(load_tls(dir, verify)?)),
+        None => None,
+    };
+    let server = Server::new(ServerConfig {
+        tls: tls.clone(),
+        ..ServerConfig::default()
+    });
     server.add_export(name.clone(), Arc::new(export));
 
     let mut listeners = Vec::new();
@@ -92,7 +122,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     for l in &listeners {
         tracing::info!(export = %name, file = %args.file.display(), read_only = args.read_only,
-            "serving on {}", l.describe());
+            tls = tls.is_some(), "serving on {}", l.describe());
+    }
+    if let (Some(tls), Some(dir)) = (tls, args.tls.clone()) {
+        tokio::spawn(reload_on_hangup(tls, dir, verify));
     }
 
     let shutdown = CancellationToken::new();
@@ -108,6 +141,32 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .context("server failed")?;
     }
     Ok(())
+}
+
+fn load_tls(dir: &Path, verify: PeerVerification) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let node = NodeTls::load(dir).context("loading the TLS directory")?;
+    Ok(node.server_config(verify)?)
+}
+
+/// Loads the TLS directory again on each SIGHUP; connections made after it
+/// use the new files. A directory that does not load is logged and the old
+/// certificates stay.
+async fn reload_on_hangup(tls: Arc<ServerTls>, dir: PathBuf, verify: PeerVerification) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match load_tls(&dir, verify) {
+            Ok(config) => {
+                tls.set(config);
+                tracing::info!(dir = %dir.display(), "TLS certificates reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "TLS reload failed; keeping the old certificates")
+            }
+        }
+    }
 }
 
 /// Waits for SIGINT or SIGTERM.

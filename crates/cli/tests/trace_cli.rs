@@ -126,6 +126,7 @@ async fn replay(trace: &Trace, disk: &Path, dir: &Path) -> Vec<(u64, u64)> {
         request_timeout: Duration::from_secs(10),
         connect_timeout: Duration::from_secs(5),
         connections: 1,
+        tls: None,
     };
     let client = Client::connect(&Endpoint::Unix(socket), &cfg)
         .await

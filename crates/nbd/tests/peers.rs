@@ -10,7 +10,8 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use common::pattern;
-use virtman_nbd::{Client, ClientConfig, Endpoint};
+use virtman_nbd::{Client, ClientConfig, ClientTls, Endpoint};
+use virtman_pki::{Ca, IssueRequest, NodeTls, Role, write_node_dir};
 
 const SIZE: usize = 8 << 20;
 
@@ -63,11 +64,21 @@ fn image(dir: &Path) -> (PathBuf, Vec<u8>) {
 }
 
 async fn read_all_and_compare(endpoint: &Endpoint, export: &str, want: &[u8]) {
+    read_all_and_compare_tls(endpoint, export, want, None).await;
+}
+
+async fn read_all_and_compare_tls(
+    endpoint: &Endpoint,
+    export: &str,
+    want: &[u8],
+    tls: Option<ClientTls>,
+) {
     let c = Client::connect(
         endpoint,
         &ClientConfig {
             export: export.into(),
             connections: 4,
+            tls,
             ..ClientConfig::default()
         },
     )
@@ -131,4 +142,94 @@ async fn client_reads_from_nbdkit() {
     );
     wait_for_socket(&sock).await;
     read_all_and_compare(&Endpoint::Unix(sock), "img", &data).await;
+}
+
+/// A server and a client node directory of one CA: (server dir, client TLS
+/// verifying the server as `server1`).
+fn tls_dirs(dir: &Path) -> (PathBuf, ClientTls) {
+    let ca = Ca::init(&dir.join("ca"), 30).unwrap();
+    for name in ["server1", "client1"] {
+        let issued = ca
+            .issue(&IssueRequest {
+                name: name.into(),
+                role: Role::Node,
+                ips: vec![],
+                dns: vec![],
+                days: 1,
+            })
+            .unwrap();
+        write_node_dir(&dir.join(name), ca.cert_pem(), &issued).unwrap();
+    }
+    let client = NodeTls::load(&dir.join("client1")).unwrap();
+    let tls = ClientTls {
+        config: client.client_config().unwrap(),
+        server_name: Some("server1".into()),
+    };
+    (dir.join("server1"), tls)
+}
+
+#[tokio::test]
+async fn client_reads_from_qemu_nbd_over_tls_with_a_verified_client_certificate() {
+    let qemu_nbd = tool("qemu-nbd", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let (path, data) = image(dir.path());
+    let (server_dir, tls) = tls_dirs(dir.path());
+    let sock = dir.path().join("q.sock");
+    let _peer = Peer(
+        Command::new(qemu_nbd)
+            .args(["-r", "-t", "-e", "64", "-f", "raw", "-x", "img", "-k"])
+            .arg(&sock)
+            .arg("--object")
+            .arg(format!(
+                "tls-creds-x509,id=tls0,endpoint=server,verify-peer=on,dir={}",
+                server_dir.display()
+            ))
+            .args(["--tls-creds", "tls0"])
+            .arg(&path)
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_socket(&sock).await;
+    read_all_and_compare_tls(&Endpoint::Unix(sock.clone()), "img", &data, Some(tls)).await;
+    // Plaintext is refused by qemu-nbd, and our client says so.
+    let e = Client::connect(
+        &Endpoint::Unix(sock),
+        &ClientConfig {
+            export: "img".into(),
+            ..ClientConfig::default()
+        },
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("NBD_REP_ERR_TLS_REQD"), "{e}");
+}
+
+#[tokio::test]
+async fn client_reads_from_nbdkit_over_tls_with_a_verified_client_certificate() {
+    let nbdkit = tool("nbdkit", "nbdkit");
+    let dir = tempfile::tempdir().unwrap();
+    let (path, data) = image(dir.path());
+    let (server_dir, tls) = tls_dirs(dir.path());
+    let sock = dir.path().join("k.sock");
+    let _peer = Peer(
+        Command::new(nbdkit)
+            .args([
+                "-f",
+                "-r",
+                "-e",
+                "img",
+                "--tls=require",
+                "--tls-verify-peer",
+            ])
+            .arg(format!("--tls-certificates={}", server_dir.display()))
+            .arg("-U")
+            .arg(&sock)
+            .arg("file")
+            .arg(format!("file={}", path.display()))
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_socket(&sock).await;
+    read_all_and_compare_tls(&Endpoint::Unix(sock), "img", &data, Some(tls)).await;
 }

@@ -27,6 +27,7 @@ pub async fn vm_client(socket: &Path, vm: &str) -> Client {
         request_timeout: Duration::from_secs(30),
         connect_timeout: Duration::from_secs(5),
         connections: 1,
+        tls: None,
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
