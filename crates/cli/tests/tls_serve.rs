@@ -4,7 +4,7 @@
 //! clients and clients of another CA refused while the server goes on. The
 //! certificates come from `virtman pki`, so this also checks that qemu's
 //! GnuTLS accepts them.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 mod common;
 
