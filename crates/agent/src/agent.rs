@@ -45,7 +45,7 @@ use tokio_util::task::TaskTracker;
 use tracing::warn;
 use virtman_cache::{CacheError, CacheGroup, CachedVolume, GroupConfig};
 use virtman_image::{ImageStore, Manifest};
-use virtman_nbd::{Listener, Server, ServerConfig};
+use virtman_nbd::{Listener, Server, ServerConfig, ServerTls};
 
 use crate::known::KnownUpstream;
 use crate::origin::CountingExport;
@@ -85,6 +85,10 @@ pub struct AgentConfig {
     pub fetch: FetchConfig,
     /// Heartbeat period until the coordinator says otherwise.
     pub heartbeat_interval: Duration,
+    /// TLS on the base exports: children must upgrade and present a
+    /// certificate the configuration trusts (the cluster CA). VMs' unix
+    /// socket stays local and plaintext.
+    pub serve_tls: Option<Arc<ServerTls>>,
 }
 
 /// Why an agent operation failed.
@@ -216,7 +220,10 @@ impl Agent {
         let hb = u64::try_from(config.heartbeat_interval.as_millis()).unwrap_or(1000);
         Ok(Arc::new(Agent {
             vm_socket: config.data_dir.join("vms.sock"),
-            base: Server::new(ServerConfig::default()),
+            base: Server::new(ServerConfig {
+                tls: config.serve_tls.clone(),
+                ..ServerConfig::default()
+            }),
             vms: Server::new(ServerConfig::default()),
             group,
             store,

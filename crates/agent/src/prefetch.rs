@@ -27,6 +27,8 @@ use tracing::debug;
 use virtman_cache::{BootProfile, CachedVolume};
 use virtman_image::Manifest;
 
+use virtman_nbd::ClientTls;
+
 use crate::small_export::read_small_export;
 
 /// The profile export's name for an image.
@@ -169,10 +171,11 @@ pub async fn fetch_profile(
     image: &str,
     manifest: &Manifest,
     sources: &[String],
+    tls: Option<&ClientTls>,
 ) -> Option<BootProfile> {
     for addr in sources {
         let got = async {
-            let (path, bytes) = read_small_export(addr, &profile_export(image)).await?;
+            let (path, bytes) = read_small_export(addr, &profile_export(image), tls).await?;
             BootProfile::decode(&path, &bytes, manifest).map_err(|e| e.to_string())
         }
         .await;
@@ -256,6 +259,8 @@ pub(crate) struct ProfileSources {
     pub me: String,
     /// For the session's member list.
     pub coord: virtman_coordinator::Client,
+    /// TLS to the sources.
+    pub tls: Option<ClientTls>,
 }
 
 /// How many other members are asked for a profile.
@@ -290,7 +295,9 @@ pub(crate) async fn replay_profile(
     let look = async {
         for attempt in 1..=cfg.profile_attempts.max(1) {
             let list = sources.list(&image).await;
-            if let Some(p) = fetch_profile(&image, volume.manifest(), &list).await {
+            if let Some(p) =
+                fetch_profile(&image, volume.manifest(), &list, sources.tls.as_ref()).await
+            {
                 return Some(p);
             }
             // The host's own VMs are booting or it is complete: too late.

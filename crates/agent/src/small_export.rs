@@ -5,20 +5,22 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use virtman_nbd::{Client, ClientConfig, Endpoint};
+use virtman_nbd::{Client, ClientConfig, ClientTls, Endpoint};
 
 /// Reads a whole small export (a manifest, a boot profile) from `addr`;
 /// returns a pseudo path naming it, for error messages, and its bytes.
+/// Over TLS when `tls` is given (the server verified by `addr`'s host).
 pub(crate) async fn read_small_export(
     addr: &str,
     export: &str,
+    tls: Option<&ClientTls>,
 ) -> Result<(PathBuf, bytes::Bytes), String> {
     let cfg = ClientConfig {
         export: export.to_owned(),
         request_timeout: Duration::from_secs(10),
         connect_timeout: Duration::from_secs(3),
         connections: 1,
-        tls: None,
+        tls: tls.cloned(),
     };
     let c = Client::connect(&Endpoint::Tcp(addr.to_owned()), &cfg)
         .await

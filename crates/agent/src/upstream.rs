@@ -25,7 +25,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::mpsc;
 use virtman_cache::{ChunkRequest, Upstream, UpstreamError};
 use virtman_image::{ImageId, Manifest};
-use virtman_nbd::{Client, ClientConfig, Endpoint};
+use virtman_nbd::{Client, ClientConfig, ClientTls, Endpoint};
 
 /// Tunables of fetching from parents; the defaults suit a LAN.
 #[derive(Clone, Debug)]
@@ -41,6 +41,9 @@ pub struct FetchConfig {
     /// Latency added to every request to a parent, for local benchmarks where
     /// the kernel cannot add it (no netem); zero in production.
     pub link_delay: Duration,
+    /// TLS to parents and origins (each verified by the address dialled);
+    /// every fetch, manifest and profile read goes over it.
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for FetchConfig {
@@ -54,6 +57,7 @@ impl Default for FetchConfig {
             connections: 2,
             cool_down: Duration::from_secs(3),
             link_delay: Duration::ZERO,
+            tls: None,
         }
     }
 }
@@ -164,7 +168,7 @@ impl Conn {
             connections: config.connections,
             request_timeout: config.request_timeout,
             connect_timeout: config.connect_timeout,
-            tls: None,
+            tls: config.tls.clone(),
         };
         let c = Client::connect(&Endpoint::Tcp(self.source.addr.clone()), &cc)
             .await

@@ -115,7 +115,7 @@ async fn a_later_host_prefetches_the_boot_profile_before_its_vms_read() {
     // a1 publishes it as profile/img.
     let a1_addr = vec![a1.addr.clone()];
     wait_for("a1's profile export", || async {
-        fetch_profile("img", &manifest, &a1_addr)
+        fetch_profile("img", &manifest, &a1_addr, None)
             .await
             .is_some_and(|p| p.chunks().collect::<Vec<_>>() == order)
     })
@@ -151,7 +151,7 @@ async fn a_later_host_prefetches_the_boot_profile_before_its_vms_read() {
     // Until its own VMs touch anything, a2 passes the inherited profile on.
     let a2_addr = vec![a2.addr.clone()];
     wait_for("a2's profile export", || async {
-        fetch_profile("img", &manifest, &a2_addr)
+        fetch_profile("img", &manifest, &a2_addr, None)
             .await
             .is_some_and(|p| p.chunks().collect::<Vec<_>>() == order)
     })
@@ -200,7 +200,9 @@ async fn hosts_prefetch_the_profile_stored_with_the_image_at_the_origin() {
     let (c, origin) = Cluster::start_with_profile(32, &order).await;
     let manifest = c.manifest();
     let from_origin = vec![origin.addr.clone()];
-    let got = fetch_profile("img", &manifest, &from_origin).await.unwrap();
+    let got = fetch_profile("img", &manifest, &from_origin, None)
+        .await
+        .unwrap();
     assert_eq!(got.chunks().collect::<Vec<_>>(), order);
 
     // A host joins with no VM: exactly the profile's chunks arrive, through

@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 use virtman_agent::upstream::FetchConfig;
 use virtman_agent::{Agent, AgentConfig};
 use virtman_cache::GroupConfig;
+use virtman_nbd::{ClientTls, ServerTls};
+use virtman_pki::{NodeTls, PeerVerification};
 
 use crate::units::parse_size;
 
@@ -90,6 +92,13 @@ pub struct AgentArgs {
     /// benchmarks on links the kernel cannot delay (no netem).
     #[arg(long, value_name = "DURATION", value_parser = crate::coordinator::parse_duration)]
     pub link_delay: Option<std::time::Duration>,
+
+    /// TLS between hosts with this node directory (`virtman pki issue`): the
+    /// base exports serve only TLS clients with a certificate of its CA, and
+    /// fetches from parents and origins go over TLS, verifying each by the
+    /// address dialled. The node's name defaults to the certificate's.
+    #[arg(long, value_name = "NODEDIR")]
+    pub tls: Option<PathBuf>,
 }
 
 fn host_name() -> String {
@@ -98,6 +107,22 @@ fn host_name() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "host".to_owned())
+}
+
+/// The node's name: `--name`, else its certificate's, else the host name.
+/// A `--name` that differs from the certificate's is refused: a node's
+/// identity is the name its certificate carries.
+fn node_name(flag: Option<&str>, tls: Option<&NodeTls>) -> anyhow::Result<String> {
+    let cert = tls.and_then(NodeTls::identity).map(|id| id.name.clone());
+    match (flag, cert) {
+        (Some(f), Some(c)) if f != c => bail!(
+            "--name {f:?} differs from the name in the TLS certificate ({c:?}): a node acts only \
+             as the node its certificate names"
+        ),
+        (Some(f), _) => Ok(f.to_owned()),
+        (None, Some(c)) => Ok(c),
+        (None, None) => Ok(host_name()),
+    }
 }
 
 /// Reads a token file (trimmed); an empty file is an error.
@@ -137,8 +162,23 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", args.listen))?;
     let bound = listener.local_addr().context("reading the bound address")?;
     let advertise = virtman_agent::agent::advertise_for(bound, args.advertise.as_deref())?;
+    let tls = match &args.tls {
+        Some(dir) => Some(NodeTls::load(dir).context("loading the TLS directory")?),
+        None => None,
+    };
+    let name = node_name(args.name.as_deref(), tls.as_ref())?;
+    let (serve_tls, fetch_tls) = match &tls {
+        Some(t) => (
+            Some(ServerTls::new(t.server_config(PeerVerification::Required)?)),
+            Some(ClientTls {
+                config: t.client_config()?,
+                server_name: None,
+            }),
+        ),
+        None => (None, None),
+    };
     let config = AgentConfig {
-        name: args.name.clone().unwrap_or_else(host_name),
+        name,
         data_dir: args.data_dir.clone(),
         image_store: args.image_store.clone(),
         coordinator: args.coordinator.clone(),
@@ -151,9 +191,11 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         labels,
         fetch: FetchConfig {
             link_delay: args.link_delay.unwrap_or_default(),
+            tls: fetch_tls,
             ..FetchConfig::default()
         },
         heartbeat_interval: std::time::Duration::from_secs(1),
+        serve_tls,
     };
     let agent = Agent::open(config).context("starting the agent")?;
     let control_path = args.data_dir.join("agent.sock");
@@ -181,4 +223,37 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     shutdown.cancel();
     main.await.context("agent task failed")??;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtman_pki::{Ca, IssueRequest, Role, write_node_dir};
+
+    #[test]
+    fn a_node_is_named_by_its_certificate_and_may_not_claim_another_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(&dir.path().join("ca"), 1).unwrap();
+        let issued = ca
+            .issue(&IssueRequest {
+                name: "host7".into(),
+                role: Role::Node,
+                ips: vec![],
+                dns: vec![],
+                days: 1,
+            })
+            .unwrap();
+        write_node_dir(&dir.path().join("n"), ca.cert_pem(), &issued).unwrap();
+        let tls = NodeTls::load(&dir.path().join("n")).unwrap();
+        assert_eq!(node_name(None, Some(&tls)).unwrap(), "host7");
+        assert_eq!(node_name(Some("host7"), Some(&tls)).unwrap(), "host7");
+        let e = node_name(Some("host8"), Some(&tls))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\"host8\" differs") && e.contains("\"host7\""),
+            "{e}"
+        );
+        assert_eq!(node_name(Some("x"), None).unwrap(), "x");
+    }
 }

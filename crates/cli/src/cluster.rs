@@ -60,6 +60,10 @@ Example:
         /// Latency added to every fetch with --netns (in user space).
         #[arg(long, default_value = "0.2ms")]
         link_delay: String,
+        /// Run the links between hosts without TLS (by default the cluster
+        /// gets its own CA in DIR/pki and every base export is TLS-only).
+        #[arg(long)]
+        no_tls: bool,
     },
     /// Stop every process of the cluster and remove its directory.
     Down {
@@ -84,6 +88,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
             netns,
             link_rate,
             link_delay,
+            no_tls,
         } => {
             let bin = std::env::current_exe().context("finding the virtman binary")?;
             let c = Cluster::up(&ClusterConfig {
@@ -101,6 +106,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
                     rate: link_rate.clone(),
                     delay: link_delay.clone(),
                 }),
+                tls: !no_tls,
             })?;
             let state = c.detach();
             println!("coordinator {}", state.coordinator);

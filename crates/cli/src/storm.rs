@@ -99,6 +99,10 @@ pub struct StormArgs {
     /// only; needs iproute2). Without it, everything runs on loopback.
     #[arg(long)]
     netns: bool,
+    /// Run the links between hosts without TLS (by default each cluster gets
+    /// its own CA and every base export is TLS-only).
+    #[arg(long)]
+    no_tls: bool,
     /// Link rate with --netns (tc tbf syntax, e.g. 1gbit, 100mbit).
     #[arg(long, default_value = "1gbit")]
     link_rate: String,
@@ -219,6 +223,7 @@ pub fn run(args: StormArgs) -> anyhow::Result<()> {
             delay: format!("{}ms", args.link_delay.as_secs_f64() * 1000.0),
         }),
         link_delay: args.link_delay,
+        tls: !args.no_tls,
         logs: Some(args.out.join("logs")),
         qemu: match (&args.kernel, args.qemu) {
             (Some(kernel), true) => Some(QemuBoot {

@@ -5,24 +5,12 @@
 
 mod common;
 
-use common::Served;
+use common::{Served, tool};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use virtman_testkit::pattern;
 
 const MIB: usize = 1 << 20;
-
-fn tool(name: &str, package: &str) -> Command {
-    let path = ["/usr/bin", "/usr/local/bin"]
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("{name} not found: install the Debian package {package}"));
-    let mut c = Command::new(path);
-    // libnbd tools and qemu must not pick up a developer's Python or plugins.
-    c.env("PATH", "/usr/bin:/bin");
-    c
-}
 
 fn run(mut c: Command) -> Output {
     let out = c.output().unwrap();

@@ -622,3 +622,93 @@ fn with_namespaces_a_real_guest_is_counted_on_the_plain_servers_link() {
     let disk_len = std::fs::metadata(&disk).unwrap().len();
     assert!(sent > 16 << 10 && sent < disk_len, "{sent} bytes");
 }
+
+/// A cluster runs TLS between its hosts by default: VMs read the image
+/// through the tree with every byte right, and every base export refuses a
+/// plaintext client and a client of another CA, while a node of the cluster
+/// (with its own certificate) reads it.
+#[tokio::test]
+async fn a_tls_cluster_reads_through_the_tree_and_refuses_outsiders() {
+    use virtman_nbd::{Client, ClientConfig, ClientTls, Endpoint};
+    use virtman_pki::{Ca, IssueRequest, NodeTls, Role, write_node_dir};
+
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("img.raw");
+    let data = virtman_testkit::pattern(6 << 20, 11);
+    std::fs::write(&image, &data).unwrap();
+    let cdir = dir.path().join("cluster");
+    let state = cluster_up(&image, &cdir, &["--hosts", "3", "--fanout", "2"]);
+    let members = state["members"].as_array().unwrap();
+    let member = |name: &str| members.iter().find(|m| m["name"] == name).unwrap().clone();
+
+    // Every host's VM reads the whole image right, fetched over TLS.
+    for host in ["host1", "host2", "host3"] {
+        let m = member(host);
+        let ctl = virtman_agent::control::ControlClient::new(
+            Path::new(m["data_dir"].as_str().unwrap()).join("agent.sock"),
+        );
+        let info = ctl.create_vm(&format!("vm-{host}"), "img").await.unwrap();
+        let sock = info.uri.split("socket=").nth(1).unwrap().to_owned();
+        let c = Client::connect(
+            &Endpoint::Unix(sock.into()),
+            &ClientConfig {
+                export: format!("vm-{host}"),
+                ..ClientConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert!(
+            c.read(0, data.len() as u64).await.unwrap()[..] == data[..],
+            "{host}"
+        );
+    }
+
+    let base = Endpoint::Tcp(member("host1")["addr"].as_str().unwrap().to_owned());
+    let tls_of = |node: &Path| ClientTls {
+        config: NodeTls::load(node).unwrap().client_config().unwrap(),
+        server_name: None,
+    };
+    let config = |tls: Option<ClientTls>| ClientConfig {
+        export: "img".into(),
+        tls,
+        ..ClientConfig::default()
+    };
+    // Plaintext: refused, with the reason.
+    let e = Client::connect(&base, &config(None))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NBD_REP_ERR_TLS_REQD"), "{e}");
+    // A certificate of another CA: refused at the TLS handshake.
+    let other = Ca::init(&dir.path().join("other-ca"), 1).unwrap();
+    let issued = other
+        .issue(&IssueRequest {
+            name: "host2".into(),
+            role: Role::Node,
+            ips: vec![],
+            dns: vec![],
+            days: 1,
+        })
+        .unwrap();
+    let stranger = dir.path().join("stranger");
+    write_node_dir(&stranger, other.cert_pem(), &issued).unwrap();
+    let e = Client::connect(&base, &config(Some(tls_of(&stranger))))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("TLS handshake"), "{e}");
+    // A node of the cluster, with its own certificate, reads.
+    let node = cdir.join("pki").join("host2");
+    let c = Client::connect(&base, &config(Some(tls_of(&node))))
+        .await
+        .unwrap();
+    assert!(c.read(0, 1 << 20).await.unwrap()[..] == data[..1 << 20]);
+
+    let down = cluster_down(&cdir);
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+}

@@ -11,20 +11,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::Served;
+use common::{Served, tool};
 
 const MIB: u64 = 1 << 20;
-
-fn tool(name: &str, package: &str) -> Command {
-    let path = ["/usr/bin", "/usr/local/bin"]
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("{name} not found: install the Debian package {package}"));
-    let mut c = Command::new(path);
-    c.env("PATH", "/usr/bin:/bin");
-    c
-}
 
 fn virtman(args: &[&str]) -> Output {
     let out = Command::new(env!("CARGO_BIN_EXE_virtman"))

@@ -98,6 +98,33 @@ pub struct ClusterConfig {
     pub profile_trace: Option<PathBuf>,
     /// Network namespaces and shaped links, or loopback when `None`.
     pub net: Option<NetConfig>,
+    /// TLS between hosts: a cluster CA in `DIR/pki/ca`, a node directory per
+    /// agent in `DIR/pki/NAME` (its name, its address), every base export
+    /// TLS-only with client certificates, every fetch over TLS.
+    pub tls: bool,
+}
+
+/// Issues `name`'s certificate (valid for `ip`) into `DIR/pki/NAME`.
+fn issue_node(
+    ca: &virtman_pki::Ca,
+    dir: &Path,
+    name: &str,
+    ip: &str,
+) -> Result<PathBuf, ClusterError> {
+    let ip = ip
+        .parse()
+        .map_err(|_| ClusterError::Command(format!("{ip:?} is not an IP address")))?;
+    let out = dir.join("pki").join(name);
+    ca.issue(&virtman_pki::IssueRequest {
+        name: name.to_owned(),
+        role: virtman_pki::Role::Node,
+        ips: vec![ip],
+        dns: vec![],
+        days: 30,
+    })
+    .and_then(|i| virtman_pki::write_node_dir(&out, ca.cert_pem(), &i))
+    .map_err(|e| ClusterError::Command(format!("issuing {name}'s certificate: {e}")))?;
+    Ok(out)
 }
 
 /// Shaped links between namespaced hosts.
@@ -481,6 +508,15 @@ impl Cluster {
             addr,
             netns: None,
         });
+        let ca = if config.tls {
+            let ca_dir = dir.join("pki").join("ca");
+            Some(
+                virtman_pki::Ca::init(&ca_dir, 30)
+                    .map_err(|e| ClusterError::Command(format!("making the cluster CA: {e}")))?,
+            )
+        } else {
+            None
+        };
         let names =
             std::iter::once(s("origin")).chain((1..=config.hosts).map(|i| format!("host{i}")));
         for (n, name) in names.enumerate() {
@@ -508,6 +544,10 @@ impl Cluster {
                 s("--cache-size"),
                 config.cache_size.clone(),
             ];
+            if let Some(ca) = &ca {
+                let node_dir = issue_node(ca, &dir, &name, &ip)?;
+                args.extend([s("--tls"), node_dir.display().to_string()]);
+            }
             if let Some(d) = config
                 .net
                 .as_ref()
@@ -533,6 +573,13 @@ impl Cluster {
         }
         cluster.save()?;
         Ok(cluster)
+    }
+
+    /// The node directory of `name` when the cluster runs TLS
+    /// (`DIR/pki/NAME`), and the CA's (`DIR/pki/ca`).
+    pub fn pki_dir(&self, name: &str) -> Option<PathBuf> {
+        let d = self.dir.join("pki").join(name);
+        d.exists().then_some(d)
     }
 
     fn save(&self) -> Result<(), ClusterError> {

@@ -111,6 +111,8 @@ pub struct StormConfig {
     pub link_delay: Duration,
     /// Boot real guests under qemu instead of replaying the trace.
     pub qemu: Option<QemuBoot>,
+    /// TLS between hosts in the cached modes (see [`ClusterConfig::tls`]).
+    pub tls: bool,
     /// Where to keep every cluster process's log after each mode
     /// (`LOGS/MODE/NAME.log`), or nowhere: the cluster's directory is removed.
     pub logs: Option<PathBuf>,
@@ -238,6 +240,7 @@ pub async fn run(
                 cache_size: format!("{}", image_size.saturating_mul(2).max(64 << 20)),
                 profile_trace,
                 net: config.net.clone(),
+                tls: config.tls,
             })?;
             // Each VM's snapshot is created inside the storm, on the clock:
             // a host joins the image (and starts its prefetch) only when its

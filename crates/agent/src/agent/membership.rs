@@ -20,6 +20,7 @@ use crate::known::{self, KnownUpstream};
 use crate::prefetch::{self, ImagePrefetch, profile_export};
 use crate::small_export::read_small_export;
 use crate::upstream::{Parents, Source};
+use virtman_nbd::ClientTls;
 
 impl Agent {
     /// The coordinator's record of `image`.
@@ -93,7 +94,13 @@ impl Agent {
                 let mut sources: Vec<String> =
                     assignment.parents.iter().map(|p| p.addr.clone()).collect();
                 sources.extend(info.origins.iter().cloned());
-                let m = fetch_manifest(image, &info.manifest_digest, &sources).await?;
+                let m = fetch_manifest(
+                    image,
+                    &info.manifest_digest,
+                    &sources,
+                    self.config.fetch.tls.as_ref(),
+                )
+                .await?;
                 self.group.add_volume(image, &m)?
             }
         };
@@ -133,6 +140,7 @@ impl Agent {
             origins: origins.to_vec(),
             me: self.config.name.clone(),
             coord: self.coord.clone(),
+            tls: self.config.fetch.tls.clone(),
         };
         let parents = Arc::new(Parents::new(
             image,
@@ -240,11 +248,12 @@ async fn fetch_manifest(
     image: &str,
     digest: &str,
     sources: &[String],
+    tls: Option<&ClientTls>,
 ) -> Result<Manifest, AgentError> {
     let mut why = Vec::new();
     for addr in sources {
         let got = async {
-            let (path, bytes) = read_small_export(addr, &manifest_export(image)).await?;
+            let (path, bytes) = read_small_export(addr, &manifest_export(image), tls).await?;
             let m = Manifest::decode(&path, &bytes).map_err(|e| e.to_string())?;
             if m.id().to_hex() != digest {
                 return Err(format!(

@@ -74,6 +74,7 @@ impl Node {
             labels: std::collections::BTreeMap::new(),
             fetch: virtman_agent::upstream::FetchConfig::default(),
             heartbeat_interval: Duration::from_millis(200),
+            serve_tls: None,
         })
         .unwrap();
         agent.set_prefetch(prefetch);

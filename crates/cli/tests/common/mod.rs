@@ -88,3 +88,16 @@ impl Served {
             .expect("virtman serve was already stopped")
     }
 }
+
+/// A Debian tool as a command (a missing one names its package), with a
+/// PATH that keeps libnbd tools and qemu off a developer's Python or plugins.
+pub fn tool(name: &str, package: &str) -> Command {
+    let path = ["/usr/bin", "/usr/local/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("{name} not found: install the Debian package {package}"));
+    let mut c = Command::new(path);
+    c.env("PATH", "/usr/bin:/bin");
+    c
+}

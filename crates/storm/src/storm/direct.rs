@@ -47,6 +47,8 @@ pub(super) async fn start(config: &StormConfig, dir: &Path) -> Result<PlainServe
                 cache_size: "64M".into(),
                 profile_trace: None,
                 net: Some(net.clone()),
+                // Only its namespace is used: the plain server is qemu-nbd.
+                tls: false,
             })?;
             let o = c.state.members.iter().find(|m| m.name == "origin").cloned();
             cluster = Some(c);
