@@ -89,6 +89,9 @@ pub struct AgentConfig {
     /// certificate the configuration trusts (the cluster CA). VMs' unix
     /// socket stays local and plaintext.
     pub serve_tls: Option<Arc<ServerTls>>,
+    /// The group that may connect to the VM and control sockets besides the
+    /// agent's user (see [`crate::sockets`]); none: the user only.
+    pub socket_group: Option<u32>,
 }
 
 /// Why an agent operation failed.
@@ -278,6 +281,12 @@ impl Agent {
                 what: format!("listening on {}", self.vm_socket.display()),
                 source,
             })?;
+        crate::sockets::restrict(&self.vm_socket, self.config.socket_group).map_err(|source| {
+            AgentError::Io {
+                what: format!("restricting {}", self.vm_socket.display()),
+                source,
+            }
+        })?;
         tasks.spawn(Arc::clone(&self.base).serve(Listener::Tcp(listener), shutdown.clone()));
         tasks.spawn(Arc::clone(&self.vms).serve(vm_listener, shutdown.clone()));
 

@@ -161,9 +161,14 @@ async fn metrics(State(c): State<Arc<Ctx>>) -> Response {
 }
 
 /// Binds the control socket at `path` (replacing a stale one).
-pub fn bind(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+pub fn bind(
+    path: &std::path::Path,
+    group: Option<u32>,
+) -> std::io::Result<tokio::net::UnixListener> {
     let _ = std::fs::remove_file(path);
-    tokio::net::UnixListener::bind(path)
+    let l = tokio::net::UnixListener::bind(path)?;
+    crate::sockets::restrict(path, group)?;
+    Ok(l)
 }
 
 /// Serves the control API on `listener` (bound at `path`, removed at the end)

@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod origin;
 pub mod prefetch;
 mod small_export;
+pub mod sockets;
 pub mod upstream;
 
 pub use agent::{Agent, AgentConfig, AgentError, Status, VmInfo};

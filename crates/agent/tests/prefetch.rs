@@ -254,7 +254,7 @@ async fn a_pinned_host_reads_right_while_pinning_and_survives_its_parents() {
     let sock = c.dir.path().join("a2/agent.sock");
     let control = tokio::spawn(virtman_agent::control::serve(
         Arc::clone(&a2.agent),
-        virtman_agent::control::bind(&sock).unwrap(),
+        virtman_agent::control::bind(&sock, None).unwrap(),
         sock.clone(),
         a2.stop.clone(),
     ));

@@ -99,6 +99,13 @@ pub struct AgentArgs {
     /// address dialled. The node's name defaults to the certificate's.
     #[arg(long, value_name = "NODEDIR")]
     pub tls: Option<PathBuf>,
+
+    /// A group (name or id) whose members may connect to the VM socket
+    /// (DATA_DIR/vms.sock) and the control socket (DATA_DIR/agent.sock),
+    /// e.g. the group libvirt's qemu runs as. Without it only the agent's
+    /// user may (mode 0600; with it 0660).
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
 }
 
 fn host_name() -> String {
@@ -167,6 +174,10 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         None => None,
     };
     let name = node_name(args.name.as_deref(), tls.as_ref())?;
+    let socket_group = match &args.socket_group {
+        Some(g) => Some(virtman_agent::sockets::group_id(g).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
     let (serve_tls, fetch_tls) = match &tls {
         Some(t) => (
             Some(ServerTls::new(t.server_config(PeerVerification::Required)?)),
@@ -196,10 +207,11 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         },
         heartbeat_interval: std::time::Duration::from_secs(1),
         serve_tls,
+        socket_group,
     };
     let agent = Agent::open(config).context("starting the agent")?;
     let control_path = args.data_dir.join("agent.sock");
-    let control_listener = virtman_agent::control::bind(&control_path)
+    let control_listener = virtman_agent::control::bind(&control_path, socket_group)
         .with_context(|| format!("listening on {}", control_path.display()))?;
     tracing::info!(node = agent.name(), %bound, data_dir = %args.data_dir.display(), "agent started");
 

@@ -626,7 +626,7 @@ fn with_namespaces_a_real_guest_is_counted_on_the_plain_servers_link() {
 /// A cluster runs TLS between its hosts by default: VMs read the image
 /// through the tree with every byte right, and every base export refuses a
 /// plaintext client and a client of another CA, while a node of the cluster
-/// (with its own certificate) reads it.
+/// (with its own certificate) reads it. The local sockets are owner-only.
 #[tokio::test]
 async fn a_tls_cluster_reads_through_the_tree_and_refuses_outsiders() {
     use virtman_nbd::{Client, ClientConfig, ClientTls, Endpoint};
@@ -644,6 +644,13 @@ async fn a_tls_cluster_reads_through_the_tree_and_refuses_outsiders() {
     // Every host's VM reads the whole image right, fetched over TLS.
     for host in ["host1", "host2", "host3"] {
         let m = member(host);
+        // The VM and control sockets are for the agent's user only.
+        for sock in ["vms.sock", "agent.sock"] {
+            use std::os::unix::fs::PermissionsExt;
+            let p = Path::new(m["data_dir"].as_str().unwrap()).join(sock);
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", p.display());
+        }
         let ctl = virtman_agent::control::ControlClient::new(
             Path::new(m["data_dir"].as_str().unwrap()).join("agent.sock"),
         );

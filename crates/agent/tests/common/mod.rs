@@ -75,6 +75,7 @@ impl Node {
             fetch: virtman_agent::upstream::FetchConfig::default(),
             heartbeat_interval: Duration::from_millis(200),
             serve_tls: None,
+            socket_group: None,
         })
         .unwrap();
         agent.set_prefetch(prefetch);
