@@ -5,7 +5,11 @@
 # base of the timing ratio: one VM alone reading straight from the origin over
 # the same shaped link, and the virtman runs again without prefetch.
 #
-# Usage: bench/storm.sh [OUT_DIR]   (root; builds the release binary first)
+# Clusters run TLS between hosts (the default); the "-notls" runs leave it out.
+#
+# Usage: bench/storm.sh [OUT_DIR] [tls]   (root; builds the release binary first)
+#   tls: only what TLS costs: 16 hosts x 64 VMs back to back in virtman mode,
+#        with and without TLS, alternating, three times each.
 # Every run takes /tmp/virtman-bench.lock so that no two benchmarks overlap.
 # Prints one line per run; each run's report.json, boots.csv and chart.svg
 # stay in OUT_DIR/NAME/.
@@ -34,11 +38,20 @@ for m in json.load(open(sys.argv[1])):
 EOF
 }
 
+if [ "${2:-}" = tls ]; then
+    for i in 1 2 3; do
+        run "b16-tls-$i" --hosts 16 --vms 64 --mode virtman --back-to-back
+        run "b16-notls-$i" --hosts 16 --vms 64 --mode virtman --back-to-back --no-tls
+    done
+    exit 0
+fi
+
 run single --hosts 1 --vms 1 --mode direct
 for h in 8 16; do
     v=$((4 * h))
     run "t$h" --hosts "$h" --vms "$v" --mode all
     run "b$h" --hosts "$h" --vms "$v" --mode all --back-to-back
+    run "b$h-notls" --hosts "$h" --vms "$v" --mode virtman --back-to-back --no-tls
     run "t$h-nopf" --hosts "$h" --vms "$v" --mode virtman --no-prefetch
     run "b$h-nopf" --hosts "$h" --vms "$v" --mode virtman --no-prefetch --back-to-back
 done
