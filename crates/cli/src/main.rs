@@ -28,7 +28,14 @@ use clap::{Parser, Subcommand};
 #[command(name = "virtman", version, about, long_about = None)]
 struct Cli {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `virtman_nbd=debug`.
-    #[arg(long, global = true, env = "VIRTMAN_LOG", default_value = "info")]
+    /// rustls's warnings are left out by default: libnbd clients send an IP
+    /// address as SNI, which rustls warns about on every connection.
+    #[arg(
+        long,
+        global = true,
+        env = "VIRTMAN_LOG",
+        default_value = "info,rustls=error"
+    )]
     log: String,
 
     #[command(subcommand)]

@@ -208,6 +208,8 @@ async fn forced_tls_refuses_options_before_starttls_and_starttls_with_data_or_tw
             .encode(),
         ),
         (4242, Vec::new()),
+        // Malformed: refused for want of TLS all the same.
+        (opt::INFO, vec![0, 0]),
     ] {
         r.option(code, &data).await;
         let (o, t, msg) = r.reply().await;

@@ -27,9 +27,15 @@ use crate::cert::{CertInfo, Identity};
 use crate::error::PkiError;
 use crate::files::{self, CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY};
 
-/// The crypto provider of every configuration made here (`ring`).
+/// The crypto provider of every configuration made here: `ring`, with
+/// AES-128-GCM preferred (the fastest suite with AES-NI; ring's own order
+/// puts AES-256 first). Chunks between hosts are the bulk of what is
+/// encrypted, and both ends are virtman, so the preference decides.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(p)
 }
 
 /// Whether a server asks its clients for a certificate.
@@ -194,4 +200,22 @@ fn read_pair(dir: &Path, cert: &str, key: &str) -> Result<Option<Pair>, PkiError
     let key = PrivateKeyDer::from_pem_slice(&data)
         .map_err(|e| PkiError::bad_file(&key_path, format!("not a PEM private key: {e}")))?;
     Ok(Some(Pair { certs, key }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aes_128_gcm_comes_first_and_every_ring_suite_stays() {
+        let p = provider();
+        assert_eq!(
+            p.cipher_suites[0].suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        );
+        assert_eq!(
+            p.cipher_suites.len(),
+            rustls::crypto::ring::default_provider().cipher_suites.len()
+        );
+    }
 }

@@ -32,6 +32,9 @@ use crate::proto::{
     BASE_ALLOCATION, client_flags, handshake_flags, info, opt, rep, transmission_flags,
 };
 
+/// The message of every `NBD_REP_ERR_TLS_REQD`.
+const TLS_REQUIRED: &str = "TLS is required: send NBD_OPT_STARTTLS first";
+
 /// Option data longer than this is not even skipped: the connection is closed.
 const MAX_SKIPPED_OPTION: u32 = 16 * 1024 * 1024;
 
@@ -118,6 +121,13 @@ pub(super) async fn negotiate(
             Err(e) if option == opt::EXPORT_NAME => {
                 return Err(NegotiationError::ExportNameRefused(e.to_string()));
             }
+            // Before TLS on a TLS-only server, every option but STARTTLS is
+            // answered TLS_REQD, malformed or not.
+            Err(_) if server.config.tls.is_some() && !state.tls && option != opt::STARTTLS => {
+                reply_error(&mut out, option, rep::ERR_TLS_REQD, TLS_REQUIRED);
+                flush(w, &mut out).await?;
+                continue;
+            }
             Err(e) => {
                 reply_error(&mut out, option, e.reply_type(), &e.to_string());
                 flush(w, &mut out).await?;
@@ -151,12 +161,7 @@ pub(super) async fn negotiate(
                 ClientOption::Abort => {}
                 ClientOption::ExportName(_) => return Err(NegotiationError::TlsRequired),
                 _ => {
-                    reply_error(
-                        &mut out,
-                        option,
-                        rep::ERR_TLS_REQD,
-                        "TLS is required: send NBD_OPT_STARTTLS first",
-                    );
+                    reply_error(&mut out, option, rep::ERR_TLS_REQD, TLS_REQUIRED);
                     flush(w, &mut out).await?;
                     continue;
                 }
