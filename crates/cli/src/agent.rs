@@ -181,10 +181,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let (serve_tls, fetch_tls) = match &tls {
         Some(t) => (
             Some(ServerTls::new(t.server_config(PeerVerification::Required)?)),
-            Some(ClientTls {
-                config: t.client_config()?,
-                server_name: None,
-            }),
+            Some(ClientTls::new(t.client_config()?)),
         ),
         None => (None, None),
     };

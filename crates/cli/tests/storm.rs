@@ -672,10 +672,8 @@ async fn a_tls_cluster_reads_through_the_tree_and_refuses_outsiders() {
     }
 
     let base = Endpoint::Tcp(member("host1")["addr"].as_str().unwrap().to_owned());
-    let tls_of = |node: &Path| ClientTls {
-        config: NodeTls::load(node).unwrap().client_config().unwrap(),
-        server_name: None,
-    };
+    let tls_of =
+        |node: &Path| ClientTls::new(NodeTls::load(node).unwrap().client_config().unwrap());
     let config = |tls: Option<ClientTls>| ClientConfig {
         export: "img".into(),
         tls,

@@ -54,11 +54,12 @@ impl ServerTls {
     }
 }
 
-/// A client's TLS.
+/// A client's TLS. Clones share the configuration: [`ClientTls::set`] on
+/// one (renewed certificates) reaches every clone, and connections made
+/// after it use the new configuration.
 #[derive(Clone)]
 pub struct ClientTls {
-    /// The rustls configuration (trust roots, client certificate).
-    pub config: Arc<rustls::ClientConfig>,
+    config: Arc<RwLock<Arc<rustls::ClientConfig>>>,
     /// The name to verify the server's certificate against; by default the
     /// host of the TCP address dialled (a unix socket needs one).
     pub server_name: Option<String>,
@@ -73,6 +74,30 @@ impl std::fmt::Debug for ClientTls {
 }
 
 impl ClientTls {
+    /// TLS with `config` (trust roots, client certificate), verifying
+    /// servers by the host dialled.
+    pub fn new(config: Arc<rustls::ClientConfig>) -> ClientTls {
+        ClientTls {
+            config: Arc::new(RwLock::new(config)),
+            server_name: None,
+        }
+    }
+
+    /// The same, verifying the server's certificate against `name`.
+    pub fn with_server_name(mut self, name: impl Into<String>) -> ClientTls {
+        self.server_name = Some(name.into());
+        self
+    }
+
+    /// Replaces the configuration for this handle and all its clones.
+    pub fn set(&self, config: Arc<rustls::ClientConfig>) {
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = config;
+    }
+
+    fn current(&self) -> Arc<rustls::ClientConfig> {
+        Arc::clone(&self.config.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
     /// The name the server's certificate must carry when dialled at `endpoint`.
     pub(crate) fn name_for(&self, endpoint: &Endpoint) -> Result<ServerName<'static>, String> {
         let host = match (&self.server_name, endpoint) {
@@ -126,7 +151,7 @@ pub(crate) async fn connect(
     r: BoxRead,
     w: BoxWrite,
 ) -> io::Result<(BoxRead, BoxWrite)> {
-    let stream = TlsConnector::from(Arc::clone(&tls.config))
+    let stream = TlsConnector::from(tls.current())
         .connect(name, Joined { r, w })
         .await?;
     Ok(split(stream))

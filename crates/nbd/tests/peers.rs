@@ -161,10 +161,7 @@ fn tls_dirs(dir: &Path) -> (PathBuf, ClientTls) {
         write_node_dir(&dir.join(name), ca.cert_pem(), &issued).unwrap();
     }
     let client = NodeTls::load(&dir.join("client1")).unwrap();
-    let tls = ClientTls {
-        config: client.client_config().unwrap(),
-        server_name: Some("server1".into()),
-    };
+    let tls = ClientTls::new(client.client_config().unwrap()).with_server_name("server1");
     (dir.join("server1"), tls)
 }
 

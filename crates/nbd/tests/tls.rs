@@ -90,9 +90,10 @@ fn config(export: &str, tls: &NodeTls, name: Option<&str>) -> ClientConfig {
     ClientConfig {
         export: export.into(),
         connect_timeout: Duration::from_secs(5),
-        tls: Some(ClientTls {
-            config: tls.client_config().unwrap(),
-            server_name: name.map(str::to_owned),
+        tls: Some({
+            let mut t = ClientTls::new(tls.client_config().unwrap());
+            t.server_name = name.map(str::to_owned);
+            t
         }),
         ..ClientConfig::default()
     }
@@ -281,10 +282,7 @@ async fn exports_are_listed_and_opened_only_for_the_clients_allowed() {
     let other = issue(&ca, &dir.path().join("c2"), "client2");
     let s = tls_server(&p, PeerVerification::Required).await;
 
-    let tls = |n: &NodeTls| ClientTls {
-        config: n.client_config().unwrap(),
-        server_name: None,
-    };
+    let tls = |n: &NodeTls| ClientTls::new(n.client_config().unwrap());
     let mut listed = list_exports(&s.endpoint(), Some(&tls(&p.client)))
         .await
         .unwrap();
@@ -320,5 +318,50 @@ async fn exports_are_listed_and_opened_only_for_the_clients_allowed() {
         .await
         .unwrap();
     assert_eq!(c2.read(0, 512).await.unwrap().len(), 512);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn certificates_change_without_a_restart_on_both_sides() {
+    let p = pki();
+    let ca = Ca::load(&p.server.dir().parent().unwrap().join("ca")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let renewed = issue(&ca, &dir.path().join("server2"), "server2");
+    let tls = ServerTls::new(p.server.server_config(PeerVerification::Required).unwrap());
+    let disk: Arc<dyn Export> = Arc::new(MemExport::new(pattern(SIZE, 7)).read_only());
+    let s = TestServer::start(
+        ServerConfig {
+            tls: Some(Arc::clone(&tls)),
+            ..ServerConfig::default()
+        },
+        vec![("disk", disk)],
+    )
+    .await;
+    Client::connect(&s.endpoint(), &config("disk", &p.client, Some("server1")))
+        .await
+        .unwrap();
+    // The server takes its renewed certificate: new handshakes present it.
+    tls.set(renewed.server_config(PeerVerification::Required).unwrap());
+    Client::connect(&s.endpoint(), &config("disk", &p.client, Some("server2")))
+        .await
+        .unwrap();
+    let e = Client::connect(&s.endpoint(), &config("disk", &p.client, Some("server1")))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not valid for name"), "{e}");
+
+    // A client's configuration is swapped for every clone of its handle.
+    let client = ClientTls::new(p.stranger.client_config().unwrap());
+    let clone = client.clone();
+    let cfg = |t: &ClientTls| ClientConfig {
+        export: "disk".into(),
+        tls: Some(t.clone()),
+        ..ClientConfig::default()
+    };
+    assert!(Client::connect(&s.endpoint(), &cfg(&clone)).await.is_err());
+    client.set(p.client.client_config().unwrap());
+    let c = Client::connect(&s.endpoint(), &cfg(&clone)).await.unwrap();
+    assert_eq!(c.read(0, 4096).await.unwrap().len(), 4096);
     s.stop().await;
 }
