@@ -16,8 +16,9 @@ use tokio_util::sync::CancellationToken;
 use virtman_agent::upstream::FetchConfig;
 use virtman_agent::{Agent, AgentConfig};
 use virtman_cache::GroupConfig;
-use virtman_nbd::{ClientTls, ServerTls};
 use virtman_pki::{NodeTls, PeerVerification};
+
+use crate::tls::NodeTlsHandles;
 
 use crate::units::parse_size;
 
@@ -97,6 +98,7 @@ pub struct AgentArgs {
     /// base exports serve only TLS clients with a certificate of its CA, and
     /// fetches from parents and origins go over TLS, verifying each by the
     /// address dialled. The node's name defaults to the certificate's.
+    /// SIGHUP loads the directory again (new connections use it).
     #[arg(long, value_name = "NODEDIR")]
     pub tls: Option<PathBuf>,
 
@@ -170,19 +172,21 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let bound = listener.local_addr().context("reading the bound address")?;
     let advertise = virtman_agent::agent::advertise_for(bound, args.advertise.as_deref())?;
     let tls = match &args.tls {
-        Some(dir) => Some(NodeTls::load(dir).context("loading the TLS directory")?),
+        Some(dir) => Some(NodeTlsHandles::load(
+            dir,
+            PeerVerification::Required,
+            true,
+            true,
+        )?),
         None => None,
     };
-    let name = node_name(args.name.as_deref(), tls.as_ref())?;
+    let name = node_name(args.name.as_deref(), tls.as_ref().map(|t| &t.1))?;
     let socket_group = match &args.socket_group {
         Some(g) => Some(virtman_agent::sockets::group_id(g).map_err(anyhow::Error::msg)?),
         None => None,
     };
     let (serve_tls, fetch_tls) = match &tls {
-        Some(t) => (
-            Some(ServerTls::new(t.server_config(PeerVerification::Required)?)),
-            Some(ClientTls::new(t.client_config()?)),
-        ),
+        Some((t, _)) => (t.server.clone(), t.client.clone()),
         None => (None, None),
     };
     let config = AgentConfig {
@@ -220,6 +224,9 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     let main = tokio::spawn(Arc::clone(&agent).run(listener, shutdown.clone()));
+    if let Some((tls, _)) = tls {
+        tokio::spawn(tls.reload_on_hangup());
+    }
     // Ready: the control socket is bound and the exports are being served.
     println!("listening on {bound}");
     tokio::select! {

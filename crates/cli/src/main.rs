@@ -12,6 +12,7 @@ mod pki;
 mod serve;
 mod sim;
 mod storm;
+mod tls;
 mod trace;
 mod tree;
 mod units;

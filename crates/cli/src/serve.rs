@@ -1,13 +1,15 @@
 //! `virtman serve`: serve a file over NBD, like `qemu-nbd`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Args;
 use tokio_util::sync::CancellationToken;
-use virtman_nbd::{FileExport, Listener, Server, ServerConfig, ServerTls};
-use virtman_pki::{NodeTls, PeerVerification};
+use virtman_nbd::{FileExport, Listener, Server, ServerConfig};
+use virtman_pki::PeerVerification;
+
+use crate::tls::NodeTlsHandles;
 
 /// Arguments of `virtman serve`.
 #[derive(Debug, Args)]
@@ -94,11 +96,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         PeerVerification::None
     };
     let tls = match &args.tls {
-        Some(dir) => Some(ServerTls::new(load_tls(dir, verify)?)),
+        Some(dir) => Some(NodeTlsHandles::load(dir, verify, true, false)?.0),
         None => None,
     };
     let server = Server::new(ServerConfig {
-        tls: tls.clone(),
+        tls: tls.as_ref().and_then(|t| t.server.clone()),
         ..ServerConfig::default()
     });
     server.add_export(name.clone(), Arc::new(export));
@@ -124,8 +126,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(export = %name, file = %args.file.display(), read_only = args.read_only,
             tls = tls.is_some(), "serving on {}", l.describe());
     }
-    if let (Some(tls), Some(dir)) = (tls, args.tls.clone()) {
-        tokio::spawn(reload_on_hangup(tls, dir, verify));
+    if let Some(tls) = tls {
+        tokio::spawn(tls.reload_on_hangup());
     }
 
     let shutdown = CancellationToken::new();
@@ -141,32 +143,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .context("server failed")?;
     }
     Ok(())
-}
-
-fn load_tls(dir: &Path, verify: PeerVerification) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let node = NodeTls::load(dir).context("loading the TLS directory")?;
-    Ok(node.server_config(verify)?)
-}
-
-/// Loads the TLS directory again on each SIGHUP; connections made after it
-/// use the new files. A directory that does not load is logged and the old
-/// certificates stay.
-async fn reload_on_hangup(tls: Arc<ServerTls>, dir: PathBuf, verify: PeerVerification) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        return;
-    };
-    while hup.recv().await.is_some() {
-        match load_tls(&dir, verify) {
-            Ok(config) => {
-                tls.set(config);
-                tracing::info!(dir = %dir.display(), "TLS certificates reloaded");
-            }
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "TLS reload failed; keeping the old certificates")
-            }
-        }
-    }
 }
 
 /// Waits for SIGINT or SIGTERM.

@@ -232,3 +232,63 @@ fn tls_flags_are_checked_before_serving() {
         "{e}"
     );
 }
+
+#[test]
+fn sighup_loads_renewed_certificates_and_a_bad_reload_keeps_the_old_ones() {
+    use virtman_nbd::{Client, ClientConfig, ClientTls, Endpoint};
+    use virtman_pki::NodeTls;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (server, client, _) = pki(dir.path());
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+    virtman(&[
+        "pki",
+        "issue",
+        &p("ca"),
+        "--name",
+        "server9",
+        "--ip",
+        "127.0.0.1",
+        "--out",
+        &p("renewed"),
+    ]);
+    let file = dir.path().join("disk.raw");
+    std::fs::write(&file, vec![1u8; 1 << 20]).unwrap();
+    let s = Served::start(&file, dir.path(), &["--tls", server.to_str().unwrap()]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tls = ClientTls::new(NodeTls::load(&client).unwrap().client_config().unwrap());
+    let connect = |name: &str| {
+        let cfg = ClientConfig {
+            export: "disk".into(),
+            tls: Some(tls.clone().with_server_name(name)),
+            ..ClientConfig::default()
+        };
+        rt.block_on(Client::connect(&Endpoint::Tcp(s.tcp.clone()), &cfg))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    connect("server1").unwrap();
+
+    for f in ["server-cert.pem", "server-key.pem"] {
+        std::fs::copy(dir.path().join("renewed").join(f), server.join(f)).unwrap();
+    }
+    let hup = |pid: u32| {
+        let ok = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    let pid = s.pid();
+    hup(pid);
+    s.wait_for_log("TLS certificates reloaded");
+    connect("server9").unwrap();
+    let e = connect("server1").unwrap_err();
+    assert!(e.contains("not valid for name"), "{e}");
+
+    // A damaged file: the reload is refused and the served certificate stays.
+    std::fs::write(server.join("server-cert.pem"), "not a certificate").unwrap();
+    hup(pid);
+    s.wait_for_log("TLS reload failed");
+    connect("server9").unwrap();
+}

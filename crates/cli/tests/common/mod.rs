@@ -80,6 +80,24 @@ impl Served {
         format!("nbd://{}/disk", self.tcp)
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.guard.id()
+    }
+
+    /// Waits up to 10 s for `text` in the log.
+    pub fn wait_for_log(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log.lock().unwrap().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} in the log: {}",
+                self.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM (SIGKILL after the grace period) and the exit status.
     pub fn stop(&mut self) -> ExitStatus {
         self.guard

@@ -1,0 +1,98 @@
+//! A node directory as the commands use it: loaded into the TLS of a server
+//! (`serve --tls`, the agent's base exports) and of a client (the agent's
+//! fetches), and loaded again on SIGHUP.
+//!
+//! ```text
+//!  NODEDIR ─ load ─► ServerTls (server config)  ─┐  SIGHUP: load again;
+//!                └─► ClientTls (client config)  ─┘  set both, or keep both
+//! ```
+//!
+//! A reload that fails (a file half written, an expired certificate) is
+//! logged and changes nothing; connections made after a good one use the
+//! new files, those already open keep theirs.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use virtman_nbd::{ClientTls, ServerTls};
+use virtman_pki::{NodeTls, PeerVerification};
+
+/// The TLS of one process, from one node directory.
+#[derive(Clone, Debug)]
+pub struct NodeTlsHandles {
+    dir: PathBuf,
+    verify: PeerVerification,
+    /// The server side, if the process serves.
+    pub server: Option<Arc<ServerTls>>,
+    /// The client side, if the process connects to peers.
+    pub client: Option<ClientTls>,
+}
+
+impl NodeTlsHandles {
+    /// Loads `dir`; `serve` and `connect` say which sides to build.
+    pub fn load(
+        dir: &Path,
+        verify: PeerVerification,
+        serve: bool,
+        connect: bool,
+    ) -> anyhow::Result<(NodeTlsHandles, NodeTls)> {
+        let node = load(dir)?;
+        let server = match serve {
+            true => Some(ServerTls::new(node.server_config(verify)?)),
+            false => None,
+        };
+        let client = match connect {
+            true => Some(ClientTls::new(node.client_config()?)),
+            false => None,
+        };
+        let handles = NodeTlsHandles {
+            dir: dir.to_owned(),
+            verify,
+            server,
+            client,
+        };
+        Ok((handles, node))
+    }
+
+    /// Loads the directory again and swaps both sides, or neither.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let node = load(&self.dir)?;
+        let server = match &self.server {
+            Some(_) => Some(node.server_config(self.verify)?),
+            None => None,
+        };
+        let client = match &self.client {
+            Some(_) => Some(node.client_config()?),
+            None => None,
+        };
+        if let (Some(tls), Some(config)) = (&self.server, server) {
+            tls.set(config);
+        }
+        if let (Some(tls), Some(config)) = (&self.client, client) {
+            tls.set(config);
+        }
+        Ok(())
+    }
+
+    /// Reloads on every SIGHUP until the process ends.
+    pub async fn reload_on_hangup(self) {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match self.reload() {
+                Ok(()) => tracing::info!(dir = %self.dir.display(), "TLS certificates reloaded"),
+                Err(e) => tracing::error!(
+                    error = %format!("{e:#}"),
+                    "TLS reload failed; keeping the old certificates"
+                ),
+            }
+        }
+    }
+}
+
+fn load(dir: &Path) -> anyhow::Result<NodeTls> {
+    NodeTls::load(dir).context("loading the TLS directory")
+}
