@@ -264,7 +264,7 @@ impl Agent {
     }
 
     async fn report(&self, r: BadParent) {
-        if r.parent.name.starts_with("origin") {
+        if is_origin(&r.parent.name) {
             return; // origins are not tree members
         }
         let req = ReportRequest {
@@ -277,5 +277,26 @@ impl Agent {
                 debug!(image = %r.image, parent = %r.parent.name, error = %e, "report failed")
             }
         }
+    }
+}
+
+/// Whether a source is an origin: the coordinator (and the fallback list)
+/// names origins `origin:N`, a name no node can take (node names have no
+/// `:`), so a member named `origin-2` is still reported when it fails.
+fn is_origin(name: &str) -> bool {
+    name.starts_with("origin:")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_origin;
+
+    #[test]
+    fn only_origin_colon_names_are_origins() {
+        assert!(is_origin("origin:0"));
+        assert!(is_origin("origin:12"));
+        assert!(!is_origin("origin"));
+        assert!(!is_origin("origin-2"));
+        assert!(!is_origin("origins"));
     }
 }
