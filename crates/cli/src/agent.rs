@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use virtman_agent::upstream::FetchConfig;
 use virtman_agent::{Agent, AgentConfig};
 use virtman_cache::GroupConfig;
-use virtman_pki::{NodeTls, PeerVerification};
+use virtman_pki::{Identity, PeerVerification};
 
 use crate::tls::NodeTlsHandles;
 
@@ -121,8 +121,8 @@ fn host_name() -> String {
 /// The node's name: `--name`, else its certificate's, else the host name.
 /// A `--name` that differs from the certificate's is refused: a node's
 /// identity is the name its certificate carries.
-fn node_name(flag: Option<&str>, tls: Option<&NodeTls>) -> anyhow::Result<String> {
-    let cert = tls.and_then(NodeTls::identity).map(|id| id.name.clone());
+fn node_name(flag: Option<&str>, cert: Option<&Identity>) -> anyhow::Result<String> {
+    let cert = cert.map(|id| id.name.clone());
     match (flag, cert) {
         (Some(f), Some(c)) if f != c => bail!(
             "--name {f:?} differs from the name in the TLS certificate ({c:?}): a node acts only \
@@ -180,13 +180,16 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         )?),
         None => None,
     };
-    let name = node_name(args.name.as_deref(), tls.as_ref().map(|t| &t.1))?;
+    let name = node_name(
+        args.name.as_deref(),
+        tls.as_ref().and_then(|t| t.identity.as_ref()),
+    )?;
     let socket_group = match &args.socket_group {
         Some(g) => Some(virtman_agent::sockets::group_id(g).map_err(anyhow::Error::msg)?),
         None => None,
     };
     let (serve_tls, fetch_tls) = match &tls {
-        Some((t, _)) => (t.server.clone(), t.client.clone()),
+        Some(t) => (t.server.clone(), t.client.clone()),
         None => (None, None),
     };
     let config = AgentConfig {
@@ -224,7 +227,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     let main = tokio::spawn(Arc::clone(&agent).run(listener, shutdown.clone()));
-    if let Some((tls, _)) = tls {
+    if let Some(tls) = tls {
         tokio::spawn(tls.reload_on_hangup());
     }
     // Ready: the control socket is bound and the exports are being served.
@@ -260,12 +263,11 @@ mod tests {
             })
             .unwrap();
         write_node_dir(&dir.path().join("n"), ca.cert_pem(), &issued).unwrap();
-        let tls = NodeTls::load(&dir.path().join("n")).unwrap();
-        assert_eq!(node_name(None, Some(&tls)).unwrap(), "host7");
-        assert_eq!(node_name(Some("host7"), Some(&tls)).unwrap(), "host7");
-        let e = node_name(Some("host8"), Some(&tls))
-            .unwrap_err()
-            .to_string();
+        let tls = virtman_pki::NodeTls::load(&dir.path().join("n")).unwrap();
+        let id = tls.identity();
+        assert_eq!(node_name(None, id).unwrap(), "host7");
+        assert_eq!(node_name(Some("host7"), id).unwrap(), "host7");
+        let e = node_name(Some("host8"), id).unwrap_err().to_string();
         assert!(
             e.contains("\"host8\" differs") && e.contains("\"host7\""),
             "{e}"

@@ -96,7 +96,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         PeerVerification::None
     };
     let tls = match &args.tls {
-        Some(dir) => Some(NodeTlsHandles::load(dir, verify, true, false)?.0),
+        Some(dir) => Some(NodeTlsHandles::load(dir, verify, true, false)?),
         None => None,
     };
     let server = Server::new(ServerConfig {

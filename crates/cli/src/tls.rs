@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use virtman_nbd::{ClientTls, ServerTls};
-use virtman_pki::{NodeTls, PeerVerification};
+use virtman_pki::{Identity, NodeTls, PeerVerification};
 
 /// The TLS of one process, from one node directory.
 #[derive(Clone, Debug)]
@@ -27,6 +27,8 @@ pub struct NodeTlsHandles {
     pub server: Option<Arc<ServerTls>>,
     /// The client side, if the process connects to peers.
     pub client: Option<ClientTls>,
+    /// Who the node's certificate names, as loaded at start.
+    pub identity: Option<Identity>,
 }
 
 impl NodeTlsHandles {
@@ -36,7 +38,7 @@ impl NodeTlsHandles {
         verify: PeerVerification,
         serve: bool,
         connect: bool,
-    ) -> anyhow::Result<(NodeTlsHandles, NodeTls)> {
+    ) -> anyhow::Result<NodeTlsHandles> {
         let node = load(dir)?;
         let server = match serve {
             true => Some(ServerTls::new(node.server_config(verify)?)),
@@ -46,13 +48,13 @@ impl NodeTlsHandles {
             true => Some(ClientTls::new(node.client_config()?)),
             false => None,
         };
-        let handles = NodeTlsHandles {
+        Ok(NodeTlsHandles {
             dir: dir.to_owned(),
             verify,
             server,
             client,
-        };
-        Ok((handles, node))
+            identity: node.identity().cloned(),
+        })
     }
 
     /// Loads the directory again and swaps both sides, or neither.

@@ -15,8 +15,19 @@ pub type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
 
 /// Two halves as one stream (what a TLS session runs over).
 pub(crate) struct Joined {
-    pub(crate) r: BoxRead,
-    pub(crate) w: BoxWrite,
+    r: BoxRead,
+    w: BoxWrite,
+}
+
+impl Joined {
+    /// Takes a connection's halves, leaving closed ones in their place
+    /// until the caller puts the upgraded halves back.
+    pub(crate) fn take(r: &mut BoxRead, w: &mut BoxWrite) -> Joined {
+        Joined {
+            r: std::mem::replace(r, Box::new(tokio::io::empty())),
+            w: std::mem::replace(w, Box::new(tokio::io::sink())),
+        }
+    }
 }
 
 impl AsyncRead for Joined {

@@ -280,6 +280,15 @@ impl Server {
 
     /// Looks an export up by name; the empty name is the default export, which
     /// exists when the server has exactly one export.
+    /// Whether the client with certificate `peer` may use export `name`
+    /// ([`ServerConfig::access`]; all may without a policy).
+    fn allows(&self, peer: Option<&CertificateDer<'_>>, name: &str) -> bool {
+        self.config
+            .access
+            .as_ref()
+            .is_none_or(|a| a.allows(peer, name))
+    }
+
     fn lookup(&self, name: &str) -> Option<(String, Arc<dyn Export>)> {
         let exports = self.exports_ref();
         if let Some(e) = exports.get(name) {

@@ -24,10 +24,28 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use crate::client::Endpoint;
 use crate::io::{BoxRead, BoxWrite, Joined, split};
 
+/// A configuration that can be replaced while connections are made with it:
+/// each handshake takes the one current when it starts.
+struct Current<T>(RwLock<Arc<T>>);
+
+impl<T> Current<T> {
+    fn new(config: Arc<T>) -> Current<T> {
+        Current(RwLock::new(config))
+    }
+
+    fn set(&self, config: Arc<T>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = config;
+    }
+
+    fn get(&self) -> Arc<T> {
+        Arc::clone(&self.0.read().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
 /// A server's TLS: the rustls configuration its handshakes use (clients
 /// must upgrade before anything else: the spec's FORCEDTLS mode).
 pub struct ServerTls {
-    config: RwLock<Arc<rustls::ServerConfig>>,
+    config: Current<rustls::ServerConfig>,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -40,17 +58,13 @@ impl ServerTls {
     /// TLS with `config`.
     pub fn new(config: Arc<rustls::ServerConfig>) -> Arc<ServerTls> {
         Arc::new(ServerTls {
-            config: RwLock::new(config),
+            config: Current::new(config),
         })
     }
 
     /// Replaces the configuration: handshakes that start from now on use it.
     pub fn set(&self, config: Arc<rustls::ServerConfig>) {
-        *self.config.write().unwrap_or_else(|e| e.into_inner()) = config;
-    }
-
-    fn current(&self) -> Arc<rustls::ServerConfig> {
-        Arc::clone(&self.config.read().unwrap_or_else(|e| e.into_inner()))
+        self.config.set(config);
     }
 }
 
@@ -59,7 +73,7 @@ impl ServerTls {
 /// after it use the new configuration.
 #[derive(Clone)]
 pub struct ClientTls {
-    config: Arc<RwLock<Arc<rustls::ClientConfig>>>,
+    config: Arc<Current<rustls::ClientConfig>>,
     /// The name to verify the server's certificate against; by default the
     /// host of the TCP address dialled (a unix socket needs one).
     pub server_name: Option<String>,
@@ -78,7 +92,7 @@ impl ClientTls {
     /// servers by the host dialled.
     pub fn new(config: Arc<rustls::ClientConfig>) -> ClientTls {
         ClientTls {
-            config: Arc::new(RwLock::new(config)),
+            config: Arc::new(Current::new(config)),
             server_name: None,
         }
     }
@@ -91,11 +105,7 @@ impl ClientTls {
 
     /// Replaces the configuration for this handle and all its clones.
     pub fn set(&self, config: Arc<rustls::ClientConfig>) {
-        *self.config.write().unwrap_or_else(|e| e.into_inner()) = config;
-    }
-
-    fn current(&self) -> Arc<rustls::ClientConfig> {
-        Arc::clone(&self.config.read().unwrap_or_else(|e| e.into_inner()))
+        self.config.set(config);
     }
 
     /// The name the server's certificate must carry when dialled at `endpoint`.
@@ -124,15 +134,16 @@ fn host_of(addr: &str) -> &str {
         .unwrap_or(host)
 }
 
-/// Runs the server side of the TLS handshake over `r` and `w`; returns the
-/// encrypted halves and the client's certificate, if it sent one.
+/// Runs the server side of the TLS handshake over `r` and `w`, replacing
+/// them by the encrypted halves; returns the client's certificate, if it
+/// sent one.
 pub(crate) async fn accept(
     tls: &ServerTls,
-    r: BoxRead,
-    w: BoxWrite,
-) -> io::Result<(BoxRead, BoxWrite, Option<CertificateDer<'static>>)> {
-    let stream = TlsAcceptor::from(tls.current())
-        .accept(Joined { r, w })
+    r: &mut BoxRead,
+    w: &mut BoxWrite,
+) -> io::Result<Option<CertificateDer<'static>>> {
+    let stream = TlsAcceptor::from(tls.config.get())
+        .accept(Joined::take(r, w))
         .await?;
     let peer = stream
         .get_ref()
@@ -140,21 +151,23 @@ pub(crate) async fn accept(
         .peer_certificates()
         .and_then(|c| c.first())
         .map(|c| c.clone().into_owned());
-    let (r, w) = split(stream);
-    Ok((r, w, peer))
+    (*r, *w) = split(stream);
+    Ok(peer)
 }
 
-/// Runs the client side of the TLS handshake, verifying the server as `name`.
+/// Runs the client side of the TLS handshake, verifying the server as
+/// `name`, and replaces `r` and `w` by the encrypted halves.
 pub(crate) async fn connect(
     tls: &ClientTls,
     name: ServerName<'static>,
-    r: BoxRead,
-    w: BoxWrite,
-) -> io::Result<(BoxRead, BoxWrite)> {
-    let stream = TlsConnector::from(tls.current())
-        .connect(name, Joined { r, w })
+    r: &mut BoxRead,
+    w: &mut BoxWrite,
+) -> io::Result<()> {
+    let stream = TlsConnector::from(tls.config.get())
+        .connect(name, Joined::take(r, w))
         .await?;
-    Ok(split(stream))
+    (*r, *w) = split(stream);
+    Ok(())
 }
 
 #[cfg(test)]

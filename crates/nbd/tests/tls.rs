@@ -225,6 +225,21 @@ async fn forced_tls_refuses_options_before_starttls_and_starttls_with_data_or_tw
     assert_eq!(r.reply().await.1, rep::ACK);
     assert!(r.closed().await);
 
+    // STARTTLS after refused options upgrades all the same, and the
+    // options answer over TLS.
+    let mut r = Raw::start(s.addr).await;
+    r.option(opt::STRUCTURED_REPLY, &[]).await;
+    assert_eq!(r.reply().await.1, rep::ERR_TLS_REQD);
+    r.option(opt::STARTTLS, &[]).await;
+    assert_eq!(r.reply().await.1, rep::ACK);
+    let stream = tokio_rustls::TlsConnector::from(p.client.client_config().unwrap())
+        .connect("server1".try_into().unwrap(), r.s)
+        .await
+        .unwrap();
+    let mut t = common::RawStream::new(stream);
+    t.option(opt::STRUCTURED_REPLY, &[]).await;
+    assert_eq!(t.reply().await.1, rep::ACK);
+
     // EXPORT_NAME cannot be refused with a reply: the connection closes.
     let mut r = Raw::start(s.addr).await;
     r.option(opt::EXPORT_NAME, b"disk").await;

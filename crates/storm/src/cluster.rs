@@ -575,13 +575,6 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// The node directory of `name` when the cluster runs TLS
-    /// (`DIR/pki/NAME`), and the CA's (`DIR/pki/ca`).
-    pub fn pki_dir(&self, name: &str) -> Option<PathBuf> {
-        let d = self.dir.join("pki").join(name);
-        d.exists().then_some(d)
-    }
-
     fn save(&self) -> Result<(), ClusterError> {
         let p = self.dir.join("cluster.json");
         let json = serde_json::to_vec_pretty(&self.state)

@@ -61,23 +61,7 @@ pub(super) async fn negotiate(
     export: &str,
     tls: Option<(&ClientTls, &Endpoint)>,
 ) -> Result<ExportInfo, String> {
-    let mut g = [0u8; GREETING_LEN];
-    r.read_exact(&mut g)
-        .await
-        .map_err(|e| format!("reading greeting: {e}"))?;
-    let hflags = hs::decode_greeting(&g).map_err(|e| e.to_string())?;
-    let mut cflags = client_flags::FIXED_NEWSTYLE;
-    let no_zeroes = hflags & handshake_flags::NO_ZEROES != 0;
-    if no_zeroes {
-        cflags |= client_flags::NO_ZEROES;
-    }
-    w.write_all(&cflags.to_be_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    if let Some((tls, endpoint)) = tls {
-        start_tls(r, w, tls, endpoint).await?;
-    }
-
+    let no_zeroes = greet(r, w, tls).await?;
     let structured = match option(r, w, opt::STRUCTURED_REPLY, &[]).await?.last() {
         Some((t, _)) => *t == rep::ACK,
         None => false,
@@ -171,6 +155,32 @@ async fn export_name(
     })
 }
 
+/// Reads the greeting, answers it, and upgrades to TLS when configured;
+/// returns whether the server omits the zeroes after `NBD_OPT_EXPORT_NAME`.
+async fn greet(
+    r: &mut BoxRead,
+    w: &mut BoxWrite,
+    tls: Option<(&ClientTls, &Endpoint)>,
+) -> Result<bool, String> {
+    let mut g = [0u8; GREETING_LEN];
+    r.read_exact(&mut g)
+        .await
+        .map_err(|e| format!("reading greeting: {e}"))?;
+    let hflags = hs::decode_greeting(&g).map_err(|e| e.to_string())?;
+    let mut cflags = client_flags::FIXED_NEWSTYLE;
+    let no_zeroes = hflags & handshake_flags::NO_ZEROES != 0;
+    if no_zeroes {
+        cflags |= client_flags::NO_ZEROES;
+    }
+    w.write_all(&cflags.to_be_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some((tls, endpoint)) = tls {
+        start_tls(r, w, tls, endpoint).await?;
+    }
+    Ok(no_zeroes)
+}
+
 /// Upgrades the connection with `NBD_OPT_STARTTLS`, replacing `r` and `w`
 /// by their encrypted halves.
 async fn start_tls(
@@ -189,13 +199,9 @@ async fn start_tls(
             String::from_utf8_lossy(&data)
         ));
     }
-    let plain_r = std::mem::replace(r, Box::new(tokio::io::empty()));
-    let plain_w = std::mem::replace(w, Box::new(tokio::io::sink()));
-    let (tr, tw) = crate::tls::connect(tls, name, plain_r, plain_w)
+    crate::tls::connect(tls, name, r, w)
         .await
-        .map_err(|e| format!("TLS handshake: {e}"))?;
-    (*r, *w) = (tr, tw);
-    Ok(())
+        .map_err(|e| format!("TLS handshake: {e}"))
 }
 
 /// Sends one option and collects its replies up to the final one.
@@ -267,19 +273,9 @@ pub async fn list_exports(
             server: server.clone(),
             source,
         })?;
-    let mut g = [0u8; GREETING_LEN];
-    r.read_exact(&mut g)
+    greet(&mut r, &mut w, tls.map(|t| (t, endpoint)))
         .await
-        .map_err(|e| herr(e.to_string()))?;
-    hs::decode_greeting(&g).map_err(|e| herr(e.to_string()))?;
-    w.write_all(&client_flags::FIXED_NEWSTYLE.to_be_bytes())
-        .await
-        .map_err(|e| herr(e.to_string()))?;
-    if let Some(tls) = tls {
-        start_tls(&mut r, &mut w, tls, endpoint)
-            .await
-            .map_err(herr)?;
-    }
+        .map_err(herr)?;
     let replies = option(&mut r, &mut w, opt::LIST, &[]).await.map_err(herr)?;
     let mut out = Vec::new();
     for (t, data) in replies {

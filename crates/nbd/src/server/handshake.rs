@@ -116,17 +116,25 @@ pub(super) async fn negotiate(
         let mut data = vec![0u8; usize::try_from(length).unwrap_or(0)];
         r.read_exact(&mut data).await?;
 
+        // A TLS-only server answers nothing but STARTTLS and ABORT before
+        // TLS, malformed options included.
+        if server.config.tls.is_some()
+            && !state.tls
+            && option != opt::STARTTLS
+            && option != opt::ABORT
+        {
+            if option == opt::EXPORT_NAME {
+                return Err(NegotiationError::TlsRequired);
+            }
+            reply_error(&mut out, option, rep::ERR_TLS_REQD, TLS_REQUIRED);
+            flush(w, &mut out).await?;
+            continue;
+        }
+
         let parsed = match hs::parse_option(option, &data) {
             Ok(p) => p,
             Err(e) if option == opt::EXPORT_NAME => {
                 return Err(NegotiationError::ExportNameRefused(e.to_string()));
-            }
-            // Before TLS on a TLS-only server, every option but STARTTLS is
-            // answered TLS_REQD, malformed or not.
-            Err(_) if server.config.tls.is_some() && !state.tls && option != opt::STARTTLS => {
-                reply_error(&mut out, option, rep::ERR_TLS_REQD, TLS_REQUIRED);
-                flush(w, &mut out).await?;
-                continue;
             }
             Err(e) => {
                 reply_error(&mut out, option, e.reply_type(), &e.to_string());
@@ -134,39 +142,6 @@ pub(super) async fn negotiate(
                 continue;
             }
         };
-
-        if let Some(tls) = &server.config.tls
-            && !state.tls
-        {
-            match parsed {
-                ClientOption::StartTls => {
-                    encode_option_reply(&mut out, option, rep::ACK, &[]);
-                    flush(w, &mut out).await?;
-                    let (r2, w2) = (
-                        std::mem::replace(r, Box::new(tokio::io::empty())),
-                        std::mem::replace(w, Box::new(tokio::io::sink())),
-                    );
-                    let (r2, w2, peer) = crate::tls::accept(tls, r2, w2)
-                        .await
-                        .map_err(NegotiationError::Tls)?;
-                    (*r, *w) = (r2, w2);
-                    // Nothing negotiated before TLS counts after it.
-                    state = State {
-                        tls: true,
-                        peer_certificate: peer,
-                        ..State::default()
-                    };
-                    continue;
-                }
-                ClientOption::Abort => {}
-                ClientOption::ExportName(_) => return Err(NegotiationError::TlsRequired),
-                _ => {
-                    reply_error(&mut out, option, rep::ERR_TLS_REQD, TLS_REQUIRED);
-                    flush(w, &mut out).await?;
-                    continue;
-                }
-            }
-        }
 
         match parsed {
             ClientOption::ExportName(name) => {
@@ -200,13 +175,7 @@ pub(super) async fn negotiate(
                 let exports: Vec<_> = server
                     .exports_ref()
                     .iter()
-                    .filter(|(n, _)| {
-                        server
-                            .config
-                            .access
-                            .as_ref()
-                            .is_none_or(|a| a.allows(peer, n))
-                    })
+                    .filter(|(n, _)| server.allows(peer, n))
                     .map(|(n, e)| (n.clone(), e.capabilities().description.unwrap_or_default()))
                     .collect();
                 for (name, description) in exports {
@@ -217,6 +186,20 @@ pub(super) async fn negotiate(
             }
             ClientOption::StartTls if state.tls => {
                 reply_error(&mut out, option, rep::ERR_INVALID, "TLS is already in use");
+            }
+            ClientOption::StartTls if let Some(tls) = &server.config.tls => {
+                encode_option_reply(&mut out, option, rep::ACK, &[]);
+                flush(w, &mut out).await?;
+                let peer = crate::tls::accept(tls, r, w)
+                    .await
+                    .map_err(NegotiationError::Tls)?;
+                // Nothing negotiated before TLS counts after it.
+                state = State {
+                    tls: true,
+                    peer_certificate: peer,
+                    ..State::default()
+                };
+                continue;
             }
             ClientOption::StartTls => {
                 reply_error(
@@ -281,11 +264,10 @@ pub(super) async fn negotiate(
 /// Why this client may not use export `name` (resolved as [`Server::lookup`]
 /// does), or `None` when it may.
 fn refusal(server: &Server, state: &State, name: &str) -> Option<String> {
-    let access = server.config.access.as_ref()?;
     let canonical = server
         .lookup(name)
         .map_or_else(|| name.to_owned(), |(n, _)| n);
-    (!access.allows(state.peer_certificate.as_ref(), &canonical))
+    (!server.allows(state.peer_certificate.as_ref(), &canonical))
         .then(|| format!("export {canonical:?} is not open to this client"))
 }
 
