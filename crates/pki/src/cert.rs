@@ -111,6 +111,12 @@ impl CertInfo {
         Ok(CertInfo::of(&cert))
     }
 
+    /// What a DER certificate says (`None` if it does not parse).
+    pub fn from_der(der: &[u8]) -> Option<CertInfo> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        Some(CertInfo::of(&cert))
+    }
+
     fn of(cert: &X509Certificate<'_>) -> CertInfo {
         let (mut dns, mut ips) = (Vec::new(), Vec::new());
         if let Ok(Some(san)) = cert.subject_alternative_name() {

@@ -167,7 +167,9 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
     if certs.is_empty() {
         return Err(PkiError::bad_file(path, "no certificate in it"));
     }
-    let info = CertInfo::from_pem_file(path)?;
+    // The first certificate is the node's (or the CA's) own.
+    let info = CertInfo::from_der(&certs[0])
+        .ok_or_else(|| PkiError::bad_file(path, "not an X.509 certificate"))?;
     let now = OffsetDateTime::now_utc();
     if !info.valid_at(now) {
         return Err(PkiError::bad_file(
