@@ -17,8 +17,10 @@ mod handshake;
 mod transmission;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::io;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -61,12 +63,19 @@ pub struct ServerConfig {
 
 /// Decides which client may see and open which export, by the certificate
 /// it presented over TLS. A refused export is left out of `NBD_OPT_LIST`
-/// and answered `NBD_REP_ERR_POLICY` (INFO, GO, meta contexts), or the
-/// connection is closed (`NBD_OPT_EXPORT_NAME`).
+/// and answered `NBD_REP_ERR_POLICY` with the reason (INFO, GO, meta
+/// contexts), or the connection is closed (`NBD_OPT_EXPORT_NAME`).
+///
+/// The decision may take time (asking a coordinator); the handshake waits
+/// for it, within its timeout.
 pub trait ExportAccess: Send + Sync + std::fmt::Debug {
-    /// Whether the client with certificate `peer` (none: no TLS, or no
-    /// client certificate) may use `export`.
-    fn allows(&self, peer: Option<&CertificateDer<'_>>, export: &str) -> bool;
+    /// `Ok` when the client with certificate `peer` (none: no TLS, or no
+    /// client certificate) may use `export`, or why not.
+    fn check<'a>(
+        &'a self,
+        peer: Option<&'a CertificateDer<'static>>,
+        export: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
 }
 
 impl Default for ServerConfig {
@@ -282,11 +291,15 @@ impl Server {
     /// exists when the server has exactly one export.
     /// Whether the client with certificate `peer` may use export `name`
     /// ([`ServerConfig::access`]; all may without a policy).
-    fn allows(&self, peer: Option<&CertificateDer<'_>>, name: &str) -> bool {
-        self.config
-            .access
-            .as_ref()
-            .is_none_or(|a| a.allows(peer, name))
+    async fn check_access(
+        &self,
+        peer: Option<&CertificateDer<'static>>,
+        name: &str,
+    ) -> Result<(), String> {
+        match &self.config.access {
+            Some(a) => a.check(peer, name).await,
+            None => Ok(()),
+        }
     }
 
     fn lookup(&self, name: &str) -> Option<(String, Arc<dyn Export>)> {

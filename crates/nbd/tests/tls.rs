@@ -8,7 +8,9 @@
 
 mod common;
 
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,11 +65,23 @@ fn pki() -> Pki {
 struct OnlyClient1;
 
 impl ExportAccess for OnlyClient1 {
-    fn allows(&self, peer: Option<&CertificateDer<'_>>, export: &str) -> bool {
-        export != "secret"
-            || peer
+    fn check<'a>(
+        &'a self,
+        peer: Option<&'a CertificateDer<'static>>,
+        export: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(async move {
+            // Decided after a pause, as a policy asking a coordinator would.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let client1 = peer
                 .and_then(|c| Identity::from_der(c))
-                .is_some_and(|id| id.name == "client1")
+                .is_some_and(|id| id.name == "client1");
+            if export != "secret" || client1 {
+                Ok(())
+            } else {
+                Err("only client1 reads the secret".into())
+            }
+        })
     }
 }
 
@@ -326,7 +340,8 @@ async fn exports_are_listed_and_opened_only_for_the_clients_allowed() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("NBD_REP_ERR_POLICY") && e.contains("not open to this client"),
+        e.contains("NBD_REP_ERR_POLICY")
+            && e.contains("not open to this client: only client1 reads the secret"),
         "{e}"
     );
     let c2 = Client::connect(&s.endpoint(), &config("disk", &other, None))

@@ -148,7 +148,7 @@ pub(super) async fn negotiate(
                 server
                     .wait_for_export(&name, &mut state.expect_deadline)
                     .await;
-                if refusal(server, &state, &name).is_some() {
+                if refusal(server, &state, &name).await.is_some() {
                     return Err(NegotiationError::ExportNameRefused(name));
                 }
                 let Some((name, export)) = server.lookup(&name) else {
@@ -172,12 +172,17 @@ pub(super) async fn negotiate(
             }
             ClientOption::List => {
                 let peer = state.peer_certificate.as_ref();
-                let exports: Vec<_> = server
+                let all: Vec<_> = server
                     .exports_ref()
                     .iter()
-                    .filter(|(n, _)| server.allows(peer, n))
                     .map(|(n, e)| (n.clone(), e.capabilities().description.unwrap_or_default()))
                     .collect();
+                let mut exports = Vec::with_capacity(all.len());
+                for (name, description) in all {
+                    if server.check_access(peer, &name).await.is_ok() {
+                        exports.push((name, description));
+                    }
+                }
                 for (name, description) in exports {
                     let data = hs::encode_rep_server(&name, &description);
                     encode_option_reply(&mut out, option, rep::SERVER, &data);
@@ -227,7 +232,7 @@ pub(super) async fn negotiate(
                     .wait_for_export(&m.name, &mut state.expect_deadline)
                     .await;
                 let set = option == opt::SET_META_CONTEXT;
-                if let Some(msg) = refusal(server, &state, &m.name) {
+                if let Some(msg) = refusal(server, &state, &m.name).await {
                     if set {
                         state.meta = None;
                     }
@@ -241,7 +246,7 @@ pub(super) async fn negotiate(
                     .wait_for_export(&req.name, &mut state.expect_deadline)
                     .await;
                 let go = option == opt::GO;
-                if let Some(msg) = refusal(server, &state, &req.name) {
+                if let Some(msg) = refusal(server, &state, &req.name).await {
                     reply_error(&mut out, option, rep::ERR_POLICY, &msg);
                 } else if let Some((name, export)) =
                     info_or_go(server, &state, &mut out, option, &req)
@@ -263,12 +268,15 @@ pub(super) async fn negotiate(
 
 /// Why this client may not use export `name` (resolved as [`Server::lookup`]
 /// does), or `None` when it may.
-fn refusal(server: &Server, state: &State, name: &str) -> Option<String> {
+async fn refusal(server: &Server, state: &State, name: &str) -> Option<String> {
     let canonical = server
         .lookup(name)
         .map_or_else(|| name.to_owned(), |(n, _)| n);
-    (!server.allows(state.peer_certificate.as_ref(), &canonical))
-        .then(|| format!("export {canonical:?} is not open to this client"))
+    server
+        .check_access(state.peer_certificate.as_ref(), &canonical)
+        .await
+        .err()
+        .map(|why| format!("export {canonical:?} is not open to this client: {why}"))
 }
 
 /// Negotiation state that later options depend on.
