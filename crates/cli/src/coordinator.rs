@@ -162,6 +162,7 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         let options = Options {
             config,
             token,
+            tls: None,
             data_dir: args.data_dir.clone(),
         };
         let coordinator = Coordinator::open(options, shutdown.clone())

@@ -64,6 +64,7 @@ fn main() {
                     ..CoordinatorConfig::default()
                 },
                 token: Token::new(TOKEN).unwrap(),
+                tls: None,
                 data_dir,
             };
             Coordinator::open(options, server_shutdown)

@@ -10,6 +10,7 @@
 //!   POST /v1/sessions/{image}/report   ReportRequest  -> Assignment
 //!   POST /v1/heartbeat                 HeartbeatRequest -> HeartbeatResponse
 //!   GET  /v1/sessions/{image}          TreeView        GET /v1/nodes/{node}  NodeState
+//!   POST /v1/nodes/{node}/ban          -> NodeState    DELETE /v1/nodes/{node}/ban -> 204
 //! ```
 
 use std::collections::BTreeMap;
@@ -174,6 +175,10 @@ pub struct HeartbeatResponse {
     pub changed: Vec<Assignment>,
     /// How often to heartbeat, in milliseconds.
     pub heartbeat_interval_ms: u64,
+    /// Every banned node: refuse their connections (all of them each time;
+    /// the list is short).
+    #[serde(default)]
+    pub banned: Vec<String>,
 }
 
 /// One node as seen in a session.
@@ -263,12 +268,16 @@ pub struct NodeState {
     pub sessions: Vec<NodeSession>,
     /// Images where it was declared dead and must join again.
     pub dead_in: Vec<String>,
+    /// Banned: the coordinator refuses it and agents refuse its connections.
+    #[serde(default)]
+    pub banned: bool,
 }
 
 /// Every error answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
-    /// A stable code: `bad_request`, `unauthorized`, `unknown_image`,
+    /// A stable code: `bad_request`, `unauthorized`, `forbidden`, `banned`,
+    /// `unknown_image`,
     /// `unknown_node`, `already_joined`, `dead`, `conflict`,
     /// `payload_too_large`, `not_found`, `method_not_allowed`, `internal`.
     pub error: String,

@@ -10,6 +10,7 @@
 //! stable code, so callers can act on `dead` (join again) or
 //! `already_joined` without parsing messages.
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -24,8 +25,8 @@ use crate::api::{
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The base URL is not an http(s) URL.
-    #[error("coordinator URL {0:?} must start with http:// or https://")]
+    /// The base URL is not an http(s) URL (https with TLS).
+    #[error("coordinator URL {0:?} must start with http:// or https:// (https:// with TLS)")]
     Url(String),
     /// The request could not be sent or the answer not read.
     #[error("coordinator request failed: {0}")]
@@ -52,27 +53,59 @@ impl ClientError {
     }
 }
 
-/// A coordinator client. Cheap to clone (shares its connection pool).
+/// A coordinator client. Cheap to clone (clones share the connection pool
+/// and the TLS configuration).
 #[derive(Debug, Clone)]
 pub struct Client {
-    http: reqwest::Client,
+    http: Arc<RwLock<reqwest::Client>>,
     base: String,
     token: Option<String>,
+}
+
+fn http_client(tls: Option<Arc<rustls::ClientConfig>>) -> Result<reqwest::Client, ClientError> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(3));
+    if let Some(tls) = tls {
+        builder = builder.tls_backend_preconfigured(Arc::unwrap_or_clone(tls));
+    }
+    Ok(builder.build()?)
 }
 
 impl Client {
     /// A client of the coordinator at `base_url` (e.g. `http://127.0.0.1:7600`),
     /// sending `token` on state-changing calls.
     pub fn new(base_url: &str, token: Option<String>) -> Result<Self, ClientError> {
+        Self::with_tls(base_url, token, None)
+    }
+
+    /// A client that speaks HTTPS with `tls` (trusting the cluster CA and
+    /// presenting the node's or operator's certificate; see
+    /// `virtman_pki::NodeTls::client_config`). `base_url` must then be
+    /// `https://`.
+    pub fn with_tls(
+        base_url: &str,
+        token: Option<String>,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Self, ClientError> {
         let base = base_url.trim_end_matches('/').to_owned();
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
+        let ok = match tls {
+            Some(_) => base.starts_with("https://"),
+            None => base.starts_with("http://") || base.starts_with("https://"),
+        };
+        if !ok {
             return Err(ClientError::Url(base_url.to_owned()));
         }
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .connect_timeout(Duration::from_secs(3))
-            .build()?;
+        let http = Arc::new(RwLock::new(http_client(tls)?));
         Ok(Self { http, base, token })
+    }
+
+    /// Uses `tls` for connections from now on (renewed certificates); every
+    /// clone of this client follows.
+    pub fn set_tls(&self, tls: Arc<rustls::ClientConfig>) -> Result<(), ClientError> {
+        let http = http_client(Some(tls))?;
+        *self.http.write().unwrap_or_else(|e| e.into_inner()) = http;
+        Ok(())
     }
 
     async fn call<B: Serialize, T: DeserializeOwned>(
@@ -81,7 +114,8 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> Result<Option<T>, ClientError> {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        let http = self.http.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut req = http.request(method, format!("{}{path}", self.base));
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }
@@ -176,6 +210,18 @@ impl Client {
     /// A node's state.
     pub async fn node(&self, node: &str) -> Result<NodeState, ClientError> {
         self.get(&format!("/v1/nodes/{node}")).await
+    }
+
+    /// Bans `node` (operators only); returns its state after.
+    pub async fn ban(&self, node: &str) -> Result<NodeState, ClientError> {
+        self.post(&format!("/v1/nodes/{node}/ban"), &()).await
+    }
+
+    /// Lifts `node`'s ban (operators only).
+    pub async fn unban(&self, node: &str) -> Result<(), ClientError> {
+        self.call::<(), serde_json::Value>(Method::DELETE, &format!("/v1/nodes/{node}/ban"), None)
+            .await
+            .map(|_| ())
     }
 }
 

@@ -39,6 +39,20 @@ impl ApiError {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
     }
 
+    /// 403: the caller is authenticated but may not do this.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    /// 403: the node is banned (`virtman node ban`).
+    pub fn banned(node: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "banned",
+            format!("node {node:?} is banned from this cluster"),
+        )
+    }
+
     /// 404: no such image.
     pub fn unknown_image(image: &str) -> Self {
         Self::new(

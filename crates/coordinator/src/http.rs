@@ -22,7 +22,6 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
-use subtle::ConstantTimeEq;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
@@ -31,102 +30,20 @@ use crate::api::{
     JoinResponse, LeaveRequest, NodeSession, NodeState, NodeView, Parent, RegisterImage,
     ReportRequest, SessionBeat, SessionStats, TreeView,
 };
+use crate::auth::{Auth, Caller, Reader};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::state::Handle;
-
-/// The shared secret that state-changing calls must present as
-/// `Authorization: Bearer <token>`. Only its BLAKE3 digest is kept, and a
-/// candidate is compared digest to digest in constant time, so neither the
-/// secret's bytes nor its length leak through timing.
-#[derive(Clone)]
-pub struct Token {
-    digest: [u8; 32],
-}
-
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Token(..)")
-    }
-}
-
-/// Why a token was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TokenError {
-    /// Tokens must be at least 16 characters.
-    #[error("a token must be at least 16 characters, got {0}")]
-    TooShort(usize),
-    /// Tokens must be printable ASCII without spaces (they go in a header).
-    #[error("a token must be printable ASCII without spaces")]
-    BadCharacters,
-}
-
-impl Token {
-    /// The smallest accepted token length.
-    pub const MIN_LEN: usize = 16;
-
-    /// A token from its secret (surrounding whitespace is trimmed).
-    pub fn new(secret: &str) -> Result<Self, TokenError> {
-        let secret = secret.trim();
-        if secret.len() < Self::MIN_LEN {
-            return Err(TokenError::TooShort(secret.len()));
-        }
-        if !secret.chars().all(|c| c.is_ascii_graphic()) {
-            return Err(TokenError::BadCharacters);
-        }
-        Ok(Self {
-            digest: *blake3::hash(secret.as_bytes()).as_bytes(),
-        })
-    }
-
-    /// Whether `candidate` is the secret, in constant time.
-    pub fn verify(&self, candidate: &str) -> bool {
-        let d = blake3::hash(candidate.as_bytes());
-        d.as_bytes().ct_eq(&self.digest).into()
-    }
-}
 
 /// What every handler shares.
 #[derive(Debug, Clone)]
 pub struct AppState {
     /// The way to the state task.
     pub handle: Handle,
-    /// The bearer token.
-    pub token: Arc<Token>,
+    /// Who may call what.
+    pub auth: Arc<Auth>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
-}
-
-/// Proof that the request carried the right bearer token.
-#[derive(Debug)]
-pub struct Authorized;
-
-impl FromRequestParts<AppState> for Authorized {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let value = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer token"))?;
-        let value = value
-            .to_str()
-            .map_err(|_| ApiError::unauthorized("the Authorization header is not text"))?;
-        // The scheme is case-insensitive (RFC 9110); the token is not.
-        let token = match value.split_once(' ') {
-            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token,
-            _ => {
-                return Err(ApiError::unauthorized(
-                    "the Authorization header must be Bearer",
-                ));
-            }
-        };
-        if state.token.verify(token.trim()) {
-            Ok(Authorized)
-        } else {
-            Err(ApiError::unauthorized("wrong token"))
-        }
-    }
 }
 
 /// `axum::Json` whose refusals are [`ErrorBody`] answers.
@@ -184,6 +101,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/v1/sessions/{image}/report", post(report))
         .route("/v1/heartbeat", post(heartbeat))
         .route("/v1/nodes/{node}", get(node))
+        .route("/v1/nodes/{node}/ban", post(ban).delete(unban))
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
@@ -212,7 +130,7 @@ async fn method_not_allowed() -> ApiError {
         (status = 201, description = "registered", body = ImageInfo),
         (status = 200, description = "already registered with the same record", body = ImageInfo),
         (status = 400, description = "bad input", body = ErrorBody),
-        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 401, description = "no certificate and no or a wrong token", body = ErrorBody),
         (status = 409, description = "registered with another record", body = ErrorBody),
         (status = 413, description = "body too large", body = ErrorBody),
         (status = 415, description = "not application/json", body = ErrorBody),
@@ -220,7 +138,7 @@ async fn method_not_allowed() -> ApiError {
     ))]
 async fn register_image(
     State(s): State<AppState>,
-    _auth: Authorized,
+    _caller: Caller,
     ApiJson(req): ApiJson<RegisterImage>,
 ) -> Result<(StatusCode, Json<ImageInfo>), ApiError> {
     let (created, info) = s.handle.register_image(req).await?;
@@ -235,7 +153,10 @@ async fn register_image(
 /// Lists registered images.
 #[utoipa::path(get, path = "/v1/images", tag = "images",
     responses((status = 200, description = "all images", body = Vec<ImageInfo>)))]
-async fn list_images(State(s): State<AppState>) -> Result<Json<Vec<ImageInfo>>, ApiError> {
+async fn list_images(
+    State(s): State<AppState>,
+    _reader: Reader,
+) -> Result<Json<Vec<ImageInfo>>, ApiError> {
     Ok(Json(s.handle.images().await?))
 }
 
@@ -248,6 +169,7 @@ async fn list_images(State(s): State<AppState>) -> Result<Json<Vec<ImageInfo>>, 
     ))]
 async fn get_image(
     State(s): State<AppState>,
+    _reader: Reader,
     ApiPath(image): ApiPath,
 ) -> Result<Json<ImageInfo>, ApiError> {
     Ok(Json(s.handle.image(image).await?))
@@ -260,7 +182,8 @@ async fn get_image(
     responses(
         (status = 200, description = "joined", body = JoinResponse),
         (status = 400, description = "bad input", body = ErrorBody),
-        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 401, description = "no certificate and no or a wrong token", body = ErrorBody),
+        (status = 403, description = "acting as another node, or banned", body = ErrorBody),
         (status = 404, description = "unknown image", body = ErrorBody),
         (status = 409, description = "already joined", body = ErrorBody),
         (status = 413, description = "body too large", body = ErrorBody),
@@ -269,10 +192,11 @@ async fn get_image(
     ))]
 async fn join(
     State(s): State<AppState>,
-    _auth: Authorized,
+    caller: Caller,
     ApiPath(image): ApiPath,
     ApiJson(req): ApiJson<JoinRequest>,
 ) -> Result<Json<JoinResponse>, ApiError> {
+    caller.act_as(&req.node, &s.auth)?;
     Ok(Json(s.handle.join(image, req).await?))
 }
 
@@ -283,7 +207,8 @@ async fn join(
     responses(
         (status = 400, description = "bad input", body = ErrorBody),
         (status = 204, description = "left"),
-        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 401, description = "no certificate and no or a wrong token", body = ErrorBody),
+        (status = 403, description = "acting as another node, or banned", body = ErrorBody),
         (status = 404, description = "unknown image or node", body = ErrorBody),
         (status = 410, description = "the node was declared dead", body = ErrorBody),
         (status = 413, description = "body too large", body = ErrorBody),
@@ -292,10 +217,11 @@ async fn join(
     ))]
 async fn leave(
     State(s): State<AppState>,
-    _auth: Authorized,
+    caller: Caller,
     ApiPath(image): ApiPath,
     ApiJson(req): ApiJson<LeaveRequest>,
 ) -> Result<StatusCode, ApiError> {
+    caller.act_as(&req.node, &s.auth)?;
     s.handle.leave(image, req).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -307,7 +233,8 @@ async fn leave(
     responses(
         (status = 400, description = "bad input", body = ErrorBody),
         (status = 200, description = "the reporter's parents now", body = Assignment),
-        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 401, description = "no certificate and no or a wrong token", body = ErrorBody),
+        (status = 403, description = "acting as another node, or banned", body = ErrorBody),
         (status = 404, description = "unknown image or node", body = ErrorBody),
         (status = 410, description = "the reporter was declared dead", body = ErrorBody),
         (status = 413, description = "body too large", body = ErrorBody),
@@ -316,10 +243,11 @@ async fn leave(
     ))]
 async fn report(
     State(s): State<AppState>,
-    _auth: Authorized,
+    caller: Caller,
     ApiPath(image): ApiPath,
     ApiJson(req): ApiJson<ReportRequest>,
 ) -> Result<Json<Assignment>, ApiError> {
+    caller.act_as(&req.node, &s.auth)?;
     Ok(Json(s.handle.report(image, req).await?))
 }
 
@@ -330,7 +258,8 @@ async fn report(
     responses(
         (status = 200, description = "changed parent lists", body = HeartbeatResponse),
         (status = 400, description = "bad input", body = ErrorBody),
-        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 401, description = "no certificate and no or a wrong token", body = ErrorBody),
+        (status = 403, description = "acting as another node, or banned", body = ErrorBody),
         (status = 404, description = "unknown image or node", body = ErrorBody),
         (status = 410, description = "declared dead: join again", body = ErrorBody),
         (status = 413, description = "body too large", body = ErrorBody),
@@ -339,9 +268,10 @@ async fn report(
     ))]
 async fn heartbeat(
     State(s): State<AppState>,
-    _auth: Authorized,
+    caller: Caller,
     ApiJson(req): ApiJson<HeartbeatRequest>,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
+    caller.act_as(&req.node, &s.auth)?;
     let started = Instant::now();
     let result = s.handle.heartbeat(req).await;
     s.metrics
@@ -359,6 +289,7 @@ async fn heartbeat(
     ))]
 async fn tree(
     State(s): State<AppState>,
+    _reader: Reader,
     ApiPath(image): ApiPath,
 ) -> Result<Json<TreeView>, ApiError> {
     Ok(Json(s.handle.tree(image).await?))
@@ -374,9 +305,52 @@ async fn tree(
     ))]
 async fn node(
     State(s): State<AppState>,
+    _reader: Reader,
     ApiPath(node): ApiPath,
 ) -> Result<Json<NodeState>, ApiError> {
     Ok(Json(s.handle.node(node).await?))
+}
+
+/// Bans a node: it leaves every session (its children are re-attached),
+/// every later call of its is refused with 403 `banned`, and agents refuse
+/// its connections from their next heartbeat on. Operators only.
+#[utoipa::path(post, path = "/v1/nodes/{node}/ban", tag = "nodes",
+    params(("node" = String, Path, description = "node name")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "banned; the node's state now", body = NodeState),
+        (status = 400, description = "not a node name", body = ErrorBody),
+        (status = 401, description = "no certificate and no or a wrong token", body = ErrorBody),
+        (status = 403, description = "not an operator", body = ErrorBody),
+    ))]
+async fn ban(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiPath(node): ApiPath,
+) -> Result<Json<NodeState>, ApiError> {
+    caller.operator()?;
+    tracing::warn!(node, by = ?caller, "banning");
+    Ok(Json(s.handle.ban(node, true).await?))
+}
+
+/// Lifts a node's ban: it may join again. Operators only.
+#[utoipa::path(delete, path = "/v1/nodes/{node}/ban", tag = "nodes",
+    params(("node" = String, Path, description = "node name")),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "not banned (any more)"),
+        (status = 400, description = "not a node name", body = ErrorBody),
+        (status = 401, description = "no certificate and no or a wrong token", body = ErrorBody),
+        (status = 403, description = "not an operator", body = ErrorBody),
+    ))]
+async fn unban(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiPath(node): ApiPath,
+) -> Result<StatusCode, ApiError> {
+    caller.operator()?;
+    s.handle.ban(node, false).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Liveness.
@@ -430,7 +404,7 @@ impl Modify for BearerSecurity {
         license(name = "Apache-2.0")
     ),
     paths(register_image, list_images, get_image, join, leave, report, heartbeat, tree, node,
-        health, openapi, metrics),
+        ban, unban, health, openapi, metrics),
     components(schemas(RegisterImage, ImageInfo, JoinRequest, JoinResponse, LeaveRequest,
         ReportRequest, Assignment, Parent, HeartbeatRequest, SessionBeat, HeartbeatResponse,
         TreeView, NodeView, SessionStats, NodeState, NodeSession, ErrorBody, Health)),

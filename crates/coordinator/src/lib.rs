@@ -8,7 +8,8 @@
 //!   Prometheus ──/metrics──► metrics│                        └──► store (redb, group commit)
 //! ```
 //!
-//! Modules: [`api`] (wire types), [`http`] (routes, auth, OpenAPI), [`state`]
+//! Modules: [`api`] (wire types), [`http`] (routes, OpenAPI), [`auth`] (the
+//! token, client certificates, who may call what), [`tls`] (HTTPS), [`state`]
 //! (the task that owns the state), [`store`] (redb), [`metrics`],
 //! [`config`], [`validate`], [`error`], and [`client`] (a reqwest client
 //! for agents and the CLI).
@@ -18,6 +19,7 @@
 //! the caller bound, until the [`CancellationToken`] is cancelled.
 
 pub mod api;
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod error;
@@ -25,6 +27,7 @@ pub mod http;
 pub mod metrics;
 pub mod state;
 pub mod store;
+pub mod tls;
 pub mod validate;
 
 use std::path::PathBuf;
@@ -35,18 +38,24 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use auth::{Token, TokenError};
 pub use client::{Client, ClientError};
 pub use config::CoordinatorConfig;
 pub use error::{ApiError, CoordinatorError};
-pub use http::{Token, TokenError, openapi_json};
+pub use http::openapi_json;
+pub use tls::HttpsConfig;
 
 /// Everything a coordinator needs to start.
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Tunables.
     pub config: CoordinatorConfig,
-    /// The bearer token for state-changing calls.
+    /// The bearer token for state-changing calls (with `tls`, for operator
+    /// calls only: nodes present their certificates).
     pub token: Token,
+    /// HTTPS: the API is served over TLS, and clients that present a
+    /// certificate of the cluster CA are known by its name.
+    pub tls: Option<Arc<HttpsConfig>>,
     /// Where the redb file lives (created if missing).
     pub data_dir: PathBuf,
 }
@@ -58,6 +67,7 @@ pub struct Coordinator {
     tracker: TaskTracker,
     shutdown: CancellationToken,
     metrics: Arc<metrics::Metrics>,
+    tls: Option<Arc<HttpsConfig>>,
 }
 
 impl Coordinator {
@@ -88,7 +98,10 @@ impl Coordinator {
         tracker.close();
         let app = http::AppState {
             handle,
-            token: Arc::new(options.token),
+            auth: Arc::new(auth::Auth {
+                token: options.token,
+                certificates: options.tls.is_some(),
+            }),
             metrics: Arc::clone(&metrics),
         };
         let router = http::router(app, options.config.max_body_bytes);
@@ -97,6 +110,7 @@ impl Coordinator {
             tracker,
             shutdown,
             metrics,
+            tls: options.tls,
         })
     }
 
@@ -110,14 +124,31 @@ impl Coordinator {
         Arc::clone(&self.metrics)
     }
 
-    /// Serves HTTP on `listener` until the shutdown token is cancelled, then
-    /// waits for in-flight requests and for the state task to end (its last
-    /// batch committed, the store closed).
+    /// Serves HTTP (HTTPS with [`Options::tls`]) on `listener` until the
+    /// shutdown token is cancelled, then waits for in-flight requests and
+    /// for the state task to end (its last batch committed, the store
+    /// closed).
     pub async fn serve(self, listener: TcpListener) -> Result<(), CoordinatorError> {
         let shutdown = self.shutdown.clone();
-        let result = axum::serve(listener, self.router.clone())
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
+        let stopped = async move { shutdown.cancelled().await };
+        let result = match &self.tls {
+            Some(tls) => {
+                let listener = tls::TlsListener::new(listener, Arc::clone(tls))
+                    .map_err(CoordinatorError::Serve)?;
+                let app = self
+                    .router
+                    .clone()
+                    .into_make_service_with_connect_info::<tls::Peer>();
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }
+            None => {
+                axum::serve(listener, self.router.clone())
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }
+        };
         self.stop().await;
         result.map_err(CoordinatorError::Serve)
     }

@@ -24,7 +24,7 @@
 //! parts: `command` ([`Command`], [`Handle`]), `image` (one image's session
 //! and its views), `requests` (what each request does).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,6 +73,8 @@ pub struct State {
     settings: Settings,
     images: BTreeMap<String, ImageState>,
     ids: BTreeMap<String, NodeId>,
+    /// Nodes refused everything until unbanned.
+    banned: BTreeSet<String>,
     next_id: u64,
     start: Instant,
     store: Store,
@@ -95,6 +97,7 @@ impl State {
             settings,
             images: BTreeMap::new(),
             ids: BTreeMap::new(),
+            banned: loaded.bans.iter().cloned().collect(),
             next_id: 1,
             start: Instant::now(),
             store,
@@ -330,6 +333,10 @@ impl State {
             }
             Command::Node(node, reply) => {
                 let r = self.node(&node);
+                defer(pending, reply, r);
+            }
+            Command::Ban(node, banned, reply) => {
+                let r = self.ban(&node, banned);
                 defer(pending, reply, r);
             }
         }

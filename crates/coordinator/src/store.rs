@@ -6,8 +6,9 @@
 //!   coordinator.redb
 //!   ├── meta     "format" ─► 1
 //!   ├── images   name ─► ImageRecord (JSON)
-//!   └── members  (image, node) ─► MemberRecord (JSON: addr, labels,
-//!                                  parents by name, complete, epoch)
+//!   ├── members  (image, node) ─► MemberRecord (JSON: addr, labels,
+//!   │                              parents by name, complete, epoch)
+//!   └── bans     node ─► 1         (nodes refused until unbanned)
 //! ```
 //!
 //! Liveness (last heartbeats) is not stored: after a restart every member
@@ -24,6 +25,7 @@ use serde::{Deserialize, Serialize};
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
 const MEMBERS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("members");
+const BANS: TableDefinition<&str, u64> = TableDefinition::new("bans");
 const FORMAT: u64 = 1;
 
 /// The file inside the data directory.
@@ -97,12 +99,17 @@ pub struct Batch {
     pub members: BTreeMap<(String, String), MemberRecord>,
     /// Members to delete: (image, node).
     pub removed: Vec<(String, String)>,
+    /// Nodes banned (`true`) or unbanned (`false`).
+    pub bans: BTreeMap<String, bool>,
 }
 
 impl Batch {
     /// Whether there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.images.is_empty() && self.members.is_empty() && self.removed.is_empty()
+        self.images.is_empty()
+            && self.members.is_empty()
+            && self.removed.is_empty()
+            && self.bans.is_empty()
     }
 }
 
@@ -113,6 +120,8 @@ pub struct Loaded {
     pub images: Vec<ImageRecord>,
     /// Members: (image, node, record), ordered by image then node.
     pub members: Vec<(String, String, MemberRecord)>,
+    /// Banned nodes.
+    pub bans: Vec<String>,
 }
 
 /// The open database.
@@ -160,6 +169,11 @@ impl Store {
                     .members
                     .push((image.to_owned(), node.to_owned(), record));
             }
+            let bans = txn.open_table(BANS).map_err(redb_err)?;
+            for entry in bans.iter().map_err(redb_err)? {
+                let (k, _) = entry.map_err(redb_err)?;
+                loaded.bans.push(k.value().to_owned());
+            }
         }
         txn.commit().map_err(redb_err)?;
         Ok((Self { db }, loaded))
@@ -190,6 +204,14 @@ impl Store {
                 members
                     .insert((image.as_str(), node.as_str()), bytes.as_slice())
                     .map_err(redb_err)?;
+            }
+            let mut bans = txn.open_table(BANS).map_err(redb_err)?;
+            for (node, banned) in &batch.bans {
+                if *banned {
+                    bans.insert(node.as_str(), 1).map_err(redb_err)?;
+                } else {
+                    bans.remove(node.as_str()).map_err(redb_err)?;
+                }
             }
         }
         txn.commit().map_err(redb_err)?;
@@ -238,6 +260,11 @@ mod tests {
             store.commit(&batch).expect("commit");
             let mut batch = Batch::default();
             batch.removed.push(("debian".into(), "n2".into()));
+            batch.bans.insert("n3".into(), true);
+            batch.bans.insert("n4".into(), true);
+            store.commit(&batch).expect("commit");
+            let mut batch = Batch::default();
+            batch.bans.insert("n4".into(), false);
             store.commit(&batch).expect("commit");
         }
         let (_store, loaded) = Store::open(dir.path()).expect("reopen");
@@ -246,6 +273,7 @@ mod tests {
             loaded.members,
             vec![("debian".to_owned(), "n1".to_owned(), member)]
         );
+        assert_eq!(loaded.bans, ["n3"]);
     }
 
     #[test]

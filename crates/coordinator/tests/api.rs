@@ -48,6 +48,7 @@ async fn start(dir: &Path, config: CoordinatorConfig) -> Running {
     let options = Options {
         config,
         token: Token::new(TOKEN).unwrap(),
+        tls: None,
         data_dir: dir.to_owned(),
     };
     let coordinator = Coordinator::open(options, shutdown.clone()).unwrap();
@@ -488,6 +489,7 @@ async fn absurd_settings_are_refused_at_start() {
         let options = Options {
             config,
             token: Token::new(TOKEN).unwrap(),
+            tls: None,
             data_dir: dir.path().to_owned(),
         };
         let err = Coordinator::open(options, CancellationToken::new()).unwrap_err();

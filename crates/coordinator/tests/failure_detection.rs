@@ -88,6 +88,7 @@ fn open(dir: &Path) -> (Coordinator, CancellationToken) {
             ..CoordinatorConfig::default()
         },
         token: Token::new(TOKEN).unwrap(),
+        tls: None,
         data_dir: dir.to_owned(),
     };
     (

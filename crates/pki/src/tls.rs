@@ -45,6 +45,9 @@ pub enum PeerVerification {
     None,
     /// Clients must present a certificate of the cluster CA.
     Required,
+    /// Clients may present a certificate; one that is presented must be of
+    /// the cluster CA (an HTTPS API where operators may use a token instead).
+    Optional,
 }
 
 /// A certificate chain and its key.
@@ -129,13 +132,16 @@ impl NodeTls {
             .with_safe_default_protocol_versions()?;
         let builder = match peers {
             PeerVerification::None => builder.with_no_client_auth(),
-            PeerVerification::Required => {
+            PeerVerification::Required | PeerVerification::Optional => {
                 let verifier =
-                    WebPkiClientVerifier::builder_with_provider(self.roots(), provider())
-                        .build()
-                        .map_err(|e| {
-                            PkiError::bad_file(self.dir.join(CA_CERT), format!("verifier: {e}"))
-                        })?;
+                    WebPkiClientVerifier::builder_with_provider(self.roots(), provider());
+                let verifier = match peers {
+                    PeerVerification::Optional => verifier.allow_unauthenticated(),
+                    _ => verifier,
+                };
+                let verifier = verifier.build().map_err(|e| {
+                    PkiError::bad_file(self.dir.join(CA_CERT), format!("verifier: {e}"))
+                })?;
                 builder.with_client_cert_verifier(verifier)
             }
         };

@@ -121,6 +121,7 @@ pub fn serve_coordinator(
         virtman_coordinator::Options {
             config,
             token: virtman_coordinator::Token::new(token).unwrap(),
+            tls: None,
             data_dir,
         },
         stop.clone(),

@@ -32,6 +32,8 @@ pub enum Command {
     Tree(String, Reply<TreeView>),
     /// A node's state.
     Node(String, Reply<NodeState>),
+    /// Ban a node (`true`) or lift its ban (`false`).
+    Ban(String, bool, Reply<NodeState>),
 }
 
 /// The API layer's way in: cheap to clone, one per handler call.
@@ -94,5 +96,10 @@ impl Handle {
     /// A node's state.
     pub async fn node(&self, node: String) -> Result<NodeState, ApiError> {
         self.call(|r| Command::Node(node, r)).await
+    }
+
+    /// Bans `node` (`banned`) or lifts its ban; answers its state after.
+    pub async fn ban(&self, node: String, banned: bool) -> Result<NodeState, ApiError> {
+        self.call(|r| Command::Ban(node, banned, r)).await
     }
 }

@@ -1,5 +1,5 @@
 //! What each request does to the state: register an image, join, leave,
-//! report, heartbeat, tick, and the read-only tree and node views. Each
+//! report, heartbeat, tick, bans, and the read-only tree and node views. Each
 //! returns its answer; the batch it belongs to is committed before any
 //! answer goes out (see the parent module).
 
@@ -67,6 +67,7 @@ impl State {
 
     pub(super) fn join(&mut self, image: &str, req: JoinRequest) -> Result<JoinResponse, ApiError> {
         validate::join(&req)?;
+        self.not_banned(&req.node)?;
         if !self.images.contains_key(image) {
             return Err(ApiError::unknown_image(image));
         }
@@ -102,8 +103,16 @@ impl State {
         })
     }
 
+    fn not_banned(&self, node: &str) -> Result<(), ApiError> {
+        if self.banned.contains(node) {
+            return Err(ApiError::banned(node));
+        }
+        Ok(())
+    }
+
     fn member_id(&self, st: &ImageState, node: &str, image: &str) -> Result<NodeId, ApiError> {
         validate::node_name(node)?;
+        self.not_banned(node)?;
         let id = self
             .ids
             .get(node)
@@ -173,6 +182,7 @@ impl State {
         req: &HeartbeatRequest,
     ) -> Result<HeartbeatResponse, ApiError> {
         validate::heartbeat(req)?;
+        self.not_banned(&req.node)?;
         let image_hint = req.sessions.first().map_or("", |s| s.image.as_str());
         let id = self
             .ids
@@ -218,6 +228,7 @@ impl State {
         Ok(HeartbeatResponse {
             changed,
             heartbeat_interval_ms: self.config.heartbeat_interval_ms,
+            banned: self.banned.iter().cloned().collect(),
         })
     }
 
@@ -276,13 +287,23 @@ impl State {
 
     pub(super) fn node(&self, node: &str) -> Result<NodeState, ApiError> {
         validate::node_name(node)?;
-        let id = self.ids.get(node).copied().ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "unknown_node",
-                format!("node {node:?} never joined"),
-            )
-        })?;
+        let banned = self.banned.contains(node);
+        let Some(id) = self.ids.get(node).copied() else {
+            if !banned {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "unknown_node",
+                    format!("node {node:?} never joined"),
+                ));
+            }
+            // Banned before it ever joined.
+            return Ok(NodeState {
+                node: node.to_owned(),
+                sessions: Vec::new(),
+                dead_in: Vec::new(),
+                banned,
+            });
+        };
         let now = self.now();
         let mut sessions = Vec::new();
         let mut dead_in = BTreeSet::new();
@@ -302,6 +323,37 @@ impl State {
             node: node.to_owned(),
             sessions,
             dead_in: dead_in.into_iter().collect(),
+            banned,
         })
+    }
+
+    /// Bans `node`: it leaves every session at once (its children are
+    /// re-attached) and every later call of its is refused; or lifts the ban.
+    pub(super) fn ban(&mut self, node: &str, banned: bool) -> Result<NodeState, ApiError> {
+        validate::node_name(node)?;
+        let changed = if banned {
+            self.banned.insert(node.to_owned())
+        } else {
+            self.banned.remove(node)
+        };
+        if changed {
+            self.batch.bans.insert(node.to_owned(), banned);
+            tracing::warn!(node, banned, "ban changed");
+        }
+        if let Some(id) = self.ids.get(node).copied().filter(|_| banned) {
+            let now = self.now();
+            for st in self.images.values_mut() {
+                if !st.members.contains_key(&id) {
+                    continue;
+                }
+                let before = st.session.stats();
+                let outcome = st
+                    .session
+                    .leave(id, now)
+                    .map_err(|e| topology_error(e, node, &st.record.name))?;
+                Self::absorb(&mut self.batch, &self.metrics, st, &outcome, before);
+            }
+        }
+        self.node(node)
     }
 }
