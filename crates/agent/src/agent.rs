@@ -75,6 +75,9 @@ pub struct AgentConfig {
     pub coordinator: String,
     /// Bearer token for the coordinator.
     pub token: Option<String>,
+    /// HTTPS to the coordinator with the node's certificate (an `https://`
+    /// coordinator URL that authenticates nodes by certificate).
+    pub coordinator_tls: Option<Arc<rustls::ClientConfig>>,
     /// The address children reach this node's base exports at (`host:port`).
     pub advertise: String,
     /// The cache group's capacity and tunables.
@@ -217,8 +220,12 @@ impl Agent {
             .unwrap_or_else(|| config.data_dir.join("images"));
         let store = ImageStore::open(&store_dir)
             .map_err(io(format!("opening image store {}", store_dir.display())))?;
-        let coord = virtman_coordinator::Client::new(&config.coordinator, config.token.clone())
-            .map_err(|e| AgentError::Coordinator(e.to_string()))?;
+        let coord = virtman_coordinator::Client::with_tls(
+            &config.coordinator,
+            config.token.clone(),
+            config.coordinator_tls.clone(),
+        )
+        .map_err(|e| AgentError::Coordinator(e.to_string()))?;
         let (tx, rx) = mpsc::unbounded_channel();
         let hb = u64::try_from(config.heartbeat_interval.as_millis()).unwrap_or(1000);
         Ok(Arc::new(Agent {
@@ -256,6 +263,11 @@ impl Agent {
     /// The unix socket VMs connect to.
     pub fn vm_socket(&self) -> &Path {
         &self.vm_socket
+    }
+
+    /// The coordinator client (its clones share TLS renewals).
+    pub fn coordinator(&self) -> &virtman_coordinator::Client {
+        &self.coord
     }
 
     /// The base export server (children).

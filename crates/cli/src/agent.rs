@@ -171,7 +171,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", args.listen))?;
     let bound = listener.local_addr().context("reading the bound address")?;
     let advertise = virtman_agent::agent::advertise_for(bound, args.advertise.as_deref())?;
-    let tls = match &args.tls {
+    let mut tls = match &args.tls {
         Some(dir) => Some(NodeTlsHandles::load(
             dir,
             PeerVerification::Required,
@@ -192,12 +192,19 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         Some(t) => (t.server.clone(), t.client.clone()),
         None => (None, None),
     };
+    // HTTPS to the coordinator with the node's certificate when its URL is
+    // https (and the node has a directory).
+    let coordinator_tls = match &tls {
+        Some(t) if args.coordinator.starts_with("https://") => Some(t.coordinator_config()?),
+        _ => None,
+    };
     let config = AgentConfig {
         name,
         data_dir: args.data_dir.clone(),
         image_store: args.image_store.clone(),
         coordinator: args.coordinator.clone(),
         token,
+        coordinator_tls,
         advertise,
         cache: GroupConfig {
             commit_interval_ms: u64::try_from(args.commit_interval.as_millis()).unwrap_or(u64::MAX),
@@ -214,6 +221,12 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         socket_group,
     };
     let agent = Agent::open(config).context("starting the agent")?;
+    if let Some(t) = tls
+        .as_mut()
+        .filter(|_| args.coordinator.starts_with("https://"))
+    {
+        t.follow(agent.coordinator().clone());
+    }
     let control_path = args.data_dir.join("agent.sock");
     let control_listener = virtman_agent::control::bind(&control_path, socket_group)
         .with_context(|| format!("listening on {}", control_path.display()))?;

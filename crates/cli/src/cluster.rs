@@ -21,7 +21,8 @@ enum ClusterCommand {
 Example:
   virtman cluster up --hosts 4 --image debian.raw
   virtman vm create vm1 --image img --data-dir virtman-cluster/host1
-  virtman tree img --coordinator $(jq -r .coordinator virtman-cluster/cluster.json)
+  virtman tree img --coordinator $(jq -r .coordinator virtman-cluster/cluster.json) \\
+      --tls virtman-cluster/pki/operator
   virtman cluster down")]
     Up {
         /// Member hosts (agents besides the origin).
@@ -118,6 +119,18 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
                     m.addr,
                     m.data_dir.display()
                 );
+            }
+            match &state.operator_tls {
+                Some(tls) => println!(
+                    "tree with: virtman tree {} --coordinator {} --tls {}",
+                    state.image,
+                    state.coordinator,
+                    tls.display()
+                ),
+                None => println!(
+                    "tree with: virtman tree {} --coordinator {}",
+                    state.image, state.coordinator
+                ),
             }
             println!("stop with: virtman cluster down --dir {}", dir.display());
         }

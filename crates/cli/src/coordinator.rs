@@ -27,16 +27,25 @@ State-changing calls need `Authorization: Bearer <token>`. The token is read
 from --token-file; without it, DATA_DIR/token is used, and created with a
 random token (mode 0600) on first start.
 
+With --tls NODEDIR (from `virtman pki issue`) the API is HTTPS and nodes are
+known by their client certificates: a node joins, heartbeats, reports and
+leaves only as the node its certificate names (403 otherwise), and the token
+becomes the operator's (registering images, `virtman node ban`), as does an
+operator certificate (`pki issue --operator`). Reads need a certificate or the
+token; /v1/health, /v1/openapi.json and /metrics stay open. SIGHUP loads
+NODEDIR again.
+
 Examples:
   virtman coordinator                                  # 127.0.0.1:7600, ./virtman-coordinator
   virtman coordinator --listen 0.0.0.0:7600 --data-dir /var/lib/virtman/coordinator \\
       --token-file /etc/virtman/token --fanout 8 --parents 2
+  virtman coordinator --listen 10.0.0.5:7600 --tls /etc/virtman/tls   # HTTPS, node certificates
   curl http://127.0.0.1:7600/v1/openapi.json           # the API
   curl http://127.0.0.1:7600/metrics                   # Prometheus metrics
   virtman tree debian-12                               # print a session's tree")]
 pub struct CoordinatorArgs {
     /// Address to listen on. Port 0 picks a free port; the address bound is
-    /// printed on stdout as `listening on http://ADDR`.
+    /// printed on stdout as `listening on http://ADDR` (https with --tls).
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:7600")]
     pub listen: String,
 
@@ -47,6 +56,12 @@ pub struct CoordinatorArgs {
     /// File holding the bearer token (at least 16 printable characters).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+
+    /// Serve HTTPS with this node directory (`virtman pki issue`; its
+    /// certificate needs the address clients dial in its SANs) and know
+    /// nodes by their client certificates.
+    #[arg(long, value_name = "NODEDIR")]
+    pub tls: Option<PathBuf>,
 
     /// Fan-out k: the most tree children a node serves (2 to 1024). Images may
     /// override it when they are registered.
@@ -149,6 +164,10 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let token = load_token(&args)?;
+    let tls = match &args.tls {
+        Some(dir) => Some(crate::tls::NodeTlsHandles::load_https(dir)?),
+        None => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -162,18 +181,22 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         let options = Options {
             config,
             token,
-            tls: None,
+            tls: tls.as_ref().and_then(|t| t.https.clone()),
             data_dir: args.data_dir.clone(),
         };
         let coordinator = Coordinator::open(options, shutdown.clone())
             .with_context(|| format!("opening the state in {}", args.data_dir.display()))?;
         // The one line on stdout: scripts and tests read the bound address here.
         let mut out = std::io::stdout().lock();
-        writeln!(out, "listening on http://{addr}").context("writing to stdout")?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        writeln!(out, "listening on {scheme}://{addr}").context("writing to stdout")?;
         out.flush().context("writing to stdout")?;
         drop(out);
         tracing::info!(%addr, data_dir = %args.data_dir.display(), "coordinator serving");
         let server = tokio::spawn(coordinator.serve(listener));
+        if let Some(tls) = tls {
+            tokio::spawn(tls.reload_on_hangup());
+        }
         crate::serve::wait_for_signal().await?;
         tracing::info!("signal received; stopping");
         shutdown.cancel();

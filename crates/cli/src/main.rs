@@ -8,7 +8,9 @@ mod agent;
 mod cluster;
 mod coordinator;
 mod image;
+mod node;
 mod pki;
+mod remote;
 mod serve;
 mod sim;
 mod storm;
@@ -53,6 +55,8 @@ enum Command {
     Coordinator(coordinator::CoordinatorArgs),
     /// Print an image's relay tree from the coordinator, as text or JSON.
     Tree(tree::TreeArgs),
+    /// Show, ban or unban a node at the coordinator.
+    Node(node::NodeArgs),
     /// Run the agent of this host: cache group, exports to children and VMs.
     Agent(agent::AgentArgs),
     /// Create, list, remove and boot VMs on this host's agent.
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
         Command::Image(args) => image::run(args),
         Command::Coordinator(args) => coordinator::run(args),
         Command::Tree(args) => tree::run(args),
+        Command::Node(args) => node::run(args),
         Command::Agent(args) => agent::run(args),
         Command::Vm(args) => vm::run(args),
         Command::Status(args) => vm::status(args),

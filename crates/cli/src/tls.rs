@@ -1,10 +1,13 @@
 //! A node directory as the commands use it: loaded into the TLS of a server
-//! (`serve --tls`, the agent's base exports) and of a client (the agent's
-//! fetches), and loaded again on SIGHUP.
+//! (`serve --tls`, the agent's base exports, the coordinator's HTTPS) and of
+//! clients (the agent's fetches and its coordinator client), and loaded
+//! again on SIGHUP.
 //!
 //! ```text
-//!  NODEDIR ─ load ─► ServerTls (server config)  ─┐  SIGHUP: load again;
-//!                └─► ClientTls (client config)  ─┘  set both, or keep both
+//!  NODEDIR ─ load ─► ServerTls   (NBD server config)       ─┐  SIGHUP: load again;
+//!                ├─► ClientTls   (NBD client config)        │  set all, or keep all
+//!                ├─► HttpsConfig (coordinator, certs optional)
+//!                └─► coordinator Client (HTTPS client config)┘
 //! ```
 //!
 //! A reload that fails (a file half written, an expired certificate) is
@@ -15,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
+use virtman_coordinator::HttpsConfig;
 use virtman_nbd::{ClientTls, ServerTls};
 use virtman_pki::{Identity, NodeTls, PeerVerification};
 
@@ -27,6 +31,12 @@ pub struct NodeTlsHandles {
     pub server: Option<Arc<ServerTls>>,
     /// The client side, if the process connects to peers.
     pub client: Option<ClientTls>,
+    /// The coordinator's HTTPS, if the process is a coordinator.
+    pub https: Option<Arc<HttpsConfig>>,
+    /// A coordinator client speaking HTTPS with this directory's
+    /// certificate, renewed with the rest (set it with
+    /// [`NodeTlsHandles::follow`]).
+    pub coordinator: Option<virtman_coordinator::Client>,
     /// Who the node's certificate names, as loaded at start.
     pub identity: Option<Identity>,
 }
@@ -53,8 +63,31 @@ impl NodeTlsHandles {
             verify,
             server,
             client,
+            https: None,
+            coordinator: None,
             identity: node.identity().cloned(),
         })
+    }
+
+    /// Loads `dir` for a coordinator: HTTPS where clients may present a
+    /// certificate of the CA (nodes must; operators may use the token).
+    pub fn load_https(dir: &Path) -> anyhow::Result<NodeTlsHandles> {
+        let mut handles = Self::load(dir, PeerVerification::Optional, false, false)?;
+        let node = load(dir)?;
+        handles.https = Some(HttpsConfig::new(
+            node.server_config(PeerVerification::Optional)?,
+        ));
+        Ok(handles)
+    }
+
+    /// The client configuration for the coordinator client.
+    pub fn coordinator_config(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+        Ok(load(&self.dir)?.client_config()?)
+    }
+
+    /// Renews `client`'s TLS along with the rest on every reload.
+    pub fn follow(&mut self, client: virtman_coordinator::Client) {
+        self.coordinator = Some(client);
     }
 
     /// Loads the directory again and swaps both sides, or neither.
@@ -64,10 +97,20 @@ impl NodeTlsHandles {
             Some(_) => Some(node.server_config(self.verify)?),
             None => None,
         };
-        let client = match &self.client {
-            Some(_) => Some(node.client_config()?),
+        let client = match self.client.is_some() || self.coordinator.is_some() {
+            true => Some(node.client_config()?),
+            false => None,
+        };
+        let https = match &self.https {
+            Some(_) => Some(node.server_config(PeerVerification::Optional)?),
             None => None,
         };
+        if let (Some(c), Some(config)) = (&self.coordinator, &client) {
+            c.set_tls(Arc::clone(config))?;
+        }
+        if let (Some(tls), Some(config)) = (&self.https, https) {
+            tls.set(config);
+        }
         if let (Some(tls), Some(config)) = (&self.server, server) {
             tls.set(config);
         }

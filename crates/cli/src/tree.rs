@@ -16,27 +16,23 @@ use std::fmt::Write;
 
 use anyhow::Context;
 use clap::Args;
-use virtman_coordinator::Client;
 use virtman_coordinator::api::{NodeView, TreeView};
+
+use crate::remote::{Remote, runtime};
 
 /// Arguments of `virtman tree`.
 #[derive(Debug, Args)]
 #[command(after_help = "\
 Examples:
   virtman tree debian-12
-  virtman tree debian-12 --coordinator http://10.0.0.5:7600 --json | jq '.nodes[].depth'")]
+  virtman tree debian-12 --coordinator http://10.0.0.5:7600 --json | jq '.nodes[].depth'
+  virtman tree debian-12 --coordinator https://10.0.0.5:7600 --tls ~/.config/virtman/tls")]
 pub struct TreeArgs {
     /// The image whose session to print.
     pub image: String,
 
-    /// The coordinator's base URL.
-    #[arg(
-        long,
-        value_name = "URL",
-        env = "VIRTMAN_COORDINATOR",
-        default_value = "http://127.0.0.1:7600"
-    )]
-    pub coordinator: String,
+    #[command(flatten)]
+    pub remote: Remote,
 
     /// Print the tree as JSON (the API's TreeView) instead of text.
     #[arg(long)]
@@ -45,18 +41,12 @@ pub struct TreeArgs {
 
 /// Fetches and prints the tree.
 pub fn run(args: TreeArgs) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let tree = runtime.block_on(async {
-        let client = Client::new(&args.coordinator, None)?;
-        client.tree(&args.image).await
-    });
+    let client = args.remote.client()?;
+    let tree = runtime()?.block_on(client.tree(&args.image));
     let tree = tree.with_context(|| {
         format!(
             "reading the tree of {:?} from {}",
-            args.image, args.coordinator
+            args.image, args.remote.coordinator
         )
     })?;
     let text = if args.json {

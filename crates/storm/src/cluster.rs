@@ -4,6 +4,8 @@
 //! ```text
 //!  DIR/cluster.json      what is running (pids, addresses, data dirs)
 //!  DIR/token             the coordinator's token
+//!  DIR/pki/              with TLS: the CA, each process's node directory,
+//!                        and `operator` for `virtman tree|node --tls`
 //!  DIR/coordinator/      coordinator state and log
 //!  DIR/origin/images/    the image store of the origin
 //!  DIR/hostN/            each agent's cache group, sockets and log
@@ -98,18 +100,21 @@ pub struct ClusterConfig {
     pub profile_trace: Option<PathBuf>,
     /// Network namespaces and shaped links, or loopback when `None`.
     pub net: Option<NetConfig>,
-    /// TLS between hosts: a cluster CA in `DIR/pki/ca`, a node directory per
-    /// agent in `DIR/pki/NAME` (its name, its address), every base export
-    /// TLS-only with client certificates, every fetch over TLS.
+    /// TLS on every link: a cluster CA in `DIR/pki/ca`, a node directory per
+    /// process in `DIR/pki/NAME` (its name, its address), every base export
+    /// TLS-only with client certificates, every fetch over TLS, the
+    /// coordinator on HTTPS knowing agents by their certificates, and an
+    /// operator directory in `DIR/pki/operator`.
     pub tls: bool,
 }
 
 /// Issues `name`'s certificate (valid for `ip`) into `DIR/pki/NAME`.
-fn issue_node(
+fn issue(
     ca: &virtman_pki::Ca,
     dir: &Path,
     name: &str,
     ip: &str,
+    role: virtman_pki::Role,
 ) -> Result<PathBuf, ClusterError> {
     let ip = ip
         .parse()
@@ -117,7 +122,7 @@ fn issue_node(
     let out = dir.join("pki").join(name);
     ca.issue(&virtman_pki::IssueRequest {
         name: name.to_owned(),
-        role: virtman_pki::Role::Node,
+        role,
         ips: vec![ip],
         dns: vec![],
         days: 30,
@@ -168,6 +173,10 @@ pub struct ClusterState {
     /// The bridge created for the cluster.
     #[serde(default)]
     pub bridge: Option<String>,
+    /// With TLS: the operator's directory, for `virtman tree --tls` and
+    /// `virtman node --tls`.
+    #[serde(default)]
+    pub operator_tls: Option<PathBuf>,
 }
 
 impl ClusterState {
@@ -230,7 +239,12 @@ fn spawn(
             let _ = f.read_to_string(&mut text);
         }
         if let Some(addr) = text.lines().find_map(|l| l.strip_prefix("listening on ")) {
-            return Ok((pid, addr.trim().trim_start_matches("http://").to_owned()));
+            let addr = addr.trim();
+            let addr = addr
+                .strip_prefix("https://")
+                .or_else(|| addr.strip_prefix("http://"))
+                .unwrap_or(addr);
+            return Ok((pid, addr.to_owned()));
         }
         if Instant::now() > deadline || !alive(pid) {
             stop_pid(pid);
@@ -424,6 +438,7 @@ impl Cluster {
                 members: Vec::new(),
                 namespaces: Vec::new(),
                 bridge: None,
+                operator_tls: None,
             },
             detached: false,
         };
@@ -472,8 +487,17 @@ impl Cluster {
         };
         let listen_ip = net.as_ref().map_or("127.0.0.1".to_owned(), Net::gateway);
         let s = |x: &str| x.to_owned();
+        let ca = if config.tls {
+            let ca_dir = dir.join("pki").join("ca");
+            Some(
+                virtman_pki::Ca::init(&ca_dir, 30)
+                    .map_err(|e| ClusterError::Command(format!("making the cluster CA: {e}")))?,
+            )
+        } else {
+            None
+        };
         let coord_dir = dir.join("coordinator");
-        let args = vec![
+        let mut args = vec![
             s("coordinator"),
             s("--listen"),
             format!("{listen_ip}:0"),
@@ -492,6 +516,19 @@ impl Cluster {
             s("--heartbeat-timeout"),
             s("2s"),
         ];
+        if let Some(ca) = &ca {
+            // The coordinator is a node of the PKI too (HTTPS, certificate
+            // for its address); the operator's directory is for the CLI.
+            let node_dir = issue(ca, &dir, "coordinator", &listen_ip, virtman_pki::Role::Node)?;
+            args.extend([s("--tls"), node_dir.display().to_string()]);
+            cluster.state.operator_tls = Some(issue(
+                ca,
+                &dir,
+                "operator",
+                "127.0.0.1",
+                virtman_pki::Role::Operator,
+            )?);
+        }
         fs::create_dir_all(&coord_dir).map_err(io("creating", &coord_dir))?;
         let (pid, addr) = spawn(
             &config.bin,
@@ -500,7 +537,8 @@ impl Cluster {
             &coord_dir.join("log"),
             None,
         )?;
-        cluster.state.coordinator = format!("http://{addr}");
+        let scheme = if ca.is_some() { "https" } else { "http" };
+        cluster.state.coordinator = format!("{scheme}://{addr}");
         cluster.state.members.push(Member {
             name: s("coordinator"),
             pid,
@@ -508,15 +546,6 @@ impl Cluster {
             addr,
             netns: None,
         });
-        let ca = if config.tls {
-            let ca_dir = dir.join("pki").join("ca");
-            Some(
-                virtman_pki::Ca::init(&ca_dir, 30)
-                    .map_err(|e| ClusterError::Command(format!("making the cluster CA: {e}")))?,
-            )
-        } else {
-            None
-        };
         let names =
             std::iter::once(s("origin")).chain((1..=config.hosts).map(|i| format!("host{i}")));
         for (n, name) in names.enumerate() {
@@ -545,7 +574,7 @@ impl Cluster {
                 config.cache_size.clone(),
             ];
             if let Some(ca) = &ca {
-                let node_dir = issue_node(ca, &dir, &name, &ip)?;
+                let node_dir = issue(ca, &dir, &name, &ip, virtman_pki::Role::Node)?;
                 args.extend([s("--tls"), node_dir.display().to_string()]);
             }
             if let Some(d) = config

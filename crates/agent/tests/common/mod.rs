@@ -69,6 +69,7 @@ impl Node {
             image_store: None,
             coordinator: url.to_owned(),
             token: Some(token.into()),
+            coordinator_tls: None,
             advertise: addr.clone(),
             cache: virtman_cache::GroupConfig::with_capacity(1 << 30),
             labels: std::collections::BTreeMap::new(),

@@ -8,7 +8,7 @@ use std::process::Command;
 use virtman_agent::control::ControlClient;
 
 use super::{HostResult, StormConfig, StormError};
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, ClusterState};
 
 /// Each live host's figures and the bytes the origin sent (`None` when the
 /// origin is among `dead`: its counters died with it).
@@ -18,7 +18,7 @@ pub(super) async fn cluster_figures(
     dead: &[String],
 ) -> Result<(Vec<HostResult>, Option<u64>), StormError> {
     let mut host_results = Vec::new();
-    let depths = tree_depths(&config.bin, &c.state.coordinator);
+    let depths = tree_depths(&config.bin, &c.state);
     for h in c.state.hosts().filter(|h| !dead.contains(&h.name)) {
         let s = ControlClient::new(h.data_dir.join("agent.sock"))
             .status()
@@ -79,11 +79,19 @@ pub(super) fn save_logs(cluster: &Cluster, to: &Path) {
 }
 
 /// Each host's depth, from `virtman tree --json`.
-fn tree_depths(bin: &Path, coordinator: &str) -> Vec<(String, u64)> {
-    let Ok(out) = Command::new(bin)
-        .args(["tree", "img", "--json", "--coordinator", coordinator])
-        .output()
-    else {
+fn tree_depths(bin: &Path, cluster: &ClusterState) -> Vec<(String, u64)> {
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "tree",
+        "img",
+        "--json",
+        "--coordinator",
+        &cluster.coordinator,
+    ]);
+    if let Some(dir) = &cluster.operator_tls {
+        cmd.arg("--tls").arg(dir);
+    }
+    let Ok(out) = cmd.output() else {
         return Vec::new();
     };
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
