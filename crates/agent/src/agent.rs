@@ -47,6 +47,7 @@ use virtman_cache::{CacheError, CacheGroup, CachedVolume, GroupConfig};
 use virtman_image::{ImageStore, Manifest};
 use virtman_nbd::{Listener, Server, ServerConfig, ServerTls};
 
+use crate::access::MemberAccess;
 use crate::known::KnownUpstream;
 use crate::origin::CountingExport;
 use crate::prefetch::{ImagePrefetch, PrefetchConfig};
@@ -183,6 +184,8 @@ pub struct Agent {
     heartbeat_ms: AtomicU64,
     /// Background prefetch settings (see [`Agent::set_prefetch`]).
     prefetch: Mutex<PrefetchConfig>,
+    /// With TLS: the base exports serve only session members.
+    access: Option<Arc<MemberAccess>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -228,10 +231,18 @@ impl Agent {
         .map_err(|e| AgentError::Coordinator(e.to_string()))?;
         let (tx, rx) = mpsc::unbounded_channel();
         let hb = u64::try_from(config.heartbeat_interval.as_millis()).unwrap_or(1000);
+        // Identities come with client certificates, so with TLS only.
+        let access = config
+            .serve_tls
+            .as_ref()
+            .map(|_| MemberAccess::new(coord.clone(), config.name.clone()));
         Ok(Arc::new(Agent {
             vm_socket: config.data_dir.join("vms.sock"),
             base: Server::new(ServerConfig {
                 tls: config.serve_tls.clone(),
+                access: access
+                    .clone()
+                    .map(|a| a as Arc<dyn virtman_nbd::ExportAccess>),
                 ..ServerConfig::default()
             }),
             vms: Server::new(ServerConfig::default()),
@@ -245,6 +256,7 @@ impl Agent {
             coordinator_ok: std::sync::atomic::AtomicBool::new(false),
             heartbeat_ms: AtomicU64::new(hb.max(50)),
             prefetch: Mutex::new(PrefetchConfig::default()),
+            access,
             config,
         }))
     }
@@ -263,6 +275,18 @@ impl Agent {
     /// The unix socket VMs connect to.
     pub fn vm_socket(&self) -> &Path {
         &self.vm_socket
+    }
+
+    /// Stops serving `image`'s exports to children (and forgets who was
+    /// admitted to them).
+    fn unexport(&self, image: &str) {
+        self.base.remove_export(image);
+        self.base.remove_export(&manifest_export(image));
+        self.base
+            .remove_export(&crate::prefetch::profile_export(image));
+        if let Some(a) = &self.access {
+            a.forget_image(image);
+        }
     }
 
     /// The coordinator client (its clones share TLS renewals).

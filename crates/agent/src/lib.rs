@@ -2,6 +2,8 @@
 //!
 //! - [`agent`]: the daemon: cache group, base and VM exports, the
 //!   coordinator loop, VMs;
+//! - [`access`]: with TLS, the base exports serve only the members of each
+//!   image's session (asked of the coordinator), never a banned node;
 //! - [`control`]: the control API on a local unix socket, and its client;
 //! - [`metrics`]: Prometheus metrics read from live counters;
 //! - [`prefetch`]: boot profiles fetched from parents and replayed ahead of
@@ -17,6 +19,7 @@
 // Tests may cast freely; library code must use checked conversions.
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
+pub mod access;
 pub mod agent;
 pub mod control;
 pub mod known;

@@ -19,6 +19,7 @@ pub struct Remote {
     /// The coordinator's base URL (https:// when it runs with --tls).
     #[arg(
         long,
+        global = true,
         value_name = "URL",
         env = "VIRTMAN_COORDINATOR",
         default_value = "http://127.0.0.1:7600"
@@ -27,11 +28,11 @@ pub struct Remote {
 
     /// A directory from `virtman pki issue --operator` (or a node's): HTTPS
     /// that trusts only its CA and presents its certificate.
-    #[arg(long, value_name = "DIR", env = "VIRTMAN_TLS")]
+    #[arg(long, global = true, value_name = "DIR", env = "VIRTMAN_TLS")]
     pub tls: Option<PathBuf>,
 
     /// A file holding the coordinator's (operator) token.
-    #[arg(long, value_name = "FILE", env = "VIRTMAN_TOKEN_FILE")]
+    #[arg(long, global = true, value_name = "FILE", env = "VIRTMAN_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
 }
 

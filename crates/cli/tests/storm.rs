@@ -623,10 +623,12 @@ fn with_namespaces_a_real_guest_is_counted_on_the_plain_servers_link() {
     assert!(sent > 16 << 10 && sent < disk_len, "{sent} bytes");
 }
 
-/// A cluster runs TLS between its hosts by default: VMs read the image
-/// through the tree with every byte right, and every base export refuses a
-/// plaintext client and a client of another CA, while a node of the cluster
-/// (with its own certificate) reads it. The local sockets are owner-only.
+/// A cluster runs TLS on every link by default: VMs read the image through
+/// the tree with every byte right; every base export refuses a plaintext
+/// client, a client of another CA, a node of the cluster outside the
+/// image's session, an operator and (from the next heartbeat on) a banned
+/// node, while a member (with its own certificate) reads it; nodes cannot
+/// act as each other at the coordinator. The local sockets are owner-only.
 #[tokio::test]
 async fn a_tls_cluster_reads_through_the_tree_and_refuses_outsiders() {
     use virtman_nbd::{Client, ClientConfig, ClientTls, Endpoint};
@@ -709,6 +711,116 @@ async fn a_tls_cluster_reads_through_the_tree_and_refuses_outsiders() {
         .await
         .unwrap();
     assert!(c.read(0, 1 << 20).await.unwrap()[..] == data[..1 << 20]);
+
+    // A node of the cluster's CA that is not in the image's session reads
+    // nothing: not the image, its manifest or its profile, and LIST hides them.
+    let ca = Ca::load(&cdir.join("pki").join("ca")).unwrap();
+    let issue = |name: &str, role: Role| {
+        let issued = ca
+            .issue(&IssueRequest {
+                name: name.into(),
+                role,
+                ips: vec![],
+                dns: vec![],
+                days: 1,
+            })
+            .unwrap();
+        let out = dir.path().join(name);
+        write_node_dir(&out, ca.cert_pem(), &issued).unwrap();
+        out
+    };
+    let outsider = issue("host9", Role::Node);
+    for export in ["img", "manifest/img", "profile/img"] {
+        let e = Client::connect(
+            &base,
+            &ClientConfig {
+                export: export.into(),
+                tls: Some(tls_of(&outsider)),
+                ..ClientConfig::default()
+            },
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("NBD_REP_ERR_POLICY")
+                && e.contains("node \"host9\" is not a member of image \"img\"'s session"),
+            "{export}: {e}"
+        );
+    }
+    let listed = virtman_nbd::client::list_exports(&base, Some(&tls_of(&outsider)))
+        .await
+        .unwrap();
+    assert!(listed.is_empty(), "{listed:?}");
+    // Nor does an operator.
+    let operator = issue("alice", Role::Operator);
+    let e = Client::connect(&base, &config(Some(tls_of(&operator))))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("operator certificate"), "{e}");
+
+    // A node cannot heartbeat, report or leave as another.
+    let url = state["coordinator"].as_str().unwrap().to_owned();
+    assert!(url.starts_with("https://"), "{url}");
+    let coord_as = |node: &Path| {
+        virtman_coordinator::Client::with_tls(
+            &url,
+            None,
+            Some(NodeTls::load(node).unwrap().client_config().unwrap()),
+        )
+        .unwrap()
+    };
+    let host1 = coord_as(&cdir.join("pki").join("host1"));
+    let e = host1
+        .leave(
+            "img",
+            &virtman_coordinator::api::LeaveRequest {
+                node: "host2".into(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("forbidden"), "{e}");
+
+    // Banned (by the operator, with the CLI): host1 refuses host2 from its
+    // next heartbeat on, and the coordinator drops host2 from the tree.
+    let operator_dir = cdir.join("pki").join("operator");
+    let ban = Command::new(BIN)
+        .args(["node", "ban", "host2", "--coordinator", &url, "--tls"])
+        .arg(&operator_dir)
+        .output()
+        .unwrap();
+    assert!(
+        ban.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ban.stderr)
+    );
+    // The origin, in no session, learns it too.
+    let origin = Endpoint::Tcp(member("origin")["addr"].as_str().unwrap().to_owned());
+    for (host, at) in [("host1", &base), ("origin", &origin)] {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let e = loop {
+            match Client::connect(at, &config(Some(tls_of(&node)))).await {
+                Err(e) => break e.to_string(),
+                Ok(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Ok(_) => panic!("{host} still serves banned host2"),
+            }
+        };
+        assert!(e.contains("node \"host2\" is banned"), "{host}: {e}");
+    }
+    let tree = coord_as(&operator_dir).tree("img").await.unwrap();
+    assert!(!tree.nodes.iter().any(|n| n.node == "host2"), "{tree:?}");
+    let e = coord_as(&node)
+        .heartbeat(&virtman_coordinator::api::HeartbeatRequest {
+            node: "host2".into(),
+            sessions: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("banned"), "{e}");
 
     let down = cluster_down(&cdir);
     assert!(

@@ -163,7 +163,8 @@ pub struct HeartbeatRequest {
     /// The node's name.
     #[schema(pattern = "^[A-Za-z0-9._-]{1,128}$", min_length = 1, max_length = 128)]
     pub node: String,
-    /// Each session the node is in (at most 1024, no image twice).
+    /// Each session the node is in (at most 1024, no image twice). None:
+    /// a host in no session (an origin) asking only for the ban list.
     #[schema(max_items = 1024)]
     pub sessions: Vec<SessionBeat>,
 }

@@ -279,6 +279,12 @@ async fn a_banned_node_is_refused_everything_and_named_to_the_others() {
     assert!(!tree.nodes.iter().any(|n| n.node == "n2"), "{tree:?}");
     let hb = c.n1.heartbeat(&beat("n1")).await.unwrap();
     assert_eq!(hb.banned, ["n2", "n9"]);
+    // A host in no session (an origin) learns the list with an empty beat.
+    let empty = HeartbeatRequest {
+        node: "n1".into(),
+        sessions: vec![],
+    };
+    assert_eq!(c.n1.heartbeat(&empty).await.unwrap().banned, ["n2", "n9"]);
 
     c.operator.unban("n2").await.unwrap();
     c.n2.join("debian", &join("n2")).await.unwrap();

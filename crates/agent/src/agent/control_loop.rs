@@ -203,8 +203,9 @@ impl Agent {
             })
             .collect();
         let sessions: Vec<SessionBeat> = sessions;
-        if sessions.is_empty() {
-            // Nothing to report: an origin-only host is not a session member.
+        if sessions.is_empty() && self.access.is_none() {
+            // Nothing to report: an origin-only host is not a session member
+            // (with TLS it still asks, for the ban list).
             return Ok(());
         }
         let req = HeartbeatRequest {
@@ -218,6 +219,9 @@ impl Agent {
                     .store(resp.heartbeat_interval_ms.max(50), Ordering::Relaxed);
                 for a in resp.changed {
                     self.apply(&a);
+                }
+                if let Some(access) = &self.access {
+                    access.set_banned(resp.banned);
                 }
                 Ok(())
             }

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use tracing::{info, warn};
 use virtman_coordinator::api::LeaveRequest;
 
-use super::{Agent, AgentError, Role, lock, manifest_export};
+use super::{Agent, AgentError, Role, lock};
 use crate::known;
-use crate::prefetch::{self, profile_export};
+use crate::prefetch;
 
 impl Agent {
     /// Drops an image's cached volume and leaves its session. Refused while VMs
@@ -46,9 +46,7 @@ impl Agent {
             None => {}
         }
         // Drop every handle of ours: removal is refused while any is held.
-        self.base.remove_export(image);
-        self.base.remove_export(&manifest_export(image));
-        self.base.remove_export(&profile_export(image));
+        self.unexport(image);
         lock(&self.images).remove(image);
         drop(entry);
         let leave = LeaveRequest {

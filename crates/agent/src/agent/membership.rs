@@ -17,7 +17,7 @@ use virtman_nbd::{Export, MemExport};
 
 use super::{Agent, AgentError, ImageEntry, Role, lock, manifest_export};
 use crate::known::{self, KnownUpstream};
-use crate::prefetch::{self, ImagePrefetch, profile_export};
+use crate::prefetch::{self, ImagePrefetch};
 use crate::small_export::read_small_export;
 use crate::upstream::{Parents, Source};
 use virtman_nbd::ClientTls;
@@ -235,9 +235,7 @@ impl Agent {
         if let Role::Member { volume, .. } = &entry.role {
             volume.set_upstream(None);
         }
-        self.base.remove_export(image);
-        self.base.remove_export(&manifest_export(image));
-        self.base.remove_export(&profile_export(image));
+        self.unexport(image);
         lock(&self.images).remove(image);
     }
 }

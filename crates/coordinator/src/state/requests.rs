@@ -183,6 +183,14 @@ impl State {
     ) -> Result<HeartbeatResponse, ApiError> {
         validate::heartbeat(req)?;
         self.not_banned(&req.node)?;
+        if req.sessions.is_empty() {
+            // A host in no session (an origin only) asks for the ban list.
+            return Ok(HeartbeatResponse {
+                changed: Vec::new(),
+                heartbeat_interval_ms: self.config.heartbeat_interval_ms,
+                banned: self.banned.iter().cloned().collect(),
+            });
+        }
         let image_hint = req.sessions.first().map_or("", |s| s.image.as_str());
         let id = self
             .ids
