@@ -1,7 +1,9 @@
 //! Hierarchical attaching end to end, with real processes on loopback: a
 //! coordinator, an origin agent and several member agents (`virtman` binaries),
 //! VMs created with `virtman vm create`, and the image read back through each
-//! VM's snapshot export with the virtman NBD client.
+//! VM's snapshot export with the virtman NBD client. Every link runs TLS with
+//! a cluster PKI, as operators would run it: the coordinator on HTTPS knowing
+//! agents by their certificates, base exports open only to session members.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use std::io::{BufRead, BufReader};
@@ -13,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use virtman_agent::control::ControlClient;
 use virtman_nbd::{Client, ClientConfig, Endpoint};
+use virtman_pki::{Ca, IssueRequest, Role, write_node_dir};
 use virtman_testkit::pattern;
 
 const BIN: &str = env!("CARGO_BIN_EXE_virtman");
@@ -42,7 +45,10 @@ impl Proc {
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
                 if let Some(a) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(a.trim_start_matches("http://").to_owned());
+                    let a = a
+                        .trim_start_matches("https://")
+                        .trim_start_matches("http://");
+                    let _ = tx.send(a.to_owned());
                 }
                 l1.lock().unwrap().push_str(&format!("{line}\n"));
             }
@@ -131,6 +137,8 @@ impl Cluster {
             String::from_utf8_lossy(&out.stderr)
         );
 
+        Ca::init(&dir.path().join("pki").join("ca"), 1).unwrap();
+        let coordinator_tls = node_dir(dir.path(), "coordinator", Role::Node);
         let (coordinator, addr) = Proc::start(&[
             "coordinator",
             "--listen",
@@ -147,9 +155,11 @@ impl Cluster {
             "200ms",
             "--heartbeat-timeout",
             "1s",
+            "--tls",
+            coordinator_tls.to_str().unwrap(),
         ]);
-        let url = format!("http://{addr}");
-        let args = Self::agent_args(dir.path(), &url, "origin");
+        let url = format!("https://{addr}");
+        let args = Self::tls_agent_args(dir.path(), &url, "origin");
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (origin, _) = Proc::start(&args);
         let mut c = Cluster {
@@ -187,8 +197,16 @@ impl Cluster {
         ]
     }
 
+    /// [`Cluster::agent_args`] with the node's own TLS directory.
+    fn tls_agent_args(dir: &Path, url: &str, name: &str) -> Vec<String> {
+        let mut args = Self::agent_args(dir, url, name);
+        let tls = node_dir(dir, name, Role::Node);
+        args.extend(["--tls".into(), tls.to_str().unwrap().into()]);
+        args
+    }
+
     fn start_agent(&self, i: usize) -> Proc {
-        let args = Self::agent_args(self.dir.path(), &self.url, &format!("a{i}"));
+        let args = Self::tls_agent_args(self.dir.path(), &self.url, &format!("a{i}"));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Proc::start(&args).0
     }
@@ -221,7 +239,8 @@ impl Cluster {
     /// The session's tree as JSON, once the image is registered.
     fn tree(&self) -> Option<serde_json::Value> {
         let out = Command::new(BIN)
-            .args(["tree", "img", "--json", "--coordinator", &self.url])
+            .args(["tree", "img", "--json", "--coordinator", &self.url, "--tls"])
+            .arg(node_dir(self.dir.path(), "operator", Role::Operator))
             .output()
             .unwrap();
         if !out.status.success() {
@@ -244,6 +263,25 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// `DIR/pki/NAME`, issued by the cluster CA in `DIR/pki/ca` the first time.
+fn node_dir(dir: &Path, name: &str, role: Role) -> PathBuf {
+    let out = dir.join("pki").join(name);
+    if !out.exists() {
+        let ca = Ca::load(&dir.join("pki").join("ca")).unwrap();
+        let issued = ca
+            .issue(&IssueRequest {
+                name: name.into(),
+                role,
+                ips: vec!["127.0.0.1".parse().unwrap()],
+                dns: vec![],
+                days: 1,
+            })
+            .unwrap();
+        write_node_dir(&out, ca.cert_pem(), &issued).unwrap();
+    }
+    out
 }
 
 /// Reads the whole export at `sock` chunk by chunk, adding to `progress`.
@@ -551,7 +589,8 @@ fn a_real_vm_boots_two_levels_below_the_origin_and_its_writes_stay_in_its_snapsh
     use virtman_testkit::guest::{self, BOOTS_FILE, BootOptions, Drive, MARKER};
     let assets = guest::assets().unwrap();
     let image = std::fs::read(&assets.disk_template).unwrap();
-    let c = Cluster::with_image(3, image.clone());
+    // Five hosts: the origin and a1..a4.
+    let c = Cluster::with_image(4, image.clone());
     // a1 and a2 join first and sit under the origin; a3 lands at depth 2.
     c.vm_create(1, "vm1");
     c.vm_create(2, "vm2");
