@@ -1,7 +1,8 @@
 //! `virtman coordinator` and `virtman tree` as real processes: start the
 //! coordinator on 127.0.0.1:0, join nodes through the API, print the tree as
 //! JSON and text, stop it with SIGTERM, start it again on the same data
-//! directory and find the same tree; absurd settings exit with an error.
+//! directory and find the same tree; absurd settings exit with an error; with
+//! --tls, operators ban with `virtman node` and SIGHUP loads new certificates.
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
@@ -24,6 +25,10 @@ struct Proc {
 
 impl Proc {
     fn start(data: &Path, token_file: &Path) -> Self {
+        Self::start_with(data, token_file, &[])
+    }
+
+    fn start_with(data: &Path, token_file: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(BIN)
             .args([
                 "coordinator",
@@ -39,6 +44,7 @@ impl Proc {
             .arg("--token-file")
             .arg(token_file)
             .args(["--heartbeat-interval", "1s", "--heartbeat-timeout", "60s"])
+            .args(extra)
             .env("VIRTMAN_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -53,7 +59,10 @@ impl Proc {
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_owned();
-        assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+        assert!(
+            url.starts_with("http://127.0.0.1:") || url.starts_with("https://127.0.0.1:"),
+            "{url}"
+        );
         Self {
             child: Some(child),
             url,
@@ -214,5 +223,120 @@ fn absurd_settings_and_unknown_images_exit_with_an_error() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown_image"));
+    proc.stop();
+}
+
+/// Runs `virtman node ARGS --coordinator URL` with `creds`.
+fn node_cmd(url: &str, args: &[&str], creds: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .arg("node")
+        .args(args)
+        .args(["--coordinator", url])
+        .args(creds)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn over_https_operators_ban_with_the_cli_and_sighup_loads_new_certificates() {
+    use virtman_pki::{Ca, IssueRequest, Role, write_node_dir};
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let issue = |ca: &Ca, name: &str, role: Role, out: &Path| {
+        let issued = ca
+            .issue(&IssueRequest {
+                name: name.into(),
+                role,
+                ips: vec!["127.0.0.1".parse().unwrap()],
+                dns: vec![],
+                days: 1,
+            })
+            .unwrap();
+        write_node_dir(out, ca.cert_pem(), &issued).unwrap();
+    };
+    let ca1 = Ca::init(&dir.path().join("ca1"), 1).unwrap();
+    let ca2 = Ca::init(&dir.path().join("ca2"), 1).unwrap();
+    let coord = dir.path().join("coord");
+    issue(&ca1, "coordinator", Role::Node, &coord);
+    let (op1, op2, node1) = (
+        dir.path().join("op1"),
+        dir.path().join("op2"),
+        dir.path().join("n1"),
+    );
+    issue(&ca1, "alice", Role::Operator, &op1);
+    issue(&ca2, "bob", Role::Operator, &op2);
+    issue(&ca1, "n1", Role::Node, &node1);
+    let proc = Proc::start_with(
+        &dir.path().join("state"),
+        &token_file,
+        &["--tls", coord.to_str().unwrap()],
+    );
+    let url = proc.url.clone();
+    assert!(url.starts_with("https://"), "{url}");
+    let tls = |d: &Path| vec!["--tls".to_owned(), d.to_str().unwrap().to_owned()];
+    let run = |args: &[&str], creds: Vec<String>| {
+        let creds: Vec<&str> = creds.iter().map(String::as_str).collect();
+        node_cmd(&url, args, &creds)
+    };
+
+    let out = run(&["ban", "n2"], tls(&op1));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "banned n2\n");
+    let out = run(&["show", "n2", "--json"], tls(&op1));
+    let state: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(state["banned"], true, "{state}");
+    // A node may not ban; nobody may without credentials.
+    let out = run(&["ban", "n3"], tls(&node1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("403 forbidden"),
+        "{err}"
+    );
+    // Trusting the CA but presenting nothing: 401, with what is needed.
+    let out = run(&["ban", "n3"], tls(&dir.path().join("ca1")));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("401 unauthorized") && err.contains("certificate"),
+        "{err}"
+    );
+    // The token is the operator's too.
+    let token = vec!["--token-file".to_owned(), token_file.display().to_string()];
+    let out = run(&["unban", "n2"], [tls(&op1), token].concat());
+    assert!(out.status.success(), "{out:?}");
+
+    // Another CA's operator is refused until the coordinator's directory
+    // holds that CA and SIGHUP loads it.
+    let out = run(&["ban", "n4"], tls(&op2));
+    assert!(!out.status.success(), "{out:?}");
+    let renewed = dir.path().join("renewed");
+    issue(&ca2, "coordinator", Role::Node, &renewed);
+    for f in std::fs::read_dir(&renewed).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), coord.join(f.file_name())).unwrap();
+    }
+    let pid = proc.child.as_ref().unwrap().id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = run(&["ban", "n4"], tls(&op2));
+        if out.status.success() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{out:?}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // The old CA's certificates are no longer accepted.
+    let out = run(&["show", "n4"], tls(&op1));
+    assert!(!out.status.success(), "{out:?}");
+    let out = run(&["show", "n4", "--json"], tls(&op2));
+    let state: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(state["banned"], true, "{state}");
     proc.stop();
 }

@@ -265,6 +265,8 @@ async fn a_banned_node_is_refused_everything_and_named_to_the_others() {
     assert!(state.banned && state.sessions.is_empty(), "{state:?}");
     // A name never seen can be banned ahead.
     assert!(c.token.ban("n9").await.unwrap().banned);
+    c.token.unban("n9").await.unwrap();
+    c.token.ban("n9").await.unwrap();
 
     for e in [
         c.n2.heartbeat(&beat("n2")).await.unwrap_err(),

@@ -362,6 +362,14 @@ impl State {
                 Self::absorb(&mut self.batch, &self.metrics, st, &outcome, before);
             }
         }
-        self.node(node)
+        // Unbanning a node that never joined leaves nothing to show.
+        self.node(node).or_else(|_| {
+            Ok(NodeState {
+                node: node.to_owned(),
+                sessions: Vec::new(),
+                dead_in: Vec::new(),
+                banned,
+            })
+        })
     }
 }
