@@ -40,8 +40,17 @@ fn cluster_down(cdir: &Path) -> std::process::Output {
 fn a_small_storm_in_every_mode_reads_the_image_and_ranks_origin_load() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("results");
+    // TLS on every link, as by default.
     let out = Command::new(BIN)
-        .args(["storm", "--hosts", "3", "--vms", "6", "--image-size", "16M"])
+        .args([
+            "storm",
+            "--hosts",
+            "4",
+            "--vms",
+            "16",
+            "--image-size",
+            "16M",
+        ])
         .args([
             "--synthetic",
             "--working-set",
@@ -74,7 +83,7 @@ fn a_small_storm_in_every_mode_reads_the_image_and_ranks_origin_load() {
     let mut origin = Vec::new();
     for r in reports {
         let vms = r["vm_results"].as_array().unwrap();
-        assert_eq!(vms.len(), 6);
+        assert_eq!(vms.len(), 16);
         // Every VM read its whole trace (each read was checked against the image).
         let first = vms[0]["bytes"].as_u64().unwrap();
         assert!(first > 0 && vms.iter().all(|v| v["bytes"] == first));
@@ -83,15 +92,18 @@ fn a_small_storm_in_every_mode_reads_the_image_and_ranks_origin_load() {
     // virtman < cache-only < direct in what the image server sent.
     assert!(origin[0] < origin[1] && origin[1] < origin[2], "{origin:?}");
     let csv = std::fs::read_to_string(out_dir.join("boots.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 1 + 3 * 6);
+    assert_eq!(csv.lines().count(), 1 + 3 * 16);
     let svg = std::fs::read_to_string(out_dir.join("chart.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("cache-only"));
     // Every cluster process's log is kept, per mode (direct has no cluster).
     for mode in ["virtman", "cache-only"] {
-        for name in ["coordinator", "origin", "host1", "host2", "host3"] {
+        for name in ["coordinator", "origin", "host1", "host2", "host3", "host4"] {
             let log = out_dir.join("logs").join(mode).join(format!("{name}.log"));
             assert!(log.is_file(), "no {}", log.display());
         }
+        let log = out_dir.join("logs").join(mode).join("coordinator.log");
+        let log = std::fs::read_to_string(log).unwrap();
+        assert!(log.contains("listening on https://"), "{log}");
     }
     // No process of the storm is left: every cluster was stopped.
     let ps = Command::new("pgrep")

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -292,4 +293,22 @@ async fn a_banned_node_is_refused_everything_and_named_to_the_others() {
     c.n2.join("debian", &join("n2")).await.unwrap();
     assert_eq!(c.n1.heartbeat(&beat("n1")).await.unwrap().banned, ["n9"]);
     c.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_stalled_in_the_handshake_delays_nobody_and_not_the_stop() {
+    use tokio::io::AsyncWriteExt;
+    let c = Cluster::start().await;
+    // Half a ClientHello, then silence.
+    let mut stalled = tokio::net::TcpStream::connect(c.addr).await.unwrap();
+    stalled
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00])
+        .await
+        .unwrap();
+    let idle = tokio::net::TcpStream::connect(c.addr).await.unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(5), c.operator.images()).await;
+    assert!(answered.unwrap().unwrap().is_empty());
+    let stopped = tokio::time::timeout(Duration::from_secs(5), c.stop()).await;
+    assert!(stopped.is_ok(), "the coordinator did not stop");
+    drop((stalled, idle));
 }
