@@ -29,7 +29,7 @@ pub enum ClientError {
     #[error("coordinator URL {0:?} must start with http:// or https:// (https:// with TLS)")]
     Url(String),
     /// The request could not be sent or the answer not read.
-    #[error("coordinator request failed: {0}")]
+    #[error("coordinator request failed: {}", with_causes(.0))]
     Http(#[from] reqwest::Error),
     /// The coordinator refused the request.
     #[error("coordinator answered {status} {code}: {message}")]
@@ -41,6 +41,19 @@ pub enum ClientError {
         /// The coordinator's message.
         message: String,
     },
+}
+
+/// `e` and every error under it ("error sending request" alone says little:
+/// the cause is a refused connection, a certificate, a timeout).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    s
 }
 
 impl ClientError {

@@ -346,7 +346,12 @@ impl Net {
     /// Creates the bridge (recorded in `state` first, so a failure cleans up).
     fn make_bridge(&self, state: &mut ClusterState) -> Result<(), ClusterError> {
         let br = self.bridge();
-        run(&["ip", "link", "add", &br, "type", "bridge"])?;
+        // A fixed address: a bridge otherwise takes the lowest of its ports'
+        // addresses, so each host added could change it under the hosts
+        // already running, whose cached neighbour entry for the coordinator
+        // would then point nowhere for seconds (their first HTTPS calls hung).
+        let mac = format!("02:76:6d:00:{:02x}:01", self.id);
+        run(&["ip", "link", "add", &br, "address", &mac, "type", "bridge"])?;
         state.bridge = Some(br.clone());
         run(&[
             "ip",
