@@ -3,7 +3,8 @@
 //! | metric | labels | what |
 //! | --- | --- | --- |
 //! | `virtman_fetched_bytes_total` | image, source, origin | bytes fetched from each parent or origin |
-//! | `virtman_fetch_failovers_total` | image | fetches that moved on to another source |
+//! | `virtman_fetch_failovers_total` | image | fetches that moved on to another source after one failed |
+//! | `virtman_fetch_hedges_total`, `_hedge_wins_total` | image | fetches also sent to the next source after the hedge delay; those it answered first |
 //! | `virtman_fetch_lies_total` | image | chunks a source sent wrong |
 //! | `virtman_fetch_seconds` | image | histogram of chunk fetch latency (all attempts of one fetch) |
 //! | `virtman_cache_hits_total`, `_misses_total` | image | chunk pieces read locally / needing a fetch |
@@ -64,11 +65,21 @@ impl Collector for AgentCollector {
             }
         }
         type Get = fn(&crate::agent::MemberStats) -> u64;
-        let per_image: [(&str, &str, Get); 7] = [
+        let per_image: [(&str, &str, Get); 9] = [
             (
                 "fetch_failovers",
-                "Fetches that moved on to another source",
+                "Fetches that moved on to another source after one failed",
                 |s| s.failovers,
+            ),
+            (
+                "fetch_hedges",
+                "Fetches also sent to the next source after the hedge delay",
+                |s| s.hedges,
+            ),
+            (
+                "fetch_hedge_wins",
+                "Hedged fetches the next source answered first",
+                |s| s.hedge_wins,
             ),
             (
                 "fetch_lies",

@@ -86,6 +86,10 @@ pub struct MemberStats {
     pub by_source: Vec<(String, bool, u64)>,
     /// Failovers.
     pub failovers: u64,
+    /// Fetches that also went to the next source after the hedge delay.
+    pub hedges: u64,
+    /// Of those, the ones the next source answered first.
+    pub hedge_wins: u64,
     /// Wrong chunks received.
     pub lies: u64,
     /// Local reads.
@@ -137,6 +141,8 @@ impl Agent {
                         image,
                         by_source: parents.bytes_by_source(),
                         failovers: f.failovers.load(Ordering::Relaxed),
+                        hedges: f.hedges.load(Ordering::Relaxed),
+                        hedge_wins: f.hedge_wins.load(Ordering::Relaxed),
                         lies: f.lies.load(Ordering::Relaxed),
                         hits: v.hits.load(Ordering::Relaxed),
                         misses: v.misses.load(Ordering::Relaxed),

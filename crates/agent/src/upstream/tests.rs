@@ -1,0 +1,286 @@
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use virtman_cache::{ChunkRequest, Upstream};
+use virtman_image::Manifest;
+use virtman_nbd::{
+    Capabilities, Export, ExportError, Listener, MemExport, ReadChunk, Server, ServerConfig,
+};
+
+use super::*;
+
+/// Fetching without hedges: each source is waited on until it answers or
+/// fails, so which source served what is deterministic.
+fn unhedged() -> FetchConfig {
+    FetchConfig {
+        hedge: None,
+        ..FetchConfig::default()
+    }
+}
+
+const CHUNK: u32 = 64 * 1024;
+
+fn image() -> Vec<u8> {
+    (0..(1u32 << 20))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+async fn serve(data: Vec<u8>, stop: &CancellationToken) -> String {
+    serve_export(Arc::new(MemExport::new(data).read_only()), stop).await
+}
+
+async fn serve_export(e: Arc<dyn Export>, stop: &CancellationToken) -> String {
+    let s = Server::new(ServerConfig::default());
+    s.add_export("img", e);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(s.serve(Listener::Tcp(l), stop.clone()));
+    addr
+}
+
+fn req(m: &Manifest, index: u64) -> ChunkRequest {
+    ChunkRequest {
+        image: m.id(),
+        index,
+        offset: m.chunk_offset(index),
+        len: m.chunk_len(index),
+    }
+}
+
+fn source(name: &str, addr: &str) -> Source {
+    Source {
+        name: name.into(),
+        addr: addr.into(),
+    }
+}
+
+#[tokio::test]
+async fn liars_and_dead_parents_are_skipped_and_reported() {
+    let stop = CancellationToken::new();
+    let data = image();
+    let m = Arc::new(Manifest::of_bytes(&data, CHUNK).unwrap());
+    let mut bad = data.clone();
+    for b in bad.iter_mut().step_by(9973) {
+        *b ^= 0x40;
+    }
+    let liar = serve(bad, &stop).await;
+    let good = serve(data.clone(), &stop).await;
+    let origin = serve(data.clone(), &stop).await;
+    // A port nobody listens on.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let p = Parents::new(
+        "img",
+        Arc::clone(&m),
+        vec![source("origin", &origin)],
+        unhedged(),
+        tx,
+    );
+    p.set(vec![
+        source("dead", &dead),
+        source("liar", &liar),
+        source("good", &good),
+    ]);
+    for i in 0..m.chunks() {
+        let got = p.fetch(req(&m, i)).await.unwrap();
+        let start = m.chunk_offset(i) as usize;
+        assert_eq!(&got[..], &data[start..start + got.len()], "chunk {i}");
+    }
+    let mut faults = Vec::new();
+    while let Ok(r) = rx.try_recv() {
+        faults.push((r.parent.name, r.fault == Fault::Lied));
+    }
+    assert!(faults.contains(&("dead".to_string(), false)), "{faults:?}");
+    assert!(faults.contains(&("liar".to_string(), true)), "{faults:?}");
+    // The liar was dropped after its first lie; the good parent served the rest.
+    assert_eq!(faults.iter().filter(|f| f.0 == "liar").count(), 1);
+    assert_eq!(p.stats().from_origins.load(Ordering::Relaxed), 0);
+    assert_eq!(p.stats().from_parents.load(Ordering::Relaxed), m.chunks());
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn origin_is_the_last_resort_and_all_dead_is_a_clear_error() {
+    let stop = CancellationToken::new();
+    let data = image();
+    let m = Arc::new(Manifest::of_bytes(&data, CHUNK).unwrap());
+    let origin_stop = CancellationToken::new();
+    let origin = serve(data.clone(), &origin_stop).await;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let p = Parents::new(
+        "img",
+        Arc::clone(&m),
+        vec![source("origin", &origin)],
+        unhedged(),
+        tx,
+    );
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    p.set(vec![source("gone", &dead)]);
+    let got = p.fetch(req(&m, 3)).await.unwrap();
+    assert!(m.verify_chunk(3, &got));
+    assert_eq!(p.stats().from_origins.load(Ordering::Relaxed), 1);
+    origin_stop.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let err = p.fetch(req(&m, 4)).await.unwrap_err().to_string();
+    assert!(
+        err.contains("every source failed") && err.contains("gone") && err.contains("origin"),
+        "{err}"
+    );
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn set_keeps_connections_of_parents_that_stay() {
+    let stop = CancellationToken::new();
+    let data = image();
+    let m = Arc::new(Manifest::of_bytes(&data, CHUNK).unwrap());
+    let a = serve(data.clone(), &stop).await;
+    let b = serve(data.clone(), &stop).await;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let p = Parents::new("img", Arc::clone(&m), vec![], unhedged(), tx);
+    p.set(vec![source("a", &a)]);
+    p.fetch(req(&m, 0)).await.unwrap();
+    p.set(vec![source("b", &b), source("a", &a)]);
+    assert_eq!(p.current(), vec![source("b", &b), source("a", &a)]);
+    p.fetch(req(&m, 1)).await.unwrap();
+    let bytes: Vec<u64> = p.bytes_by_source().into_iter().map(|x| x.2).collect();
+    // "a" kept its counter (same connection object); "b" served the new fetch.
+    assert_eq!(bytes, vec![u64::from(CHUNK), u64::from(CHUNK)]);
+    stop.cancel();
+}
+
+/// An export whose reads take `delay` each (a hung or slow parent).
+struct Slow {
+    inner: MemExport,
+    delay: Duration,
+}
+
+#[async_trait]
+impl Export for Slow {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, ExportError> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.read(offset, len).await
+    }
+}
+
+async fn slow_parent(data: Vec<u8>, delay: Duration, stop: &CancellationToken) -> String {
+    let e = Slow {
+        inner: MemExport::new(data).read_only(),
+        delay,
+    };
+    serve_export(Arc::new(e), stop).await
+}
+
+#[tokio::test]
+async fn a_hung_parent_is_hedged_around_and_then_skipped() {
+    let stop = CancellationToken::new();
+    let data = image();
+    let m = Arc::new(Manifest::of_bytes(&data, CHUNK).unwrap());
+    let hung = slow_parent(data.clone(), Duration::from_secs(3600), &stop).await;
+    let good = serve(data.clone(), &stop).await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let config = FetchConfig {
+        // Long enough that only a hedge explains a quick answer.
+        request_timeout: Duration::from_secs(30),
+        ..FetchConfig::default()
+    };
+    let ceiling = config.hedge.unwrap().ceiling;
+    let p = Parents::new("img", Arc::clone(&m), vec![], config, tx);
+    p.set(vec![source("hung", &hung), source("good", &good)]);
+    let started = Instant::now();
+    let got = p.fetch(req(&m, 0)).await.unwrap();
+    let first = started.elapsed();
+    assert!(m.verify_chunk(0, &got));
+    // The ceiling (no latency known yet) plus connecting: far below a timeout.
+    assert!(first < ceiling + Duration::from_millis(700), "{first:?}");
+    assert_eq!(p.stats().hedges.load(Ordering::Relaxed), 1);
+    assert_eq!(p.stats().hedge_wins.load(Ordering::Relaxed), 1);
+    // Then the hung parent goes last: the next fetches do not wait on it.
+    let started = Instant::now();
+    for i in 1..8 {
+        p.fetch(req(&m, i)).await.unwrap();
+    }
+    assert!(started.elapsed() < ceiling, "{:?}", started.elapsed());
+    assert_eq!(p.stats().hedges.load(Ordering::Relaxed), 1);
+    // Being slow is not a fault: nothing was reported.
+    assert!(rx.try_recv().is_err());
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn hedges_stay_a_small_share_of_fetches_from_a_slow_parent() {
+    let stop = CancellationToken::new();
+    let data = image();
+    let m = Arc::new(Manifest::of_bytes(&data, CHUNK).unwrap());
+    // Answers every read, 40 ms late; the origin answers at once.
+    let slow = slow_parent(data.clone(), Duration::from_millis(40), &stop).await;
+    let origin = serve(data.clone(), &stop).await;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let config = FetchConfig {
+        hedge: Some(Hedge {
+            floor: Duration::from_millis(5),
+            ceiling: Duration::from_millis(5),
+        }),
+        ..FetchConfig::default()
+    };
+    let p = Parents::new(
+        "img",
+        Arc::clone(&m),
+        vec![source("origin", &origin)],
+        config,
+        tx,
+    );
+    p.set(vec![source("slow", &slow)]);
+    let fetches = 100;
+    for i in 0..fetches {
+        let got = p.fetch(req(&m, i % m.chunks())).await.unwrap();
+        assert!(m.verify_chunk(i % m.chunks(), &got));
+    }
+    let hedges = p.stats().hedges.load(Ordering::Relaxed);
+    // The burst (20), then a tenth of a hedge per fetch.
+    assert!(
+        (20..=31).contains(&hedges),
+        "{hedges} hedges in {fetches} fetches"
+    );
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn without_hedging_a_hung_parent_holds_the_fetch_until_its_timeout() {
+    let stop = CancellationToken::new();
+    let data = image();
+    let m = Arc::new(Manifest::of_bytes(&data, CHUNK).unwrap());
+    let hung = slow_parent(data.clone(), Duration::from_secs(3600), &stop).await;
+    let good = serve(data.clone(), &stop).await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let config = FetchConfig {
+        request_timeout: Duration::from_millis(600),
+        ..unhedged()
+    };
+    let p = Parents::new("img", Arc::clone(&m), vec![], config, tx);
+    p.set(vec![source("hung", &hung), source("good", &good)]);
+    let started = Instant::now();
+    p.fetch(req(&m, 0)).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(600));
+    // A timeout is a fault: reported, and the parent cools down.
+    assert_eq!(rx.recv().await.unwrap().parent.name, "hung");
+    stop.cancel();
+}
