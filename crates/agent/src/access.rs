@@ -26,8 +26,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls_pki_types::CertificateDer;
-use virtman_nbd::ExportAccess;
+use virtman_nbd::{Export, ExportAccess};
 use virtman_pki::{Identity, Role};
+
+use crate::loop_guard::{Guarded, PeerView};
 
 /// How long a refusal stands before the coordinator is asked again.
 const REFUSAL_TTL: Duration = Duration::from_secs(1);
@@ -49,6 +51,8 @@ pub struct MemberAccess {
     me: String,
     banned: Mutex<BTreeSet<String>>,
     decisions: Mutex<Decisions>,
+    /// Member images, for the loop guard of each child's view.
+    guarded: Mutex<HashMap<String, Guarded>>,
 }
 
 impl std::fmt::Debug for MemberAccess {
@@ -79,6 +83,7 @@ impl MemberAccess {
             me,
             banned: Mutex::new(BTreeSet::new()),
             decisions: Mutex::new(Decisions::default()),
+            guarded: Mutex::new(HashMap::new()),
         })
     }
 
@@ -96,8 +101,15 @@ impl MemberAccess {
         }
     }
 
+    /// Children's connections to member image `image` see it through the
+    /// loop guard ([`crate::loop_guard`]).
+    pub fn guard(&self, image: &str, guarded: Guarded) {
+        lock(&self.guarded).insert(image.to_owned(), guarded);
+    }
+
     /// Forgets every decision about `image` (this host no longer serves it).
     pub fn forget_image(&self, image: &str) {
+        lock(&self.guarded).remove(image);
         let mut d = lock(&self.decisions);
         d.admitted.retain(|(_, i)| i != image);
         d.refused.retain(|(_, i), _| i != image);
@@ -190,6 +202,23 @@ impl ExportAccess for MemberAccess {
         export: &'a str,
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
         Box::pin(self.decide(peer, export))
+    }
+
+    fn view(
+        &self,
+        peer: Option<&CertificateDer<'static>>,
+        name: &str,
+        export: Arc<dyn Export>,
+    ) -> Arc<dyn Export> {
+        // Only a member image's chunks are fetched on a miss (an origin's
+        // are all there; manifests and profiles are whole).
+        let Some(guarded) = lock(&self.guarded).get(name).cloned() else {
+            return export;
+        };
+        match peer.and_then(|c| Identity::from_der(c)) {
+            Some(id) => Arc::new(PeerView::new(export, id.name, guarded)),
+            None => export,
+        }
     }
 }
 

@@ -8,6 +8,9 @@
 //! - [`metrics`]: Prometheus metrics read from live counters;
 //! - [`prefetch`]: boot profiles fetched from parents and replayed ahead of
 //!   the VMs, pins (the whole image in the background), behind demand reads;
+//! - [`loop_guard`]: a child's view of a member image that answers "not
+//!   here" at once when the child is also this host's parent (no fetch
+//!   waits on itself);
 //! - [`known`]: what the coordinator last said about each member image
 //!   (parents, epoch, origins), saved so a restart can serve without it;
 //! - [`origin`]: serving an image whole and counting what leaves;
@@ -23,6 +26,7 @@ pub mod access;
 pub mod agent;
 pub mod control;
 pub mod known;
+pub mod loop_guard;
 pub mod metrics;
 pub mod origin;
 pub mod prefetch;

@@ -110,6 +110,15 @@ pub enum ExportError {
     /// The export is shutting down.
     #[error("export is shutting down")]
     Shutdown,
+    /// A reply with this error value, for exports whose clients give it a
+    /// meaning of their own.
+    #[error("{message}")]
+    Reply {
+        /// The NBD error value sent.
+        errno: Errno,
+        /// What the client is told.
+        message: String,
+    },
 }
 
 impl ExportError {
@@ -132,6 +141,7 @@ impl ExportError {
             ExportError::NotPermitted(_) => Errno::Perm,
             ExportError::Invalid(_) | ExportError::NotSupported(_) => Errno::Inval,
             ExportError::Shutdown => Errno::Shutdown,
+            ExportError::Reply { errno, .. } => *errno,
         }
     }
 }

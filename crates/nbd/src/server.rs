@@ -76,6 +76,19 @@ pub trait ExportAccess: Send + Sync + std::fmt::Debug {
         peer: Option<&'a CertificateDer<'static>>,
         export: &'a str,
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
+    /// What the client with certificate `peer` sees of `export` once it is
+    /// open: the export itself (the default), or a view of it for that
+    /// client alone (same size and flags, answers of its own).
+    fn view(
+        &self,
+        peer: Option<&CertificateDer<'static>>,
+        name: &str,
+        export: Arc<dyn Export>,
+    ) -> Arc<dyn Export> {
+        let _ = (peer, name);
+        export
+    }
 }
 
 impl Default for ServerConfig {
@@ -291,6 +304,19 @@ impl Server {
     /// exists when the server has exactly one export.
     /// Whether the client with certificate `peer` may use export `name`
     /// ([`ServerConfig::access`]; all may without a policy).
+    /// The export as this client sees it ([`ExportAccess::view`]).
+    fn view(
+        &self,
+        peer: Option<&CertificateDer<'static>>,
+        name: &str,
+        export: Arc<dyn Export>,
+    ) -> Arc<dyn Export> {
+        match &self.config.access {
+            Some(a) => a.view(peer, name, export),
+            None => export,
+        }
+    }
+
     async fn check_access(
         &self,
         peer: Option<&CertificateDer<'static>>,

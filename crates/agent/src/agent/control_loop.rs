@@ -252,8 +252,10 @@ impl Agent {
             .collect()
     }
 
-    /// Applies a parent list from the coordinator.
-    pub(super) fn apply(&self, a: &Assignment) {
+    /// Applies a parent list, as the coordinator's answers do (tests drive
+    /// the tree with it too: a list the coordinator never gave is kept until
+    /// its next answer with another epoch).
+    pub fn apply(&self, a: &Assignment) {
         let entry = lock(&self.images).get(&a.image).cloned();
         let Some(entry) = entry else { return };
         if let Role::Member { parents, epoch, .. } = &entry.role {

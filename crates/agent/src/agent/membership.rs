@@ -151,6 +151,15 @@ impl Agent {
         ));
         parents.set(parent_list);
         volume.set_upstream(Some(Arc::clone(&parents) as Arc<dyn Upstream>));
+        if let Some(access) = &self.access {
+            access.guard(
+                image,
+                crate::loop_guard::Guarded {
+                    volume: Arc::clone(&volume),
+                    parents: Arc::clone(&parents),
+                },
+            );
+        }
         self.base.add_export(
             image.to_owned(),
             Arc::new(volume.export()) as Arc<dyn Export>,

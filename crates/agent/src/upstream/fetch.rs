@@ -24,6 +24,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use virtman_cache::{ChunkRequest, Upstream, UpstreamError};
+use virtman_nbd::ClientError;
+use virtman_nbd::client::RequestFailure;
+use virtman_nbd::proto::Errno;
 
 use super::conn::Conn;
 use super::{Fault, Hedge, Parents, Shared};
@@ -115,6 +118,23 @@ enum Outcome {
     Data(Bytes),
     Failed(String),
     Lied,
+    /// The source does not hold the chunk and would have asked this host
+    /// for it ([`crate::loop_guard`]): not a fault, ask the next one.
+    NotHere,
+}
+
+/// Whether `e` is a source's "not here" ([`crate::loop_guard::NOT_HERE`]).
+fn not_here(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Request {
+            failure: RequestFailure::Server {
+                errno: Errno::NotSup,
+                ..
+            },
+            ..
+        }
+    )
 }
 
 /// Reads the chunk from `conn` and checks it; on a failure cools the source
@@ -129,9 +149,17 @@ async fn attempt(shared: Arc<Shared>, conn: Arc<Conn>, req: ChunkRequest) -> Out
         }
         let res = client.read(req.offset, u64::from(req.len)).await;
         conn.outstanding.fetch_sub(1, Ordering::Relaxed);
-        res.map_err(|e| e.to_string())
+        match res {
+            Err(e) if not_here(&e) => Ok(None),
+            r => r.map(Some).map_err(|e| e.to_string()),
+        }
     }
     .await;
+    let result = match result {
+        Ok(None) => return Outcome::NotHere,
+        Ok(Some(data)) => Ok(data),
+        Err(e) => Err(e),
+    };
     match result {
         Ok(data) if shared.manifest.verify_chunk(req.index, &data) => {
             shared.hedging.observe(started.elapsed());
@@ -214,6 +242,9 @@ impl Parents {
                         }
                         Outcome::Failed(e) => failures.push(format!("{}: {e}", conn.source.name)),
                         Outcome::Lied => failures.push(format!("{}: wrong bytes", conn.source.name)),
+                        Outcome::NotHere => {
+                            failures.push(format!("{}: not held there", conn.source.name));
+                        }
                     }
                     // A failure moves on at once.
                     let c = next.next();

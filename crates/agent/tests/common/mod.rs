@@ -61,22 +61,71 @@ impl Node {
         token: &str,
         prefetch: virtman_agent::prefetch::PrefetchConfig,
     ) -> Node {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let agent = virtman_agent::Agent::open(virtman_agent::AgentConfig {
+        let config = Self::config(name, data_dir, url);
+        Self::start_with(
+            virtman_agent::AgentConfig {
+                token: Some(token.into()),
+                ..config
+            },
+            prefetch,
+        )
+        .await
+    }
+
+    /// Starts agent `name` with TLS on every link from its node directory
+    /// `tls` (the coordinator at `url` on HTTPS), fetching with `fetch`.
+    pub async fn start_tls(
+        name: &str,
+        data_dir: PathBuf,
+        url: &str,
+        tls: &Path,
+        fetch: virtman_agent::upstream::FetchConfig,
+    ) -> Node {
+        let node = virtman_pki::NodeTls::load(tls).unwrap();
+        let config = Self::config(name, data_dir, url);
+        let client = node.client_config().unwrap();
+        let server = node
+            .server_config(virtman_pki::PeerVerification::Required)
+            .unwrap();
+        let config = virtman_agent::AgentConfig {
+            coordinator_tls: Some(std::sync::Arc::clone(&client)),
+            serve_tls: Some(virtman_nbd::ServerTls::new(server)),
+            fetch: virtman_agent::upstream::FetchConfig {
+                tls: Some(virtman_nbd::ClientTls::new(client)),
+                ..fetch
+            },
+            ..config
+        };
+        Self::start_with(config, virtman_agent::prefetch::PrefetchConfig::default()).await
+    }
+
+    fn config(name: &str, data_dir: PathBuf, url: &str) -> virtman_agent::AgentConfig {
+        virtman_agent::AgentConfig {
             name: name.into(),
             data_dir,
             image_store: None,
             coordinator: url.to_owned(),
-            token: Some(token.into()),
+            token: None,
             coordinator_tls: None,
-            advertise: addr.clone(),
+            advertise: String::new(),
             cache: virtman_cache::GroupConfig::with_capacity(1 << 30),
             labels: std::collections::BTreeMap::new(),
             fetch: virtman_agent::upstream::FetchConfig::default(),
             heartbeat_interval: Duration::from_millis(200),
             serve_tls: None,
             socket_group: None,
+        }
+    }
+
+    async fn start_with(
+        config: virtman_agent::AgentConfig,
+        prefetch: virtman_agent::prefetch::PrefetchConfig,
+    ) -> Node {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let agent = virtman_agent::Agent::open(virtman_agent::AgentConfig {
+            advertise: addr.clone(),
+            ..config
         })
         .unwrap();
         agent.set_prefetch(prefetch);
@@ -117,12 +166,26 @@ pub fn serve_coordinator(
         heartbeat_timeout_ms: 2000,
         ..virtman_coordinator::CoordinatorConfig::default()
     };
+    serve_coordinator_with(data_dir, token, listener, config, None)
+}
+
+/// [`serve_coordinator`] with `config`, and HTTPS with `tls`.
+pub fn serve_coordinator_with(
+    data_dir: PathBuf,
+    token: &str,
+    listener: tokio::net::TcpListener,
+    config: virtman_coordinator::CoordinatorConfig,
+    tls: Option<std::sync::Arc<virtman_coordinator::HttpsConfig>>,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
     let stop = tokio_util::sync::CancellationToken::new();
     let coordinator = virtman_coordinator::Coordinator::open(
         virtman_coordinator::Options {
             config,
             token: virtman_coordinator::Token::new(token).unwrap(),
-            tls: None,
+            tls,
             data_dir,
         },
         stop.clone(),

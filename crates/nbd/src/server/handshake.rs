@@ -162,6 +162,7 @@ pub(super) async fn negotiate(
                     no_zeroes,
                 );
                 flush(w, &mut out).await?;
+                let export = server.view(state.peer_certificate.as_ref(), &name, export);
                 return Ok(Some(state.into_session(name, export, negotiated)));
             }
             ClientOption::Abort => {
@@ -254,6 +255,7 @@ pub(super) async fn negotiate(
                 {
                     flush(w, &mut out).await?;
                     let negotiated = negotiated(&*export, state.structured);
+                    let export = server.view(state.peer_certificate.as_ref(), &name, export);
                     return Ok(Some(state.into_session(name, export, negotiated)));
                 }
             }
