@@ -94,6 +94,18 @@ pub struct AgentArgs {
     #[arg(long, value_name = "DURATION", value_parser = crate::coordinator::parse_duration)]
     pub link_delay: Option<std::time::Duration>,
 
+    /// The longest a chunk fetch waits on a parent that has not answered
+    /// before it asks the next source too (a hedge; the delay adapts to the
+    /// fetch latency seen, from 50 ms up to this). Hedges are at most about
+    /// a tenth of fetches.
+    #[arg(long, value_name = "DURATION", default_value = "250ms", value_parser = crate::coordinator::parse_duration)]
+    pub hedge_ceiling: std::time::Duration,
+
+    /// Never hedge: wait on each source until it answers or its request
+    /// times out (2 s). For comparisons.
+    #[arg(long)]
+    pub no_hedge: bool,
+
     /// TLS between hosts with this node directory (`virtman pki issue`): the
     /// base exports serve only TLS clients with a certificate of its CA, and
     /// fetches from parents and origins go over TLS, verifying each by the
@@ -213,6 +225,13 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         labels,
         fetch: FetchConfig {
             link_delay: args.link_delay.unwrap_or_default(),
+            hedge: (!args.no_hedge).then(|| {
+                let floor = virtman_agent::upstream::Hedge::default().floor;
+                virtman_agent::upstream::Hedge {
+                    floor: floor.min(args.hedge_ceiling),
+                    ceiling: args.hedge_ceiling,
+                }
+            }),
             tls: fetch_tls,
             ..FetchConfig::default()
         },

@@ -107,6 +107,8 @@ struct Cluster {
     _origin: Proc,
     agents: Vec<Option<Proc>>,
     image: Vec<u8>,
+    /// Arguments every member agent gets besides the usual ones.
+    extra: Vec<String>,
 }
 
 impl Cluster {
@@ -118,6 +120,12 @@ impl Cluster {
 
     /// The same, with the origin serving `image`.
     fn with_image(n: usize, image: Vec<u8>) -> Cluster {
+        Cluster::with_image_args(n, image, &[])
+    }
+
+    /// The same, with `extra` arguments for every member agent (e.g.
+    /// `--no-hedge` to see what a test guards against).
+    fn with_image_args(n: usize, image: Vec<u8>, extra: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("token");
         std::fs::write(&token, "cluster-test-token-0123456789\n").unwrap();
@@ -169,6 +177,7 @@ impl Cluster {
             _origin: origin,
             agents: Vec::new(),
             image,
+            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
         };
         // Let the origin register the image.
         c.wait_for(|c| c.tree().is_some(), "the image to be registered");
@@ -206,7 +215,8 @@ impl Cluster {
     }
 
     fn start_agent(&self, i: usize) -> Proc {
-        let args = Self::tls_agent_args(self.dir.path(), &self.url, &format!("a{i}"));
+        let mut args = Self::tls_agent_args(self.dir.path(), &self.url, &format!("a{i}"));
+        args.extend(self.extra.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Proc::start(&args).0
     }
@@ -377,6 +387,57 @@ async fn leaves_read_the_image_through_the_tree_and_the_origin_sends_each_chunk_
             );
         }
     }
+}
+
+/// A parent stopped (SIGSTOP: alive to the kernel, silent to everyone) in
+/// the middle of a VM's read: no read waits for the request timeout (2 s);
+/// each is hedged to another source within the hedge delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_stopped_mid_read_stalls_no_read_for_long() {
+    let c = Cluster::start(2, 16 << 20);
+    c.vm_create(1, "vm1");
+    let sock = c.vm_create(2, "vm2");
+    let tree = c.tree().unwrap();
+    let a2 = tree["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == "a2")
+        .unwrap()
+        .clone();
+    assert_eq!(a2["parents"][0], "a1", "{tree}");
+    let client = Client::connect(
+        &Endpoint::Unix(sock),
+        &ClientConfig {
+            export: "vm2".into(),
+            request_timeout: Duration::from_secs(60),
+            ..ClientConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::with_capacity(c.image.len());
+    let mut longest = Duration::ZERO;
+    let stopped_at = 2 << 20;
+    while out.len() < c.image.len() {
+        if out.len() == stopped_at {
+            c.agents[0].as_ref().unwrap().signal("-STOP");
+        }
+        let started = Instant::now();
+        let got = client.read(out.len() as u64, CHUNK as u64).await.unwrap();
+        if out.len() >= stopped_at {
+            longest = longest.max(started.elapsed());
+        }
+        out.extend_from_slice(&got);
+    }
+    c.agents[0].as_ref().unwrap().signal("-CONT");
+    assert!(out == c.image, "wrong bytes");
+    assert!(
+        longest < Duration::from_secs(1),
+        "a read waited {longest:?} on the stopped parent"
+    );
+    let s = c.control("a2").status().await.unwrap();
+    assert!(s.images[0].from_origins > 0, "{s:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
