@@ -122,6 +122,64 @@ fn a_small_storm_in_every_mode_reads_the_image_and_ranks_origin_load() {
     }
 }
 
+/// A storm of 8 hosts with kills, a stop, a restart and a coordinator
+/// restart at once: no VM reads a wrong byte, none fails on a host that stayed
+/// up, and none on a host never hit waits long on a read.
+#[test]
+fn a_chaos_storm_loses_nothing_on_the_hosts_that_stay_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("results");
+    let out = Command::new(BIN)
+        .args(["storm", "--hosts", "8", "--vms", "16", "--mode", "virtman"])
+        .args(["--synthetic", "--working-set", "8M", "--think-ms", "3000"])
+        .args(["--image-size", "32M", "--seed", "3", "--chaos"])
+        .arg("kill:2@0.5s,stop:1@0.7s+2s,restart:1@0.6s+1s,coordinator:restart@0.8s+1s")
+        .arg("--out")
+        .arg(&out_dir)
+        .env("VIRTMAN_LOG", "warn")
+        .env("TMPDIR", dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("promise held"), "{err}");
+    let reports: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("report.json")).unwrap()).unwrap();
+    let chaos = &reports[0]["chaos"];
+    assert_eq!(chaos["wrong_bytes"], 0, "{chaos}");
+    assert_eq!(chaos["failed_on_live_hosts"], 0, "{chaos}");
+    assert_eq!(chaos["held"], true, "{chaos}");
+    let actions: Vec<&str> = chaos["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    for what in [
+        "kill host",
+        "stop host",
+        "continue host",
+        "restart host",
+        "restart coordinator",
+    ] {
+        assert!(
+            actions.iter().any(|a| a.contains(what)),
+            "{what}: {actions:?}"
+        );
+    }
+    // Reads on hosts never hit: no request timeout (2 s) was waited out.
+    let longest = chaos["longest_read_ms"].as_f64().unwrap();
+    assert!(longest < 1500.0, "{chaos}");
+    // Every VM of a host never killed booted with every byte.
+    let vms = reports[0]["vm_results"].as_array().unwrap();
+    let booted = vms.iter().filter(|v| v["error"].is_null()).count();
+    assert_eq!(
+        booted + chaos["lost_with_host"].as_u64().unwrap() as usize,
+        16
+    );
+    assert!(booted >= 10, "{vms:?}");
+}
+
 #[test]
 fn the_default_trace_is_the_real_debian_boot_and_bad_traces_are_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -24,7 +24,7 @@
 //! loop, with one file per kind of handler: VMs, fetches, prefetch, control,
 //! failures), `net` (the network model), `cpu` (cores shared by processor
 //! sharing), `record` (what the engine leaves for the report: VMs, images,
-//! counters), [`report`] (figures, text, chart), `rng` (the seeded
+//! counters), [`report`] (figures, text, chart), [`rng`] (the seeded
 //! generator).
 
 pub mod config;
@@ -33,7 +33,7 @@ mod engine;
 mod net;
 mod record;
 pub mod report;
-mod rng;
+pub mod rng;
 pub mod trace;
 
 pub use config::{

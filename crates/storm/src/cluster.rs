@@ -156,6 +156,9 @@ pub struct Member {
     /// Its network namespace, if any.
     #[serde(default)]
     pub netns: Option<String>,
+    /// The program and arguments it was started with (to start it again).
+    #[serde(default)]
+    pub command: Vec<String>,
 }
 
 /// What `cluster.json` records.
@@ -258,6 +261,47 @@ fn spawn(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+fn command(bin: &Path, args: &[String]) -> Vec<String> {
+    std::iter::once(bin.display().to_string())
+        .chain(args.iter().cloned())
+        .collect()
+}
+
+/// Sends `signal` to member `m`'s process group.
+pub fn signal(m: &Member, signal: rustix::process::Signal) {
+    let Some(p) = i32::try_from(m.pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return;
+    };
+    let _ = rustix::process::kill_process_group(p, signal);
+    // Reap it if it was ours and is gone.
+    let _ = rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG);
+}
+
+/// Starts member `m` again as it was started (its data directory, its
+/// address: `--listen` is given the address it had), after it died; returns
+/// its new pid. Its previous log is kept as `log.1`.
+pub fn restart(m: &Member) -> Result<u32, ClusterError> {
+    let Some((bin, args)) = m.command.split_first() else {
+        return Err(ClusterError::Command(format!(
+            "{} was not started by this cluster",
+            m.name
+        )));
+    };
+    let mut args = args.to_vec();
+    if let Some(i) = args.iter().position(|a| a == "--listen")
+        && let Some(v) = args.get_mut(i + 1)
+    {
+        v.clone_from(&m.addr);
+    }
+    let log = m.data_dir.join("log");
+    let _ = fs::rename(&log, m.data_dir.join("log.1"));
+    let (pid, _) = spawn(Path::new(bin), &args, &m.name, &log, m.netns.as_deref())?;
+    Ok(pid)
 }
 
 /// Whether a process exists (and is not a zombie).
@@ -550,6 +594,7 @@ impl Cluster {
             data_dir: coord_dir,
             addr,
             netns: None,
+            command: command(&config.bin, &args),
         });
         let names =
             std::iter::once(s("origin")).chain((1..=config.hosts).map(|i| format!("host{i}")));
@@ -603,6 +648,7 @@ impl Cluster {
                 data_dir: data,
                 addr,
                 netns,
+                command: command(&config.bin, &args),
             });
         }
         cluster.save()?;

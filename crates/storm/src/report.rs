@@ -144,6 +144,8 @@ mod tests {
                     boot_secs: secs / 2.0,
                     bytes: 10,
                     error: None,
+                    wrong_bytes: 0,
+                    longest_read_ms: None,
                 },
                 VmResult {
                     vm: "vm2".into(),
@@ -151,6 +153,8 @@ mod tests {
                     boot_secs: secs,
                     bytes: 10,
                     error: None,
+                    wrong_bytes: 0,
+                    longest_read_ms: None,
                 },
             ],
             host_results: vec![],
@@ -158,6 +162,7 @@ mod tests {
             all_booted_secs: secs,
             dead: vec![],
             origin_measured: true,
+            chaos: None,
         }
     }
 

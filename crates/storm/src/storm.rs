@@ -32,6 +32,7 @@
 //! `results` (the report's types).
 
 mod capacity;
+mod chaos;
 mod direct;
 mod measure;
 mod results;
@@ -47,7 +48,7 @@ use thiserror::Error;
 use virtman_agent::control::ControlClient;
 use virtman_sim::Trace;
 
-pub use results::{HostResult, StormReport, VmResult};
+pub use results::{ChaosReport, HostResult, StormReport, VmResult};
 
 use crate::cluster::{Cluster, ClusterConfig, ClusterError};
 use crate::guest::Guest;
@@ -116,6 +117,10 @@ pub struct StormConfig {
     /// Where to keep every cluster process's log after each mode
     /// (`LOGS/MODE/NAME.log`), or nowhere: the cluster's directory is removed.
     pub logs: Option<PathBuf>,
+    /// Chaos in the cached modes (see [`crate::chaos`]); none: a calm storm.
+    pub chaos: Vec<crate::chaos::Event>,
+    /// The seed that picks the hosts chaos hits.
+    pub seed: u64,
 }
 
 /// Real guests: how each VM is booted under qemu, and how a boot is seen.
@@ -186,7 +191,7 @@ pub async fn run(
     });
 
     // Set up the mode's servers and one endpoint per VM.
-    let cluster;
+    let mut cluster: Option<Cluster>;
     let mut direct = None;
     // Real guests in direct mode: the plain server's namespace, whose link
     // counts what it sent (qemu-nbd has no counter of its own).
@@ -255,9 +260,21 @@ pub async fn run(
         }
     }
 
+    let actions = match &cluster {
+        Some(_) if mode != StormMode::Direct && !config.chaos.is_empty() => {
+            crate::chaos::plan(&config.chaos, config.hosts, config.seed)
+                .map_err(StormError::Config)?
+        }
+        _ => Vec::new(),
+    };
+
     // The storm: every VM starts at once (its snapshot created first, in
     // the cached modes: time 0 is the moment the whole request arrives).
     let t0 = Instant::now();
+    let chaos = cluster
+        .as_ref()
+        .filter(|_| !actions.is_empty())
+        .map(|c| tokio::spawn(chaos::run(actions.clone(), c.state.members.clone(), t0)));
     let mut tasks = tokio::task::JoinSet::new();
     for (vm, host, disk) in endpoints {
         let trace = Arc::clone(&config.trace);
@@ -282,24 +299,57 @@ pub async fn run(
         });
     }
     let mut vm_results = Vec::new();
+    let mut reads_ms: Vec<(String, Vec<f32>)> = Vec::new();
     while let Some(done) = tasks.join_next().await {
         let (vm, host, r) = done.map_err(|e| StormError::Config(e.to_string()))?;
         // A VM that fails (its host died, say) is reported, not waited for.
-        let (boot_secs, bytes, error) = match r {
-            Ok((secs, bytes)) => (secs, bytes, None),
-            Err(e) => (t0.elapsed().as_secs_f64(), 0, Some(e)),
+        let result = match r {
+            Ok(r) => {
+                let longest = r.reads_ms.iter().copied().reduce(f32::max);
+                reads_ms.push((host.clone(), r.reads_ms));
+                VmResult {
+                    vm,
+                    host,
+                    boot_secs: r.secs,
+                    bytes: r.bytes,
+                    error: None,
+                    wrong_bytes: r.wrong_bytes,
+                    longest_read_ms: longest,
+                }
+            }
+            Err(e) => VmResult {
+                vm,
+                host,
+                boot_secs: t0.elapsed().as_secs_f64(),
+                bytes: 0,
+                error: Some(e),
+                wrong_bytes: 0,
+                longest_read_ms: None,
+            },
         };
-        vm_results.push(VmResult {
-            vm,
-            host,
-            boot_secs,
-            bytes,
-            error,
-        });
+        vm_results.push(result);
         on_boot(vm_results.len(), config.vms);
     }
     let all_booted_secs = t0.elapsed().as_secs_f64();
     vm_results.sort_by(|a, b| a.vm.cmp(&b.vm));
+    // Every chaos action done (a stopped host continued, a restarted one
+    // up again): the cluster then knows its processes' pids.
+    let chaos_report = match chaos {
+        Some(task) => {
+            let done = task
+                .await
+                .map_err(|e| StormError::Config(format!("the chaos task failed: {e}")))?;
+            if let Some(c) = cluster.as_mut() {
+                for (name, pid) in &done.restarted {
+                    if let Some(m) = c.state.members.iter_mut().find(|m| &m.name == name) {
+                        m.pid = *pid;
+                    }
+                }
+            }
+            Some(chaos::summarize(&done, &vm_results, &reads_ms))
+        }
+        None => None,
+    };
 
     let dead: Vec<String> = cluster.as_ref().map_or_else(Vec::new, |c| {
         c.state
@@ -354,5 +404,6 @@ pub async fn run(
         all_booted_secs,
         dead,
         origin_measured,
+        chaos: chaos_report,
     })
 }

@@ -17,9 +17,36 @@ pub struct VmResult {
     pub boot_secs: f64,
     /// Bytes it read.
     pub bytes: u64,
-    /// Why it did not boot (its host died, a read failed or differed).
+    /// Why it did not boot (its host died, a read failed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Bytes of its reads that differed from the image (must be 0).
+    #[serde(default)]
+    pub wrong_bytes: u64,
+    /// Its longest single read, milliseconds (replays only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub longest_read_ms: Option<f32>,
+}
+
+/// What a storm with chaos did, and whether the promise held: no wrong
+/// byte, no failed read on a host that stayed up.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChaosReport {
+    /// What was done, in order (`1.00s kill host3`).
+    pub actions: Vec<String>,
+    /// Bytes VMs read that differed from the image.
+    pub wrong_bytes: u64,
+    /// VMs whose reads failed although their host was never killed or
+    /// restarted.
+    pub failed_on_live_hosts: usize,
+    /// VMs that failed with their own host (killed or restarted).
+    pub lost_with_host: usize,
+    /// The longest single VM read, milliseconds.
+    pub longest_read_ms: f32,
+    /// The 99th percentile of VM reads, milliseconds.
+    pub p99_read_ms: f32,
+    /// Whether the promise held.
+    pub held: bool,
 }
 
 /// One host's figures.
@@ -69,6 +96,9 @@ pub struct StormReport {
     /// `origin`, `coordinator`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dead: Vec<String>,
+    /// With `--chaos`: what happened and whether the promise held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chaos: Option<ChaosReport>,
 }
 
 fn yes() -> bool {

@@ -37,8 +37,22 @@ pub(super) fn expected_reads(trace: &Trace, image: &File) -> Result<Vec<Vec<u8>>
         .collect()
 }
 
+/// What one VM's replay saw.
+#[derive(Debug, Default)]
+pub(super) struct Replayed {
+    /// Seconds from the storm's start to its last read.
+    pub secs: f64,
+    /// Bytes read.
+    pub bytes: u64,
+    /// Bytes of reads whose data differed from the image (the replay goes
+    /// on: every wrong byte is counted).
+    pub wrong_bytes: u64,
+    /// Each read's time, milliseconds.
+    pub reads_ms: Vec<f32>,
+}
+
 /// Replays `trace` against one VM's export, checking every byte against
-/// `expected` (from [`expected_reads`]).
+/// `expected` (from [`expected_reads`]). A read that fails ends it.
 pub(super) async fn replay(
     endpoint: Endpoint,
     export: String,
@@ -47,7 +61,7 @@ pub(super) async fn replay(
     back_to_back: bool,
     t0: Instant,
     per_read_delay: Duration,
-) -> Result<(f64, u64), String> {
+) -> Result<Replayed, String> {
     let c = Client::connect(
         &endpoint,
         &ClientConfig {
@@ -59,7 +73,10 @@ pub(super) async fn replay(
     .await
     .map_err(|e| e.to_string())?;
     let mut last_at = 0u64;
-    let mut bytes = 0u64;
+    let mut out = Replayed {
+        reads_ms: Vec::with_capacity(trace.reads.len()),
+        ..Replayed::default()
+    };
     for (r, want) in trace.reads.iter().zip(expected.iter()) {
         if !back_to_back && r.at_us > last_at {
             tokio::time::sleep(Duration::from_micros(r.at_us - last_at)).await;
@@ -68,20 +85,25 @@ pub(super) async fn replay(
         if !per_read_delay.is_zero() {
             tokio::time::sleep(per_read_delay).await;
         }
+        let started = Instant::now();
         let got = c
             .read(r.offset, r.length)
             .await
             .map_err(|e| e.to_string())?;
+        out.reads_ms.push(started.elapsed().as_secs_f32() * 1000.0);
         if got[..] != want[..] {
-            return Err(format!(
-                "read of {} bytes at {} differs from the image",
-                r.length, r.offset
-            ));
+            tracing::error!(
+                offset = r.offset,
+                length = r.length,
+                "a VM read wrong bytes"
+            );
+            out.wrong_bytes += r.length;
         }
-        bytes += r.length;
+        out.bytes += r.length;
     }
     let _ = c.disconnect().await;
-    Ok((t0.elapsed().as_secs_f64(), bytes))
+    out.secs = t0.elapsed().as_secs_f64();
+    Ok(out)
 }
 
 /// Where a VM's disk comes from.
@@ -116,7 +138,7 @@ pub(super) async fn boot_guest(
     export: &str,
     overlay: bool,
     t0: Instant,
-) -> Result<(f64, u64), String> {
+) -> Result<Replayed, String> {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
     let uri = match endpoint {
         Endpoint::Unix(p) => format!("nbd+unix:///{export}?socket={}", p.display()),
@@ -152,7 +174,10 @@ pub(super) async fn boot_guest(
     let _ = child.start_kill();
     let _ = child.wait().await;
     match result {
-        Ok(Ok(secs)) => Ok((secs, 0)),
+        Ok(Ok(secs)) => Ok(Replayed {
+            secs,
+            ..Replayed::default()
+        }),
         Ok(Err(why)) => {
             let mut err = String::new();
             let _ = stderr.read_to_string(&mut err).await;
