@@ -240,6 +240,6 @@ mod tests {
         hosts.dedup();
         assert_eq!(hosts.len(), 4);
         assert_eq!(plan(&e, 8, 7).unwrap(), p, "same seed, same plan");
-        assert!(plan(&e, 3, 7).unwrap_err().contains("more hosts"));
+        assert!(plan(&e, 2, 7).unwrap_err().contains("more hosts"));
     }
 }
