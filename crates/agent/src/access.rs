@@ -6,7 +6,7 @@
 //!     export IMAGE | manifest/IMAGE | profile/IMAGE ─► image
 //!     banned (heartbeat's list)?        ─► refused
 //!     admitted before (cache)?          ─► served
-//!     refused in the last second?       ─► refused
+//!     refused in the last second?       ─► refused (definite answers only)
 //!     coordinator: GET /v1/nodes/NAME   ─► member of IMAGE's session? admit : refuse
 //! ```
 //!
@@ -15,9 +15,10 @@
 //! at once, before the parent's next heartbeat could name it. The answer is
 //! kept while this host serves the image (a node that leaves keeps the
 //! connections it has; one banned is refused from the next heartbeat on).
-//! A coordinator that cannot be reached admits nobody new: children fail
-//! over to other parents, which may know them already. Concurrent first
-//! connections of one node for one image ask once.
+//! A coordinator that cannot be reached admits nobody new (and the refusal
+//! is not kept: the next connection asks again): children fail over to other
+//! parents, which may know them already, and fetch again a moment later.
+//! Concurrent first connections of one node for one image ask once.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -135,6 +136,7 @@ impl MemberAccess {
 
     async fn ask(&self, key: &Key) -> Result<(), String> {
         let (node, image) = key;
+        let mut definite = true;
         let answer = match self.coord.node(node).await {
             Ok(state) if state.banned => Err(format!("node {node:?} is banned")),
             Ok(state) if state.sessions.iter().any(|s| &s.image == image) => Ok(()),
@@ -144,19 +146,26 @@ impl MemberAccess {
             Err(e) if e.code() == Some("unknown_node") => Err(format!(
                 "node {node:?} is not a member of image {image:?}'s session"
             )),
-            Err(e) => Err(format!(
-                "the coordinator could not confirm that node {node:?} is a member of image \
-                 {image:?}'s session: {e}"
-            )),
+            Err(e) => {
+                definite = false;
+                Err(format!(
+                    "the coordinator could not confirm that node {node:?} is a member of image \
+                     {image:?}'s session: {e}"
+                ))
+            }
         };
         let mut d = lock(&self.decisions);
-        match &answer {
-            Ok(()) => {
+        match (&answer, definite) {
+            (Ok(()), _) => {
                 d.admitted.insert(key.clone());
             }
-            Err(why) => {
+            (Err(why), true) => {
                 tracing::info!(node, image, reason = %why, "refused a peer");
                 d.refused.insert(key.clone(), (Instant::now(), why.clone()));
+            }
+            // The coordinator did not answer: the next connection asks again.
+            (Err(why), false) => {
+                tracing::info!(node, image, reason = %why, "refused a peer for now")
             }
         }
         answer

@@ -96,6 +96,10 @@ pub struct AgentConfig {
     /// The group that may connect to the VM and control sockets besides the
     /// agent's user (see [`crate::sockets`]); none: the user only.
     pub socket_group: Option<u32>,
+    /// TEST ONLY: serve children corrupted chunks (see
+    /// [`crate::loop_guard::Lying`]), for chaos storms to check that liars
+    /// are caught. Never set it otherwise.
+    pub test_lie: bool,
 }
 
 /// Why an agent operation failed.

@@ -139,3 +139,49 @@ impl Export for PeerView {
         self.inner.block_status(offset, len).await
     }
 }
+
+/// A base export that corrupts what it sends (one byte in every third
+/// chunk): the test-only `virtman agent --test-lie` switch, so chaos storms
+/// can check that children catch a liar. Never use it otherwise.
+pub struct Lying {
+    inner: Arc<dyn Export>,
+    chunk: u64,
+}
+
+impl Lying {
+    /// `inner`, lying about chunks of `chunk` bytes.
+    pub fn new(inner: Arc<dyn Export>, chunk: u32) -> Lying {
+        Lying {
+            inner,
+            chunk: u64::from(chunk.max(1)),
+        }
+    }
+}
+
+#[async_trait]
+impl Export for Lying {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, ExportError> {
+        let mut out = self.inner.read(offset, len).await?;
+        let mut at = offset;
+        for piece in &mut out {
+            if let ReadChunk::Data(d) = piece {
+                let index = at / self.chunk;
+                if index % 3 == 0 && !d.is_empty() {
+                    let mut bad = d.to_vec();
+                    bad[0] ^= 0x5a;
+                    *d = Bytes::from(bad);
+                }
+            }
+            at += u64::from(piece.len());
+        }
+        Ok(out)
+    }
+}

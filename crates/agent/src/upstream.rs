@@ -55,6 +55,9 @@ pub struct FetchConfig {
     /// Hedged fetches; `None` waits on each source until it answers or
     /// fails (the request timeout).
     pub hedge: Option<Hedge>,
+    /// Pauses before fetching again when every source failed, in order; a
+    /// read fails only after the last.
+    pub retry_pauses: Vec<Duration>,
 }
 
 /// When a fetch that has not been answered goes to the next source too. The
@@ -93,6 +96,10 @@ impl Default for FetchConfig {
             link_delay: Duration::ZERO,
             tls: None,
             hedge: Some(Hedge::default()),
+            // About 6 s in all: a coordinator or a parent restarting.
+            retry_pauses: [200, 400, 800, 1600, 3200]
+                .map(Duration::from_millis)
+                .to_vec(),
         }
     }
 }
@@ -350,7 +357,18 @@ impl Upstream for Parents {
 
     async fn fetch(&self, req: ChunkRequest) -> Result<Bytes, UpstreamError> {
         let started = Instant::now();
-        let res = self.fetch_any(req).await;
+        // Every source failing at once is most often a moment (parents
+        // restarting, an origin unable to ask a restarting coordinator who
+        // this host is): try again, with the lists as they are then, before
+        // a VM sees an error.
+        let mut res = self.fetch_any(req).await;
+        for pause in self.shared.config.retry_pauses.iter().copied() {
+            let Err(e) = &res else { break };
+            tracing::warn!(image = %self.shared.image, chunk = req.index, error = %e.message,
+                retry_in = ?pause, "every source failed; trying again");
+            tokio::time::sleep(pause).await;
+            res = self.fetch_any(req).await;
+        }
         let stats = &self.shared.stats;
         stats.latency.observe(started.elapsed().as_secs_f64());
         res

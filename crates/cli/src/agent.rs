@@ -106,6 +106,11 @@ pub struct AgentArgs {
     #[arg(long)]
     pub no_hedge: bool,
 
+    /// TEST ONLY: serve children corrupted chunks, so that chaos storms
+    /// (`virtman storm --chaos lie:N`) can check that liars are caught.
+    #[arg(long, hide = true)]
+    pub test_lie: bool,
+
     /// TLS between hosts with this node directory (`virtman pki issue`): the
     /// base exports serve only TLS clients with a certificate of its CA, and
     /// fetches from parents and origins go over TLS, verifying each by the
@@ -238,6 +243,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         heartbeat_interval: std::time::Duration::from_secs(1),
         serve_tls,
         socket_group,
+        test_lie: args.test_lie,
     };
     let agent = Agent::open(config).context("starting the agent")?;
     if let Some(t) = tls

@@ -108,6 +108,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
                     delay: link_delay.clone(),
                 }),
                 tls: !no_tls,
+                liars: Vec::new(),
             })?;
             let state = c.detach();
             println!("coordinator {}", state.coordinator);

@@ -122,9 +122,9 @@ fn a_small_storm_in_every_mode_reads_the_image_and_ranks_origin_load() {
     }
 }
 
-/// A storm of 8 hosts with kills, a stop, a restart and a coordinator
-/// restart at once: no VM reads a wrong byte, none fails on a host that stayed
-/// up, and none on a host never hit waits long on a read.
+/// A storm of 8 hosts with kills, a stop, a restart, a liar and a
+/// coordinator restart at once: no VM reads a wrong byte, none fails on a
+/// host that stayed up, and none on a host never hit waits long on a read.
 #[test]
 fn a_chaos_storm_loses_nothing_on_the_hosts_that_stay_up() {
     let dir = tempfile::tempdir().unwrap();
@@ -133,7 +133,7 @@ fn a_chaos_storm_loses_nothing_on_the_hosts_that_stay_up() {
         .args(["storm", "--hosts", "8", "--vms", "16", "--mode", "virtman"])
         .args(["--synthetic", "--working-set", "8M", "--think-ms", "3000"])
         .args(["--image-size", "32M", "--seed", "3", "--chaos"])
-        .arg("kill:2@0.5s,stop:1@0.7s+2s,restart:1@0.6s+1s,coordinator:restart@0.8s+1s")
+        .arg("kill:2@0.5s,stop:1@0.7s+2s,restart:1@0.6s+1s,lie:1,coordinator:restart@0.8s+1s")
         .arg("--out")
         .arg(&out_dir)
         .env("VIRTMAN_LOG", "warn")
@@ -161,6 +161,7 @@ fn a_chaos_storm_loses_nothing_on_the_hosts_that_stay_up() {
         "continue host",
         "restart host",
         "restart coordinator",
+        "lies to its children",
     ] {
         assert!(
             actions.iter().any(|a| a.contains(what)),

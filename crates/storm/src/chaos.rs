@@ -9,8 +9,10 @@
 //! ```
 //!
 //! SPEC is `kill:N@T`, `stop:N@T+D`, `restart:N@T+D` (N hosts, or `P%` of
-//! them), `coordinator:kill@T`, `coordinator:restart@T+D`; times are
-//! durations like `1.5s` or `500ms` from the storm's start.
+//! them), `coordinator:kill@T`, `coordinator:restart@T+D`, and `lie:N` (N
+//! hosts run from the start with the agent's test-only `--test-lie`: they
+//! serve their children corrupted chunks); times are durations like `1.5s`
+//! or `500ms` from the storm's start.
 
 use std::time::Duration;
 
@@ -49,6 +51,8 @@ pub enum What {
     Stop(Duration),
     /// SIGKILL, then started again after the duration.
     Restart(Duration),
+    /// Serve children corrupted chunks, from the start.
+    Lie,
 }
 
 /// One event of a chaos spec.
@@ -101,6 +105,18 @@ fn times(s: &str, with_duration: bool) -> Result<(Duration, Option<Duration>), S
 /// Parses one SPEC (see the module's documentation).
 fn parse_event(spec: &str) -> Result<Event, String> {
     let bad = |why: String| format!("chaos {spec:?}: {why}");
+    if let Some(n) = spec.strip_prefix("lie:") {
+        let n: usize = n
+            .parse()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| bad(format!("{n:?} is not a count of hosts")))?;
+        return Ok(Event {
+            at: Duration::ZERO,
+            what: What::Lie,
+            hosts: Some(Count::Hosts(n)),
+        });
+    }
     let (kind, rest) = spec
         .split_once(':')
         .ok_or_else(|| bad("expected KIND:N@T or coordinator:KIND@T".into()))?;
@@ -140,7 +156,9 @@ fn parse_event(spec: &str) -> Result<Event, String> {
         "stop" => What::Stop(times(when, true).map_err(bad)?.1.unwrap_or_default()),
         "restart" => What::Restart(times(when, true).map_err(bad)?.1.unwrap_or_default()),
         other => {
-            return Err(bad(format!("unknown kind {other:?} (kill, stop, restart)")));
+            return Err(bad(format!(
+                "unknown kind {other:?} (kill, stop, restart, lie)"
+            )));
         }
     };
     if hosts.is_none() && matches!(what, What::Stop(_)) {
@@ -199,9 +217,11 @@ mod tests {
 
     #[test]
     fn specs_parse_and_bad_ones_say_why() {
-        let e = parse("kill:25%@1s, stop:2@1.5s+3s,restart:1@2s+500ms,coordinator:restart@1s+2s")
-            .unwrap();
-        assert_eq!(e.len(), 4);
+        let e =
+            parse("kill:25%@1s, stop:2@1.5s+3s,restart:1@2s+500ms,coordinator:restart@1s+2s,lie:1")
+                .unwrap();
+        assert_eq!(e.len(), 5);
+        assert_eq!(e[4].what, What::Lie);
         assert_eq!(e[0].hosts, Some(Count::Percent(25.0)));
         assert_eq!(e[0].what, What::Kill);
         assert_eq!(e[1].what, What::Stop(Duration::from_secs(3)));
@@ -219,6 +239,8 @@ mod tests {
             "kill:150%@1s",
             "kill:1@1h",
             "coordinator:stop@1s+1s",
+            "lie:0",
+            "lie:x",
         ] {
             let err = parse(bad).unwrap_err();
             assert!(err.contains(bad), "{bad}: {err}");

@@ -106,6 +106,8 @@ pub struct ClusterConfig {
     /// coordinator on HTTPS knowing agents by their certificates, and an
     /// operator directory in `DIR/pki/operator`.
     pub tls: bool,
+    /// Hosts started with the agent's test-only `--test-lie` (chaos).
+    pub liars: Vec<String>,
 }
 
 /// Issues `name`'s certificate (valid for `ip`) into `DIR/pki/NAME`.
@@ -626,6 +628,9 @@ impl Cluster {
             if let Some(ca) = &ca {
                 let node_dir = issue(ca, &dir, &name, &ip, virtman_pki::Role::Node)?;
                 args.extend([s("--tls"), node_dir.display().to_string()]);
+            }
+            if config.liars.contains(&name) {
+                args.push(s("--test-lie"));
             }
             if let Some(d) = config
                 .net

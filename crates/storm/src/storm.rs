@@ -190,6 +190,18 @@ pub async fn run(
         Vec::new()
     });
 
+    // Chaos hits the cached modes' hosts; liars lie from the start.
+    let actions = match mode {
+        StormMode::Direct => Vec::new(),
+        _ => crate::chaos::plan(&config.chaos, config.hosts, config.seed)
+            .map_err(StormError::Config)?,
+    };
+    let liars: Vec<String> = actions
+        .iter()
+        .filter(|a| a.what == crate::chaos::What::Lie)
+        .map(|a| a.target.clone())
+        .collect();
+
     // Set up the mode's servers and one endpoint per VM.
     let mut cluster: Option<Cluster>;
     let mut direct = None;
@@ -246,6 +258,7 @@ pub async fn run(
                 profile_trace,
                 net: config.net.clone(),
                 tls: config.tls,
+                liars: liars.clone(),
             })?;
             // Each VM's snapshot is created inside the storm, on the clock:
             // a host joins the image (and starts its prefetch) only when its
@@ -259,14 +272,6 @@ pub async fn run(
             cluster = Some(c);
         }
     }
-
-    let actions = match &cluster {
-        Some(_) if mode != StormMode::Direct && !config.chaos.is_empty() => {
-            crate::chaos::plan(&config.chaos, config.hosts, config.seed)
-                .map_err(StormError::Config)?
-        }
-        _ => Vec::new(),
-    };
 
     // The storm: every VM starts at once (its snapshot created first, in
     // the cached modes: time 0 is the moment the whole request arrives).

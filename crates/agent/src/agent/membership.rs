@@ -160,10 +160,12 @@ impl Agent {
                 },
             );
         }
-        self.base.add_export(
-            image.to_owned(),
-            Arc::new(volume.export()) as Arc<dyn Export>,
-        );
+        let mut export = Arc::new(volume.export()) as Arc<dyn Export>;
+        if self.config.test_lie {
+            let chunk = manifest.chunk_size();
+            export = Arc::new(crate::loop_guard::Lying::new(export, chunk));
+        }
+        self.base.add_export(image.to_owned(), export);
         self.base.add_export(
             manifest_export(image),
             Arc::new(MemExport::new(manifest.encode()).read_only()),

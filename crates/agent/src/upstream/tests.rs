@@ -13,10 +13,12 @@ use virtman_nbd::{
 use super::*;
 
 /// Fetching without hedges: each source is waited on until it answers or
-/// fails, so which source served what is deterministic.
+/// fails, so which source served what is deterministic; and without retries,
+/// so a fetch that every source fails fails at once.
 fn unhedged() -> FetchConfig {
     FetchConfig {
         hedge: None,
+        retry_pauses: Vec::new(),
         ..FetchConfig::default()
     }
 }
@@ -282,5 +284,44 @@ async fn without_hedging_a_hung_parent_holds_the_fetch_until_its_timeout() {
     assert!(started.elapsed() >= Duration::from_millis(600));
     // A timeout is a fault: reported, and the parent cools down.
     assert_eq!(rx.recv().await.unwrap().parent.name, "hung");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_fetch_every_source_fails_is_tried_again_before_it_fails() {
+    let stop = CancellationToken::new();
+    let data = image();
+    let m = Arc::new(Manifest::of_bytes(&data, CHUNK).unwrap());
+    // The origin's port, free for now: it comes up while the fetch retries.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = port.local_addr().unwrap().to_string();
+    drop(port);
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let config = FetchConfig {
+        retry_pauses: vec![Duration::from_millis(300); 5],
+        ..unhedged()
+    };
+    let p = Arc::new(Parents::new(
+        "img",
+        Arc::clone(&m),
+        vec![source("origin", &addr)],
+        config,
+        tx,
+    ));
+    let fetch = tokio::spawn({
+        let p = Arc::clone(&p);
+        let r = req(&m, 2);
+        async move { p.fetch(r).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = Server::new(ServerConfig::default());
+    s.add_export(
+        "img",
+        Arc::new(MemExport::new(data.clone()).read_only()) as Arc<dyn Export>,
+    );
+    let l = tokio::net::TcpListener::bind(&addr).await.unwrap();
+    tokio::spawn(s.serve(Listener::Tcp(l), stop.clone()));
+    let got = fetch.await.unwrap().unwrap();
+    assert!(m.verify_chunk(2, &got));
     stop.cancel();
 }

@@ -42,8 +42,16 @@ pub(super) async fn run(actions: Vec<Action>, members: Vec<Member>, t0: Instant)
         let Some(m) = members.iter().find(|m| m.name == a.target).cloned() else {
             continue;
         };
+        if a.what == What::Lie {
+            // Lying since it started; its own VMs read right (they do not
+            // read its base export).
+            done.lines
+                .push(format!("0.00s {} lies to its children", m.name));
+            continue;
+        }
         done.hit.insert(m.name.clone());
         match a.what {
+            What::Lie => {}
             What::Kill => {
                 signal(&m, Signal::KILL);
                 done.lost.insert(m.name.clone());

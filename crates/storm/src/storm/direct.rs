@@ -49,6 +49,7 @@ pub(super) async fn start(config: &StormConfig, dir: &Path) -> Result<PlainServe
                 net: Some(net.clone()),
                 // Only its namespace is used: the plain server is qemu-nbd.
                 tls: false,
+                liars: Vec::new(),
             })?;
             let o = c.state.members.iter().find(|m| m.name == "origin").cloned();
             cluster = Some(c);
