@@ -174,7 +174,7 @@ impl Export for Lying {
         for piece in &mut out {
             if let ReadChunk::Data(d) = piece {
                 let index = at / self.chunk;
-                if index % 3 == 0 && !d.is_empty() {
+                if index.is_multiple_of(3) && !d.is_empty() {
                     let mut bad = d.to_vec();
                     bad[0] ^= 0x5a;
                     *d = Bytes::from(bad);
