@@ -109,6 +109,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
                 }),
                 tls: !no_tls,
                 liars: Vec::new(),
+                agent_args: Vec::new(),
             })?;
             let state = c.detach();
             println!("coordinator {}", state.coordinator);

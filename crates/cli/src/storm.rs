@@ -151,6 +151,10 @@ pub struct StormArgs {
     /// The seed that picks which hosts --chaos hits.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// An argument for every agent of the cached modes (repeat it), e.g.
+    /// `--agent-arg=--no-hedge` to compare without hedged fetches.
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    agent_arg: Vec<String>,
     /// Where results go (report.json, boots.csv, chart.svg).
     #[arg(long, default_value = "storm-results")]
     out: PathBuf,
@@ -252,6 +256,7 @@ pub fn run(args: StormArgs) -> anyhow::Result<()> {
         logs: Some(args.out.join("logs")),
         chaos: args.chaos.clone().map(|c| c.0).unwrap_or_default(),
         seed: args.seed,
+        agent_args: args.agent_arg.clone(),
         qemu: match (&args.kernel, args.qemu) {
             (Some(kernel), true) => Some(QemuBoot {
                 guest: Guest {

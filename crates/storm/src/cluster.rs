@@ -108,6 +108,9 @@ pub struct ClusterConfig {
     pub tls: bool,
     /// Hosts started with the agent's test-only `--test-lie` (chaos).
     pub liars: Vec<String>,
+    /// Arguments every agent gets besides the cluster's own (e.g.
+    /// `--no-hedge`, for comparisons).
+    pub agent_args: Vec<String>,
 }
 
 /// Issues `name`'s certificate (valid for `ip`) into `DIR/pki/NAME`.
@@ -632,6 +635,7 @@ impl Cluster {
             if config.liars.contains(&name) {
                 args.push(s("--test-lie"));
             }
+            args.extend(config.agent_args.iter().cloned());
             if let Some(d) = config
                 .net
                 .as_ref()

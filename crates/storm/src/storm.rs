@@ -121,6 +121,8 @@ pub struct StormConfig {
     pub chaos: Vec<crate::chaos::Event>,
     /// The seed that picks the hosts chaos hits.
     pub seed: u64,
+    /// Arguments every agent gets (see [`ClusterConfig::agent_args`]).
+    pub agent_args: Vec<String>,
 }
 
 /// Real guests: how each VM is booted under qemu, and how a boot is seen.
@@ -259,6 +261,7 @@ pub async fn run(
                 net: config.net.clone(),
                 tls: config.tls,
                 liars: liars.clone(),
+                agent_args: config.agent_args.clone(),
             })?;
             // Each VM's snapshot is created inside the storm, on the clock:
             // a host joins the image (and starts its prefetch) only when its

@@ -50,6 +50,7 @@ pub(super) async fn start(config: &StormConfig, dir: &Path) -> Result<PlainServe
                 // Only its namespace is used: the plain server is qemu-nbd.
                 tls: false,
                 liars: Vec::new(),
+                agent_args: Vec::new(),
             })?;
             let o = c.state.members.iter().find(|m| m.name == "origin").cloned();
             cluster = Some(c);
