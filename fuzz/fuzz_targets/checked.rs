@@ -1,0 +1,4 @@
+//! libFuzzer entry of the `checked` target (see `src/lib.rs`).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| virtman_fuzz::checked(data));
