@@ -127,6 +127,11 @@ pub struct SimArgs {
     /// The agent's per-request timeout before it fails over to the next source.
     #[arg(long, value_parser = parse_duration, default_value = "2s")]
     pub request_timeout: Duration,
+    /// The agent's hedge: a fetch a source has not answered this long after
+    /// it was asked also goes to the next source (0s: no hedging; the
+    /// agent's adaptive delay is at most its --hedge-ceiling, 250 ms).
+    #[arg(long, value_parser = parse_duration, default_value = "250ms")]
+    pub hedge: Duration,
     /// A fixed delay per chunk received before it can be served (on top of the CPU model).
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     pub chunk_service: Duration,
@@ -239,6 +244,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     base.max_time = args.max_time;
     base.seed = args.seed;
     base.request_timeout = args.request_timeout;
+    base.hedge = (!args.hedge.is_zero()).then_some(args.hedge);
     base.chunk_service = args.chunk_service;
     base.cpu.host_cores = args.host_cores;
     base.cpu.shared_cores = args.shared_cores;

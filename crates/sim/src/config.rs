@@ -101,6 +101,12 @@ pub struct Config {
     pub tick_interval: Duration,
     /// The agent's per-request timeout before it fails over to the next source.
     pub request_timeout: Duration,
+    /// The agent's hedge: a fetch that a source has not answered this long
+    /// after it was asked goes to the next source (the agent's hedge
+    /// ceiling, the longest its adaptive delay gets); the unanswered request
+    /// is still reported when its own timeout ends. `None`: no hedging, the
+    /// fetch waits the request timeout.
+    pub hedge: Option<Duration>,
     /// How long a parent that failed is tried only after the healthy ones.
     pub cool_down: Duration,
     /// VMs start uniformly at random within this window after time zero.
@@ -446,6 +452,7 @@ impl Config {
             heartbeat_interval: Duration::from_secs(1),
             tick_interval: Duration::from_millis(250),
             request_timeout: Duration::from_secs(2),
+            hedge: Some(Duration::from_millis(250)),
             cool_down: Duration::from_secs(3),
             start_spread: Duration::ZERO,
             failures: Vec::new(),
@@ -482,13 +489,21 @@ impl Config {
     /// The longest a read can stall because hosts died, in this model: a
     /// death is seen by the coordinator within the heartbeat timeout plus a
     /// tick, every agent has new parents one heartbeat later, and a request
-    /// sent to the dead host before that fails after the request timeout;
-    /// from then on no request goes to a dead host.
+    /// sent to the dead host before that moves on after the hedge delay (or
+    /// the request timeout without hedging); from then on no request goes to
+    /// a dead host.
     pub fn failover_time(&self) -> Duration {
         self.topology.heartbeat_timeout
             + self.tick_interval
             + self.heartbeat_interval
-            + self.request_timeout
+            + self.give_up_time()
+    }
+
+    /// How long a fetch waits on a source that never answers before it asks
+    /// the next one: the hedge delay, or the request timeout without it.
+    pub fn give_up_time(&self) -> Duration {
+        self.hedge
+            .map_or(self.request_timeout, |h| h.min(self.request_timeout))
     }
 
     /// Refuses impossible scenarios with a message that says why.

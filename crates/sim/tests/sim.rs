@@ -301,6 +301,36 @@ fn failure_wave_with_two_parents_waits_at_most_the_failover_time() {
 
 const WAVE_WITH_PREFETCH_MS: u64 = 300;
 
+/// The agent's hedge in the model: a wave of deaths makes reads wait a hedge
+/// delay, not a request timeout, and the longest wait is shorter with it.
+#[test]
+fn hedging_shortens_the_longest_read_wait_of_a_failure_wave() {
+    let mut c = storm(Mode::Virtman, 60, 180);
+    c.trace = trace(16 << 20, Duration::from_secs(6), 3);
+    c.topology.parents = 2;
+    c.prefetch = Prefetch::off();
+    c.failures.push(FailureWave {
+        fraction: 0.1,
+        at: Duration::from_secs(2),
+        recover_after: None,
+    });
+    let hedged = run(&c).unwrap();
+    let mut plain = c.clone();
+    plain.hedge = None;
+    let unhedged = run(&plain).unwrap();
+    for r in [&hedged, &unhedged] {
+        assert_eq!(r.never_booted, 0);
+        assert_eq!(r.booted + r.lost, 180);
+    }
+    assert!(
+        hedged.max_read_wait_s + 1.0 < unhedged.max_read_wait_s,
+        "hedged {} s, unhedged {} s",
+        hedged.max_read_wait_s,
+        unhedged.max_read_wait_s
+    );
+    assert!(c.failover_time() < plain.failover_time());
+}
+
 fn failure_wave_case(prefetch: Prefetch, at: Duration) {
     let mut c = storm(Mode::Virtman, 60, 180);
     c.trace = trace(16 << 20, Duration::from_secs(6), 3);

@@ -200,11 +200,17 @@ impl Engine<'_> {
         self.start_fetch(src, image, chunk, w);
     }
 
-    /// The request will never be answered: its sender times out.
+    /// The request will never be answered: its sender moves on after the
+    /// hedge delay (or times out without hedging).
     pub(super) fn doom(&mut self, req: u32, gen_: u32) {
-        let timeout = ns(self.cfg.request_timeout);
+        let (hedged, plain) = (ns(self.cfg.give_up_time()), ns(self.cfg.request_timeout));
         let Some(r) = self.reqs.get_mut(req, gen_) else {
             return;
+        };
+        // A VM's own client (direct mode) does not hedge.
+        let timeout = match r.owner {
+            Owner::Fetch { .. } => hedged,
+            Owner::Vm { .. } => plain,
         };
         if r.timeout_set {
             return;
@@ -319,6 +325,20 @@ impl Engine<'_> {
         }
     }
 
+    /// `host` tells the coordinator that `parent` did not answer.
+    pub(super) fn report_unreachable(&mut self, host: u32, parent: u32, image: u32) {
+        if self.is_origin(parent) || !self.alive(host) {
+            return;
+        }
+        if let Some(s) = self.images[image as usize].session.as_mut() {
+            let _ = s.report_unreachable(
+                node_id(host),
+                node_id(parent),
+                Duration::from_nanos(self.now),
+            );
+        }
+    }
+
     pub(super) fn timeout(&mut self, req: u32, gen_: u32) {
         let Some(r) = self.reqs.remove(req, gen_) else {
             return;
@@ -343,15 +363,17 @@ impl Engine<'_> {
                 vol.cooling.retain(|&(n, t)| n != r.src && t > self.now);
                 vol.cooling.push((r.src, until));
                 self.raw.failovers += 1;
-                if !self.is_origin(r.src)
-                    && let Some(s) = self.images[r.image as usize].session.as_mut()
-                {
-                    let _ = s.report_unreachable(
-                        node_id(r.dst),
-                        node_id(r.src),
-                        Duration::from_nanos(self.now),
-                    );
-                }
+                // Hedged around: the agent reports the source only when the
+                // request's own timeout ends.
+                let report_at = (r.sent + ns(self.cfg.request_timeout)).max(self.now);
+                self.push(
+                    report_at,
+                    Ev::LateReport {
+                        host: r.dst,
+                        parent: r.src,
+                        image: r.image,
+                    },
+                );
                 self.send_attempt(id, fgen);
             }
         }

@@ -66,23 +66,73 @@ enum CpuJob {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Ev {
-    VmStart { vm: u32, gen_: u32 },
-    VmRead { vm: u32, gen_: u32 },
-    Arrive { req: u32, gen_: u32 },
-    Timeout { req: u32, gen_: u32 },
-    Deliver { req: u32, gen_: u32 },
-    PairDone { pair: u32, version: u32 },
-    CpuWake { pool: u32, version: u32 },
-    Heartbeat { host: u32, image: u32, gen_: u32 },
-    Tick { image: u32 },
+    VmStart {
+        vm: u32,
+        gen_: u32,
+    },
+    VmRead {
+        vm: u32,
+        gen_: u32,
+    },
+    Arrive {
+        req: u32,
+        gen_: u32,
+    },
+    Timeout {
+        req: u32,
+        gen_: u32,
+    },
+    /// A hedged-around request's own timeout ends: it is reported then.
+    LateReport {
+        host: u32,
+        parent: u32,
+        image: u32,
+    },
+    Deliver {
+        req: u32,
+        gen_: u32,
+    },
+    PairDone {
+        pair: u32,
+        version: u32,
+    },
+    CpuWake {
+        pool: u32,
+        version: u32,
+    },
+    Heartbeat {
+        host: u32,
+        image: u32,
+        gen_: u32,
+    },
+    Tick {
+        image: u32,
+    },
     Recompute,
-    Retry { fetch: u32, gen_: u32 },
-    Wave { index: u32 },
-    Recover { host: u32 },
+    Retry {
+        fetch: u32,
+        gen_: u32,
+    },
+    Wave {
+        index: u32,
+    },
+    Recover {
+        host: u32,
+    },
     OriginFail,
-    PrefetchStart { host: u32, image: u32, gen_: u32 },
-    Join { host: u32 },
-    PrefetchPoll { host: u32, image: u32, gen_: u32 },
+    PrefetchStart {
+        host: u32,
+        image: u32,
+        gen_: u32,
+    },
+    Join {
+        host: u32,
+    },
+    PrefetchPoll {
+        host: u32,
+        image: u32,
+        gen_: u32,
+    },
 }
 
 /// The running simulation.
@@ -344,6 +394,11 @@ impl<'a> Engine<'a> {
             Ev::VmRead { vm, gen_ } => self.issue_read(vm, gen_),
             Ev::Arrive { req, gen_ } => self.arrive(req, gen_),
             Ev::Timeout { req, gen_ } => self.timeout(req, gen_),
+            Ev::LateReport {
+                host,
+                parent,
+                image,
+            } => self.report_unreachable(host, parent, image),
             Ev::Deliver { req, gen_ } => self.deliver(req, gen_),
             Ev::PairDone { pair, version } => {
                 if let Some((t, _, _)) = self.net.complete(pair, version, self.now, &mut self.out) {
