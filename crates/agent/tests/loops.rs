@@ -14,24 +14,13 @@ use common::{Node, serve_coordinator_with, vm_client, wait_for};
 use virtman_agent::upstream::FetchConfig;
 use virtman_coordinator::api::{Assignment, Parent};
 use virtman_image::ImageStore;
-use virtman_pki::{Ca, IssueRequest, NodeTls, PeerVerification, Role, write_node_dir};
+use virtman_pki::{Ca, NodeTls, PeerVerification, Role};
 
 const CHUNK: u32 = 64 * 1024;
 const TOKEN: &str = "loops-test-token-0123456789";
 
 fn issue(ca: &Ca, dir: &Path, name: &str) -> std::path::PathBuf {
-    let out = dir.join("pki").join(name);
-    let issued = ca
-        .issue(&IssueRequest {
-            name: name.into(),
-            role: Role::Node,
-            ips: vec!["127.0.0.1".parse().unwrap()],
-            dns: vec![],
-            days: 1,
-        })
-        .unwrap();
-    write_node_dir(&out, ca.cert_pem(), &issued).unwrap();
-    out
+    virtman_testkit::pki::issue(ca, &dir.join("pki").join(name), name, Role::Node)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use virtman_agent::control::ControlClient;
 use virtman_nbd::{Client, ClientConfig, Endpoint};
-use virtman_pki::{Ca, IssueRequest, Role, write_node_dir};
+use virtman_pki::{Ca, Role};
 use virtman_testkit::pattern;
 
 const BIN: &str = env!("CARGO_BIN_EXE_virtman");
@@ -287,16 +287,7 @@ fn node_dir(dir: &Path, name: &str, role: Role) -> PathBuf {
     let out = dir.join("pki").join(name);
     if !out.exists() {
         let ca = Ca::load(&dir.join("pki").join("ca")).unwrap();
-        let issued = ca
-            .issue(&IssueRequest {
-                name: name.into(),
-                role,
-                ips: vec!["127.0.0.1".parse().unwrap()],
-                dns: vec![],
-                days: 1,
-            })
-            .unwrap();
-        write_node_dir(&out, ca.cert_pem(), &issued).unwrap();
+        virtman_testkit::pki::issue(&ca, &out, name, role);
     }
     out
 }

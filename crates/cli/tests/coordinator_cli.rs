@@ -239,34 +239,23 @@ fn node_cmd(url: &str, args: &[&str], creds: &[&str]) -> std::process::Output {
 
 #[test]
 fn over_https_operators_ban_with_the_cli_and_sighup_loads_new_certificates() {
-    use virtman_pki::{Ca, IssueRequest, Role, write_node_dir};
+    use virtman_pki::{Ca, Role};
+    use virtman_testkit::pki::issue;
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
-    let issue = |ca: &Ca, name: &str, role: Role, out: &Path| {
-        let issued = ca
-            .issue(&IssueRequest {
-                name: name.into(),
-                role,
-                ips: vec!["127.0.0.1".parse().unwrap()],
-                dns: vec![],
-                days: 1,
-            })
-            .unwrap();
-        write_node_dir(out, ca.cert_pem(), &issued).unwrap();
-    };
     let ca1 = Ca::init(&dir.path().join("ca1"), 1).unwrap();
     let ca2 = Ca::init(&dir.path().join("ca2"), 1).unwrap();
     let coord = dir.path().join("coord");
-    issue(&ca1, "coordinator", Role::Node, &coord);
+    issue(&ca1, &coord, "coordinator", Role::Node);
     let (op1, op2, node1) = (
         dir.path().join("op1"),
         dir.path().join("op2"),
         dir.path().join("n1"),
     );
-    issue(&ca1, "alice", Role::Operator, &op1);
-    issue(&ca2, "bob", Role::Operator, &op2);
-    issue(&ca1, "n1", Role::Node, &node1);
+    issue(&ca1, &op1, "alice", Role::Operator);
+    issue(&ca2, &op2, "bob", Role::Operator);
+    issue(&ca1, &node1, "n1", Role::Node);
     let proc = Proc::start_with(
         &dir.path().join("state"),
         &token_file,
@@ -310,7 +299,7 @@ fn over_https_operators_ban_with_the_cli_and_sighup_loads_new_certificates() {
     let out = run(&["ban", "n4"], tls(&op2));
     assert!(!out.status.success(), "{out:?}");
     let renewed = dir.path().join("renewed");
-    issue(&ca2, "coordinator", Role::Node, &renewed);
+    issue(&ca2, &renewed, "coordinator", Role::Node);
     for f in std::fs::read_dir(&renewed).unwrap() {
         let f = f.unwrap();
         std::fs::copy(f.path(), coord.join(f.file_name())).unwrap();

@@ -787,18 +787,7 @@ async fn a_tls_cluster_reads_through_the_tree_and_refuses_outsiders() {
     // nothing: not the image, its manifest or its profile, and LIST hides them.
     let ca = Ca::load(&cdir.join("pki").join("ca")).unwrap();
     let issue = |name: &str, role: Role| {
-        let issued = ca
-            .issue(&IssueRequest {
-                name: name.into(),
-                role,
-                ips: vec![],
-                dns: vec![],
-                days: 1,
-            })
-            .unwrap();
-        let out = dir.path().join(name);
-        write_node_dir(&out, ca.cert_pem(), &issued).unwrap();
-        out
+        virtman_testkit::pki::issue(&ca, &dir.path().join(name), name, role)
     };
     let outsider = issue("host9", Role::Node);
     for export in ["img", "manifest/img", "profile/img"] {

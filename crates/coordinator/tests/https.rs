@@ -17,23 +17,18 @@ use virtman_coordinator::api::{
     HeartbeatRequest, JoinRequest, LeaveRequest, RegisterImage, ReportRequest, SessionBeat,
 };
 use virtman_coordinator::{Client, ClientError, Coordinator, HttpsConfig, Options, Token};
-use virtman_pki::{Ca, IssueRequest, NodeTls, PeerVerification, Role, write_node_dir};
+use virtman_pki::{Ca, NodeTls, PeerVerification, Role};
 
 const TOKEN: &str = "operator-token-0123456789";
 
 fn issue(ca: &Ca, dir: &Path, name: &str, role: Role) -> NodeTls {
-    let out = dir.join(name);
-    let issued = ca
-        .issue(&IssueRequest {
-            name: name.into(),
-            role,
-            ips: vec!["127.0.0.1".parse().unwrap()],
-            dns: vec![],
-            days: 1,
-        })
-        .unwrap();
-    write_node_dir(&out, ca.cert_pem(), &issued).unwrap();
-    NodeTls::load(&out).unwrap()
+    NodeTls::load(&virtman_testkit::pki::issue(
+        ca,
+        &dir.join(name),
+        name,
+        role,
+    ))
+    .unwrap()
 }
 
 struct Cluster {

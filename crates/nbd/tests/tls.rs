@@ -23,7 +23,7 @@ use virtman_nbd::proto::{opt, rep};
 use virtman_nbd::{
     Client, ClientConfig, ClientTls, Export, ExportAccess, MemExport, ServerConfig, ServerTls,
 };
-use virtman_pki::{Ca, Identity, IssueRequest, NodeTls, PeerVerification, Role, write_node_dir};
+use virtman_pki::{Ca, Identity, NodeTls, PeerVerification, Role};
 
 const SIZE: usize = 1 << 20;
 
@@ -35,17 +35,7 @@ struct Pki {
 }
 
 fn issue(ca: &Ca, out: &Path, name: &str) -> NodeTls {
-    let issued = ca
-        .issue(&IssueRequest {
-            name: name.into(),
-            role: Role::Node,
-            ips: vec!["127.0.0.1".parse().unwrap()],
-            dns: vec![],
-            days: 1,
-        })
-        .unwrap();
-    write_node_dir(out, ca.cert_pem(), &issued).unwrap();
-    NodeTls::load(out).unwrap()
+    NodeTls::load(&virtman_testkit::pki::issue(ca, out, name, Role::Node)).unwrap()
 }
 
 fn pki() -> Pki {

@@ -6,6 +6,7 @@
 //!   and reaped when the guard is dropped, so a failing test leaves nothing
 //!   running.
 //! - [`pattern`]: deterministic test data.
+//! - [`pki`]: a node's or operator's certificate directory from a test CA.
 //! - [`guest`]: a tiny Linux guest (Debian cloud kernel, busybox initramfs,
 //!   small ext4 disk) built once per target dir, and a qemu boot of it from any
 //!   NBD URI or raw file, with the serial console captured.
@@ -29,6 +30,7 @@
 //! ```
 
 pub mod guest;
+pub mod pki;
 mod process;
 
 pub use process::{ChildGuard, tool};
