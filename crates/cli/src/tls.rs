@@ -72,12 +72,17 @@ impl NodeTlsHandles {
     /// Loads `dir` for a coordinator: HTTPS where clients may present a
     /// certificate of the CA (nodes must; operators may use the token).
     pub fn load_https(dir: &Path) -> anyhow::Result<NodeTlsHandles> {
-        let mut handles = Self::load(dir, PeerVerification::Optional, false, false)?;
         let node = load(dir)?;
-        handles.https = Some(HttpsConfig::new(
-            node.server_config(PeerVerification::Optional)?,
-        ));
-        Ok(handles)
+        let https = HttpsConfig::new(node.server_config(PeerVerification::Optional)?);
+        Ok(NodeTlsHandles {
+            dir: dir.to_owned(),
+            verify: PeerVerification::Optional,
+            server: None,
+            client: None,
+            https: Some(https),
+            coordinator: None,
+            identity: node.identity().cloned(),
+        })
     }
 
     /// The client configuration for the coordinator client.

@@ -155,17 +155,13 @@ async fn attempt(shared: Arc<Shared>, conn: Arc<Conn>, req: ChunkRequest) -> Out
         }
     }
     .await;
-    let result = match result {
-        Ok(None) => return Outcome::NotHere,
-        Ok(Some(data)) => Ok(data),
-        Err(e) => Err(e),
-    };
     match result {
-        Ok(data) if shared.manifest.verify_chunk(req.index, &data) => {
+        Ok(None) => Outcome::NotHere,
+        Ok(Some(data)) if shared.manifest.verify_chunk(req.index, &data) => {
             shared.hedging.observe(started.elapsed());
             Outcome::Data(data)
         }
-        Ok(_) => {
+        Ok(Some(_)) => {
             tracing::warn!(image = %shared.image, parent = %conn.source.name,
                 chunk = req.index, "parent sent a chunk that does not match the manifest; dropping it");
             shared.stats.lies.fetch_add(1, Ordering::Relaxed);

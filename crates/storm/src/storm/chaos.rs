@@ -21,8 +21,8 @@ use crate::cluster::{Member, restart, signal};
 /// What the chaos did.
 #[derive(Debug, Default)]
 pub(super) struct Done {
-    /// Each action as it happened (`1.00s kill host3`).
-    pub lines: Vec<String>,
+    /// Each action as it happened: seconds from the start, what (`kill host3`).
+    pub lines: Vec<(f64, String)>,
     /// Members started again, with their new pids.
     pub restarted: Vec<(String, u32)>,
     /// Hosts killed, stopped or restarted: their own VMs may fail or wait.
@@ -36,7 +36,7 @@ pub(super) struct Done {
 pub(super) async fn run(actions: Vec<Action>, members: Vec<Member>, t0: Instant) -> Done {
     let mut done = Done::default();
     let mut later = tokio::task::JoinSet::new();
-    let stamp = move || format!("{:.2}s", t0.elapsed().as_secs_f64());
+    let at = move |what: String| (t0.elapsed().as_secs_f64(), what);
     for a in actions {
         tokio::time::sleep_until((t0 + a.at).into()).await;
         let Some(m) = members.iter().find(|m| m.name == a.target).cloned() else {
@@ -46,7 +46,7 @@ pub(super) async fn run(actions: Vec<Action>, members: Vec<Member>, t0: Instant)
             // Lying since it started; its own VMs read right (they do not
             // read its base export).
             done.lines
-                .push(format!("0.00s {} lies to its children", m.name));
+                .push((0.0, format!("{} lies to its children", m.name)));
             continue;
         }
         done.hit.insert(m.name.clone());
@@ -55,30 +55,29 @@ pub(super) async fn run(actions: Vec<Action>, members: Vec<Member>, t0: Instant)
             What::Kill => {
                 signal(&m, Signal::KILL);
                 done.lost.insert(m.name.clone());
-                done.lines.push(format!("{} kill {}", stamp(), m.name));
+                done.lines.push(at(format!("kill {}", m.name)));
             }
             What::Stop(d) => {
                 signal(&m, Signal::STOP);
-                done.lines.push(format!("{} stop {}", stamp(), m.name));
+                done.lines.push(at(format!("stop {}", m.name)));
                 later.spawn(async move {
                     tokio::time::sleep(d).await;
                     signal(&m, Signal::CONT);
-                    (format!("{} continue {}", stamp(), m.name), None)
+                    (at(format!("continue {}", m.name)), None)
                 });
             }
             What::Restart(d) => {
                 signal(&m, Signal::KILL);
                 done.lost.insert(m.name.clone());
-                done.lines
-                    .push(format!("{} kill {} (to restart)", stamp(), m.name));
+                done.lines.push(at(format!("kill {} (to restart)", m.name)));
                 later.spawn(async move {
                     tokio::time::sleep(d).await;
                     let name = m.name.clone();
                     let r = tokio::task::spawn_blocking(move || restart(&m)).await;
                     match r {
-                        Ok(Ok(pid)) => (format!("{} restart {name}", stamp()), Some((name, pid))),
-                        Ok(Err(e)) => (format!("{} restart {name} FAILED: {e}", stamp()), None),
-                        Err(e) => (format!("{} restart {name} FAILED: {e}", stamp()), None),
+                        Ok(Ok(pid)) => (at(format!("restart {name}")), Some((name, pid))),
+                        Ok(Err(e)) => (at(format!("restart {name} FAILED: {e}")), None),
+                        Err(e) => (at(format!("restart {name} FAILED: {e}")), None),
                     }
                 });
             }
@@ -119,11 +118,13 @@ pub(super) fn summarize(
         0 => 0.0,
         n => times[((n - 1) * 99).div_ceil(100).min(n - 1)],
     };
-    let mut actions = done.lines.clone();
-    actions.sort_by(|a, b| {
-        let t = |s: &str| s.split('s').next().and_then(|x| x.parse::<f64>().ok());
-        t(a).partial_cmp(&t(b)).unwrap_or(std::cmp::Ordering::Equal)
-    });
+    // Continuations and restarts finish out of order: sort by time.
+    let mut lines = done.lines.clone();
+    lines.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let actions = lines
+        .into_iter()
+        .map(|(secs, what)| format!("{secs:.2}s {what}"))
+        .collect();
     ChaosReport {
         actions,
         wrong_bytes,
