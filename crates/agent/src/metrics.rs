@@ -9,6 +9,7 @@
 //! | `virtman_fetch_seconds` | image | histogram of chunk fetch latency (all attempts of one fetch) |
 //! | `virtman_cache_hits_total`, `_misses_total` | image | chunk pieces read locally / needing a fetch |
 //! | `virtman_cache_evicted_chunks_total` | image | chunks evicted |
+//! | `virtman_cache_disk_errors_total` | image | failed reads, writes and syncs of the cache's disk (the chunks are fetched again or served from memory) |
 //! | `virtman_prefetched_chunks_total`, `_bytes_total` | image | chunks fetched by prefetch (boot profile, pin, CMD_CACHE hints) |
 //! | `virtman_cache_used_bytes`, `_capacity_bytes` | | the cache group's usage |
 //! | `virtman_served_bytes_total` | to=children\|vms | bytes served over the base and VM exports |
@@ -65,7 +66,7 @@ impl Collector for AgentCollector {
             }
         }
         type Get = fn(&crate::agent::MemberStats) -> u64;
-        let per_image: [(&str, &str, Get); 9] = [
+        let per_image: [(&str, &str, Get); 10] = [
             (
                 "fetch_failovers",
                 "Fetches that moved on to another source after one failed",
@@ -95,6 +96,11 @@ impl Collector for AgentCollector {
                 s.misses
             }),
             ("cache_evicted_chunks", "Chunks evicted", |s| s.evicted),
+            (
+                "cache_disk_errors",
+                "Failed reads, writes and syncs of the cache's disk (chunks fetched again or served from memory)",
+                |s| s.disk_errors,
+            ),
             (
                 "prefetched_chunks",
                 "Chunks fetched by prefetch (boot profile, pin, hints)",

@@ -183,6 +183,10 @@ async fn a_later_host_prefetches_the_boot_profile_before_its_vms_read() {
         text.contains("prefetched_chunks_total{image=\"img\"} 4"),
         "{text}"
     );
+    assert!(
+        text.contains("cache_disk_errors_total{image=\"img\"} 0"),
+        "{text}"
+    );
 
     let _ = vm.disconnect().await;
     let _ = vm2.disconnect().await;

@@ -177,12 +177,18 @@ impl CacheError {
         }
     }
 
-    /// Whether this is the "cache full" failure.
+    /// Whether this is the "cache full" failure, or the disk's.
     pub fn is_no_space(&self) -> bool {
+        matches!(self.root(), CacheError::NoSpace { .. }) || self.io_source().is_some_and(is_enospc)
+    }
+
+    /// The system call's error, if a file operation failed (a data file's or
+    /// a metadata file's).
+    fn io_source(&self) -> Option<&io::Error> {
         match self.root() {
-            CacheError::NoSpace { .. } => true,
-            CacheError::Io { source, .. } => is_enospc(source),
-            _ => false,
+            CacheError::Io { source, .. }
+            | CacheError::Metadata(CheckedFileError::Io { source, .. }) => Some(source),
+            _ => None,
         }
     }
 }
@@ -195,11 +201,12 @@ fn is_enospc(e: &io::Error) -> bool {
 impl From<CacheError> for ExportError {
     fn from(e: CacheError) -> ExportError {
         let msg = e.to_string();
-        match e.root() {
-            CacheError::NoSpace { .. } => ExportError::NoSpace(msg),
-            CacheError::PastEnd { .. } => ExportError::Invalid(msg),
-            CacheError::Io { source, .. } if is_enospc(source) => ExportError::NoSpace(msg),
-            CacheError::Io { source, .. } => ExportError::Io(io::Error::new(source.kind(), msg)),
+        if e.is_no_space() {
+            return ExportError::NoSpace(msg);
+        }
+        match (e.root(), e.io_source()) {
+            (CacheError::PastEnd { .. }, _) => ExportError::Invalid(msg),
+            (_, Some(source)) => ExportError::Io(io::Error::new(source.kind(), msg)),
             _ => ExportError::Io(io::Error::other(msg)),
         }
     }

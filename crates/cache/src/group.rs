@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use virtman_image::{Manifest, checked::sync_dir, valid_name};
 
 use crate::accounting::Accounting;
+use crate::disk::DiskFaults;
 use crate::error::CacheError;
 use crate::snapshot::Snapshot;
 use crate::volume::CachedVolume;
@@ -90,6 +91,7 @@ struct GroupInner {
     dir: PathBuf,
     _lock: File,
     acct: Arc<Accounting>,
+    faults: DiskFaults,
     volumes: Mutex<BTreeMap<String, Arc<CachedVolume>>>,
     snapshots: Mutex<BTreeMap<String, Arc<Snapshot>>>,
 }
@@ -148,6 +150,16 @@ impl CacheGroup {
     /// and snapshot. Refused if another process (or another open handle) has
     /// it, or if any volume's manifest or snapshot's map is refused.
     pub fn open(dir: impl Into<PathBuf>, config: GroupConfig) -> Result<CacheGroup, CacheError> {
+        Self::open_with_faults(dir, config, DiskFaults::default())
+    }
+
+    /// [`CacheGroup::open`] on a disk that fails when `faults` say so (for
+    /// tests: see [`crate::disk`]).
+    pub fn open_with_faults(
+        dir: impl Into<PathBuf>,
+        config: GroupConfig,
+        faults: DiskFaults,
+    ) -> Result<CacheGroup, CacheError> {
         let dir = dir.into();
         if !(config.low_watermark > 0.0 && config.low_watermark <= 1.0) {
             return Err(CacheError::Config(format!(
@@ -193,13 +205,13 @@ impl CacheGroup {
         let mut volumes = BTreeMap::new();
         let vdir = dir.join(VOLUMES);
         for name in clean_dir(&vdir)? {
-            let v = CachedVolume::open(&name, &vdir.join(&name), Arc::clone(&acct))?;
+            let v = CachedVolume::open(&name, &vdir.join(&name), Arc::clone(&acct), &faults)?;
             volumes.insert(name, v);
         }
         let mut snapshots = BTreeMap::new();
         let sdir = dir.join(SNAPSHOTS);
         for name in clean_dir(&sdir)? {
-            let s = Snapshot::open(&name, &sdir.join(&name), &volumes)?;
+            let s = Snapshot::open(&name, &sdir.join(&name), &volumes, &faults)?;
             snapshots.insert(name, Arc::new(s));
         }
         tracing::info!(dir = %dir.display(), volumes = volumes.len(), snapshots = snapshots.len(),
@@ -209,6 +221,7 @@ impl CacheGroup {
                 dir,
                 _lock: lock_file,
                 acct,
+                faults,
                 volumes: Mutex::new(volumes),
                 snapshots: Mutex::new(snapshots),
             }),
@@ -255,7 +268,7 @@ impl CacheGroup {
         let dir = parent.join(name);
         fs::rename(&tmp, &dir).map_err(|e| CacheError::io("creating", &dir, e))?;
         sync_dir(&parent).map_err(|e| CacheError::io("syncing", &parent, e))?;
-        let v = CachedVolume::open(name, &dir, Arc::clone(&self.inner.acct))?;
+        let v = CachedVolume::open(name, &dir, Arc::clone(&self.inner.acct), &self.inner.faults)?;
         vols.insert(name.to_owned(), Arc::clone(&v));
         Ok(v)
     }
@@ -339,7 +352,7 @@ impl CacheGroup {
         fs::rename(&tmp, &dir).map_err(|e| CacheError::io("creating", &dir, e))?;
         sync_dir(&parent).map_err(|e| CacheError::io("syncing", &parent, e))?;
         let vols = lock(&self.inner.volumes).clone();
-        let s = Arc::new(Snapshot::open(name, &dir, &vols)?);
+        let s = Arc::new(Snapshot::open(name, &dir, &vols, &self.inner.faults)?);
         snaps.insert(name.to_owned(), Arc::clone(&s));
         Ok(s)
     }

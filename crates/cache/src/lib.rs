@@ -12,6 +12,7 @@
 //! - [`bitmap`]: atomic presence/allocation maps and their persisted form.
 //! - [`upstream`]: the [`Upstream`] trait and [`FileUpstream`].
 //! - [`volume`]: [`CachedVolume`] and its read-only [`VolumeExport`].
+//! - [`disk`]: the seam of the group's file I/O, and the faults tests arm on it.
 //! - [`group`]: [`CacheGroup`], its directory and its volumes and snapshots.
 //! - `accounting`: the group's one capacity and LRU eviction (crate-private).
 //! - [`snapshot`]: [`Snapshot`], the copy-on-write view a VM boots from.
@@ -20,6 +21,7 @@
 
 mod accounting;
 pub mod bitmap;
+pub mod disk;
 pub mod error;
 pub mod group;
 pub mod profile;
@@ -27,6 +29,7 @@ pub mod snapshot;
 pub mod upstream;
 pub mod volume;
 
+pub use disk::{DiskFaults, Fault};
 pub use error::CacheError;
 pub use group::{
     CacheGroup, DEFAULT_COMMIT_INTERVAL_MS, GroupConfig, MAX_COMMIT_INTERVAL_MS, Usage,

@@ -23,21 +23,27 @@
 //! the flush began is durable, and the map on disk never claims a block whose
 //! data was not synced. Unflushed writes may be lost in a crash; a block then
 //! reads as the base or as an earlier write, never as garbage.
+//!
+//! A failed sync poisons the snapshot: that flush and every later one fail
+//! (after a failed `fdatasync` the kernel may have dropped the dirty pages, so
+//! a second sync would succeed without them), and the map on disk stays as
+//! the last good flush left it. Reopening the group clears it.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use rustix::io::Errno;
 use virtman_image::checked::{self, CheckedFileError, Format};
 use virtman_nbd::{Capabilities, Export, ExportError, ReadChunk};
 
 use crate::bitmap::{self, AtomicBitmap};
+use crate::disk::{DiskFaults, DiskFile, Role};
 use crate::error::CacheError;
 use crate::volume::{CachedVolume, EXPORT_BLOCK_SIZES, VolumeUse, flatten};
 
@@ -64,7 +70,7 @@ pub const MAP_FORMAT: Format = Format {
 pub struct Snapshot {
     name: String,
     dir: PathBuf,
-    overlay: Arc<File>,
+    overlay: Arc<DiskFile>,
     overlay_path: PathBuf,
     map_path: PathBuf,
     base: VolumeUse,
@@ -74,6 +80,8 @@ pub struct Snapshot {
     generation: AtomicU64,
     /// Generation recorded in the map on disk.
     saved: AtomicU64,
+    /// A sync of the overlay failed: no flush succeeds any more.
+    sync_failed: AtomicBool,
     flush_lock: tokio::sync::Mutex<()>,
     rmw_lock: tokio::sync::Mutex<()>,
 }
@@ -134,6 +142,7 @@ impl Snapshot {
         name: &str,
         dir: &Path,
         volumes: &BTreeMap<String, Arc<CachedVolume>>,
+        faults: &DiskFaults,
     ) -> Result<Snapshot, CacheError> {
         let map_path = dir.join(MAP_FILE);
         let body = checked::read_checked(&MAP_FORMAT, &map_path)?;
@@ -172,7 +181,7 @@ impl Snapshot {
         Ok(Snapshot {
             name: name.to_owned(),
             dir: dir.to_path_buf(),
-            overlay: Arc::new(overlay),
+            overlay: Arc::new(DiskFile::new(overlay, Role::Snapshot, faults.clone())),
             overlay_path,
             map_path,
             base: base.acquire(),
@@ -180,6 +189,7 @@ impl Snapshot {
             size: base.size(),
             generation: AtomicU64::new(0),
             saved: AtomicU64::new(0),
+            sync_failed: AtomicBool::new(false),
             flush_lock: tokio::sync::Mutex::new(()),
             rmw_lock: tokio::sync::Mutex::new(()),
         })
@@ -232,7 +242,7 @@ impl Snapshot {
 
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&File) -> io::Result<T> + Send + 'static,
+        f: impl FnOnce(&DiskFile) -> io::Result<T> + Send + 'static,
         what: impl FnOnce() -> String,
     ) -> Result<T, CacheError> {
         let file = Arc::clone(&self.overlay);
@@ -404,19 +414,32 @@ impl Snapshot {
     /// the allocation map as it was when the flush began.
     pub async fn flush(&self) -> Result<(), CacheError> {
         let _f = self.flush_lock.lock().await;
+        if self.sync_failed.load(Ordering::Acquire) {
+            return Err(self.io_err(
+                "an earlier sync of the overlay failed: writes since the last good flush may be lost"
+                    .into(),
+                Errno::IO.into(),
+            ));
+        }
         let generation = self.generation.load(Ordering::Acquire);
         let words = self.alloc.snapshot();
-        self.blocking(
-            |f| rustix::fs::fdatasync(f).map_err(io::Error::from),
-            || "syncing".into(),
-        )
-        .await?;
+        if let Err(e) = self
+            .blocking(DiskFile::sync_data, || "syncing".into())
+            .await
+        {
+            self.sync_failed.store(true, Ordering::Release);
+            tracing::warn!(snapshot = %self.name, error = %e, "the overlay's sync failed: no later flush will succeed");
+            return Err(e);
+        }
         if generation != self.saved.load(Ordering::Acquire) {
+            let overlay = Arc::clone(&self.overlay);
             let path = self.map_path.clone();
             let prefix = map_prefix(self.base());
             let blocks = self.alloc.len();
             tokio::task::spawn_blocking(move || {
-                bitmap::save(&MAP_FORMAT, &path, &prefix, blocks, &words)
+                overlay.faults().record(Role::Snapshot, &path, || {
+                    bitmap::save(&MAP_FORMAT, &path, &prefix, blocks, &words)
+                })
             })
             .await
             .map_err(|e| CacheError::Task(e.to_string()))??;
@@ -428,23 +451,31 @@ impl Snapshot {
 
 impl Drop for Snapshot {
     /// A clean close keeps every write: sync the overlay and save the map if
-    /// it changed since the last flush.
+    /// it changed since the last flush (not after a failed sync: the map then
+    /// stays at the last good flush).
     fn drop(&mut self) {
-        if self.generation.load(Ordering::Acquire) == self.saved.load(Ordering::Acquire) {
+        if self.generation.load(Ordering::Acquire) == self.saved.load(Ordering::Acquire)
+            || self.sync_failed.load(Ordering::Acquire)
+        {
             return;
         }
-        let res = rustix::fs::fdatasync(&*self.overlay)
-            .map_err(io::Error::from)
+        let res = self
+            .overlay
+            .sync_data()
             .map_err(|e| self.io_err("syncing on close".into(), e))
             .and_then(|()| {
-                bitmap::save(
-                    &MAP_FORMAT,
-                    &self.map_path,
-                    &map_prefix(self.base()),
-                    self.alloc.len(),
-                    &self.alloc.snapshot(),
-                )
-                .map_err(CacheError::from)
+                self.overlay
+                    .faults()
+                    .record(Role::Snapshot, &self.map_path, || {
+                        bitmap::save(
+                            &MAP_FORMAT,
+                            &self.map_path,
+                            &map_prefix(self.base()),
+                            self.alloc.len(),
+                            &self.alloc.snapshot(),
+                        )
+                    })
+                    .map_err(CacheError::from)
             });
         if let Err(e) = res {
             tracing::warn!(snapshot = %self.name, error = %e, "saving the snapshot map on close failed");
@@ -454,28 +485,18 @@ impl Drop for Snapshot {
 
 /// Zeroes a block-aligned range of the overlay: a hole if the file system can
 /// punch one, else real zeroes.
-fn zero_range(f: &File, offset: u64, len: u64) -> io::Result<()> {
-    use rustix::fs::FallocateFlags;
-    match rustix::fs::fallocate(
-        f,
-        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-        offset,
-        len,
-    ) {
-        Ok(()) => Ok(()),
-        Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::NOSYS) => {
-            let zeroes = vec![0u8; 1 << 20];
-            let mut pos = offset;
-            while pos < offset + len {
-                let n =
-                    usize::try_from((offset + len - pos).min(1 << 20)).map_err(io::Error::other)?;
-                f.write_all_at(&zeroes[..n], pos)?;
-                pos += n as u64;
-            }
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
+fn zero_range(f: &DiskFile, offset: u64, len: u64) -> io::Result<()> {
+    if f.punch(offset, len)? {
+        return Ok(());
     }
+    let zeroes = vec![0u8; 1 << 20];
+    let mut pos = offset;
+    while pos < offset + len {
+        let n = usize::try_from((offset + len - pos).min(1 << 20)).map_err(io::Error::other)?;
+        f.write_all_at(&zeroes[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
 }
 
 #[async_trait]

@@ -98,6 +98,8 @@ pub struct MemberStats {
     pub misses: u64,
     /// Chunks evicted.
     pub evicted: u64,
+    /// Failed reads, writes and syncs of the cache's disk for this image.
+    pub disk_errors: u64,
     /// Chunks fetched by prefetch (profile, pin, hints).
     pub prefetched_chunks: u64,
     /// Bytes of those.
@@ -147,6 +149,7 @@ impl Agent {
                         hits: v.hits.load(Ordering::Relaxed),
                         misses: v.misses.load(Ordering::Relaxed),
                         evicted: v.evicted_chunks.load(Ordering::Relaxed),
+                        disk_errors: v.disk_errors.load(Ordering::Relaxed),
                         prefetched_chunks: v.prefetched_chunks.load(Ordering::Relaxed),
                         prefetched_bytes: v.prefetched_bytes.load(Ordering::Relaxed),
                         latency: f.latency.clone(),

@@ -8,7 +8,8 @@
 //!   returns means every write up to `seq` is durable.
 //! - `hold DIR`: opens the group, prints `READY`, sleeps until killed.
 //! - `fulldisk DIR IMAGE`: fetches a whole image into a group on a file system
-//!   too small for it; prints `NOSPACE errno=..` and `OK present=N`.
+//!   too small for it, checking every read; prints `FULL disk_errors=N` and
+//!   `OK present=N`.
 
 use std::io::Write;
 use std::path::Path;
@@ -161,20 +162,25 @@ fn fulldisk(dir: &str, image: &str) -> Res {
         v.set_upstream(Some(
             Arc::new(FileUpstream::open(Path::new(image))?) as Arc<dyn Upstream>
         ));
+        // Every read succeeds and is right: what no longer fits on the disk
+        // is served from memory, counted as a disk error.
         let e = v.export();
-        let mut nospace = None;
         let mut off = 0;
         while off < m.size() {
-            if let Err(err) = e.read(off, 65536).await {
-                nospace = Some(err);
-                break;
+            let got = virtman_cache::flatten(e.read(off, 65536).await?);
+            if !m.verify_chunk(m.chunk_of(off), &got) {
+                return Err(format!("chunk at {off} read wrong").into());
             }
             off += 65536;
         }
-        let Some(err) = nospace else {
+        let errors = v
+            .stats()
+            .disk_errors
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if errors == 0 {
             return Err("the whole image fitted".into());
-        };
-        say(&format!("NOSPACE errno={:?} {err}", err.errno()));
+        }
+        say(&format!("FULL disk_errors={errors}"));
         let present = v.present_list();
         if v.verify_present()? != Vec::<u64>::new() {
             return Err("a present chunk is wrong".into());

@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering;
 
 use super::{CachedVolume, PRESENCE_FORMAT, lock};
 use crate::bitmap;
+use crate::disk::Role;
 use crate::error::CacheError;
 
 impl CachedVolume {
@@ -61,26 +62,32 @@ impl CachedVolume {
         if batch.is_empty() {
             return Ok(());
         }
-        let res = rustix::fs::fdatasync(&self.data)
-            .map_err(|e| {
-                CacheError::io(
-                    format!("volume {:?}: syncing data", self.name),
-                    &self.data_path,
-                    e.into(),
-                )
-            })
-            .and_then(|()| {
-                for &i in &batch {
-                    if self.present.get(i) {
-                        self.durable.set(i);
-                    }
-                }
-                self.save_presence()
-            });
-        if res.is_ok() {
+        if let Err(e) = self.data.sync_data() {
+            // After a failed fdatasync the kernel may have dropped the
+            // batch's dirty pages and will not report it again: a later sync
+            // would succeed without them. So the batch is never marked
+            // durable: it is dropped, and fetched again when read.
+            self.stats.disk_errors.fetch_add(1, Ordering::Relaxed);
+            self.forget(batch.iter().copied().filter(|&i| !self.durable.get(i)));
             lock(&self.pending).drain(..batch.len());
+            return Err(CacheError::io(
+                format!(
+                    "volume {:?}: syncing data ({} chunks dropped, to be fetched again)",
+                    self.name,
+                    batch.len()
+                ),
+                &self.data_path,
+                e,
+            ));
         }
-        res
+        for &i in &batch {
+            if self.present.get(i) {
+                self.durable.set(i);
+            }
+        }
+        self.save_presence()?;
+        lock(&self.pending).drain(..batch.len());
+        Ok(())
     }
 
     /// Makes everything fetched so far durable (blocking thread).
@@ -92,13 +99,18 @@ impl CachedVolume {
     }
 
     pub(super) fn save_presence(&self) -> Result<(), CacheError> {
-        bitmap::save(
-            &PRESENCE_FORMAT,
-            &self.presence_path,
-            &self.manifest.id().0,
-            self.manifest.chunks(),
-            &self.durable.snapshot(),
-        )
-        .map_err(CacheError::from)
+        let words = self.durable.snapshot();
+        self.data
+            .faults()
+            .record(Role::Volume, &self.presence_path, || {
+                bitmap::save(
+                    &PRESENCE_FORMAT,
+                    &self.presence_path,
+                    &self.manifest.id().0,
+                    self.manifest.chunks(),
+                    &words,
+                )
+            })
+            .map_err(CacheError::from)
     }
 }

@@ -4,10 +4,9 @@
 //! Only durable chunks are evicted; eviction clears the bits, writes the
 //! presence file and only then punches the hole, all under the volume's
 //! gate, so a crash at any point leaves a presence file that claims only
-//! chunks whose bytes are on disk.
+//! chunks whose bytes are on disk. A file system without holes keeps the
+//! bytes, which is safe since the chunks are already marked absent.
 
-use std::fs::File;
-use std::io;
 use std::sync::atomic::Ordering;
 
 use virtman_image::Manifest;
@@ -15,21 +14,6 @@ use virtman_image::Manifest;
 use super::{CachedVolume, lock};
 use crate::accounting::Evictable;
 use crate::error::CacheError;
-
-/// Punches a hole; a file system without hole support keeps the bytes, which
-/// is safe since the chunk is already marked absent.
-pub(crate) fn punch(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    use rustix::fs::FallocateFlags;
-    match rustix::fs::fallocate(
-        file,
-        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-        offset,
-        len,
-    ) {
-        Ok(()) | Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
 
 impl Evictable for CachedVolume {
     fn name(&self) -> &str {
@@ -102,7 +86,7 @@ impl Evictable for CachedVolume {
         let mut freed = 0;
         for &i in &victims {
             let len = u64::from(self.manifest.chunk_len(i));
-            if let Err(e) = punch(&self.data, self.manifest.chunk_offset(i), len) {
+            if let Err(e) = self.data.punch(self.manifest.chunk_offset(i), len) {
                 tracing::warn!(volume = %self.name, chunk = i, error = %e, "punching an evicted chunk failed");
             }
             freed += len;

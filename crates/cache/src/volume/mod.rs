@@ -28,7 +28,7 @@
 //!   [`X_VIRTMAN_PRESENT`] metadata context.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -40,6 +40,7 @@ use virtman_image::checked::Format;
 
 use crate::accounting::Accounting;
 use crate::bitmap::{self, AtomicBitmap};
+use crate::disk::{DiskFaults, DiskFile, Role};
 use crate::error::CacheError;
 use crate::profile::{BootProfile, PROFILE_FILE, Recorder};
 use crate::upstream::Upstream;
@@ -87,6 +88,9 @@ pub struct VolumeStats {
     pub fetched_bytes: AtomicU64,
     /// Fetches that failed (upstream error, bad data, no space).
     pub fetch_errors: AtomicU64,
+    /// Failed reads, writes and syncs of the data file (see
+    /// [`crate::disk`]: the chunks are fetched again or served from memory).
+    pub disk_errors: AtomicU64,
     /// Chunks evicted.
     pub evicted_chunks: AtomicU64,
     /// Chunks fetched by [`CachedVolume::prefetch`] (boot profile, pin,
@@ -101,7 +105,7 @@ pub struct CachedVolume {
     name: String,
     dir: PathBuf,
     manifest: Manifest,
-    data: File,
+    data: DiskFile,
     data_path: PathBuf,
     presence_path: PathBuf,
     /// Chunks whose bytes are in `data` and may be read from it.
@@ -216,6 +220,7 @@ impl CachedVolume {
         name: &str,
         dir: &Path,
         acct: Arc<Accounting>,
+        faults: &DiskFaults,
     ) -> Result<Arc<CachedVolume>, CacheError> {
         let manifest = Manifest::load(&dir.join(MANIFEST_FILE))?;
         let data_path = dir.join(DATA_FILE);
@@ -301,7 +306,7 @@ impl CachedVolume {
             name: name.to_owned(),
             dir: dir.to_path_buf(),
             manifest,
-            data,
+            data: DiskFile::new(data, Role::Volume, faults.clone()),
             data_path,
             presence_path,
             present,

@@ -27,6 +27,14 @@ impl CachedVolume {
                 let vol = Arc::clone(self);
                 set.spawn(async move {
                     Arc::clone(&vol).chunk_bytes(i).await?;
+                    if !vol.present.get(i) {
+                        // Served from memory: the disk failed the write.
+                        return Err(CacheError::io(
+                            format!("volume {:?}: prefetching chunk {i}", vol.name),
+                            &vol.data_path,
+                            std::io::Error::other("the cache's disk did not keep it"),
+                        ));
+                    }
                     vol.stats.prefetched_chunks.fetch_add(1, Ordering::Relaxed);
                     vol.stats
                         .prefetched_bytes

@@ -19,7 +19,6 @@
 //!
 //! The queued chunks become durable in the committer (see `commit.rs`).
 
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -162,24 +161,25 @@ impl CachedVolume {
             let total: usize = pieces[k..j].iter().map(|p| p.len as usize).sum();
             let mut buf = BytesMut::zeroed(total);
             if nowait {
-                let mut slices = [std::io::IoSliceMut::new(&mut buf)];
-                let flags = rustix::io::ReadWriteFlags::NOWAIT;
-                match rustix::io::preadv2(&self.data, &mut slices, p.offset, flags) {
-                    Ok(n) if n == total => {}
-                    // Not all in the page cache, or no RWF_NOWAIT here.
-                    _ => return Ok(None),
+                if !self.data.read_cached(&mut buf, p.offset) {
+                    return Ok(None);
                 }
-            } else {
-                self.data.read_exact_at(&mut buf, p.offset).map_err(|e| {
-                    CacheError::io(
-                        format!(
-                            "volume {:?}: reading {total} bytes at {}",
-                            self.name, p.offset
-                        ),
-                        &self.data_path,
-                        e,
-                    )
-                })?;
+            } else if let Err(e) = self.data.read_exact_at(&mut buf, p.offset) {
+                // The disk failed these chunks: drop them, and let the
+                // caller fetch them again like any missing chunk.
+                self.stats.disk_errors.fetch_add(1, Ordering::Relaxed);
+                let err = CacheError::io(
+                    format!(
+                        "volume {:?}: reading {total} bytes at {}",
+                        self.name, p.offset
+                    ),
+                    &self.data_path,
+                    e,
+                );
+                tracing::warn!(error = %err, "dropping the chunks a local read failed on; fetching them again");
+                self.forget(pieces[k..j].iter().map(|q| q.chunk));
+                k = j;
+                continue;
             }
             let buf = buf.freeze();
             let mut at = 0usize;
@@ -328,14 +328,23 @@ impl CachedVolume {
         }
         let vol = Arc::clone(self);
         let d = data.clone();
-        tokio::task::spawn_blocking(move || vol.store_chunk(index, &d))
+        let stored = tokio::task::spawn_blocking(move || vol.store_chunk(index, &d))
             .await
-            .map_err(|e| CacheError::Task(e.to_string()))??;
+            .map_err(|e| CacheError::Task(e.to_string()))?;
         self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
         self.stats
             .fetched_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        self.schedule_commit();
+        match stored {
+            Ok(()) => self.schedule_commit(),
+            // The disk failed the write: the verified bytes still serve the
+            // readers waiting now; the chunk stays absent.
+            Err(e @ CacheError::Io { .. }) => {
+                self.stats.disk_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "storing a fetched chunk failed; serving it from memory");
+            }
+            Err(e) => return Err(e),
+        }
         Ok(data)
     }
 
@@ -367,6 +376,22 @@ impl CachedVolume {
         self.touch(index);
         lock(&self.pending).push(index);
         Ok(())
+    }
+
+    /// Drops `chunks` whose local bytes cannot be trusted (a failed read or
+    /// sync): absent from now on, their bytes released, so the next read
+    /// fetches them again. The presence file catches up at the next commit
+    /// (until then a restart may claim them again, and the first read then
+    /// fails and drops them again).
+    pub(super) fn forget(&self, chunks: impl Iterator<Item = u64>) {
+        let mut freed = 0;
+        for i in chunks {
+            if self.present.clear(i) {
+                self.durable.clear(i);
+                freed += u64::from(self.manifest.chunk_len(i));
+            }
+        }
+        self.acct.sub_used(freed);
     }
 
     /// Re-reads every present chunk and returns those that do not match the
