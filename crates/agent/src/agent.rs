@@ -96,6 +96,9 @@ pub struct AgentConfig {
     /// The group that may connect to the VM and control sockets besides the
     /// agent's user (see [`crate::sockets`]); none: the user only.
     pub socket_group: Option<u32>,
+    /// Bandwidth caps on what this host sends to children and fetches from
+    /// parents (see [`crate::caps`]); changeable while it runs.
+    pub caps: Arc<crate::caps::Caps>,
     /// TEST ONLY: serve children corrupted chunks (see
     /// [`crate::loop_guard::Lying`]), for chaos storms to check that liars
     /// are caught. Never set it otherwise.
@@ -247,6 +250,7 @@ impl Agent {
                 access: access
                     .clone()
                     .map(|a| a as Arc<dyn virtman_nbd::ExportAccess>),
+                upload: Some(config.caps.upload()),
                 ..ServerConfig::default()
             }),
             vms: Server::new(ServerConfig::default()),
@@ -291,6 +295,11 @@ impl Agent {
         if let Some(a) = &self.access {
             a.forget_image(image);
         }
+    }
+
+    /// The host's bandwidth caps.
+    pub fn caps(&self) -> &crate::caps::Caps {
+        &self.config.caps
     }
 
     /// The coordinator client (its clones share TLS renewals).

@@ -9,6 +9,8 @@
 //!   DELETE /v1/vms/{name}              204
 //!   POST   /v1/images/{name}/evict     204
 //!   POST   /v1/images/{name}/pin       202           (joins first; fetches the rest in the background)
+//!   GET    /v1/caps                    CapRates      (bytes/s; null: no cap)
+//!   PUT    /v1/caps  CapRates          CapRates      (both caps, at once; 0 refused)
 //!   GET    /metrics                    Prometheus text
 //! ```
 //!
@@ -29,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{Agent, AgentError};
+use crate::caps::CapRates;
 use crate::metrics::AgentCollector;
 
 /// Body of `POST /v1/vms`.
@@ -96,6 +99,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vms/{name}", axum::routing::delete(remove_vm))
         .route("/v1/images/{name}/evict", post(evict))
         .route("/v1/images/{name}/pin", post(pin))
+        .route("/v1/caps", get(caps).put(set_caps))
         .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .with_state(ctx)
@@ -143,6 +147,24 @@ async fn pin(
 ) -> Result<StatusCode, ApiError> {
     c.agent.pin_image(&name).await.map_err(ApiError)?;
     Ok(StatusCode::ACCEPTED)
+}
+
+async fn caps(State(c): State<Arc<Ctx>>) -> Json<CapRates> {
+    Json(c.agent.caps().rates())
+}
+
+async fn set_caps(
+    State(c): State<Arc<Ctx>>,
+    Json(rates): Json<CapRates>,
+) -> Result<Json<CapRates>, ApiError> {
+    rates
+        .check()
+        .map_err(|e| ApiError(AgentError::Invalid(e)))?;
+    let caps = c.agent.caps();
+    let before = caps.rates();
+    caps.set(rates);
+    tracing::info!(?before, now = ?rates, "bandwidth caps changed");
+    Ok(Json(caps.rates()))
 }
 
 async fn metrics(State(c): State<Arc<Ctx>>) -> Response {
@@ -333,6 +355,19 @@ impl ControlClient {
         self.call("POST", &format!("/v1/images/{image}/pin"), None)
             .await?;
         Ok(())
+    }
+
+    /// The host's bandwidth caps.
+    pub async fn caps(&self) -> Result<CapRates, ControlError> {
+        let (_, b) = self.call("GET", "/v1/caps", None).await?;
+        Self::decode(&b)
+    }
+
+    /// Sets both bandwidth caps; returns them as now in force.
+    pub async fn set_caps(&self, rates: CapRates) -> Result<CapRates, ControlError> {
+        let body = serde_json::to_vec(&rates).map_err(|e| ControlError::Http(e.to_string()))?;
+        let (_, b) = self.call("PUT", "/v1/caps", Some(body)).await?;
+        Self::decode(&b)
     }
 
     /// The Prometheus metrics text.

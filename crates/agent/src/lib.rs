@@ -24,6 +24,7 @@
 
 pub mod access;
 pub mod agent;
+pub mod caps;
 pub mod control;
 pub mod known;
 pub mod loop_guard;

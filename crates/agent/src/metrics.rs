@@ -15,6 +15,9 @@
 //! | `virtman_served_bytes_total` | to=children\|vms | bytes served over the base and VM exports |
 //! | `virtman_origin_sent_bytes_total` | image | bytes an origin sent |
 //! | `virtman_origin_max_sends_per_chunk` | image | the most times an origin sent one chunk |
+//! | `virtman_cap_bytes_per_second` | direction=upload\|download | the bandwidth caps in force (absent: none) |
+//! | `virtman_fetch_class_bytes_total` | class=demand\|prefetch | bytes asked of parents and origins, by why |
+//! | `virtman_cap_wait_seconds_total` | direction, class | time spent waiting for a cap |
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -26,6 +29,8 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
 use crate::agent::Agent;
+use crate::caps::Caps;
+use virtman_cache::FetchClass;
 
 /// Reads an agent's counters on every scrape.
 #[derive(Debug)]
@@ -175,6 +180,48 @@ impl Collector for AgentCollector {
             gauge(u64::from(c.max_per_chunk))
                 .encode(m.encode_family(&[("image", image.as_str())])?)?;
         }
-        Ok(())
+        encode_caps(a.caps(), &mut enc)
     }
+}
+
+/// The caps, what each class fetched and how long each waited.
+fn encode_caps(caps: &Caps, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    let rates = caps.rates();
+    let mut m = enc.encode_descriptor(
+        "cap_bytes_per_second",
+        "Bandwidth caps (absent: no cap)",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (direction, r) in [("upload", rates.upload), ("download", rates.download)] {
+        if let Some(r) = r {
+            gauge(r).encode(m.encode_family(&[("direction", direction)])?)?;
+        }
+    }
+    let classes = [
+        ("demand", FetchClass::Demand),
+        ("prefetch", FetchClass::Prefetch),
+    ];
+    let mut m = enc.encode_descriptor(
+        "fetch_class_bytes",
+        "Bytes asked of parents and origins, by why (hedges and retries included)",
+        None,
+        MetricType::Counter,
+    )?;
+    for (name, class) in classes {
+        ConstCounter::new(caps.fetched(class)).encode(m.encode_family(&[("class", name)])?)?;
+    }
+    let mut m = enc.encode_descriptor(
+        "cap_wait_seconds",
+        "Time spent waiting for a bandwidth cap: replies to children (upload), fetches by class (download)",
+        None,
+        MetricType::Counter,
+    )?;
+    ConstCounter::new(caps.upload_waited().as_secs_f64())
+        .encode(m.encode_family(&[("direction", "upload"), ("class", "all")])?)?;
+    for (name, class) in classes {
+        ConstCounter::new(caps.download_waited(class).as_secs_f64())
+            .encode(m.encode_family(&[("direction", "download"), ("class", name)])?)?;
+    }
+    Ok(())
 }

@@ -58,6 +58,9 @@ pub struct FetchConfig {
     /// Pauses before fetching again when every source failed, in order; a
     /// read fails only after the last.
     pub retry_pauses: Vec<Duration>,
+    /// The host's caps: every attempt waits for its bytes on the download
+    /// cap (demand before prefetch). The agent sets its own; none: no cap.
+    pub caps: Option<Arc<crate::caps::Caps>>,
 }
 
 /// When a fetch that has not been answered goes to the next source too. The
@@ -100,6 +103,7 @@ impl Default for FetchConfig {
             retry_pauses: [200, 400, 800, 1600, 3200]
                 .map(Duration::from_millis)
                 .to_vec(),
+            caps: None,
         }
     }
 }
@@ -182,6 +186,13 @@ struct Shared {
 }
 
 impl Shared {
+    /// Waits for `req`'s bytes on the host's download cap, if any.
+    async fn pay(&self, req: ChunkRequest) {
+        if let Some(caps) = &self.config.caps {
+            caps.download(u64::from(req.len), req.class).await;
+        }
+    }
+
     fn report(&self, conn: &Conn, fault: Fault) {
         let _ = self.reports.send(BadParent {
             image: self.image.clone(),

@@ -36,5 +36,5 @@ pub use group::{
 };
 pub use profile::{BootProfile, ProfileEntry};
 pub use snapshot::Snapshot;
-pub use upstream::{ChunkRequest, FileUpstream, Upstream, UpstreamError};
+pub use upstream::{ChunkRequest, FetchClass, FileUpstream, Upstream, UpstreamError};
 pub use volume::{CachedVolume, PRESENT, VolumeExport, VolumeUse, X_VIRTMAN_PRESENT, flatten};

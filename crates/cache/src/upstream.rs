@@ -27,6 +27,18 @@ pub struct ChunkRequest {
     pub offset: u64,
     /// Chunk length (the last chunk may be short).
     pub len: u32,
+    /// Why it is fetched (an upstream under a cap serves demand first).
+    pub class: FetchClass,
+}
+
+/// Why a chunk is fetched.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FetchClass {
+    /// A read waits for it (a VM's, a child's, a reader joining a fetch).
+    #[default]
+    Demand,
+    /// Prefetch: a boot profile, a pin, a VM's CMD_CACHE hint.
+    Prefetch,
 }
 
 /// Why an upstream could not deliver a chunk.
@@ -132,6 +144,7 @@ mod tests {
             index: 0,
             offset,
             len,
+            class: FetchClass::Demand,
         };
         assert_eq!(&up.fetch(req(2, 4)).await.unwrap()[..], b"2345");
         // Past the end: short, for the volume to refuse.

@@ -20,14 +20,15 @@ use virtman_pki::{Identity, PeerVerification};
 
 use crate::tls::NodeTlsHandles;
 
-use crate::units::parse_size;
+use crate::units::{Cap, human_rate, parse_cap, parse_rate_bytes, parse_size};
 
 /// Where agents keep their data unless told otherwise.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/virtman/agent";
 
 /// Arguments of `virtman agent`.
 #[derive(Debug, Args)]
-#[command(after_help = "\
+#[command(
+    after_help = "\
 The agent keeps this host's cache group (one capacity for every image), serves
 each cached image read-only to child hosts over NBD (--listen), serves each
 VM's copy-on-write snapshot on a local unix socket (DATA_DIR/vms.sock), and
@@ -39,11 +40,21 @@ The CLI talks to the agent on DATA_DIR/agent.sock: `virtman vm create`,
 `virtman vm ls`, `virtman status`, ... Prometheus metrics are served there too
 (`curl --unix-socket DATA_DIR/agent.sock http://agent/metrics`).
 
+Rates (--upload-rate, --download-rate) are bits a second unless given in
+bytes: 1G and 1gbit are 1 Gbit/s, 60MB/s is 60 megabytes a second. Change
+them while the agent runs with `virtman agent set`.
+
 Examples:
   virtman agent --coordinator http://10.0.0.1:7600 --data-dir /var/lib/virtman/agent \\
       --listen 0.0.0.0:10810 --advertise 10.0.0.5:10810 --cache-size 50G --labels rack=r1
-  virtman agent --coordinator http://127.0.0.1:7600 --data-dir ./a1 --listen 127.0.0.1:0")]
+  virtman agent --coordinator http://127.0.0.1:7600 --data-dir ./a1 --listen 127.0.0.1:0
+  virtman agent set --upload-rate 500M --data-dir /var/lib/virtman/agent",
+    args_conflicts_with_subcommands = true
+)]
 pub struct AgentArgs {
+    #[command(subcommand)]
+    pub command: Option<AgentCommand>,
+
     /// Coordinator base URL.
     #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:7600")]
     pub coordinator: String,
@@ -106,6 +117,17 @@ pub struct AgentArgs {
     #[arg(long)]
     pub no_hedge: bool,
 
+    /// Cap on what this host sends to child hosts, all of them together
+    /// (e.g. 500M: 500 Mbit/s; 60MB/s), with a burst of four chunks.
+    /// Default: no cap.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate_bytes)]
+    pub upload_rate: Option<u64>,
+
+    /// Cap on what this host fetches from parents and origins. VMs' reads
+    /// go first; prefetch uses what they leave. Default: no cap.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate_bytes)]
+    pub download_rate: Option<u64>,
+
     /// TEST ONLY: serve children corrupted chunks, so that chaos storms
     /// (`virtman storm --chaos lie:N`) can check that liars are caught.
     #[arg(long, hide = true)]
@@ -162,13 +184,67 @@ pub fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
     Ok(t)
 }
 
-/// Runs the agent until SIGINT or SIGTERM.
+/// What `virtman agent` does besides running the agent.
+#[derive(Debug, clap::Subcommand)]
+pub enum AgentCommand {
+    /// Change a running agent's bandwidth caps (without a rate: show them).
+    #[command(after_help = "\
+Rates are bits a second unless given in bytes (1G, 500mbit, 60MB/s); `off`
+removes a cap. Transfers waiting for a cap see the new rate at once.
+
+Examples:
+  virtman agent set --upload-rate 500M
+  virtman agent set --download-rate off --data-dir ./a1")]
+    Set {
+        /// The agent's data directory (its control socket is DATA_DIR/agent.sock).
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR, env = "VIRTMAN_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Cap on what the host sends to children, or `off`.
+        #[arg(long, value_name = "RATE|off", value_parser = parse_cap)]
+        upload_rate: Option<Cap>,
+        /// Cap on what the host fetches from parents and origins, or `off`.
+        #[arg(long, value_name = "RATE|off", value_parser = parse_cap)]
+        download_rate: Option<Cap>,
+    },
+}
+
+/// Runs the agent until SIGINT or SIGTERM, or one of its subcommands.
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(agent(args))
+    match args.command {
+        Some(AgentCommand::Set {
+            data_dir,
+            upload_rate,
+            download_rate,
+        }) => runtime.block_on(set_caps(&data_dir, upload_rate, download_rate)),
+        None => runtime.block_on(agent(args)),
+    }
+}
+
+/// `virtman agent set`: reads the caps, changes the ones given, prints them.
+async fn set_caps(
+    data_dir: &std::path::Path,
+    upload: Option<Cap>,
+    download: Option<Cap>,
+) -> anyhow::Result<()> {
+    let client = virtman_agent::control::ControlClient::new(data_dir.join("agent.sock"));
+    let mut rates = client.caps().await?;
+    if upload.is_some() || download.is_some() {
+        if let Some(Cap(u)) = upload {
+            rates.upload = u;
+        }
+        if let Some(Cap(d)) = download {
+            rates.download = d;
+        }
+        rates = client.set_caps(rates).await?;
+    }
+    let show = |r: Option<u64>| r.map_or_else(|| "no cap".to_owned(), human_rate);
+    println!("upload   {}", show(rates.upload));
+    println!("download {}", show(rates.download));
+    Ok(())
 }
 
 async fn agent(args: AgentArgs) -> anyhow::Result<()> {
@@ -243,6 +319,12 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         heartbeat_interval: std::time::Duration::from_secs(1),
         serve_tls,
         socket_group,
+        caps: Arc::new(virtman_agent::caps::Caps::new(
+            virtman_agent::caps::CapRates {
+                upload: args.upload_rate,
+                download: args.download_rate,
+            },
+        )),
         test_lie: args.test_lie,
     };
     let agent = Agent::open(config).context("starting the agent")?;

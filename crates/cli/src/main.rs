@@ -97,11 +97,28 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            // Print the whole error chain once, here at the top.
-            eprintln!("virtman: error: {err:#}");
+            eprintln!("virtman: error: {}", chain_once(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once: many errors already put their
+/// cause in their own message (`opening X: No such file`), so a cause whose
+/// text is already there is not repeated.
+fn chain_once(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// Raises the soft limit of open files to the hard one: an agent holds a few
@@ -126,4 +143,27 @@ fn init_logging(filter: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chain_once;
+
+    #[test]
+    fn each_cause_is_said_once() {
+        // As errors that put their source in their own message do.
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let text = io.to_string();
+        let e = anyhow::Error::new(io)
+            .context(format!(
+                "cannot reach the agent at /x/agent.sock: {text} (is it running?)"
+            ))
+            .context("virtman status");
+        let said = chain_once(&e);
+        assert_eq!(said.matches(&text).count(), 1, "{said}");
+        assert!(said.starts_with("virtman status: cannot reach"), "{said}");
+        // A cause not yet said is kept.
+        let e = anyhow::anyhow!("inner failure").context("outer");
+        assert_eq!(chain_once(&e), "outer: inner failure");
+    }
 }

@@ -22,6 +22,58 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is not a size (e.g. 65536, 256K, 512M, 10G)"))
 }
 
+/// Parses a cap or link rate (`1G`, `100M`, `1gbit`, `125MB/s`: bits a
+/// second unless given in bytes) into bytes a second. 0, negative and
+/// unparsable rates are refused.
+pub fn parse_rate_bytes(s: &str) -> Result<u64, String> {
+    let bits = virtman_sim::config::parse_rate(s)?;
+    // Whole bytes a second; a rate is far below 2^53.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let bytes = (bits / 8.0).round() as u64;
+    if bytes == 0 {
+        return Err(format!(
+            "{s:?} is no rate: a cap of 0 would stop all traffic (leave the cap out, or say off, for none)"
+        ));
+    }
+    Ok(bytes)
+}
+
+/// A cap given to `virtman agent set`: bytes a second, or none (`off`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cap(pub Option<u64>);
+
+/// Parses a [`Cap`]: a rate, or `off`.
+pub fn parse_cap(s: &str) -> Result<Cap, String> {
+    match s.trim() {
+        "off" | "none" => Ok(Cap(None)),
+        r => parse_rate_bytes(r).map(|b| Cap(Some(b))),
+    }
+}
+
+/// Bytes a second, for a human (`125.0 MB/s (1 Gbit/s)`).
+pub fn human_rate(bytes_per_sec: u64) -> String {
+    #[allow(clippy::cast_precision_loss)]
+    let b = bytes_per_sec as f64;
+    let (v, unit) = if b >= 1e9 {
+        (b / 1e9, "GB/s")
+    } else if b >= 1e6 {
+        (b / 1e6, "MB/s")
+    } else if b >= 1e3 {
+        (b / 1e3, "kB/s")
+    } else {
+        (b, "B/s")
+    };
+    let bits = b * 8.0;
+    let (bv, bunit) = if bits >= 1e9 {
+        (bits / 1e9, "Gbit/s")
+    } else if bits >= 1e6 {
+        (bits / 1e6, "Mbit/s")
+    } else {
+        (bits / 1e3, "kbit/s")
+    };
+    format!("{v:.1} {unit} ({bv:.3} {bunit})")
+}
+
 /// Bytes in binary units: exact when the size is a whole number of the unit
 /// (`256 KiB`), else with one decimal (`1.5 GiB`).
 pub fn human(b: u64) -> String {
@@ -40,7 +92,28 @@ pub fn human(b: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{human, parse_size};
+    use super::{human, human_rate, parse_cap, parse_rate_bytes, parse_size};
+
+    #[test]
+    fn rates_in_bits_or_bytes_and_bad_ones_refused() {
+        assert_eq!(parse_rate_bytes("1G"), Ok(125_000_000));
+        assert_eq!(parse_rate_bytes("1gbit"), Ok(125_000_000));
+        assert_eq!(parse_rate_bytes("100mbit"), Ok(12_500_000));
+        assert_eq!(parse_rate_bytes("125MB/s"), Ok(125_000_000));
+        for bad in ["0", "0M", "-5M", "fast", "", "1.5.2G"] {
+            let e = parse_rate_bytes(bad).unwrap_err();
+            assert!(e.contains(bad) || bad.is_empty(), "{bad}: {e}");
+        }
+        assert!(
+            parse_rate_bytes("0")
+                .unwrap_err()
+                .contains("stop all traffic")
+        );
+        assert_eq!(parse_cap("off"), Ok(super::Cap(None)));
+        assert_eq!(parse_cap("8kbit"), Ok(super::Cap(Some(1000))));
+        assert!(parse_cap("-1").is_err());
+        assert_eq!(human_rate(125_000_000), "125.0 MB/s (1.000 Gbit/s)");
+    }
 
     #[test]
     fn human_sizes() {

@@ -11,7 +11,8 @@
 //!   flight, on TCP and unix sockets;
 //! - [`client`]: a tokio client with many requests in flight per connection,
 //!   several connections, and per-request timeouts;
-//! - [`tls`]: `NBD_OPT_STARTTLS` on both sides (rustls).
+//! - [`tls`]: `NBD_OPT_STARTTLS` on both sides (rustls);
+//! - [`rate`]: a byte token bucket (a server's upload cap, an agent's caps).
 
 // Tests may cast freely; library code must use checked conversions.
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))]
@@ -22,6 +23,7 @@ pub mod file;
 mod io;
 pub mod mem;
 pub mod proto;
+pub mod rate;
 pub mod server;
 pub mod tls;
 

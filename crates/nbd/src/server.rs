@@ -59,6 +59,10 @@ pub struct ServerConfig {
     pub tls: Option<Arc<ServerTls>>,
     /// Which clients may see and open which exports (all may, without it).
     pub access: Option<Arc<dyn ExportAccess>>,
+    /// A cap on the export data sent, all clients together: each read's
+    /// reply waits for its bytes (holes are free). Its rate can change while
+    /// the server runs (see [`crate::rate`]).
+    pub upload: Option<Arc<crate::rate::TokenBucket>>,
 }
 
 /// Decides which client may see and open which export, by the certificate
@@ -103,6 +107,7 @@ impl Default for ServerConfig {
             drain_timeout: Duration::from_secs(10),
             tls: None,
             access: None,
+            upload: None,
         }
     }
 }

@@ -668,11 +668,12 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
             false,
         ),
     };
+    // Either case: a rate has no milli (tc writes 1gbit, 100mbit).
     let (num, scale) = match t.chars().last() {
         Some('k' | 'K') => (&t[..t.len() - 1], 1e3),
-        Some('M') => (&t[..t.len() - 1], 1e6),
-        Some('G') => (&t[..t.len() - 1], 1e9),
-        Some('T') => (&t[..t.len() - 1], 1e12),
+        Some('m' | 'M') => (&t[..t.len() - 1], 1e6),
+        Some('g' | 'G') => (&t[..t.len() - 1], 1e9),
+        Some('t' | 'T') => (&t[..t.len() - 1], 1e12),
         _ => (t, 1.0),
     };
     let factor = if bytes { 8.0 } else { 1.0 };

@@ -19,7 +19,7 @@ use super::{Agent, AgentError, ImageEntry, Role, lock, manifest_export};
 use crate::known::{self, KnownUpstream};
 use crate::prefetch::{self, ImagePrefetch};
 use crate::small_export::read_small_export;
-use crate::upstream::{Parents, Source};
+use crate::upstream::{FetchConfig, Parents, Source};
 use virtman_nbd::ClientTls;
 
 impl Agent {
@@ -146,7 +146,10 @@ impl Agent {
             image,
             Arc::clone(&manifest),
             known::origin_sources(origins),
-            self.config.fetch.clone(),
+            FetchConfig {
+                caps: Some(Arc::clone(&self.config.caps)),
+                ..self.config.fetch.clone()
+            },
             self.reports.clone(),
         ));
         parents.set(parent_list);

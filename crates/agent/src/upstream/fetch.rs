@@ -138,8 +138,12 @@ fn not_here(e: &ClientError) -> bool {
 }
 
 /// Reads the chunk from `conn` and checks it; on a failure cools the source
-/// down, on a lie drops it, and reports either.
-async fn attempt(shared: Arc<Shared>, conn: Arc<Conn>, req: ChunkRequest) -> Outcome {
+/// down, on a lie drops it, and reports either. Unless `paid`, first waits
+/// for the chunk's bytes on the download cap.
+async fn attempt(shared: Arc<Shared>, conn: Arc<Conn>, req: ChunkRequest, paid: bool) -> Outcome {
+    if !paid {
+        shared.pay(req).await;
+    }
     let started = Instant::now();
     let result = async {
         let client = conn.client(&shared.image, &shared.config).await?;
@@ -191,10 +195,10 @@ impl Parents {
         shared.hedging.earn();
         let mut next = self.candidates().into_iter();
         let (tx, mut rx) = mpsc::unbounded_channel::<(Arc<Conn>, bool, Outcome)>();
-        let launch = |conn: &Arc<Conn>, hedge: bool| {
+        let launch = |conn: &Arc<Conn>, hedge: bool, paid: bool| {
             let (shared, conn, tx) = (Arc::clone(shared), Arc::clone(conn), tx.clone());
             tokio::spawn(async move {
-                let outcome = attempt(shared, Arc::clone(&conn), req).await;
+                let outcome = attempt(shared, Arc::clone(&conn), req, paid).await;
                 // The fetch may be over: a loser's answer goes nowhere.
                 let _ = tx.send((conn, hedge, outcome));
             });
@@ -202,7 +206,10 @@ impl Parents {
         let mut running: Vec<Arc<Conn>> = Vec::new();
         let mut failures = Vec::new();
         if let Some(first) = next.next() {
-            launch(&first, false);
+            // Under a download cap, the hedge delay runs from when the
+            // bytes may be asked for, not from the wait for them.
+            shared.pay(req).await;
+            launch(&first, false, true);
             running.push(first);
         }
         let mut hedge_at = shared.hedging.delay().map(|d| Instant::now() + d);
@@ -267,7 +274,7 @@ impl Parents {
             let fired = hedge_at.is_some_and(|at| at <= Instant::now());
             let started = start.is_some();
             if let Some((conn, hedged)) = start {
-                launch(&conn, hedged);
+                launch(&conn, hedged, false);
                 running.push(conn);
             }
             // The next hedge, if any source is left: a full delay after the

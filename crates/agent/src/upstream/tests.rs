@@ -50,6 +50,7 @@ fn req(m: &Manifest, index: u64) -> ChunkRequest {
         index,
         offset: m.chunk_offset(index),
         len: m.chunk_len(index),
+        class: virtman_cache::FetchClass::Demand,
     }
 }
 

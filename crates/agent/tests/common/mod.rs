@@ -114,6 +114,7 @@ impl Node {
             heartbeat_interval: Duration::from_millis(200),
             serve_tls: None,
             socket_group: None,
+            caps: std::sync::Arc::default(),
             test_lie: false,
         }
     }

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 
 use super::CachedVolume;
 use crate::error::CacheError;
+use crate::upstream::FetchClass;
 
 /// The most CMD_CACHE hints a volume fetches at once (see
 /// [`CachedVolume::prefetch_hint`]).
@@ -26,7 +27,9 @@ impl CachedVolume {
             if !self.present.get(i) && !self.manifest.is_zero_chunk(i) {
                 let vol = Arc::clone(self);
                 set.spawn(async move {
-                    Arc::clone(&vol).chunk_bytes(i).await?;
+                    Arc::clone(&vol)
+                        .chunk_bytes(i, FetchClass::Prefetch)
+                        .await?;
                     if !vol.present.get(i) {
                         // Served from memory: the disk failed the write.
                         return Err(CacheError::io(

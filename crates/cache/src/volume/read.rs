@@ -28,7 +28,7 @@ use virtman_nbd::ReadChunk;
 
 use super::{CachedVolume, Flight, Piece, lock};
 use crate::error::CacheError;
-use crate::upstream::ChunkRequest;
+use crate::upstream::{ChunkRequest, FetchClass};
 
 /// Reads up to this long try the page cache on the calling task first (a
 /// chunk's worth: a VM's reads and a child's chunk fetches).
@@ -82,7 +82,7 @@ impl CachedVolume {
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 let vol = Arc::clone(self);
                 let chunk = p.chunk;
-                set.spawn(async move { (k, vol.chunk_bytes(chunk).await) });
+                set.spawn(async move { (k, vol.chunk_bytes(chunk, FetchClass::Demand).await) });
             } else {
                 self.stats.hits.fetch_add(1, Ordering::Relaxed);
             }
@@ -195,7 +195,11 @@ impl CachedVolume {
 
     /// The whole of chunk `index`: local if present, else fetched once for all
     /// waiting readers.
-    pub(super) async fn chunk_bytes(self: Arc<Self>, index: u64) -> Result<ReadChunk, CacheError> {
+    pub(super) async fn chunk_bytes(
+        self: Arc<Self>,
+        index: u64,
+        class: FetchClass,
+    ) -> Result<ReadChunk, CacheError> {
         // A reader that joined a fetch someone else started, which then found
         // the group full, tries once more itself: the fetch may have started
         // under other conditions (volumes in use then, released since).
@@ -239,7 +243,7 @@ impl CachedVolume {
                         let (tx, rx) = watch::channel(None);
                         map.insert(index, rx.clone());
                         let vol = Arc::clone(&self);
-                        tokio::spawn(async move { vol.lead_fetch(index, tx).await });
+                        tokio::spawn(async move { vol.lead_fetch(index, class, tx).await });
                         rx
                     }
                 }
@@ -263,7 +267,7 @@ impl CachedVolume {
         }
     }
 
-    async fn lead_fetch(self: Arc<Self>, index: u64, tx: watch::Sender<Flight>) {
+    async fn lead_fetch(self: Arc<Self>, index: u64, class: FetchClass, tx: watch::Sender<Flight>) {
         /// Removes the in-flight entry even if the fetch panics.
         struct Done<'a>(&'a CachedVolume, u64);
         impl Drop for Done<'_> {
@@ -273,7 +277,7 @@ impl CachedVolume {
         }
         let res = {
             let _done = Done(&self, index);
-            let r = self.fetch_verify_store(index).await;
+            let r = self.fetch_verify_store(index, class).await;
             if r.is_err() {
                 self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
             }
@@ -282,7 +286,11 @@ impl CachedVolume {
         let _ = tx.send(Some(res.map_err(Arc::new)));
     }
 
-    async fn fetch_verify_store(self: &Arc<Self>, index: u64) -> Result<Bytes, CacheError> {
+    async fn fetch_verify_store(
+        self: &Arc<Self>,
+        index: u64,
+        class: FetchClass,
+    ) -> Result<Bytes, CacheError> {
         let upstream = self
             .upstream
             .read()
@@ -299,6 +307,7 @@ impl CachedVolume {
             index,
             offset: self.manifest.chunk_offset(index),
             len: self.manifest.chunk_len(index),
+            class,
         };
         let data = upstream
             .fetch(req)

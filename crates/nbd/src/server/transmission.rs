@@ -332,6 +332,9 @@ async fn execute(
                 .filter(|c| matches!(c, ReadChunk::Data(_)))
                 .map(|c| u64::from(c.len()))
                 .sum();
+            if let Some(cap) = &server.config.upload {
+                cap.take(data, crate::rate::Priority::Urgent).await;
+            }
             ServerStats::add(&server.stats.bytes_read, data);
             Ok(read_reply(req, &ctx.negotiated, chunks))
         }
