@@ -119,6 +119,26 @@ impl Node {
         }
     }
 
+    /// Starts agent `name` like [`Node::start`], with bandwidth `caps`.
+    pub async fn start_capped(
+        name: &str,
+        data_dir: PathBuf,
+        url: &str,
+        token: &str,
+        caps: virtman_agent::caps::CapRates,
+    ) -> Node {
+        let config = Self::config(name, data_dir, url);
+        Self::start_with(
+            virtman_agent::AgentConfig {
+                token: Some(token.into()),
+                caps: std::sync::Arc::new(virtman_agent::caps::Caps::new(caps)),
+                ..config
+            },
+            virtman_agent::prefetch::PrefetchConfig::default(),
+        )
+        .await
+    }
+
     async fn start_with(
         config: virtman_agent::AgentConfig,
         prefetch: virtman_agent::prefetch::PrefetchConfig,
