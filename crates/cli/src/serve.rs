@@ -61,6 +61,12 @@ pub struct ServeArgs {
     /// With --tls: clients must present a certificate of the directory's CA.
     #[arg(long, requires = "tls")]
     pub tls_verify_peer: bool,
+
+    /// Cap on the data sent, all clients together, as a link of this rate
+    /// would (bits a second unless in bytes: 1G, 100mbit, 60MB/s), like
+    /// nbdkit's rate filter. Default: no cap.
+    #[arg(long, value_name = "RATE", value_parser = crate::units::parse_rate_bytes)]
+    pub rate: Option<u64>,
 }
 
 /// Runs the server until SIGINT or SIGTERM.
@@ -99,8 +105,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(dir) => Some(NodeTlsHandles::load(dir, verify, true, false)?),
         None => None,
     };
+    let upload = args.rate.map(|bytes_per_sec| {
+        Arc::new(virtman_nbd::rate::TokenBucket::new(Some(
+            virtman_nbd::rate::Rate {
+                bytes_per_sec,
+                burst: virtman_agent::caps::BURST,
+            },
+        )))
+    });
     let server = Server::new(ServerConfig {
         tls: tls.as_ref().and_then(|t| t.server.clone()),
+        upload,
         ..ServerConfig::default()
     });
     server.add_export(name.clone(), Arc::new(export));
@@ -124,7 +139,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     for l in &listeners {
         tracing::info!(export = %name, file = %args.file.display(), read_only = args.read_only,
-            tls = tls.is_some(), "serving on {}", l.describe());
+            tls = tls.is_some(), rate = ?args.rate, "serving on {}", l.describe());
     }
     if let Some(tls) = tls {
         tokio::spawn(tls.reload_on_hangup());

@@ -114,10 +114,14 @@ pub struct StormArgs {
     /// its own CA and every base export is TLS-only).
     #[arg(long)]
     no_tls: bool,
-    /// Link rate with --netns (tc tbf syntax, e.g. 1gbit, 100mbit).
+    /// Every host's link (tc syntax, e.g. 1gbit, 100mbit; or 125MB/s). With
+    /// --netns a shaped veth; without, in user space: each agent's upload
+    /// and download caps, the plain server's cap in `direct` mode and a cap
+    /// shared by each host's VMs there. 0: no link (plain loopback).
     #[arg(long, default_value = "1gbit")]
     link_rate: String,
-    /// Latency added to every request with --netns (in user space).
+    /// Latency added to every request (in user space, with or without
+    /// --netns; 0s for none).
     #[arg(long, default_value = "0.2ms", value_parser = crate::coordinator::parse_duration)]
     link_delay: std::time::Duration,
     /// Boot real guests under qemu instead of replaying a trace: each VM runs
@@ -252,6 +256,15 @@ pub fn run(args: StormArgs) -> anyhow::Result<()> {
             delay: format!("{}ms", args.link_delay.as_secs_f64() * 1000.0),
         }),
         link_delay: args.link_delay,
+        link_rate: match args.link_rate.trim() {
+            _ if args.netns => None,
+            "0" => None,
+            r => Some(
+                crate::units::parse_rate_bytes(r)
+                    .map_err(anyhow::Error::msg)
+                    .context("--link-rate")?,
+            ),
+        },
         tls: !args.no_tls,
         logs: Some(args.out.join("logs")),
         chaos: args.chaos.clone().map(|c| c.0).unwrap_or_default(),

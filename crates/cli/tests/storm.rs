@@ -36,6 +36,44 @@ fn cluster_down(cdir: &Path) -> std::process::Output {
         .unwrap()
 }
 
+/// Without namespaces, `--link-rate` gives every host (and the plain server)
+/// a link in user space: what the image server sends leaves no faster than
+/// the rate (a lower bound on the time, which a slow machine cannot fail).
+#[test]
+fn a_user_space_link_holds_every_mode_to_its_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("results");
+    let out = Command::new(BIN)
+        .args(["storm", "--hosts", "2", "--vms", "4", "--image-size", "16M"])
+        .args(["--synthetic", "--working-set", "4M", "--back-to-back"])
+        .args(["--link-rate", "64mbit", "--mode", "all", "--no-tls", "--out"])
+        .arg(&out_dir)
+        .env("VIRTMAN_LOG", "warn")
+        .env("TMPDIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reports: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("report.json")).unwrap()).unwrap();
+    let rate = 8_000_000.0; // 64 Mbit/s
+    let burst = 1_048_576.0; // the caps' burst: four 256 KiB chunks
+    for r in reports.as_array().unwrap() {
+        let mode = r["mode"].as_str().unwrap();
+        let sent = r["origin_bytes"].as_u64().unwrap() as f64;
+        let secs = r["all_booted_secs"].as_f64().unwrap();
+        let least = (sent - burst) / rate;
+        assert!(
+            secs >= least * 0.95,
+            "{mode}: {sent} bytes in {secs:.2} s, faster than the link allows ({least:.2} s)"
+        );
+        assert!(sent >= 4.0 * 1_048_576.0, "{mode}: the origin sent {sent}");
+    }
+}
+
 #[test]
 fn a_small_storm_in_every_mode_reads_the_image_and_ranks_origin_load() {
     let dir = tempfile::tempdir().unwrap();

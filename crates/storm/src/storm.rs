@@ -5,7 +5,7 @@
 //!  virtman     coordinator + origin + M agents, relay tree (fan-out k, p parents)
 //!  cache-only  the same processes, fan-out M and one parent: every host fetches
 //!              from the origin, each once (host cache)
-//!  direct      qemu-nbd -e 64 serving the image; every VM reads it, no cache
+//!  direct      a plain NBD server of the image; every VM reads it, no cache
 //!
 //!  t0 ─► every VM at once: [create its snapshot] ─► connect ─► read 0 ─ think ─►
 //!        read 1 ─ … ─► last read = booted
@@ -55,7 +55,8 @@ use crate::guest::Guest;
 use capacity::check_capacity;
 use direct::ns_tx_bytes;
 use measure::save_logs;
-use vm::{VmDisk, boot_guest, expected_reads, replay};
+use virtman_nbd::rate::{Rate, TokenBucket};
+use vm::{Link, VmDisk, boot_guest, expected_reads, replay};
 
 /// How VMs get their image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,9 +108,14 @@ pub struct StormConfig {
     pub prefetch: bool,
     /// Network namespaces and shaped links (root only), or loopback.
     pub net: Option<crate::cluster::NetConfig>,
-    /// The latency `net` adds per request, applied by `direct` VMs themselves
-    /// (agents apply it to their fetches).
+    /// The latency a link adds per request (with `net` or `link_rate`),
+    /// applied by `direct` VMs themselves (agents apply it to their fetches).
     pub link_delay: Duration,
+    /// Without `net`: every host's link in user space, in bytes a second:
+    /// each agent's (the origin's too) upload and download caps, the plain
+    /// server's cap in `direct` mode, and one cap shared by each host's VMs
+    /// there; `link_delay` per request. None: loopback as it is.
+    pub link_rate: Option<u64>,
     /// Boot real guests under qemu instead of replaying the trace.
     pub qemu: Option<QemuBoot>,
     /// TLS between hosts in the cached modes (see [`ClusterConfig::tls`]).
@@ -154,6 +160,30 @@ pub enum StormError {
     /// Bad configuration.
     #[error("{0}")]
     Config(String),
+}
+
+/// The agents' arguments that make their links in user space (see
+/// [`StormConfig::link_rate`]): caps both ways and the delay per fetch.
+fn user_link_args(config: &StormConfig) -> Vec<String> {
+    match (&config.net, config.link_rate) {
+        (None, Some(rate)) => {
+            let rate = format!("{rate}B/s");
+            let mut args = vec![
+                "--upload-rate".to_owned(),
+                rate.clone(),
+                "--download-rate".to_owned(),
+                rate,
+            ];
+            if !config.link_delay.is_zero() {
+                args.extend([
+                    "--link-delay".to_owned(),
+                    format!("{}ms", config.link_delay.as_secs_f64() * 1000.0),
+                ]);
+            }
+            args
+        }
+        _ => Vec::new(),
+    }
 }
 
 /// Runs one storm in `mode`; `on_boot(booted, total)` is called each time a
@@ -218,12 +248,30 @@ pub async fn run(
             direct = Some(plain.server);
             direct_ns = plain.counter;
             let endpoint = plain.endpoint;
+            // In user space, each host's VMs share its link.
+            let links: Vec<Link> = (0..config.hosts)
+                .map(|_| Link {
+                    delay: config.link_delay,
+                    cap: config
+                        .net
+                        .is_none()
+                        .then_some(config.link_rate)
+                        .flatten()
+                        .map(|r| {
+                            Arc::new(TokenBucket::new(Some(Rate {
+                                bytes_per_sec: r,
+                                burst: virtman_agent::caps::BURST,
+                            })))
+                        }),
+                })
+                .collect();
             for i in 0..config.vms {
                 let host = format!("host{}", i % config.hosts + 1);
                 endpoints.push((
                     format!("vm{}", i + 1),
                     host,
                     VmDisk::Ready(endpoint.clone(), "img".to_owned()),
+                    links[i % config.hosts].clone(),
                 ));
             }
         }
@@ -261,7 +309,7 @@ pub async fn run(
                 net: config.net.clone(),
                 tls: config.tls,
                 liars: liars.clone(),
-                agent_args: config.agent_args.clone(),
+                agent_args: [config.agent_args.clone(), user_link_args(config)].concat(),
             })?;
             // Each VM's snapshot is created inside the storm, on the clock:
             // a host joins the image (and starts its prefetch) only when its
@@ -270,7 +318,12 @@ pub async fn run(
             for i in 0..config.vms {
                 let h = &hosts[i % hosts.len()];
                 let ctl = ControlClient::new(h.data_dir.join("agent.sock"));
-                endpoints.push((format!("vm{}", i + 1), h.name.clone(), VmDisk::Create(ctl)));
+                endpoints.push((
+                    format!("vm{}", i + 1),
+                    h.name.clone(),
+                    VmDisk::Create(ctl),
+                    Link::default(),
+                ));
             }
             cluster = Some(c);
         }
@@ -284,14 +337,14 @@ pub async fn run(
         .filter(|_| !actions.is_empty())
         .map(|c| tokio::spawn(chaos::run(actions.clone(), c.state.members.clone(), t0)));
     let mut tasks = tokio::task::JoinSet::new();
-    for (vm, host, disk) in endpoints {
+    for (vm, host, disk, link) in endpoints {
         let trace = Arc::clone(&config.trace);
         let expected = Arc::clone(&expected);
         let b2b = config.back_to_back;
-        let delay = if mode == StormMode::Direct && config.net.is_some() {
-            config.link_delay
+        let link = if config.net.is_some() || config.link_rate.is_some() {
+            link
         } else {
-            Duration::ZERO
+            Link::default()
         };
         let qemu = config.qemu.clone();
         let overlay = mode == StormMode::Direct;
@@ -300,7 +353,7 @@ pub async fn run(
                 Err(e) => Err(e),
                 Ok((endpoint, export)) => match qemu {
                     Some(q) => boot_guest(&q, &endpoint, &export, overlay, t0).await,
-                    None => replay(endpoint, export, trace, expected, b2b, t0, delay).await,
+                    None => replay(endpoint, export, trace, expected, b2b, t0, link).await,
                 },
             };
             (vm, host, r)

@@ -1,7 +1,8 @@
-//! The plain server of `direct` mode: `qemu-nbd -e 1024` serving the image,
-//! on a unix socket, or with namespaces in the origin's namespace behind its
-//! shaped link (an origin-only cluster provides it), where the link's counter
-//! measures what it sent.
+//! The plain server of `direct` mode: on loopback `virtman serve` on a unix
+//! socket (capped at the user-space link rate, if any: a server behind a
+//! link); with namespaces `qemu-nbd -e 1024` in the origin's namespace behind
+//! its shaped link (an origin-only cluster provides it), where the link's
+//! counter measures what it sent.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -16,7 +17,7 @@ use crate::cluster::{Cluster, ClusterConfig};
 pub(super) struct PlainServer {
     /// The origin-only cluster that provides the namespace, if any.
     pub(super) cluster: Option<Cluster>,
-    /// qemu-nbd, killed on drop.
+    /// The server, killed on drop.
     pub(super) server: KillOnDrop,
     /// For real guests in a namespace: the namespace and its link's sent
     /// bytes before the storm (qemu-nbd has no counter of its own).
@@ -25,7 +26,7 @@ pub(super) struct PlainServer {
     pub(super) endpoint: Endpoint,
 }
 
-/// Starts qemu-nbd for `config`'s image under `dir` and waits until it
+/// Starts the plain server for `config`'s image under `dir` and waits until it
 /// accepts connections.
 pub(super) async fn start(config: &StormConfig, dir: &Path) -> Result<PlainServer, StormError> {
     let mut cluster = None;
@@ -61,26 +62,36 @@ pub(super) async fn start(config: &StormConfig, dir: &Path) -> Result<PlainServe
         }
         None => None,
     };
-    let sock = dir.join("qemu-nbd.sock");
+    let sock = dir.join("plain.sock");
     let mut cmd = match &origin_ns {
-        Some((ns, _)) => {
+        Some((ns, ip)) => {
             let mut c = Command::new("ip");
             c.args(["netns", "exec", ns, "qemu-nbd"]);
+            c.args(["-r", "-t", "-e", "1024", "-f", "raw", "-x", "img"]);
+            c.args(["-b", ip, "-p", "10809"]);
             c
         }
-        None => Command::new("qemu-nbd"),
+        None => {
+            let mut c = Command::new(&config.bin);
+            c.args(["serve", "--read-only", "--name", "img", "--socket"])
+                .arg(&sock);
+            if let Some(rate) = config.link_rate {
+                c.args(["--rate", &format!("{rate}B/s")]);
+            }
+            c
+        }
     };
-    cmd.args(["-r", "-t", "-e", "1024", "-f", "raw", "-x", "img"]);
-    match &origin_ns {
-        Some((_, ip)) => cmd.args(["-b", ip, "-p", "10809"]),
-        None => cmd.arg("--socket").arg(&sock),
+    let what = if origin_ns.is_some() {
+        "qemu-nbd (install qemu-utils)"
+    } else {
+        "virtman serve"
     };
     let child = cmd
         .arg(&config.image)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| StormError::Config(format!("starting qemu-nbd (install qemu-utils): {e}")))?;
+        .map_err(|e| StormError::Config(format!("starting {what}: {e}")))?;
     let server = KillOnDrop(child);
     if config.qemu.is_some()
         && let Some((ns, _)) = &origin_ns
@@ -102,7 +113,7 @@ pub(super) async fn start(config: &StormConfig, dir: &Path) -> Result<PlainServe
             break;
         }
         if Instant::now() > deadline {
-            return Err(StormError::Config("qemu-nbd did not start".into()));
+            return Err(StormError::Config(format!("{what} did not start")));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -51,6 +51,14 @@ pub(super) struct Replayed {
     pub reads_ms: Vec<f32>,
 }
 
+/// The link a `direct` VM reads over: a delay per read and its host's cap
+/// (shared by the host's VMs). Cached modes' VMs read locally: none.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Link {
+    pub(super) delay: Duration,
+    pub(super) cap: Option<Arc<virtman_nbd::rate::TokenBucket>>,
+}
+
 /// Replays `trace` against one VM's export, checking every byte against
 /// `expected` (from [`expected_reads`]). A read that fails ends it.
 pub(super) async fn replay(
@@ -60,7 +68,7 @@ pub(super) async fn replay(
     expected: Arc<Vec<Vec<u8>>>,
     back_to_back: bool,
     t0: Instant,
-    per_read_delay: Duration,
+    link: Link,
 ) -> Result<Replayed, String> {
     let c = Client::connect(
         &endpoint,
@@ -82,10 +90,14 @@ pub(super) async fn replay(
             tokio::time::sleep(Duration::from_micros(r.at_us - last_at)).await;
         }
         last_at = r.at_us;
-        if !per_read_delay.is_zero() {
-            tokio::time::sleep(per_read_delay).await;
-        }
         let started = Instant::now();
+        if !link.delay.is_zero() {
+            tokio::time::sleep(link.delay).await;
+        }
+        if let Some(cap) = &link.cap {
+            cap.take(r.length, virtman_nbd::rate::Priority::Urgent)
+                .await;
+        }
         let got = c
             .read(r.offset, r.length)
             .await
