@@ -37,7 +37,14 @@ enum ModeArg {
 Modes: `virtman` (relay tree: hosts fetch from their parents, and prefetch the
 image's boot profile, which the origin holds from an earlier boot), `cache-only`
 (host caches, every host fetches from the origin), `direct` (every VM reads a
-plain qemu-nbd serving the image, no cache), `all` (each in turn, then a table).
+plain server of the image: `virtman serve`, or qemu-nbd with --netns; no
+cache), `all` (each in turn, then a table).
+
+Links: every host and the image server get a --link-rate link (default
+1 Gbit/s): with --netns shaped by the kernel, else in user space (agents'
+caps, the plain server's cap, a cap per host for direct VMs), with
+--link-delay per request. --link-rate 0: plain loopback, where nothing is
+scarce.
 
 Every VM replays the trace: its reads one at a time, each after the trace's think
 time (or back to back with --back-to-back), and every byte is checked against
@@ -58,15 +65,16 @@ longest and 99th-percentile read of VMs on hosts never hit. The exit status is
 non-zero when it did not hold.
 
 Example:
-  virtman storm --hosts 4 --vms 16 --mode all
+  virtman storm                                  # 8 hosts, 48 VMs, every mode, 1 Gbit/s links
+  virtman storm --hosts 4 --vms 16 --mode all --link-rate 100mbit
   virtman storm --hosts 8 --vms 32 --image debian.raw --trace boot.trace --back-to-back
   virtman storm --hosts 8 --vms 32 --mode virtman --chaos kill:25%@1s,stop:1@1.5s+3s")]
 pub struct StormArgs {
     /// Hosts (agents besides the origin).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 8)]
     hosts: usize,
     /// VMs, spread over the hosts.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 48)]
     vms: usize,
     /// Which mode to run.
     #[arg(long, value_enum, default_value_t = ModeArg::All)]

@@ -36,6 +36,42 @@ fn cluster_down(cdir: &Path) -> std::process::Output {
         .unwrap()
 }
 
+/// The README's main command, as a new user runs it: no argument at all.
+#[test]
+fn the_default_storm_writes_its_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .arg("storm")
+        .current_dir(dir.path())
+        .env("VIRTMAN_LOG", "warn")
+        .env("TMPDIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .filter(|w: &Vec<&str>| matches!(w.first(), Some(&("virtman" | "cache-only" | "direct"))))
+        .collect();
+    assert_eq!(rows.len(), 3, "{table}");
+    for r in &rows {
+        assert_eq!(&r[1..3], ["8", "48"], "{table}");
+    }
+    // What the image server sent: once for virtman, per host for
+    // cache-only, per VM for direct.
+    let origin: Vec<f64> = rows.iter().map(|r| r[6].parse().unwrap()).collect();
+    assert!(origin[0] < origin[1] && origin[1] < origin[2], "{table}");
+    let results = dir.path().join("storm-results");
+    for f in ["report.json", "boots.csv", "chart.svg"] {
+        assert!(results.join(f).exists(), "{f}");
+    }
+}
+
 /// Without namespaces, `--link-rate` gives every host (and the plain server)
 /// a link in user space: what the image server sends leaves no faster than
 /// the rate (a lower bound on the time, which a slow machine cannot fail).
@@ -46,7 +82,14 @@ fn a_user_space_link_holds_every_mode_to_its_rate() {
     let out = Command::new(BIN)
         .args(["storm", "--hosts", "2", "--vms", "4", "--image-size", "16M"])
         .args(["--synthetic", "--working-set", "4M", "--back-to-back"])
-        .args(["--link-rate", "64mbit", "--mode", "all", "--no-tls", "--out"])
+        .args([
+            "--link-rate",
+            "64mbit",
+            "--mode",
+            "all",
+            "--no-tls",
+            "--out",
+        ])
         .arg(&out_dir)
         .env("VIRTMAN_LOG", "warn")
         .env("TMPDIR", dir.path())
