@@ -11,6 +11,7 @@
 //! | `virtman_cache_evicted_chunks_total` | image | chunks evicted |
 //! | `virtman_cache_disk_errors_total` | image | failed reads, writes and syncs of the cache's disk (the chunks are fetched again or served from memory) |
 //! | `virtman_prefetched_chunks_total`, `_bytes_total` | image | chunks fetched by prefetch (boot profile, pin, CMD_CACHE hints) |
+//! | `virtman_cache_held_chunks`, `virtman_image_chunks` | image | chunks a read serves without fetching (stored or all-zero), of the image's (the same figure as `virtman status` and the tree) |
 //! | `virtman_cache_used_bytes`, `_capacity_bytes` | | the cache group's usage |
 //! | `virtman_served_bytes_total` | to=children\|vms | bytes served over the base and VM exports |
 //! | `virtman_origin_sent_bytes_total` | image | bytes an origin sent |
@@ -122,6 +123,20 @@ impl Collector for AgentCollector {
             for s in &members {
                 ConstCounter::new(get(s))
                     .encode(m.encode_family(&[("image", s.image.as_str())])?)?;
+            }
+        }
+        let gauges: [(&str, &str, Get); 2] = [
+            (
+                "cache_held_chunks",
+                "Chunks a read serves without fetching (stored or all-zero)",
+                |s| s.held_chunks,
+            ),
+            ("image_chunks", "Chunks of the image", |s| s.chunks),
+        ];
+        for (name, help, get) in gauges {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for s in &members {
+                gauge(get(s)).encode(m.encode_family(&[("image", s.image.as_str())])?)?;
             }
         }
         let mut m = enc.encode_descriptor(

@@ -180,6 +180,15 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where a member image fetches from: its parents, else its origins.
+fn sources(i: &virtman_agent::agent::ImageStatus) -> String {
+    match (i.parents.is_empty(), i.origins.is_empty()) {
+        (false, _) => i.parents.join(", "),
+        (true, false) => format!("origin {}", i.origins.join(", ")),
+        (true, true) => "none yet".to_owned(),
+    }
+}
+
 /// `virtman status` for a person: the host, then one line per image (held
 /// fraction, parents or what an origin sent, prefetch), then the VMs.
 fn status_text(s: &virtman_agent::agent::Status) -> String {
@@ -220,10 +229,10 @@ fn status_text(s: &virtman_agent::agent::Status) -> String {
             ),
             None if i.on_saved_parents => format!(
                 "{} (saved before a restart; waiting for the coordinator; failovers {})",
-                i.parents.join(", "),
+                sources(i),
                 i.failovers
             ),
-            None => format!("{} (failovers {})", i.parents.join(", "), i.failovers),
+            None => format!("{} (failovers {})", sources(i), i.failovers),
         };
         let detail = match &i.prefetch {
             Some(p) if p.pinned || p.prefetched_chunks > 0 || p.profile_chunks > 0 => format!(
@@ -281,6 +290,7 @@ mod tests {
                     "profile_chunks": 240, "profile_done": true, "recorded_chunks": 0,
                     "prefetched_chunks": 200, "prefetched_bytes": 200u64 << 18,
                     "pinned": true, "pin_done": false}})),
+                image("leaf", serde_json::json!({"parents": [], "origins": ["origin"]})),
                 image("base", serde_json::json!({"role": "origin", "progress": 1.0,
                     "parents": [], "sent": {"bytes": 1u64 << 20, "chunks_sent": 4,
                     "max_per_chunk": 1}})),
@@ -310,6 +320,10 @@ mod tests {
         assert!(joined.contains("25.0%"), "{text}");
         assert!(
             joined.contains("prefetched 50 MiB (200 chunks, profile 240 chunks), pinning"),
+            "{text}"
+        );
+        assert!(
+            line("leaf").contains("origin origin (failovers 3)"),
             "{text}"
         );
         assert!(

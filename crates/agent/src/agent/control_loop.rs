@@ -189,16 +189,12 @@ impl Agent {
         let sessions = members
             .iter()
             .filter_map(|(name, e)| match &e.role {
-                Role::Member { volume, epoch, .. } => {
-                    let chunks = e.manifest.chunks().max(1);
-                    let held = volume.present_chunks();
-                    Some(SessionBeat {
-                        image: name.clone(),
-                        progress: held as f64 / chunks as f64,
-                        complete: held >= e.manifest.chunks(),
-                        known_epoch: epoch.load(Ordering::Relaxed),
-                    })
-                }
+                Role::Member { volume, epoch, .. } => Some(SessionBeat {
+                    image: name.clone(),
+                    progress: volume.held_fraction(),
+                    complete: volume.is_complete(),
+                    known_epoch: epoch.load(Ordering::Relaxed),
+                }),
                 Role::Origin { .. } => None,
             })
             .collect();

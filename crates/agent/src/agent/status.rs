@@ -25,6 +25,10 @@ pub struct ImageStatus {
     pub progress: f64,
     /// Parent names, in order of preference (members).
     pub parents: Vec<String>,
+    /// Origin names, asked after the parents (members; with no parent, the
+    /// host's only sources).
+    #[serde(default)]
+    pub origins: Vec<String>,
     /// Bytes fetched from each source (name, is origin, bytes).
     pub fetched: Vec<(String, bool, u64)>,
     /// Chunks fetched from origins (members).
@@ -104,6 +108,10 @@ pub struct MemberStats {
     pub prefetched_chunks: u64,
     /// Bytes of those.
     pub prefetched_bytes: u64,
+    /// Chunks held (see [`virtman_cache::CachedVolume::held_chunks`]).
+    pub held_chunks: u64,
+    /// The image's chunks.
+    pub chunks: u64,
     /// Fetch latency.
     pub latency: prometheus_client::metrics::histogram::Histogram,
 }
@@ -152,6 +160,8 @@ impl Agent {
                         disk_errors: v.disk_errors.load(Ordering::Relaxed),
                         prefetched_chunks: v.prefetched_chunks.load(Ordering::Relaxed),
                         prefetched_bytes: v.prefetched_bytes.load(Ordering::Relaxed),
+                        held_chunks: volume.held_chunks(),
+                        chunks: e.manifest.chunks(),
                         latency: f.latency.clone(),
                     })
                 }
@@ -193,6 +203,7 @@ impl Agent {
                         size: e.manifest.size(),
                         progress: 1.0,
                         parents: Vec::new(),
+                        origins: Vec::new(),
                         fetched: Vec::new(),
                         from_origins: 0,
                         failovers: 0,
@@ -215,8 +226,9 @@ impl Agent {
                     name,
                     role: "member".into(),
                     size: e.manifest.size(),
-                    progress: volume.present_chunks() as f64 / e.manifest.chunks().max(1) as f64,
+                    progress: volume.held_fraction(),
                     parents: parents.current().into_iter().map(|s| s.name).collect(),
+                    origins: parents.origins().into_iter().map(|s| s.name).collect(),
                     fetched: parents.bytes_by_source(),
                     from_origins: parents.stats().from_origins.load(Ordering::Relaxed),
                     failovers: parents.stats().failovers.load(Ordering::Relaxed),

@@ -132,6 +132,8 @@ pub struct CachedVolume {
     profile_path: PathBuf,
     /// Reads waiting on a fetch right now (prefetch yields to them).
     demand_waiting: AtomicUsize,
+    /// All-zero chunks (from the manifest): held without being stored.
+    zero_chunks: u64,
     /// Background hint tasks running (see [`CachedVolume::prefetch_hint`]).
     hints: AtomicUsize,
 }
@@ -302,6 +304,7 @@ impl CachedVolume {
             })
         };
         let profile = Recorder::new(chunks, loaded);
+        let zero_chunks = (0..chunks).filter(|&i| manifest.is_zero_chunk(i)).count() as u64;
         let vol = Arc::new(CachedVolume {
             name: name.to_owned(),
             dir: dir.to_path_buf(),
@@ -326,6 +329,7 @@ impl CachedVolume {
             profile_path,
             demand_waiting: AtomicUsize::new(0),
             hints: AtomicUsize::new(0),
+            zero_chunks,
         });
         acct.register(Arc::<CachedVolume>::downgrade(&vol));
         Ok(vol)
@@ -375,6 +379,27 @@ impl CachedVolume {
     /// Number of present chunks.
     pub fn present_chunks(&self) -> u64 {
         self.present.count()
+    }
+
+    /// Chunks a read serves without fetching: those stored and the all-zero
+    /// ones (never stored). The one figure of "how much a host holds":
+    /// status, heartbeats (a host holding all is complete, a root), the
+    /// `x-virtman:present` context and the metrics count it.
+    pub fn held_chunks(&self) -> u64 {
+        self.present.count() + self.zero_chunks
+    }
+
+    /// Whether every chunk is held.
+    pub fn is_complete(&self) -> bool {
+        self.held_chunks() >= self.manifest.chunks()
+    }
+
+    /// The fraction of chunks held, 0 to 1.
+    pub fn held_fraction(&self) -> f64 {
+        // Chunk counts are far below 2^53.
+        #[allow(clippy::cast_precision_loss)]
+        let f = self.held_chunks() as f64 / self.manifest.chunks().max(1) as f64;
+        f.min(1.0)
     }
 
     /// Bytes of present chunks.

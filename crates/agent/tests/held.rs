@@ -1,0 +1,92 @@
+//! "How much a host holds" is one figure everywhere: a host that fetched
+//! every non-zero chunk of a sparse image holds all of it in its status, its
+//! heartbeats (the coordinator marks it complete: a root for the others),
+//! its metrics and its `x-virtman:present` context.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+mod common;
+
+use common::{Node, serve_coordinator, vm_client, wait_for, wait_for_image};
+use virtman_agent::prefetch::PrefetchConfig;
+use virtman_image::ImageStore;
+
+const CHUNK: u32 = 64 * 1024;
+const CHUNKS: usize = 32;
+const DATA: [usize; 3] = [0, 5, 17];
+const TOKEN: &str = "held-test-token-0123456789abcdef";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_holding_every_non_zero_chunk_of_a_sparse_image_holds_it_all() {
+    let dir = tempfile::tempdir().unwrap();
+    // A sparse image: three chunks of data, the rest zero.
+    let mut image = vec![0u8; CHUNKS * CHUNK as usize];
+    for &i in &DATA {
+        let at = i * CHUNK as usize;
+        image[at..at + CHUNK as usize]
+            .copy_from_slice(&virtman_testkit::pattern(CHUNK as usize, i as u64 + 1));
+    }
+    let raw = dir.path().join("img.raw");
+    std::fs::write(&raw, &image).unwrap();
+    ImageStore::open(dir.path().join("origin/images"))
+        .unwrap()
+        .import(&raw, "img", CHUNK, &mut |_, _| {})
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, _task) = serve_coordinator(dir.path().join("coord"), TOKEN, listener);
+    let start = |name: &'static str| {
+        Node::start(
+            name,
+            dir.path().join(name),
+            &url,
+            TOKEN,
+            PrefetchConfig::default(),
+        )
+    };
+    let origin = start("origin").await;
+    wait_for_image(&url, "img").await;
+    let a1 = start("a1").await;
+    a1.agent.create_vm("vm1", "img").await.unwrap();
+    let vm = vm_client(a1.agent.vm_socket(), "vm1").await;
+    for &i in &DATA {
+        let off = (i * CHUNK as usize) as u64;
+        let got = vm.read(off, u64::from(CHUNK)).await.unwrap();
+        assert_eq!(
+            &got[..],
+            &image[off as usize..off as usize + CHUNK as usize]
+        );
+    }
+    let v = a1.agent.volume("img").unwrap();
+    assert_eq!(v.present_chunks(), DATA.len() as u64, "only data is stored");
+    assert_eq!(v.held_chunks(), CHUNKS as u64);
+    assert!(v.is_complete());
+
+    // Status.
+    let status = a1.agent.status();
+    let img = status.images.iter().find(|i| i.name == "img").unwrap();
+    assert!((img.progress - 1.0).abs() < 1e-9, "{}", img.progress);
+    // The x-virtman:present context: one held run over the whole image.
+    let runs = v.present_runs(0, (CHUNKS * CHUNK as usize) as u32);
+    assert_eq!(
+        runs,
+        vec![((CHUNKS * CHUNK as usize) as u64, virtman_cache::PRESENT)]
+    );
+    // Metrics.
+    let stats = a1.agent.member_stats();
+    let m = stats.iter().find(|s| s.image == "img").unwrap();
+    assert_eq!((m.held_chunks, m.chunks), (CHUNKS as u64, CHUNKS as u64));
+    // The coordinator, from heartbeats: complete, a root.
+    let client = virtman_coordinator::Client::new(&url, Some(TOKEN.into())).unwrap();
+    wait_for("the coordinator to see a1 complete", || async {
+        client.tree("img").await.is_ok_and(|t| {
+            t.nodes
+                .iter()
+                .any(|n| n.node == "a1" && n.complete && (n.progress - 1.0).abs() < 1e-9)
+        })
+    })
+    .await;
+    drop(vm);
+    a1.kill().await;
+    origin.kill().await;
+    stop.cancel();
+}
