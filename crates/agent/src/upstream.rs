@@ -21,8 +21,9 @@
 //! Parts: `conn.rs` (one source and its client), `fetch.rs` (one fetch:
 //! attempts, hedges, the delay estimate and the hedge budget).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -207,6 +208,26 @@ pub struct Parents {
     shared: Arc<Shared>,
     parents: RwLock<Vec<Arc<Conn>>>,
     origins: RwLock<Vec<Arc<Conn>>>,
+    /// Bytes fetched per source (name, origin) since the start, kept when a
+    /// source leaves the lists: counters never go down.
+    totals: Totals,
+}
+
+#[derive(Default)]
+struct Totals(Mutex<BTreeMap<(String, bool), Arc<AtomicU64>>>);
+
+impl Totals {
+    /// A connection to `source`, counting into its total.
+    fn conn(&self, source: Source, origin: bool) -> Arc<Conn> {
+        let bytes = Arc::clone(
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry((source.name.clone(), origin))
+                .or_default(),
+        );
+        Conn::new(source, origin, bytes)
+    }
 }
 
 impl std::fmt::Debug for Parents {
@@ -227,7 +248,10 @@ impl Parents {
         config: FetchConfig,
         reports: mpsc::UnboundedSender<BadParent>,
     ) -> Parents {
+        let totals = Totals::default();
+        let origins = origins.into_iter().map(|s| totals.conn(s, true)).collect();
         Parents {
+            totals,
             shared: Arc::new(Shared {
                 image: image.into(),
                 manifest,
@@ -237,7 +261,7 @@ impl Parents {
                 stats: Arc::new(FetchStats::default()),
             }),
             parents: RwLock::new(Vec::new()),
-            origins: RwLock::new(origins.into_iter().map(|s| Conn::new(s, true)).collect()),
+            origins: RwLock::new(origins),
         }
     }
 
@@ -255,7 +279,7 @@ impl Parents {
                 .iter()
                 .find(|c| c.source == s)
                 .cloned()
-                .unwrap_or_else(|| Conn::new(s, false));
+                .unwrap_or_else(|| self.totals.conn(s, false));
             g.push(keep);
         }
     }
@@ -274,7 +298,7 @@ impl Parents {
                 .iter()
                 .find(|c| c.source == s)
                 .cloned()
-                .unwrap_or_else(|| Conn::new(s, true));
+                .unwrap_or_else(|| self.totals.conn(s, true));
             g.push(keep);
         }
         let mut p = self.parents.write().unwrap_or_else(|p| p.into_inner());
@@ -298,20 +322,13 @@ impl Parents {
         &self.shared.stats
     }
 
-    /// Bytes fetched from each source so far, by name (origins included).
+    /// Bytes fetched from each source so far, by name (origins included):
+    /// every source ever used, parents that have since left too, so sums
+    /// over sources never go down.
     pub fn bytes_by_source(&self) -> Vec<(String, bool, u64)> {
-        // Origins first, then parents: the order every method locks in.
-        let o = self.origins.read().unwrap_or_else(|p| p.into_inner());
-        let g = self.parents.read().unwrap_or_else(|p| p.into_inner());
-        g.iter()
-            .chain(o.iter())
-            .map(|c| {
-                (
-                    c.source.name.clone(),
-                    c.origin,
-                    c.bytes.load(Ordering::Relaxed),
-                )
-            })
+        let t = self.totals.0.lock().unwrap_or_else(|p| p.into_inner());
+        t.iter()
+            .map(|((name, origin), b)| (name.clone(), *origin, b.load(Ordering::Relaxed)))
             .collect()
     }
 

@@ -21,12 +21,13 @@ pub(super) struct Conn {
     slow_until: Mutex<Option<Instant>>,
     /// Sent a wrong chunk: never used again for this image.
     pub(super) liar: AtomicBool,
-    /// Bytes fetched from this source.
-    pub(super) bytes: AtomicU64,
+    /// Bytes fetched from this source (shared with the image's totals,
+    /// which outlive the connection).
+    pub(super) bytes: Arc<AtomicU64>,
 }
 
 impl Conn {
-    pub(super) fn new(source: Source, origin: bool) -> Arc<Conn> {
+    pub(super) fn new(source: Source, origin: bool, bytes: Arc<AtomicU64>) -> Arc<Conn> {
         Arc::new(Conn {
             source,
             origin,
@@ -35,7 +36,7 @@ impl Conn {
             cool_until: Mutex::new(None),
             slow_until: Mutex::new(None),
             liar: AtomicBool::new(false),
-            bytes: AtomicU64::new(0),
+            bytes,
         })
     }
 

@@ -110,6 +110,43 @@ async fn liars_and_dead_parents_are_skipped_and_reported() {
 }
 
 #[tokio::test]
+async fn bytes_from_a_parent_that_left_stay_counted() {
+    let stop = CancellationToken::new();
+    let data = image();
+    let m = Arc::new(Manifest::of_bytes(&data, CHUNK).unwrap());
+    let a = serve(data.clone(), &stop).await;
+    let b = serve(data.clone(), &stop).await;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let p = Parents::new("img", Arc::clone(&m), vec![], unhedged(), tx);
+    let total = |p: &Parents| p.bytes_by_source().iter().map(|x| x.2).sum::<u64>();
+    p.set(vec![source("a", &a)]);
+    p.fetch(req(&m, 0)).await.unwrap();
+    let after_a = total(&p);
+    assert_eq!(after_a, u64::from(m.chunk_len(0)));
+    // a leaves, b comes: a's bytes stay in the sums.
+    p.set(vec![source("b", &b)]);
+    p.fetch(req(&m, 1)).await.unwrap();
+    let by: Vec<(String, u64)> = p
+        .bytes_by_source()
+        .into_iter()
+        .map(|x| (x.0, x.2))
+        .collect();
+    assert_eq!(
+        by,
+        vec![
+            ("a".to_string(), u64::from(m.chunk_len(0))),
+            ("b".to_string(), u64::from(m.chunk_len(1)))
+        ]
+    );
+    // a back: its counter goes on from where it was.
+    p.set(vec![source("a", &a)]);
+    p.fetch(req(&m, 2)).await.unwrap();
+    assert!(total(&p) > after_a + u64::from(m.chunk_len(1)));
+    assert_eq!(p.bytes_by_source().len(), 2);
+    stop.cancel();
+}
+
+#[tokio::test]
 async fn origin_is_the_last_resort_and_all_dead_is_a_clear_error() {
     let stop = CancellationToken::new();
     let data = image();
