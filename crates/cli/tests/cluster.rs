@@ -507,6 +507,37 @@ async fn a_middle_agent_killed_mid_read_fails_no_read_and_the_tree_is_repaired()
     );
     let t = c.tree().unwrap();
     assert!(t["max_depth"].as_u64().unwrap() <= t["depth_bound"].as_u64().unwrap());
+    // The operator can follow it at info, one line each: the death, the
+    // reports acted on, each repair with the old and new parents; and each
+    // agent's own parent change.
+    let log = c.coordinator.as_ref().unwrap().log.lock().unwrap().clone();
+    let has = |what: &str, with: &str| {
+        log.lines()
+            .any(|l| l.contains(" INFO ") && l.contains(what) && l.contains(with))
+    };
+    assert!(has("declared dead", &format!("node={victim}")), "{log}");
+    assert!(
+        has("parents changed", &format!("old=[\"{victim}\"")) || has("parents changed", &victim),
+        "{log}"
+    );
+    let repaired = log
+        .lines()
+        .filter(|l| l.contains("parents changed") && l.contains(&victim))
+        .count();
+    assert!(repaired >= 1, "{log}");
+    let survivors_logged = (1..=6)
+        .filter(|&i| i != victim_i)
+        .filter_map(|i| c.agents[i - 1].as_ref())
+        .any(|a| {
+            let l = a.log.lock().unwrap();
+            l.lines().any(|l| {
+                l.contains(" INFO ") && l.contains("parents changed") && l.contains(&victim)
+            })
+        });
+    assert!(
+        survivors_logged,
+        "no agent logged leaving {victim} as a parent"
+    );
 }
 
 /// Whole-agent crash consistency, CI-sized: an agent is SIGKILLed at random

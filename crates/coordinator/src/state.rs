@@ -133,6 +133,7 @@ impl State {
                         name: node,
                         addr: rec.addr.clone(),
                         labels: rec.labels.clone(),
+                        parents: rec.parents.clone(),
                     },
                 );
                 saved.push((id, rec));
@@ -271,8 +272,15 @@ impl State {
         image: &mut ImageState,
         outcome: &Outcome,
         before: virtman_topology::Stats,
+        why: &str,
     ) {
         let name = image.record.name.clone();
+        // One line per death and per repair, for the operator.
+        for &id in &outcome.dead {
+            if let Some(node) = image.name_of(id) {
+                tracing::info!(image = %name, node = %node, why, "declared dead");
+            }
+        }
         for id in &outcome.removed {
             if let Some(m) = image.members.remove(id) {
                 batch.members.remove(&(name.clone(), m.name.clone()));
@@ -280,9 +288,20 @@ impl State {
             }
         }
         for &id in &outcome.changed {
-            if let (Some(rec), Some(m)) = (image.record(id), image.members.get(&id)) {
-                batch.members.insert((name.clone(), m.name.clone()), rec);
+            let Some(rec) = image.record(id) else {
+                continue;
+            };
+            let Some(m) = image.members.get_mut(&id) else {
+                continue;
+            };
+            if m.parents.is_empty() {
+                tracing::debug!(image = %name, node = %m.name, parents = ?rec.parents, why, "parents given");
+            } else if m.parents != rec.parents {
+                tracing::info!(image = %name, node = %m.name, old = ?m.parents,
+                    new = ?rec.parents, why, "parents changed");
             }
+            m.parents.clone_from(&rec.parents);
+            batch.members.insert((name.clone(), m.name.clone()), rec);
         }
         let after = image.session.stats();
         metrics

@@ -256,11 +256,20 @@ impl Agent {
         let Some(entry) = entry else { return };
         if let Role::Member { parents, epoch, .. } = &entry.role {
             let list = self.parent_sources(a);
-            debug!(image = %a.image, epoch = a.epoch, parents = ?list, "new parents");
+            let names = |p: &crate::upstream::Parents| -> Vec<String> {
+                p.current().into_iter().map(|s| s.name).collect()
+            };
+            let old = names(parents);
             if !a.origins.is_empty() {
                 parents.set_origins(known::origin_sources(&a.origins));
             }
             parents.set(list);
+            let new = names(parents);
+            if old == new {
+                debug!(image = %a.image, epoch = a.epoch, parents = ?new, "parent list again");
+            } else {
+                info!(image = %a.image, epoch = a.epoch, ?old, ?new, "parents changed");
+            }
             epoch.store(a.epoch, Ordering::Relaxed);
         }
     }

@@ -17,6 +17,8 @@ pub(super) struct Member {
     pub(super) name: String,
     pub(super) addr: String,
     pub(super) labels: BTreeMap<String, String>,
+    /// Its parents' names as last handed out (to log what a change changed).
+    pub(super) parents: Vec<String>,
 }
 
 #[derive(Debug)]

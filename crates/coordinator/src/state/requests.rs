@@ -92,9 +92,11 @@ impl State {
                 name: req.node.clone(),
                 addr: req.addr,
                 labels: req.labels,
+                parents: Vec::new(),
             },
         );
-        Self::absorb(&mut self.batch, &self.metrics, st, &outcome, before);
+        let why = format!("{} joined", req.node);
+        Self::absorb(&mut self.batch, &self.metrics, st, &outcome, before, &why);
         self.metrics.joins.inc();
         Ok(JoinResponse {
             assignment: st.assignment(id),
@@ -143,7 +145,8 @@ impl State {
             .session
             .leave(id, now)
             .map_err(|e| topology_error(e, &req.node, image))?;
-        Self::absorb(&mut self.batch, &self.metrics, st, &outcome, before);
+        let why = format!("{} left", req.node);
+        Self::absorb(&mut self.batch, &self.metrics, st, &outcome, before, &why);
         self.metrics.leaves.inc();
         Ok(())
     }
@@ -172,7 +175,13 @@ impl State {
             .session
             .report_unreachable(id, parent, now)
             .map_err(|e| topology_error(e, &req.node, image))?;
-        Self::absorb(&mut self.batch, &self.metrics, st, &outcome, before);
+        let why = format!("{} reported {} unreachable", req.node, req.parent);
+        if st.session.stats().reports > before.reports {
+            tracing::info!(image, node = %req.node, parent = %req.parent, "report acted on");
+        } else {
+            tracing::debug!(image, node = %req.node, parent = %req.parent, "report not acted on");
+        }
+        Self::absorb(&mut self.batch, &self.metrics, st, &outcome, before, &why);
         self.metrics.reports.inc();
         Ok(st.assignment(id))
     }
@@ -228,7 +237,12 @@ impl State {
                 .session
                 .heartbeat(id, now, progress)
                 .map_err(|e| topology_error(e, &req.node, &beat.image))?;
-            Self::absorb(&mut self.batch, &self.metrics, st, &outcome, before);
+            let why = if beat.complete {
+                format!("{} is complete", req.node)
+            } else {
+                format!("heartbeat of {}", req.node)
+            };
+            Self::absorb(&mut self.batch, &self.metrics, st, &outcome, before, &why);
             if st.session.epoch(id) != Some(beat.known_epoch) {
                 changed.push(st.assignment(id));
             }
@@ -245,11 +259,14 @@ impl State {
         for st in self.images.values_mut() {
             let before = st.session.stats();
             let outcome = st.session.tick(now);
-            if !outcome.dead.is_empty() {
-                let names: Vec<&str> = outcome.dead.iter().filter_map(|&d| st.name_of(d)).collect();
-                tracing::info!(image = %st.record.name, dead = ?names, "declared dead");
-            }
-            Self::absorb(&mut self.batch, &self.metrics, st, &outcome, before);
+            Self::absorb(
+                &mut self.batch,
+                &self.metrics,
+                st,
+                &outcome,
+                before,
+                "heartbeats stopped",
+            );
         }
         self.update_gauges();
     }
@@ -359,7 +376,8 @@ impl State {
                     .session
                     .leave(id, now)
                     .map_err(|e| topology_error(e, node, &st.record.name))?;
-                Self::absorb(&mut self.batch, &self.metrics, st, &outcome, before);
+                let why = format!("{node} banned");
+                Self::absorb(&mut self.batch, &self.metrics, st, &outcome, before, &why);
             }
         }
         // Unbanning a node that never joined leaves nothing to show.
