@@ -198,12 +198,10 @@ impl Agent {
                 Role::Origin { .. } => None,
             })
             .collect();
+        // A host in no session (an origin, or one with no VM yet) still
+        // heartbeats: its answer is the ban list, and its status then says
+        // whether the coordinator answers.
         let sessions: Vec<SessionBeat> = sessions;
-        if sessions.is_empty() && self.access.is_none() {
-            // Nothing to report: an origin-only host is not a session member
-            // (with TLS it still asks, for the ban list).
-            return Ok(());
-        }
         let req = HeartbeatRequest {
             node: self.config.name.clone(),
             sessions,

@@ -1,7 +1,11 @@
-//! "How much a host holds" is one figure everywhere: a host that fetched
-//! every non-zero chunk of a sparse image holds all of it in its status, its
-//! heartbeats (the coordinator marks it complete: a root for the others),
-//! its metrics and its `x-virtman:present` context.
+//! What a host's status says, and that it agrees with everything else:
+//!
+//! - "How much a host holds" is one figure everywhere: a host that fetched
+//!   every non-zero chunk of a sparse image holds all of it in its status,
+//!   its heartbeats (the coordinator marks it complete: a root for the
+//!   others), its metrics and its `x-virtman:present` context.
+//! - A host with no image yet says the coordinator is reachable as soon as
+//!   it answers (not only once the host joins a session).
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 mod common;
@@ -88,5 +92,33 @@ async fn a_host_holding_every_non_zero_chunk_of_a_sparse_image_holds_it_all() {
     drop(vm);
     a1.kill().await;
     origin.kill().await;
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_with_no_image_sees_the_coordinator_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, _task) = serve_coordinator(dir.path().join("coord"), TOKEN, listener);
+    let idle = Node::start(
+        "idle",
+        dir.path().join("idle"),
+        &url,
+        TOKEN,
+        PrefetchConfig::default(),
+    )
+    .await;
+    let t0 = std::time::Instant::now();
+    wait_for("the coordinator to be seen", || async {
+        idle.agent.status().coordinator_ok
+    })
+    .await;
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        t0.elapsed()
+    );
+    idle.kill().await;
     stop.cancel();
 }
