@@ -60,7 +60,7 @@ pub struct AgentArgs {
     pub coordinator: String,
 
     /// Directory for the cache group, sockets and the default image store.
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR, env = "VIRTMAN_DATA_DIR")]
     pub data_dir: PathBuf,
 
     /// Address the base exports listen on (children hosts connect here). Port

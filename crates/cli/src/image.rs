@@ -81,7 +81,7 @@ Examples:
         /// The image's name.
         name: String,
         /// The agent's data directory (its control socket is DATA_DIR/agent.sock).
-        #[arg(long, value_name = "DIR", default_value = crate::agent::DEFAULT_DATA_DIR)]
+        #[arg(long, value_name = "DIR", default_value = crate::agent::DEFAULT_DATA_DIR, env = "VIRTMAN_DATA_DIR")]
         data_dir: PathBuf,
     },
     /// Fetch the whole image onto this host's agent in the background (joining
@@ -91,7 +91,7 @@ Examples:
         /// The image's name.
         name: String,
         /// The agent's data directory (its control socket is DATA_DIR/agent.sock).
-        #[arg(long, value_name = "DIR", default_value = crate::agent::DEFAULT_DATA_DIR)]
+        #[arg(long, value_name = "DIR", default_value = crate::agent::DEFAULT_DATA_DIR, env = "VIRTMAN_DATA_DIR")]
         data_dir: PathBuf,
     },
 }

@@ -55,8 +55,8 @@ enum NodeCommand {
 
 /// Runs the subcommand.
 pub fn run(args: NodeArgs) -> anyhow::Result<()> {
-    let client = args.remote.client()?;
-    let url = &args.remote.coordinator;
+    let (client, url) = args.remote.client()?;
+    let url = &url;
     runtime()?.block_on(async {
         match &args.command {
             NodeCommand::Show { name, json } => {

@@ -6,6 +6,10 @@
 //!   --tls DIR ─────────┼─► virtman_coordinator::Client (HTTPS with DIR's certificate)
 //!   --token-file FILE ─┘                               (Bearer token)
 //! ```
+//!
+//! The URL: `--coordinator` (or `VIRTMAN_COORDINATOR`); else the one the
+//! agent of `--data-dir` (or `VIRTMAN_DATA_DIR`, or the default data
+//! directory when an agent runs there) uses; else `http://127.0.0.1:7600`.
 
 use std::path::PathBuf;
 
@@ -17,14 +21,15 @@ use virtman_coordinator::Client;
 #[derive(Debug, Args)]
 pub struct Remote {
     /// The coordinator's base URL (https:// when it runs with --tls).
-    #[arg(
-        long,
-        global = true,
-        value_name = "URL",
-        env = "VIRTMAN_COORDINATOR",
-        default_value = "http://127.0.0.1:7600"
-    )]
-    pub coordinator: String,
+    /// Default: the one this host's agent uses (see --data-dir), else
+    /// http://127.0.0.1:7600.
+    #[arg(long, global = true, value_name = "URL", env = "VIRTMAN_COORDINATOR")]
+    pub coordinator: Option<String>,
+
+    /// The data directory of this host's agent, whose coordinator to use
+    /// when --coordinator is not given.
+    #[arg(long, global = true, value_name = "DIR", env = "VIRTMAN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
 
     /// A directory from `virtman pki issue --operator` (or a node's): HTTPS
     /// that trusts only its CA and presents its certificate.
@@ -36,9 +41,44 @@ pub struct Remote {
     pub token_file: Option<PathBuf>,
 }
 
+/// Where operator commands look for an agent when no data directory is given.
+const FALLBACK_URL: &str = "http://127.0.0.1:7600";
+
 impl Remote {
-    /// A client with these credentials.
-    pub fn client(&self) -> anyhow::Result<Client> {
+    /// The coordinator's URL (see the module).
+    pub fn url(&self) -> anyhow::Result<String> {
+        if let Some(u) = &self.coordinator {
+            return Ok(u.clone());
+        }
+        let dir = match &self.data_dir {
+            Some(d) => d.clone(),
+            None => {
+                let d = PathBuf::from(crate::agent::DEFAULT_DATA_DIR);
+                if !d.join("agent.sock").exists() {
+                    return Ok(FALLBACK_URL.to_owned());
+                }
+                d
+            }
+        };
+        let ctl = virtman_agent::control::ControlClient::new(dir.join("agent.sock"));
+        let status = runtime()?.block_on(ctl.status()).with_context(|| {
+            format!(
+                "asking the agent of {} for its coordinator (or give --coordinator)",
+                dir.display()
+            )
+        })?;
+        if status.coordinator.is_empty() {
+            anyhow::bail!(
+                "the agent of {} does not say its coordinator (an older agent?): give --coordinator",
+                dir.display()
+            );
+        }
+        Ok(status.coordinator)
+    }
+
+    /// A client with these credentials, and the URL it talks to.
+    pub fn client(&self) -> anyhow::Result<(Client, String)> {
+        let url = self.url()?;
         let token = match &self.token_file {
             Some(p) => Some(crate::agent::read_token(p)?),
             None => None,
@@ -51,7 +91,7 @@ impl Remote {
             ),
             None => None,
         };
-        Ok(Client::with_tls(&self.coordinator, token, tls)?)
+        Ok((Client::with_tls(&url, token, tls)?, url))
     }
 }
 

@@ -41,14 +41,9 @@ pub struct TreeArgs {
 
 /// Fetches and prints the tree.
 pub fn run(args: TreeArgs) -> anyhow::Result<()> {
-    let client = args.remote.client()?;
+    let (client, url) = args.remote.client()?;
     let tree = runtime()?.block_on(client.tree(&args.image));
-    let tree = tree.with_context(|| {
-        format!(
-            "reading the tree of {:?} from {}",
-            args.image, args.remote.coordinator
-        )
-    })?;
+    let tree = tree.with_context(|| format!("reading the tree of {:?} from {url}", args.image))?;
     let text = if args.json {
         let mut s = serde_json::to_string_pretty(&tree).context("encoding JSON")?;
         s.push('\n');

@@ -20,7 +20,7 @@ use crate::units::human;
 #[derive(Debug, Args)]
 pub struct AgentSocket {
     /// The agent's data directory (its control socket is DATA_DIR/agent.sock).
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR, global = true)]
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR, global = true, env = "VIRTMAN_DATA_DIR")]
     pub data_dir: PathBuf,
 }
 

@@ -391,6 +391,35 @@ async fn leaves_read_the_image_through_the_tree_and_the_origin_sends_each_chunk_
             );
         }
     }
+    // On a host, VIRTMAN_DATA_DIR is enough: `status` finds the agent, and
+    // `tree` the coordinator the agent uses.
+    let a1 = c.dir.path().join("a1");
+    let out = Command::new(BIN)
+        .args(["tree", "img", "--json", "--tls"])
+        .arg(node_dir(c.dir.path(), "operator", Role::Operator))
+        .env("VIRTMAN_DATA_DIR", &a1)
+        .env_remove("VIRTMAN_COORDINATOR")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let via_agent: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(via_agent["image"], "img");
+    assert_eq!(via_agent["nodes"].as_array().unwrap().len(), 7);
+    let out = Command::new(BIN)
+        .arg("status")
+        .env("VIRTMAN_DATA_DIR", &a1)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.starts_with("node a1 "),
+        "{text}"
+    );
+    assert!(text.contains("(coordinator reachable)"), "{text}");
 }
 
 /// A parent stopped (SIGSTOP: alive to the kernel, silent to everyone) in

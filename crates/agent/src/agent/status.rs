@@ -63,6 +63,10 @@ pub struct OriginSent {
 pub struct Status {
     /// Node name.
     pub node: String,
+    /// The coordinator's URL the agent uses (operator commands on this host
+    /// find it here).
+    #[serde(default)]
+    pub coordinator: String,
     /// Address children use.
     pub advertise: String,
     /// Images.
@@ -241,6 +245,7 @@ impl Agent {
         let usage = self.group.usage();
         Status {
             node: self.config.name.clone(),
+            coordinator: self.config.coordinator.clone(),
             advertise: self.config.advertise.clone(),
             images,
             vms: self.list_vms(),
