@@ -20,6 +20,7 @@ enum ClusterCommand {
     #[command(after_help = "\
 Example:
   virtman cluster up --hosts 4 --image debian.raw
+  virtman cluster up --hosts 4 --store /var/lib/virtman/images --name debian12
   virtman vm create vm1 --image img --data-dir virtman-cluster/host1
   virtman tree img --coordinator $(jq -r .coordinator virtman-cluster/cluster.json) \\
       --tls virtman-cluster/pki/operator
@@ -28,9 +29,18 @@ Example:
         /// Member hosts (agents besides the origin).
         #[arg(long, default_value_t = 4)]
         hosts: usize,
-        /// The raw image the origin serves (named `img` in the cluster).
+        /// A raw image for the origin to serve (imported as --name, default
+        /// `img`).
+        #[arg(long, required_unless_present = "store", conflicts_with = "store")]
+        image: Option<PathBuf>,
+        /// An image store (`virtman image import --store`) the origin serves
+        /// as it is, without importing anything: --name picks the image the
+        /// cluster is for (default: the store's only image).
+        #[arg(long, value_name = "DIR")]
+        store: Option<PathBuf>,
+        /// The image's name in the cluster.
         #[arg(long)]
-        image: PathBuf,
+        name: Option<String>,
         /// The cluster's directory.
         #[arg(long, default_value = "virtman-cluster")]
         dir: PathBuf,
@@ -74,12 +84,35 @@ Example:
     },
 }
 
+/// The name of the one image in `store`; an error naming what is there
+/// otherwise.
+fn only_image(store: &std::path::Path) -> anyhow::Result<String> {
+    let names: Vec<String> = virtman_image::ImageStore::open(store)
+        .and_then(|s| s.list())
+        .with_context(|| format!("reading the image store {}", store.display()))?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    match names.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => anyhow::bail!("the image store {} holds no image", store.display()),
+        many => anyhow::bail!(
+            "the image store {} holds {} images ({}): say which with --name",
+            store.display(),
+            many.len(),
+            many.join(", ")
+        ),
+    }
+}
+
 /// Runs `virtman cluster`.
 pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
     match args.command {
         ClusterCommand::Up {
             hosts,
             image,
+            store,
+            name,
             dir,
             fanout,
             origin_fanout,
@@ -92,12 +125,18 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
             no_tls,
         } => {
             let bin = std::env::current_exe().context("finding the virtman binary")?;
+            let image_name = match (&name, &store) {
+                (Some(n), _) => n.clone(),
+                (None, None) => "img".to_owned(),
+                (None, Some(s)) => only_image(s)?,
+            };
             let c = Cluster::up(&ClusterConfig {
                 bin,
                 dir: dir.clone(),
                 hosts,
-                image,
-                image_name: "img".into(),
+                image: image.unwrap_or_default(),
+                image_name,
+                store,
                 fanout,
                 origin_fanout,
                 parents,

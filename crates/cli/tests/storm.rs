@@ -441,6 +441,89 @@ fn cluster_down_leaves_no_process_and_no_file() {
     assert!(!down.status.success(), "a second down has nothing to stop");
 }
 
+/// `cluster up --store` serves an image already in a store under its own
+/// name, importing nothing; a store with several images needs --name, and
+/// an unknown name is refused naming the store.
+#[test]
+fn cluster_up_serves_an_image_from_a_store_under_its_own_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("images");
+    let import = |name: &str, byte: u8| {
+        let raw = dir.path().join(format!("{name}.raw"));
+        std::fs::write(&raw, vec![byte; 2 << 20]).unwrap();
+        let out = Command::new(BIN)
+            .args(["image", "import"])
+            .arg(&raw)
+            .args(["--name", name, "--store"])
+            .arg(&store)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    import("debian12", 3);
+    let up = |extra: &[&str]| {
+        Command::new(BIN)
+            .args(["cluster", "up", "--hosts", "1", "--no-tls", "--store"])
+            .arg(&store)
+            .args(extra)
+            .arg("--dir")
+            .arg(dir.path().join("cluster"))
+            .env("VIRTMAN_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    // The store's only image, by default.
+    let out = up(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("cluster/cluster.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["image"], "debian12");
+    // Served as it is: a VM of it on host1.
+    let host1 = dir.path().join("cluster/host1");
+    let vm = Command::new(BIN)
+        .args(["vm", "create", "vm1", "--image", "debian12", "--data-dir"])
+        .arg(&host1)
+        .output()
+        .unwrap();
+    assert!(
+        vm.status.success(),
+        "{}",
+        String::from_utf8_lossy(&vm.stderr)
+    );
+    assert!(
+        !dir.path().join("cluster/origin/images/debian12").exists(),
+        "imported again"
+    );
+    assert!(cluster_down(&dir.path().join("cluster")).status.success());
+    // Two images: which one must be said; an unknown one is refused.
+    import("alpine", 4);
+    let out = up(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--name") && err.contains("alpine"),
+        "{err}"
+    );
+    let out = up(&["--name", "nope"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("\"nope\"") && err.contains("images"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("cluster").exists(),
+        "a refused up leaves nothing"
+    );
+}
+
 fn namespaces() -> String {
     let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()

@@ -83,10 +83,15 @@ pub struct ClusterConfig {
     pub dir: PathBuf,
     /// Member hosts (agents besides the origin).
     pub hosts: usize,
-    /// The raw image the origin serves, imported as `image_name`.
+    /// The raw image the origin serves, imported as `image_name` (unless
+    /// `store` is given).
     pub image: PathBuf,
     /// The image's name.
     pub image_name: String,
+    /// An image store already holding `image_name`: the origin serves it
+    /// from there (every image of the store, in fact) and `image` is not
+    /// read.
+    pub store: Option<PathBuf>,
     /// Fan-out of the relay tree.
     pub fanout: u32,
     /// Tree children of the origin (1: one relay head).
@@ -498,22 +503,40 @@ impl Cluster {
         };
         let token = dir.join("token");
         fs::write(&token, TOKEN).map_err(io("writing", &token))?;
-        let store = dir.join("origin/images");
-        let out = Command::new(&config.bin)
-            .args(["image", "import"])
-            .arg(&config.image)
-            .args(["--name", &config.image_name, "--store"])
-            .arg(&store)
-            .env("VIRTMAN_LOG", "warn")
-            .output()
-            .map_err(|e| ClusterError::Command(format!("importing the image: {e}")))?;
-        if !out.status.success() {
-            return Err(ClusterError::Command(format!(
-                "importing {}: {}",
-                config.image.display(),
-                child_error(&out.stderr)
-            )));
-        }
+        let store = match &config.store {
+            Some(store) => {
+                virtman_image::ImageStore::open(store)
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| s.open_image(&config.image_name).map_err(|e| e.to_string()))
+                    .map_err(|e| {
+                        ClusterError::Command(format!(
+                            "image {:?} in the store {}: {e}",
+                            config.image_name,
+                            store.display()
+                        ))
+                    })?;
+                std::path::absolute(store).map_err(io("resolving", store))?
+            }
+            None => {
+                let store = dir.join("origin/images");
+                let out = Command::new(&config.bin)
+                    .args(["image", "import"])
+                    .arg(&config.image)
+                    .args(["--name", &config.image_name, "--store"])
+                    .arg(&store)
+                    .env("VIRTMAN_LOG", "warn")
+                    .output()
+                    .map_err(|e| ClusterError::Command(format!("importing the image: {e}")))?;
+                if !out.status.success() {
+                    return Err(ClusterError::Command(format!(
+                        "importing {}: {}",
+                        config.image.display(),
+                        child_error(&out.stderr)
+                    )));
+                }
+                store
+            }
+        };
         if let Some(trace) = &config.profile_trace {
             let out = Command::new(&config.bin)
                 .args(["image", "profile", &config.image_name, "--trace"])
@@ -634,6 +657,9 @@ impl Cluster {
             }
             if config.liars.contains(&name) {
                 args.push(s("--test-lie"));
+            }
+            if name == "origin" && config.store.is_some() {
+                args.extend([s("--image-store"), store.display().to_string()]);
             }
             args.extend(config.agent_args.iter().cloned());
             if let Some(d) = config

@@ -301,6 +301,7 @@ pub async fn run(
                 hosts: config.hosts,
                 image: config.image.clone(),
                 image_name: "img".into(),
+                store: None,
                 fanout,
                 origin_fanout,
                 parents,

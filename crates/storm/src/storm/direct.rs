@@ -42,6 +42,7 @@ pub(super) async fn start(config: &StormConfig, dir: &Path) -> Result<PlainServe
                 hosts: 0,
                 image: config.image.clone(),
                 image_name: "img".into(),
+                store: None,
                 fanout: 2,
                 origin_fanout: 1,
                 parents: 1,
