@@ -29,6 +29,7 @@
 //!   reports of bad parents, re-joins, publishing boot profiles;
 //! - `agent/vms.rs`: VM snapshots ([`VmInfo`]);
 //! - `agent/eviction.rs`: evicting and pinning images;
+//! - `agent/preheat.rs`: following the coordinator's preheat orders;
 //! - `agent/status.rs`: the host's [`Status`] and the metrics' counters.
 
 use std::collections::BTreeMap;
@@ -56,6 +57,7 @@ use crate::upstream::{BadParent, FetchConfig, Parents};
 mod control_loop;
 mod eviction;
 mod membership;
+mod preheat;
 mod restore;
 mod status;
 mod vms;
@@ -193,6 +195,8 @@ pub struct Agent {
     prefetch: Mutex<PrefetchConfig>,
     /// With TLS: the base exports serve only session members.
     access: Option<Arc<MemberAccess>>,
+    /// Preheat orders followed, by image (see `agent/preheat.rs`).
+    preheats: Mutex<BTreeMap<String, preheat::Run>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -265,6 +269,7 @@ impl Agent {
             heartbeat_ms: AtomicU64::new(hb.max(50)),
             prefetch: Mutex::new(PrefetchConfig::default()),
             access,
+            preheats: Mutex::new(BTreeMap::new()),
             config,
         }))
     }

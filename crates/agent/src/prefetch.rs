@@ -74,6 +74,9 @@ impl Default for PrefetchConfig {
 pub struct ImagePrefetch {
     /// Stops this image's prefetch tasks (eviction, shutdown).
     pub(crate) cancel: CancellationToken,
+    /// Stops the profile replay and the pin only (a cancelled preheat); a
+    /// child of `cancel`, replaced once used.
+    background: Mutex<Option<CancellationToken>>,
     /// Its tasks, awaited before the volume is removed.
     pub(crate) tasks: TaskTracker,
     /// The profile fetched from a parent or origin, if any.
@@ -150,6 +153,32 @@ impl ImagePrefetch {
             Some(p) => (*p).clone(),
             None => volume.boot_profile(),
         })
+    }
+
+    /// The token the profile replay and the pin stop on.
+    pub(crate) fn background(&self) -> CancellationToken {
+        self.background
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(|| self.cancel.child_token())
+            .clone()
+    }
+
+    /// Stops the profile replay and the pin running now (demand reads and
+    /// hints go on; a later pin starts afresh).
+    pub(crate) fn stop_background(&self) {
+        if let Some(t) = self
+            .background
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            t.cancel();
+        }
+        if !self.pin_done.load(Ordering::Relaxed) {
+            self.pinned.store(false, Ordering::Release);
+        }
+        self.profile_done.store(true, Ordering::Relaxed);
     }
 
     /// Marks a pin as asked for; returns whether it was not already.
@@ -311,9 +340,10 @@ pub(crate) async fn replay_profile(
         }
         None
     };
+    let cancel = state.background();
     let profile = tokio::select! {
         p = look => p,
-        () = state.cancel.cancelled() => None,
+        () = cancel.cancelled() => None,
     };
     if let Some(p) = profile {
         let p = Arc::new(p);
@@ -326,7 +356,7 @@ pub(crate) async fn replay_profile(
             chunks = p.entries.len(),
             "replaying the boot profile"
         );
-        let failed = fetch_in_order(&volume, p.chunks(), &cfg, &state.cancel).await;
+        let failed = fetch_in_order(&volume, p.chunks(), &cfg, &cancel).await;
         if !failed.is_empty() {
             debug!(
                 image,
@@ -346,6 +376,7 @@ pub(crate) async fn pin(
     state: Arc<ImagePrefetch>,
     cfg: PrefetchConfig,
 ) {
+    let cancel = state.background();
     loop {
         let m = volume.manifest();
         let missing: Vec<u64> = (0..m.chunks())
@@ -356,8 +387,8 @@ pub(crate) async fn pin(
             tracing::info!(image, "pinned: every chunk is on this host");
             return;
         }
-        let failed = fetch_in_order(&volume, missing, &cfg, &state.cancel).await;
-        if state.cancel.is_cancelled() {
+        let failed = fetch_in_order(&volume, missing, &cfg, &cancel).await;
+        if cancel.is_cancelled() {
             return;
         }
         if !failed.is_empty() {
@@ -367,7 +398,7 @@ pub(crate) async fn pin(
                 "pin pass incomplete; retrying"
             );
             tokio::select! {
-                () = state.cancel.cancelled() => return,
+                () = cancel.cancelled() => return,
                 () = tokio::time::sleep(cfg.retry) => {}
             }
         }

@@ -1,6 +1,6 @@
 //! `virtman image`: import, list and verify images in the image store; evict
 //! an image's cached volume from this host's agent, or pin it (fetch it whole
-//! in the background).
+//! in the background); preheat it across the cluster (`preheat.rs`).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -69,6 +69,10 @@ Examples:
         #[arg(long, conflicts_with = "trace")]
         remove: bool,
     },
+    /// Warm an image on the cluster's hosts before its VMs start: the
+    /// coordinator has each matching host join the image and fetch its boot
+    /// profile (or every chunk) through the tree.
+    Preheat(crate::preheat::PreheatArgs),
     /// Re-read an image and check every chunk against its manifest.
     Verify {
         /// The image's name.
@@ -118,6 +122,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
             .with_context(|| format!("opening the image store {}", args.store.display()))
     };
     match args.command {
+        ImageCommand::Preheat(p) => return crate::preheat::run(p),
         ImageCommand::Evict { name, data_dir } => {
             let client = virtman_agent::control::ControlClient::new(data_dir.join("agent.sock"));
             tokio::runtime::Builder::new_current_thread()

@@ -10,6 +10,7 @@ mod coordinator;
 mod image;
 mod node;
 mod pki;
+mod preheat;
 mod remote;
 mod serve;
 mod sim;

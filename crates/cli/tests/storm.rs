@@ -1040,7 +1040,7 @@ async fn a_tls_cluster_reads_through_the_tree_and_refuses_outsiders() {
     let e = coord_as(&node)
         .heartbeat(&virtman_coordinator::api::HeartbeatRequest {
             node: "host2".into(),
-            sessions: vec![],
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -124,6 +124,7 @@ fn main() {
                             complete: false,
                             known_epoch: u64::from(round > 0),
                         }],
+                        ..Default::default()
                     };
                     c.heartbeat(&req).await.unwrap();
                 }

@@ -11,6 +11,8 @@
 //!   POST /v1/heartbeat                 HeartbeatRequest -> HeartbeatResponse
 //!   GET  /v1/sessions/{image}          TreeView        GET /v1/nodes/{node}  NodeState
 //!   POST /v1/nodes/{node}/ban          -> NodeState    DELETE /v1/nodes/{node}/ban -> 204
+//!   POST /v1/images/{image}/preheat    PreheatRequest -> PreheatStatus
+//!   GET  /v1/images/{image}/preheat    PreheatStatus   DELETE /v1/images/{image}/preheat -> 204
 //! ```
 
 use std::collections::BTreeMap;
@@ -157,16 +159,108 @@ pub struct SessionBeat {
 }
 
 /// One call per node for all its sessions.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HeartbeatRequest {
     /// The node's name.
     #[schema(pattern = "^[A-Za-z0-9._-]{1,128}$", min_length = 1, max_length = 128)]
     pub node: String,
     /// Each session the node is in (at most 1024, no image twice). None:
-    /// a host in no session (an origin) asking only for the ban list.
+    /// a host in no session (an origin, a host with no VM yet) asking for
+    /// the ban list and preheat orders.
     #[schema(max_items = 1024)]
     pub sessions: Vec<SessionBeat>,
+    /// The node's labels (preheat orders select hosts by them).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// How the node's preheat orders go.
+    #[serde(default)]
+    #[schema(max_items = 1024)]
+    pub preheats: Vec<PreheatReport>,
+}
+
+/// Warm an image on matching hosts before any VM needs it: each joins the
+/// image's session and fetches its boot profile (or, `whole`, every chunk)
+/// through the tree. Hosts match when they are in `hosts` (if given) and
+/// carry every one of `labels` (if given); neither: every host. Hosts that
+/// come later and match preheat too, until the order is cancelled.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PreheatRequest {
+    /// Labels a host must carry, e.g. `{"rack": "r1"}`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Host names (at most 10,000).
+    #[serde(default)]
+    #[schema(max_items = 10000)]
+    pub hosts: Vec<String>,
+    /// Every chunk, not only the boot profile's.
+    #[serde(default)]
+    pub whole: bool,
+}
+
+/// A preheat order, as stored and as handed to matching hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PreheatOrder {
+    /// The image.
+    pub image: String,
+    /// The order's number (a new order for the image gets a new one).
+    pub id: u64,
+    /// What was asked.
+    pub request: PreheatRequest,
+}
+
+/// Where a host is with a preheat order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PreheatState {
+    /// Matched; the host has not said anything of it yet.
+    Waiting,
+    /// Fetching.
+    Running,
+    /// Everything asked is held.
+    Done,
+    /// It could not (say, the image does not fit its cache).
+    Failed,
+}
+
+/// A node's word on one preheat order, in its heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PreheatReport {
+    /// The image.
+    #[schema(pattern = "^[A-Za-z0-9._:-]{1,128}$", min_length = 1, max_length = 128)]
+    pub image: String,
+    /// The order's number.
+    pub id: u64,
+    /// Where it is.
+    pub state: PreheatState,
+    /// Why it failed.
+    #[serde(default)]
+    #[schema(max_length = 1024)]
+    pub message: String,
+}
+
+/// One host of a preheat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PreheatHost {
+    /// The host.
+    pub node: String,
+    /// Where it is.
+    pub state: PreheatState,
+    /// Fraction of the image's chunks it holds, 0 to 1.
+    pub held: f64,
+    /// Why it failed.
+    pub message: String,
+}
+
+/// A preheat order and every host it concerns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PreheatStatus {
+    /// The order.
+    pub order: PreheatOrder,
+    /// Hosts that match it (live ones) or reported on it, by name.
+    pub hosts: Vec<PreheatHost>,
 }
 
 /// The answer to a heartbeat: only the parent lists the node does not have.
@@ -180,6 +274,10 @@ pub struct HeartbeatResponse {
     /// the list is short).
     #[serde(default)]
     pub banned: Vec<String>,
+    /// Every preheat order this node matches (all of them each time: an
+    /// order missing from here was cancelled).
+    #[serde(default)]
+    pub preheats: Vec<PreheatOrder>,
 }
 
 /// One node as seen in a session.

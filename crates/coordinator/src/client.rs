@@ -19,7 +19,8 @@ use serde::de::DeserializeOwned;
 
 use crate::api::{
     Assignment, ErrorBody, HeartbeatRequest, HeartbeatResponse, ImageInfo, JoinRequest,
-    JoinResponse, LeaveRequest, NodeState, RegisterImage, ReportRequest, TreeView,
+    JoinResponse, LeaveRequest, NodeState, PreheatRequest, PreheatStatus, RegisterImage,
+    ReportRequest, TreeView,
 };
 
 /// Why a call failed.
@@ -228,6 +229,31 @@ impl Client {
     /// Bans `node` (operators only); returns its state after.
     pub async fn ban(&self, node: &str) -> Result<NodeState, ClientError> {
         self.post(&format!("/v1/nodes/{node}/ban"), &()).await
+    }
+
+    /// Orders `image`'s preheat (operators only).
+    pub async fn preheat(
+        &self,
+        image: &str,
+        req: &PreheatRequest,
+    ) -> Result<PreheatStatus, ClientError> {
+        self.post(&format!("/v1/images/{image}/preheat"), req).await
+    }
+
+    /// `image`'s preheat and its hosts.
+    pub async fn preheat_status(&self, image: &str) -> Result<PreheatStatus, ClientError> {
+        self.get(&format!("/v1/images/{image}/preheat")).await
+    }
+
+    /// Cancels `image`'s preheat (operators only).
+    pub async fn cancel_preheat(&self, image: &str) -> Result<(), ClientError> {
+        self.call::<(), serde_json::Value>(
+            Method::DELETE,
+            &format!("/v1/images/{image}/preheat"),
+            None,
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Lifts `node`'s ban (operators only).

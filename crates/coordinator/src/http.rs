@@ -27,7 +27,8 @@ use utoipa::{Modify, OpenApi};
 
 use crate::api::{
     Assignment, ErrorBody, Health, HeartbeatRequest, HeartbeatResponse, ImageInfo, JoinRequest,
-    JoinResponse, LeaveRequest, NodeSession, NodeState, NodeView, Parent, RegisterImage,
+    JoinResponse, LeaveRequest, NodeSession, NodeState, NodeView, Parent, PreheatHost,
+    PreheatOrder, PreheatReport, PreheatRequest, PreheatState, PreheatStatus, RegisterImage,
     ReportRequest, SessionBeat, SessionStats, TreeView,
 };
 use crate::auth::{Auth, Caller, Reader};
@@ -95,6 +96,10 @@ pub fn router(state: AppState, max_body: usize) -> Router {
     Router::new()
         .route("/v1/images", post(register_image).get(list_images))
         .route("/v1/images/{image}", get(get_image))
+        .route(
+            "/v1/images/{image}/preheat",
+            post(preheat).get(preheat_status).delete(cancel_preheat),
+        )
         .route("/v1/sessions/{image}", get(tree))
         .route("/v1/sessions/{image}/join", post(join))
         .route("/v1/sessions/{image}/leave", post(leave))
@@ -173,6 +178,66 @@ async fn get_image(
     ApiPath(image): ApiPath,
 ) -> Result<Json<ImageInfo>, ApiError> {
     Ok(Json(s.handle.image(image).await?))
+}
+
+/// Orders an image's preheat (replacing any order of it): matching hosts
+/// join its session and fetch its boot profile (or every chunk) before any
+/// VM needs it; hosts that come later and match do too. Operators only.
+#[utoipa::path(post, path = "/v1/images/{image}/preheat", tag = "images",
+    params(("image" = String, Path, description = "image name")),
+    request_body = PreheatRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "ordered; its hosts so far", body = PreheatStatus),
+        (status = 400, description = "bad selector, or no live host matches it", body = ErrorBody),
+        (status = 401, description = "no certificate and no or a wrong token", body = ErrorBody),
+        (status = 403, description = "not an operator", body = ErrorBody),
+        (status = 404, description = "unknown image", body = ErrorBody),
+    ))]
+async fn preheat(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiPath(image): ApiPath,
+    ApiJson(req): ApiJson<PreheatRequest>,
+) -> Result<Json<PreheatStatus>, ApiError> {
+    caller.operator()?;
+    Ok(Json(s.handle.preheat(image, req).await?))
+}
+
+/// An image's preheat order and where each of its hosts is.
+#[utoipa::path(get, path = "/v1/images/{image}/preheat", tag = "images",
+    params(("image" = String, Path, description = "image name")),
+    responses(
+        (status = 200, description = "the order and its hosts", body = PreheatStatus),
+        (status = 404, description = "no preheat order for the image", body = ErrorBody),
+    ))]
+async fn preheat_status(
+    State(s): State<AppState>,
+    _reader: Reader,
+    ApiPath(image): ApiPath,
+) -> Result<Json<PreheatStatus>, ApiError> {
+    Ok(Json(s.handle.preheat_status(image).await?))
+}
+
+/// Cancels an image's preheat: its hosts stop fetching at their next
+/// heartbeat (what they hold stays). Operators only.
+#[utoipa::path(delete, path = "/v1/images/{image}/preheat", tag = "images",
+    params(("image" = String, Path, description = "image name")),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "cancelled"),
+        (status = 401, description = "no certificate and no or a wrong token", body = ErrorBody),
+        (status = 403, description = "not an operator", body = ErrorBody),
+        (status = 404, description = "no preheat order for the image", body = ErrorBody),
+    ))]
+async fn cancel_preheat(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiPath(image): ApiPath,
+) -> Result<StatusCode, ApiError> {
+    caller.operator()?;
+    s.handle.cancel_preheat(image).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Joins an image's session; the answer holds the node's parents.
@@ -403,11 +468,12 @@ impl Modify for BearerSecurity {
         description = "Relay trees per image: registration, join, leave, heartbeat, reports, trees.",
         license(name = "Apache-2.0")
     ),
-    paths(register_image, list_images, get_image, join, leave, report, heartbeat, tree, node,
-        ban, unban, health, openapi, metrics),
+    paths(register_image, list_images, get_image, preheat, preheat_status, cancel_preheat, join,
+        leave, report, heartbeat, tree, node, ban, unban, health, openapi, metrics),
     components(schemas(RegisterImage, ImageInfo, JoinRequest, JoinResponse, LeaveRequest,
         ReportRequest, Assignment, Parent, HeartbeatRequest, SessionBeat, HeartbeatResponse,
-        TreeView, NodeView, SessionStats, NodeState, NodeSession, ErrorBody, Health)),
+        TreeView, NodeView, SessionStats, NodeState, NodeSession, ErrorBody, Health,
+        PreheatRequest, PreheatOrder, PreheatState, PreheatReport, PreheatHost, PreheatStatus)),
     modifiers(&BearerSecurity),
 )]
 struct ApiDoc;

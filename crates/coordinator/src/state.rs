@@ -40,6 +40,7 @@ use crate::store::{Batch, Loaded, MemberRecord, Store, StoreError};
 
 mod command;
 mod image;
+mod preheat;
 mod requests;
 
 use command::Reply;
@@ -80,6 +81,7 @@ pub struct State {
     store: Store,
     metrics: Arc<Metrics>,
     batch: Batch,
+    preheats: preheat::Preheats,
 }
 
 impl State {
@@ -103,6 +105,7 @@ impl State {
             store,
             metrics,
             batch: Batch::default(),
+            preheats: preheat::Preheats::load(loaded.preheats),
         };
         let mut members: BTreeMap<String, Vec<(String, MemberRecord)>> = BTreeMap::new();
         for (image, node, record) in loaded.members {
@@ -352,6 +355,18 @@ impl State {
             }
             Command::Node(node, reply) => {
                 let r = self.node(&node);
+                defer(pending, reply, r);
+            }
+            Command::Preheat(image, req, reply) => {
+                let r = self.preheat(&image, req);
+                defer(pending, reply, r);
+            }
+            Command::PreheatStatus(image, reply) => {
+                let r = self.preheat_status(&image);
+                defer(pending, reply, r);
+            }
+            Command::CancelPreheat(image, reply) => {
+                let r = self.cancel_preheat(&image);
                 defer(pending, reply, r);
             }
             Command::Ban(node, banned, reply) => {

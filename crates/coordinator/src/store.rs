@@ -8,7 +8,8 @@
 //!   ├── images   name ─► ImageRecord (JSON)
 //!   ├── members  (image, node) ─► MemberRecord (JSON: addr, labels,
 //!   │                              parents by name, complete, epoch)
-//!   └── bans     node ─► 1         (nodes refused until unbanned)
+//!   ├── bans     node ─► 1         (nodes refused until unbanned)
+//!   └── preheats image ─► PreheatOrder (JSON: id, labels, hosts, whole)
 //! ```
 //!
 //! Liveness (last heartbeats) is not stored: after a restart every member
@@ -22,10 +23,13 @@ use std::path::Path;
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use crate::api::PreheatOrder;
+
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
 const MEMBERS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("members");
 const BANS: TableDefinition<&str, u64> = TableDefinition::new("bans");
+const PREHEATS: TableDefinition<&str, &[u8]> = TableDefinition::new("preheats");
 const FORMAT: u64 = 1;
 
 /// The file inside the data directory.
@@ -101,6 +105,8 @@ pub struct Batch {
     pub removed: Vec<(String, String)>,
     /// Nodes banned (`true`) or unbanned (`false`).
     pub bans: BTreeMap<String, bool>,
+    /// Preheat orders set (`Some`) or cancelled (`None`), by image.
+    pub preheats: BTreeMap<String, Option<PreheatOrder>>,
 }
 
 impl Batch {
@@ -110,6 +116,7 @@ impl Batch {
             && self.members.is_empty()
             && self.removed.is_empty()
             && self.bans.is_empty()
+            && self.preheats.is_empty()
     }
 }
 
@@ -122,6 +129,8 @@ pub struct Loaded {
     pub members: Vec<(String, String, MemberRecord)>,
     /// Banned nodes.
     pub bans: Vec<String>,
+    /// Preheat orders, by image.
+    pub preheats: Vec<PreheatOrder>,
 }
 
 /// The open database.
@@ -174,6 +183,16 @@ impl Store {
                 let (k, _) = entry.map_err(redb_err)?;
                 loaded.bans.push(k.value().to_owned());
             }
+            let preheats = txn.open_table(PREHEATS).map_err(redb_err)?;
+            for entry in preheats.iter().map_err(redb_err)? {
+                let (k, v) = entry.map_err(redb_err)?;
+                let order: PreheatOrder =
+                    serde_json::from_slice(v.value()).map_err(|source| StoreError::Corrupt {
+                        key: format!("preheats/{}", k.value()),
+                        source,
+                    })?;
+                loaded.preheats.push(order);
+            }
         }
         txn.commit().map_err(redb_err)?;
         Ok((Self { db }, loaded))
@@ -211,6 +230,20 @@ impl Store {
                     bans.insert(node.as_str(), 1).map_err(redb_err)?;
                 } else {
                     bans.remove(node.as_str()).map_err(redb_err)?;
+                }
+            }
+            let mut preheats = txn.open_table(PREHEATS).map_err(redb_err)?;
+            for (image, order) in &batch.preheats {
+                match order {
+                    Some(o) => {
+                        let bytes = encode(o);
+                        preheats
+                            .insert(image.as_str(), bytes.as_slice())
+                            .map_err(redb_err)?;
+                    }
+                    None => {
+                        preheats.remove(image.as_str()).map_err(redb_err)?;
+                    }
                 }
             }
         }

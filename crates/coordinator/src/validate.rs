@@ -11,7 +11,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::api::{HeartbeatRequest, JoinRequest, RegisterImage};
+use crate::api::{HeartbeatRequest, JoinRequest, PreheatRequest, RegisterImage};
 use crate::error::ApiError;
 
 const MAX_NAME: usize = 128;
@@ -90,12 +90,16 @@ pub fn image(req: &RegisterImage) -> Result<(), ApiError> {
 pub fn join(req: &JoinRequest) -> Result<(), ApiError> {
     node_name(&req.node)?;
     addr(&req.addr)?;
-    if req.labels.len() > MAX_LABELS {
+    labels(&req.labels)
+}
+
+fn labels(labels: &std::collections::BTreeMap<String, String>) -> Result<(), ApiError> {
+    if labels.len() > MAX_LABELS {
         return Err(ApiError::bad_request(format!(
             "at most {MAX_LABELS} labels"
         )));
     }
-    for (k, v) in &req.labels {
+    for (k, v) in labels {
         for s in [k, v] {
             if s.is_empty() || s.len() > MAX_LABEL || s.chars().any(char::is_control) {
                 return Err(ApiError::bad_request(format!(
@@ -103,6 +107,23 @@ pub fn join(req: &JoinRequest) -> Result<(), ApiError> {
                 )));
             }
         }
+    }
+    Ok(())
+}
+
+/// The most hosts one preheat order may name.
+pub const MAX_PREHEAT_HOSTS: usize = 10_000;
+
+/// A preheat order.
+pub fn preheat(req: &PreheatRequest) -> Result<(), ApiError> {
+    labels(&req.labels)?;
+    if req.hosts.len() > MAX_PREHEAT_HOSTS {
+        return Err(ApiError::bad_request(format!(
+            "at most {MAX_PREHEAT_HOSTS} hosts per preheat"
+        )));
+    }
+    for h in &req.hosts {
+        node_name(h)?;
     }
     Ok(())
 }
@@ -129,6 +150,20 @@ pub fn heartbeat(req: &HeartbeatRequest) -> Result<(), ApiError> {
                 "progress {} of image {:?} must be between 0 and 1",
                 beat.progress, beat.image
             )));
+        }
+    }
+    labels(&req.labels)?;
+    if req.preheats.len() > MAX_SESSIONS {
+        return Err(ApiError::bad_request(format!(
+            "at most {MAX_SESSIONS} preheat reports per heartbeat"
+        )));
+    }
+    for r in &req.preheats {
+        image_name(&r.image)?;
+        if r.message.len() > 1024 {
+            return Err(ApiError::bad_request(
+                "a preheat report's message is at most 1024 bytes",
+            ));
         }
     }
     Ok(())

@@ -90,6 +90,7 @@ fn beat(node: &str, image: &str, known_epoch: u64) -> HeartbeatRequest {
             complete: false,
             known_epoch,
         }],
+        ..Default::default()
     }
 }
 
@@ -229,6 +230,7 @@ async fn the_whole_life_of_a_session() {
             complete: true,
             known_epoch: 0,
         }],
+        ..Default::default()
     };
     let r = cl.heartbeat(&done).await.unwrap();
     assert!(r.changed[0].parents.is_empty());
@@ -529,6 +531,7 @@ async fn a_restart_recovers_images_and_sessions() {
             complete: true,
             known_epoch: 0,
         }],
+        ..Default::default()
     };
     c.client.heartbeat(&done).await.unwrap();
     // Every member heartbeats once more, as agents do each second: a member
@@ -542,6 +545,7 @@ async fn a_restart_recovers_images_and_sessions() {
                 complete: false,
                 known_epoch: 0,
             }],
+            ..Default::default()
         };
         c.client.heartbeat(&beat).await.unwrap();
     }

@@ -144,6 +144,7 @@ fn beat(node: &str) -> HeartbeatRequest {
             complete: false,
             known_epoch: 0,
         }],
+        ..Default::default()
     }
 }
 
@@ -281,6 +282,7 @@ async fn a_banned_node_is_refused_everything_and_named_to_the_others() {
     let empty = HeartbeatRequest {
         node: "n1".into(),
         sessions: vec![],
+        ..Default::default()
     };
     assert_eq!(c.n1.heartbeat(&empty).await.unwrap().banned, ["n2", "n9"]);
 

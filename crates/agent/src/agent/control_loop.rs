@@ -177,7 +177,7 @@ impl Agent {
         ok
     }
 
-    async fn heartbeat(&self) -> Result<(), AgentError> {
+    async fn heartbeat(self: &Arc<Self>) -> Result<(), AgentError> {
         // Members still on a saved upstream have not joined yet.
         let members: Vec<(String, Arc<ImageEntry>)> = lock(&self.images)
             .iter()
@@ -205,6 +205,8 @@ impl Agent {
         let req = HeartbeatRequest {
             node: self.config.name.clone(),
             sessions,
+            labels: self.config.labels.clone(),
+            preheats: self.preheat_reports(),
         };
         match self.coord.heartbeat(&req).await {
             Ok(resp) => {
@@ -217,6 +219,7 @@ impl Agent {
                 if let Some(access) = &self.access {
                     access.set_banned(resp.banned);
                 }
+                self.follow_preheats(resp.preheats);
                 Ok(())
             }
             Err(e) if matches!(e.code(), Some("dead") | Some("unknown_node")) => {

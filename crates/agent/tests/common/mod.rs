@@ -119,6 +119,23 @@ impl Node {
         }
     }
 
+    /// Starts agent `name` like [`Node::start`], its configuration changed
+    /// by `edit` first.
+    pub async fn start_edited(
+        name: &str,
+        data_dir: PathBuf,
+        url: &str,
+        token: &str,
+        edit: impl FnOnce(&mut virtman_agent::AgentConfig),
+    ) -> Node {
+        let mut config = virtman_agent::AgentConfig {
+            token: Some(token.into()),
+            ..Self::config(name, data_dir, url)
+        };
+        edit(&mut config);
+        Self::start_with(config, virtman_agent::prefetch::PrefetchConfig::default()).await
+    }
+
     /// Starts agent `name` like [`Node::start`], with bandwidth `caps`.
     pub async fn start_capped(
         name: &str,

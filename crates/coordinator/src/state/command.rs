@@ -5,7 +5,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::api::{
     Assignment, HeartbeatRequest, HeartbeatResponse, ImageInfo, JoinRequest, JoinResponse,
-    LeaveRequest, NodeState, RegisterImage, ReportRequest, TreeView,
+    LeaveRequest, NodeState, PreheatRequest, PreheatStatus, RegisterImage, ReportRequest, TreeView,
 };
 use crate::error::ApiError;
 
@@ -34,6 +34,12 @@ pub enum Command {
     Node(String, Reply<NodeState>),
     /// Ban a node (`true`) or lift its ban (`false`).
     Ban(String, bool, Reply<NodeState>),
+    /// Order an image's preheat.
+    Preheat(String, PreheatRequest, Reply<PreheatStatus>),
+    /// An image's preheat.
+    PreheatStatus(String, Reply<PreheatStatus>),
+    /// Cancel an image's preheat.
+    CancelPreheat(String, Reply<()>),
 }
 
 /// The API layer's way in: cheap to clone, one per handler call.
@@ -101,5 +107,24 @@ impl Handle {
     /// Bans `node` (`banned`) or lifts its ban; answers its state after.
     pub async fn ban(&self, node: String, banned: bool) -> Result<NodeState, ApiError> {
         self.call(|r| Command::Ban(node, banned, r)).await
+    }
+
+    /// Orders `image`'s preheat (replacing any).
+    pub async fn preheat(
+        &self,
+        image: String,
+        req: PreheatRequest,
+    ) -> Result<PreheatStatus, ApiError> {
+        self.call(|r| Command::Preheat(image, req, r)).await
+    }
+
+    /// `image`'s preheat and its hosts.
+    pub async fn preheat_status(&self, image: String) -> Result<PreheatStatus, ApiError> {
+        self.call(|r| Command::PreheatStatus(image, r)).await
+    }
+
+    /// Cancels `image`'s preheat.
+    pub async fn cancel_preheat(&self, image: String) -> Result<(), ApiError> {
+        self.call(|r| Command::CancelPreheat(image, r)).await
     }
 }

@@ -192,12 +192,15 @@ impl State {
     ) -> Result<HeartbeatResponse, ApiError> {
         validate::heartbeat(req)?;
         self.not_banned(&req.node)?;
+        let preheats = self.preheat_beat(req);
         if req.sessions.is_empty() {
-            // A host in no session (an origin only) asks for the ban list.
+            // A host in no session (an origin, a host with no VM yet) asks
+            // for the ban list and its preheat orders.
             return Ok(HeartbeatResponse {
                 changed: Vec::new(),
                 heartbeat_interval_ms: self.config.heartbeat_interval_ms,
                 banned: self.banned.iter().cloned().collect(),
+                preheats,
             });
         }
         let image_hint = req.sessions.first().map_or("", |s| s.image.as_str());
@@ -251,6 +254,7 @@ impl State {
             changed,
             heartbeat_interval_ms: self.config.heartbeat_interval_ms,
             banned: self.banned.iter().cloned().collect(),
+            preheats,
         })
     }
 
