@@ -524,6 +524,84 @@ fn cluster_up_serves_an_image_from_a_store_under_its_own_name() {
     );
 }
 
+/// `virtman image preheat` as an operator runs it against a local cluster:
+/// two named hosts preheat and `--wait` returns when both are done; the
+/// order shows with `--status` and goes with `--cancel`; bad input fails
+/// with a clear message.
+#[test]
+fn image_preheat_warms_the_named_hosts_and_waits_for_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("img.raw");
+    std::fs::write(&image, virtman_testkit::pattern(4 << 20, 9)).unwrap();
+    let cdir = dir.path().join("cluster");
+    let state = cluster_up(&image, &cdir, &["--hosts", "3"]);
+    let url = state["coordinator"].as_str().unwrap().to_owned();
+    let op = state["operator_tls"].as_str().unwrap().to_owned();
+    let preheat = |args: &[&str]| {
+        Command::new(BIN)
+            .args(["image", "preheat"])
+            .args(args)
+            .args(["--coordinator", &url, "--tls", &op])
+            .env("VIRTMAN_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    // The hosts heartbeat each second: wait until the coordinator knows them.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let out = loop {
+        let out = preheat(&["img", "--hosts", "host1,host3", "--whole", "--wait"]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        if out.status.success() || !err.contains("no_host") && !err.contains("no live host") {
+            break out;
+        }
+        assert!(std::time::Instant::now() < deadline, "{err}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("preheating img on 2 hosts (every chunk)"),
+        "{text}"
+    );
+    for h in ["host1", "host3"] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(h))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(line.contains("done") && line.contains("100.0%"), "{text}");
+    }
+    assert!(!text.contains("host2"), "{text}");
+    // Not on a terminal: a summary line a second on stderr.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("preheat img: "), "{err}");
+    let status = preheat(&["img", "--status"]);
+    assert!(status.status.success());
+    assert!(String::from_utf8_lossy(&status.stdout).contains("host3"));
+    let cancel = preheat(&["img", "--cancel"]);
+    assert!(
+        cancel.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cancel.stderr)
+    );
+    let again = preheat(&["img", "--status"]);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success() && err.contains("no preheat order"),
+        "{err}"
+    );
+    let bad = preheat(&["nope"]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("\"nope\""), "{err}");
+    let bad = preheat(&["img", "--labels", "rack"]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("KEY=VALUE"), "{err}");
+    assert!(cluster_down(&cdir).status.success());
+}
+
 fn namespaces() -> String {
     let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
