@@ -2,8 +2,8 @@
 //! the disk fail.
 //!
 //! Every read, write, sync and hole punch of a volume's data file or a
-//! snapshot's overlay goes through a [`DiskFile`], and every replacement of a
-//! presence map or snapshot map through [`DiskFaults::record`]. In service
+//! snapshot's overlay goes through a `DiskFile`, and every replacement of a
+//! presence map or snapshot map through `DiskFaults::record`. In service
 //! the group's [`DiskFaults`] is empty and each call is the plain system call
 //! (one branch more). A test opens the group with
 //! [`crate::CacheGroup::open_with_faults`] and arms [`Fault`]s: EIO or ENOSPC
