@@ -18,12 +18,11 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{Node, serve_coordinator, vm_client, wait_for, wait_for_image};
+use common::{Node, origin_cluster, vm_client, wait_for};
 use tokio_util::sync::CancellationToken;
 use virtman_agent::caps::{BURST, CapRates};
 use virtman_agent::control::ControlClient;
 use virtman_cache::FetchClass;
-use virtman_image::ImageStore;
 
 const CHUNK: u32 = 64 * 1024;
 const CHUNKS: usize = 64;
@@ -39,24 +38,10 @@ struct Cluster {
 async fn cluster(origin_caps: CapRates) -> (Cluster, Node) {
     let dir = tempfile::tempdir().unwrap();
     let image = virtman_testkit::pattern(CHUNKS * CHUNK as usize, 11);
-    let raw = dir.path().join("img.raw");
-    std::fs::write(&raw, &image).unwrap();
-    ImageStore::open(dir.path().join("origin/images"))
-        .unwrap()
-        .import(&raw, "img", CHUNK, &mut |_, _| {})
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, _task) = serve_coordinator(dir.path().join("coord"), TOKEN, listener);
-    let origin = Node::start_capped(
-        "origin",
-        dir.path().join("origin"),
-        &url,
-        TOKEN,
-        origin_caps,
-    )
+    let (url, stop, origin) = origin_cluster(dir.path(), &image, CHUNK, &[], TOKEN, |c| {
+        c.caps = std::sync::Arc::new(virtman_agent::caps::Caps::new(origin_caps));
+    })
     .await;
-    wait_for_image(&url, "img").await;
     (
         Cluster {
             dir,

@@ -13,11 +13,9 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use common::{Node, serve_coordinator, vm_client, wait_for, wait_for_image};
+use common::{Node, origin_cluster, vm_client, wait_for};
 use tokio_util::sync::CancellationToken;
 use virtman_agent::prefetch::{PrefetchConfig, fetch_profile};
-use virtman_cache::BootProfile;
-use virtman_image::ImageStore;
 
 const CHUNK: u32 = 64 * 1024;
 const TOKEN: &str = "prefetch-test-token-0123456789";
@@ -41,35 +39,14 @@ impl Cluster {
     async fn start_with_profile(chunks: usize, profile: &[u64]) -> (Cluster, Node) {
         let dir = tempfile::tempdir().unwrap();
         let image = virtman_testkit::pattern(chunks * CHUNK as usize, 7);
-        let raw = dir.path().join("img.raw");
-        std::fs::write(&raw, &image).unwrap();
-        let stored = ImageStore::open(dir.path().join("origin/images"))
-            .unwrap()
-            .import(&raw, "img", CHUNK, &mut |_, _| {})
-            .unwrap();
-        if !profile.is_empty() {
-            let reads = profile
-                .iter()
-                .enumerate()
-                .map(|(t, &c)| (c * u64::from(CHUNK) + 10, 4096, t as u64 * 1000));
-            BootProfile::from_reads(reads, &stored.manifest)
-                .store(
-                    &stored.data_path.with_file_name("profile"),
-                    &stored.manifest,
-                )
-                .unwrap();
-        }
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (coord_stop, _task) = serve_coordinator(dir.path().join("coord"), TOKEN, listener);
+        let (url, coord_stop, origin) =
+            origin_cluster(dir.path(), &image, CHUNK, profile, TOKEN, |_| {}).await;
         let c = Cluster {
             dir,
             url,
             coord_stop,
             image,
         };
-        let origin = c.node("origin").await;
-        wait_for_image(&c.url, "img").await;
         (c, origin)
     }
 

@@ -14,11 +14,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{Node, serve_coordinator, wait_for, wait_for_image};
+use common::{Node, origin_cluster, wait_for};
 use tokio_util::sync::CancellationToken;
-use virtman_cache::{BootProfile, FetchClass};
+use virtman_cache::FetchClass;
 use virtman_coordinator::api::{PreheatRequest, PreheatState};
-use virtman_image::ImageStore;
 
 const CHUNK: u32 = 64 * 1024;
 const CHUNKS: usize = 48;
@@ -35,27 +34,8 @@ struct Cluster {
 async fn cluster() -> (Cluster, Node) {
     let dir = tempfile::tempdir().unwrap();
     let image = virtman_testkit::pattern(CHUNKS * CHUNK as usize, 5);
-    let raw = dir.path().join("img.raw");
-    std::fs::write(&raw, &image).unwrap();
-    let stored = ImageStore::open(dir.path().join("origin/images"))
-        .unwrap()
-        .import(&raw, "img", CHUNK, &mut |_, _| {})
-        .unwrap();
-    let reads = PROFILE
-        .iter()
-        .enumerate()
-        .map(|(t, &c)| (c * u64::from(CHUNK) + 10, 4096, t as u64 * 1000));
-    BootProfile::from_reads(reads, &stored.manifest)
-        .store(
-            &stored.data_path.with_file_name("profile"),
-            &stored.manifest,
-        )
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, _task) = serve_coordinator(dir.path().join("coord"), TOKEN, listener);
-    let origin = Node::start_edited("origin", dir.path().join("origin"), &url, TOKEN, |_| {}).await;
-    wait_for_image(&url, "img").await;
+    let (url, stop, origin) =
+        origin_cluster(dir.path(), &image, CHUNK, &PROFILE, TOKEN, |_| {}).await;
     let client = virtman_coordinator::Client::new(&url, Some(TOKEN.into())).unwrap();
     (
         Cluster {
@@ -250,20 +230,21 @@ async fn a_cancelled_preheat_stops_and_a_host_too_small_fails_alone() {
     let v1 = h1.agent.volume("img").unwrap();
     assert!(!v1.is_complete(), "h1 is capped: it cannot be done yet");
 
-    // Cancel: h1's preheat stops fetching (the few fetches in flight land,
-    // at the cap's pace, then nothing). What h1 still fetches on demand for
-    // its children, it fetches as any host does.
+    // Cancel: h1's preheat stops fetching. The few fetches it had in flight
+    // (two at a time, each at most a few attempts) may still land, at the
+    // cap's pace and behind demand; the rest of the image is never asked
+    // for. (What h1 fetches on demand for its children, it fetches as any
+    // host does.)
+    let at_cancel = h1.agent.caps().fetched(FetchClass::Prefetch);
     c.client.cancel_preheat("img").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(3000)).await;
-    let preheated = h1.agent.caps().fetched(FetchClass::Prefetch);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(
-        h1.agent.caps().fetched(FetchClass::Prefetch),
-        preheated,
-        "h1's preheat still fetches after the cancel"
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after = h1.agent.caps().fetched(FetchClass::Prefetch);
+    assert!(
+        after <= at_cancel + 8 * u64::from(CHUNK),
+        "h1's preheat went on after the cancel: {at_cancel} then {after} bytes"
     );
     assert!(
-        preheated < v1.manifest().size(),
+        after < v1.manifest().size(),
         "the preheat was stopped early"
     );
     for h in [h1, h2, h3] {

@@ -10,9 +10,8 @@
 
 mod common;
 
-use common::{Node, serve_coordinator, vm_client, wait_for, wait_for_image};
+use common::{Node, origin_cluster, serve_coordinator, vm_client, wait_for};
 use virtman_agent::prefetch::PrefetchConfig;
-use virtman_image::ImageStore;
 
 const CHUNK: u32 = 64 * 1024;
 const CHUNKS: usize = 32;
@@ -29,15 +28,7 @@ async fn a_host_holding_every_non_zero_chunk_of_a_sparse_image_holds_it_all() {
         image[at..at + CHUNK as usize]
             .copy_from_slice(&virtman_testkit::pattern(CHUNK as usize, i as u64 + 1));
     }
-    let raw = dir.path().join("img.raw");
-    std::fs::write(&raw, &image).unwrap();
-    ImageStore::open(dir.path().join("origin/images"))
-        .unwrap()
-        .import(&raw, "img", CHUNK, &mut |_, _| {})
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, _task) = serve_coordinator(dir.path().join("coord"), TOKEN, listener);
+    let (url, stop, origin) = origin_cluster(dir.path(), &image, CHUNK, &[], TOKEN, |_| {}).await;
     let start = |name: &'static str| {
         Node::start(
             name,
@@ -47,8 +38,6 @@ async fn a_host_holding_every_non_zero_chunk_of_a_sparse_image_holds_it_all() {
             PrefetchConfig::default(),
         )
     };
-    let origin = start("origin").await;
-    wait_for_image(&url, "img").await;
     let a1 = start("a1").await;
     a1.agent.create_vm("vm1", "img").await.unwrap();
     let vm = vm_client(a1.agent.vm_socket(), "vm1").await;

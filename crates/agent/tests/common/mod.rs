@@ -245,3 +245,42 @@ pub async fn wait_for_image(url: &str, image: &str) {
     })
     .await;
 }
+
+/// A coordinator on loopback (see [`serve_coordinator`]) and an origin agent
+/// `origin` serving `image` as `img` in chunks of `chunk` bytes, with a boot
+/// profile of `profile` (chunks in boot order) unless it is empty; `edit`
+/// changes the origin's configuration. Returns the coordinator's URL, what
+/// stops it, and the origin once the image is registered.
+pub async fn origin_cluster(
+    dir: &Path,
+    image: &[u8],
+    chunk: u32,
+    profile: &[u64],
+    token: &str,
+    edit: impl FnOnce(&mut virtman_agent::AgentConfig),
+) -> (String, tokio_util::sync::CancellationToken, Node) {
+    let raw = dir.join("img.raw");
+    std::fs::write(&raw, image).unwrap();
+    let stored = virtman_image::ImageStore::open(dir.join("origin/images"))
+        .unwrap()
+        .import(&raw, "img", chunk, &mut |_, _| {})
+        .unwrap();
+    if !profile.is_empty() {
+        let reads = profile
+            .iter()
+            .enumerate()
+            .map(|(t, &c)| (c * u64::from(chunk) + 10, 4096, t as u64 * 1000));
+        virtman_cache::BootProfile::from_reads(reads, &stored.manifest)
+            .store(
+                &stored.data_path.with_file_name("profile"),
+                &stored.manifest,
+            )
+            .unwrap();
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, _task) = serve_coordinator(dir.join("coord"), token, listener);
+    let origin = Node::start_edited("origin", dir.join("origin"), &url, token, edit).await;
+    wait_for_image(&url, "img").await;
+    (url, stop, origin)
+}
