@@ -66,8 +66,8 @@ struct ClassStats {
 pub struct Caps {
     upload: Arc<TokenBucket>,
     download: TokenBucket,
-    /// Demand, then prefetch.
-    classes: [ClassStats; 2],
+    /// Demand, prefetch, preheat.
+    classes: [ClassStats; 3],
 }
 
 impl Default for Caps {
@@ -80,6 +80,7 @@ fn class_index(class: FetchClass) -> usize {
     match class {
         FetchClass::Demand => 0,
         FetchClass::Prefetch => 1,
+        FetchClass::Preheat => 2,
     }
 }
 
@@ -116,7 +117,7 @@ impl Caps {
     pub async fn download(&self, n: u64, class: FetchClass) {
         let priority = match class {
             FetchClass::Demand => Priority::Urgent,
-            FetchClass::Prefetch => Priority::Background,
+            FetchClass::Prefetch | FetchClass::Preheat => Priority::Background,
         };
         let waited = self.download.take(n, priority).await;
         let c = &self.classes[class_index(class)];

@@ -17,7 +17,7 @@
 //! | `virtman_origin_sent_bytes_total` | image | bytes an origin sent |
 //! | `virtman_origin_max_sends_per_chunk` | image | the most times an origin sent one chunk |
 //! | `virtman_cap_bytes_per_second` | direction=upload\|download | the bandwidth caps in force (absent: none) |
-//! | `virtman_fetch_class_bytes_total` | class=demand\|prefetch | bytes asked of parents and origins, by why |
+//! | `virtman_fetch_class_bytes_total` | class=demand\|prefetch\|preheat | bytes asked of parents and origins, by why |
 //! | `virtman_cap_wait_seconds_total` | direction, class | time spent waiting for a cap |
 
 use std::sync::Arc;
@@ -216,6 +216,7 @@ fn encode_caps(caps: &Caps, enc: &mut DescriptorEncoder) -> Result<(), std::fmt:
     let classes = [
         ("demand", FetchClass::Demand),
         ("prefetch", FetchClass::Prefetch),
+        ("preheat", FetchClass::Preheat),
     ];
     let mut m = enc.encode_descriptor(
         "fetch_class_bytes",

@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
-use virtman_cache::{BootProfile, CachedVolume};
+use virtman_cache::{BootProfile, CachedVolume, FetchClass};
 use virtman_image::Manifest;
 
 use virtman_nbd::ClientTls;
@@ -91,6 +91,8 @@ pub struct ImagePrefetch {
     pinned: AtomicBool,
     /// The pin finished: every chunk is present.
     pin_done: AtomicBool,
+    /// A preheat runs: the replay and the pin fetch as preheat.
+    preheat: AtomicBool,
 }
 
 /// What the status shows of an image's prefetch.
@@ -153,6 +155,20 @@ impl ImagePrefetch {
             Some(p) => (*p).clone(),
             None => volume.boot_profile(),
         })
+    }
+
+    /// Whether the replay and the pin fetch for a preheat.
+    pub(crate) fn set_preheat(&self, on: bool) {
+        self.preheat.store(on, Ordering::Relaxed);
+    }
+
+    /// What the replay and the pin fetch as.
+    fn class(&self) -> FetchClass {
+        if self.preheat.load(Ordering::Relaxed) {
+            FetchClass::Preheat
+        } else {
+            FetchClass::Prefetch
+        }
     }
 
     /// The token the profile replay and the pin stop on.
@@ -226,6 +242,7 @@ pub async fn fetch_in_order(
     chunks: impl IntoIterator<Item = u64>,
     cfg: &PrefetchConfig,
     cancel: &CancellationToken,
+    class: FetchClass,
 ) -> Vec<u64> {
     let m = volume.manifest();
     let mut set = tokio::task::JoinSet::new();
@@ -261,7 +278,7 @@ pub async fn fetch_in_order(
         let v = Arc::clone(volume);
         let (offset, len) = (m.chunk_offset(i), u64::from(m.chunk_len(i)));
         set.spawn(async move {
-            match v.prefetch(offset, len).await {
+            match v.prefetch_as(offset, len, class).await {
                 Ok(()) => (i, true),
                 Err(e) => {
                     debug!(volume = v.name(), chunk = i, error = %e, "prefetch failed");
@@ -356,7 +373,7 @@ pub(crate) async fn replay_profile(
             chunks = p.entries.len(),
             "replaying the boot profile"
         );
-        let failed = fetch_in_order(&volume, p.chunks(), &cfg, &cancel).await;
+        let failed = fetch_in_order(&volume, p.chunks(), &cfg, &cancel, state.class()).await;
         if !failed.is_empty() {
             debug!(
                 image,
@@ -387,7 +404,7 @@ pub(crate) async fn pin(
             tracing::info!(image, "pinned: every chunk is on this host");
             return;
         }
-        let failed = fetch_in_order(&volume, missing, &cfg, &cancel).await;
+        let failed = fetch_in_order(&volume, missing, &cfg, &cancel, state.class()).await;
         if cancel.is_cancelled() {
             return;
         }

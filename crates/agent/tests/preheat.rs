@@ -154,6 +154,10 @@ async fn labels_pick_the_hosts_that_preheat_and_latecomers_join_in() {
             .expect("a preheated host holds a volume");
         assert_eq!(v.present_list(), profile, "{}", h.agent.name());
         assert!(h.agent.list_vms().is_empty());
+        // Counted as preheat, not as prefetch.
+        let caps = h.agent.caps();
+        assert!(caps.fetched(FetchClass::Preheat) >= PROFILE.len() as u64 * u64::from(CHUNK));
+        assert_eq!(caps.fetched(FetchClass::Prefetch), 0);
     }
     for h in &hosts[3..] {
         assert!(
@@ -235,10 +239,10 @@ async fn a_cancelled_preheat_stops_and_a_host_too_small_fails_alone() {
     // cap's pace and behind demand; the rest of the image is never asked
     // for. (What h1 fetches on demand for its children, it fetches as any
     // host does.)
-    let at_cancel = h1.agent.caps().fetched(FetchClass::Prefetch);
+    let at_cancel = h1.agent.caps().fetched(FetchClass::Preheat);
     c.client.cancel_preheat("img").await.unwrap();
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let after = h1.agent.caps().fetched(FetchClass::Prefetch);
+    let after = h1.agent.caps().fetched(FetchClass::Preheat);
     assert!(
         after <= at_cancel + 8 * u64::from(CHUNK),
         "h1's preheat went on after the cancel: {at_cancel} then {after} bytes"

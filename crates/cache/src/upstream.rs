@@ -39,6 +39,8 @@ pub enum FetchClass {
     Demand,
     /// Prefetch: a boot profile, a pin, a VM's CMD_CACHE hint.
     Prefetch,
+    /// A preheat the coordinator ordered (a profile or a pin before any VM).
+    Preheat,
 }
 
 /// Why an upstream could not deliver a chunk.

@@ -174,6 +174,8 @@ impl Agent {
             Arc::new(MemExport::new(manifest.encode()).read_only()),
         );
         let prefetch = Arc::new(ImagePrefetch::default());
+        // Joined for a preheat: its replay (and pin) count as preheat.
+        prefetch.set_preheat(lock(&self.preheats).contains_key(image));
         let prefetch_config = lock(&self.prefetch).clone();
         if prefetch_config.profile {
             prefetch.tasks.spawn(prefetch::replay_profile(

@@ -82,6 +82,7 @@ impl Agent {
                     r = agent.preheat(&order) => r,
                     () = cancel.cancelled() => return,
                 };
+                agent.set_preheating(&order.image, false);
                 let s = match result {
                     Ok(()) => {
                         info!(image = %order.image, id = order.id, "preheated");
@@ -103,6 +104,17 @@ impl Agent {
             && let Role::Member { prefetch, .. } = &e.role
         {
             prefetch.stop_background();
+            prefetch.set_preheat(false);
+        }
+    }
+
+    /// Whether an image's replay and pin count as preheat (a member joined
+    /// before the order came: its pin, from now on).
+    fn set_preheating(&self, image: &str, on: bool) {
+        if let Some(e) = lock(&self.images).get(image)
+            && let Role::Member { prefetch, .. } = &e.role
+        {
+            prefetch.set_preheat(on);
         }
     }
 
@@ -123,6 +135,7 @@ impl Agent {
             "preheating"
         );
         self.ensure_image(image).await.map_err(|e| e.to_string())?;
+        self.set_preheating(image, true);
         let entry = lock(&self.images).get(image).cloned();
         let Some(Role::Member {
             volume, prefetch, ..

@@ -16,6 +16,16 @@ pub const MAX_HINTS: usize = 4;
 impl CachedVolume {
     /// Fetches every missing chunk of `offset..offset+len` (a prefetch).
     pub async fn prefetch(self: &Arc<Self>, offset: u64, len: u64) -> Result<(), CacheError> {
+        self.prefetch_as(offset, len, FetchClass::Prefetch).await
+    }
+
+    /// [`CachedVolume::prefetch`], fetching as `class` (prefetch or preheat).
+    pub async fn prefetch_as(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        class: FetchClass,
+    ) -> Result<(), CacheError> {
         self.check_range(offset, len)?;
         if len == 0 {
             return Ok(());
@@ -27,9 +37,7 @@ impl CachedVolume {
             if !self.present.get(i) && !self.manifest.is_zero_chunk(i) {
                 let vol = Arc::clone(self);
                 set.spawn(async move {
-                    Arc::clone(&vol)
-                        .chunk_bytes(i, FetchClass::Prefetch)
-                        .await?;
+                    Arc::clone(&vol).chunk_bytes(i, class).await?;
                     if !vol.present.get(i) {
                         // Served from memory: the disk failed the write.
                         return Err(CacheError::io(
