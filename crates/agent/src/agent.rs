@@ -255,6 +255,7 @@ impl Agent {
                     .clone()
                     .map(|a| a as Arc<dyn virtman_nbd::ExportAccess>),
                 upload: Some(config.caps.upload()),
+                tag_context: Some(virtman_cache::X_VIRTMAN_PRESENT.to_owned()),
                 ..ServerConfig::default()
             }),
             vms: Server::new(ServerConfig::default()),

@@ -13,7 +13,7 @@
 //! | `virtman_prefetched_chunks_total`, `_bytes_total` | image | chunks fetched by prefetch (boot profile, pin, CMD_CACHE hints) |
 //! | `virtman_cache_held_chunks`, `virtman_image_chunks` | image | chunks a read serves without fetching (stored or all-zero), of the image's (the same figure as `virtman status` and the tree) |
 //! | `virtman_cache_used_bytes`, `_capacity_bytes` | | the cache group's usage |
-//! | `virtman_served_bytes_total` | to=children\|vms | bytes served over the base and VM exports |
+//! | `virtman_served_bytes_total` | to=children\|others\|vms | bytes served over the base exports to child hosts (clients that select `x-virtman:present`) and to other readers, and over the VM exports |
 //! | `virtman_origin_sent_bytes_total` | image | bytes an origin sent |
 //! | `virtman_origin_max_sends_per_chunk` | image | the most times an origin sent one chunk |
 //! | `virtman_cap_bytes_per_second` | direction=upload\|download | the bandwidth caps in force (absent: none) |
@@ -170,9 +170,15 @@ impl Collector for AgentCollector {
             None,
             MetricType::Counter,
         )?;
-        let children = a.base_server().stats().bytes_read.load(Ordering::Relaxed);
+        let base = a.base_server().stats();
+        let children = base.bytes_read_tagged.load(Ordering::Relaxed);
+        let others = base
+            .bytes_read
+            .load(Ordering::Relaxed)
+            .saturating_sub(children);
         let vms = a.vm_server().stats().bytes_read.load(Ordering::Relaxed);
         ConstCounter::new(children).encode(m.encode_family(&[("to", "children")])?)?;
+        ConstCounter::new(others).encode(m.encode_family(&[("to", "others")])?)?;
         ConstCounter::new(vms).encode(m.encode_family(&[("to", "vms")])?)?;
 
         let origins = a.origin_stats();

@@ -107,6 +107,27 @@ impl Export for CountingExport {
         self.inner.block_status(offset, len).await
     }
 
+    /// An origin holds all of its image: `x-virtman:present` is one held
+    /// run (children select it, which tells them apart from other readers).
+    fn meta_contexts(&self) -> Vec<String> {
+        vec![virtman_cache::X_VIRTMAN_PRESENT.to_owned()]
+    }
+
+    async fn context_status(
+        &self,
+        context: &str,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<(u64, u32)>, ExportError> {
+        if context != virtman_cache::X_VIRTMAN_PRESENT {
+            return Err(ExportError::Invalid(format!(
+                "no metadata context {context:?}"
+            )));
+        }
+        let run = u64::from(len.max(1)).min(self.size().saturating_sub(offset));
+        Ok(vec![(run, virtman_cache::PRESENT)])
+    }
+
     async fn write(&self, _offset: u64, _data: Bytes, _fua: bool) -> Result<(), ExportError> {
         Err(ExportError::NotPermitted(
             "origin exports are read-only".into(),

@@ -21,6 +21,8 @@ pub(crate) async fn read_small_export(
         connect_timeout: Duration::from_secs(3),
         connections: 1,
         tls: tls.cloned(),
+        // A member reading its peer's manifest or profile: a child's read.
+        meta_contexts: vec![virtman_cache::X_VIRTMAN_PRESENT.to_owned()],
     };
     let c = Client::connect(&Endpoint::Tcp(addr.to_owned()), &cfg)
         .await

@@ -4,8 +4,8 @@
 //! - A capped origin never sends faster than its cap (bytes at most rate x
 //!   time plus the burst, an upper bound a slow machine cannot fail), and the
 //!   cap holds the transfer back (it takes at least the time the cap allows).
-//! - On a host whose download is capped, a VM's reads finish while a pin
-//!   (prefetch) of the whole image is still running: demand goes first.
+//! - On a host whose download is capped, a VM's reads finish while a
+//!   preheat of the whole image is still running: demand goes first.
 //! - Caps change at run time through the control API; 0 is refused.
 #![allow(
     clippy::unwrap_used,
@@ -114,9 +114,9 @@ async fn a_capped_origin_never_sends_faster_than_its_cap() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn demand_reads_on_a_capped_host_finish_while_a_pin_runs() {
+async fn demand_reads_on_a_capped_host_finish_while_a_preheat_runs() {
     let (c, origin) = cluster(CapRates::default()).await;
-    // 1 MB/s: the pin of 4 MiB needs at least 3 s.
+    // 1 MB/s: fetching the whole 4 MiB image needs at least 3 s.
     let a1 = c
         .node(
             "a1",
@@ -128,9 +128,29 @@ async fn demand_reads_on_a_capped_host_finish_while_a_pin_runs() {
         .await;
     a1.agent.create_vm("vm1", "img").await.unwrap();
     let vm = vm_client(a1.agent.vm_socket(), "vm1").await;
-    a1.agent.pin_image("img").await.unwrap();
+    wait_for("a1's first heartbeat", || async {
+        a1.agent.status().coordinator_ok
+    })
+    .await;
+    let client = virtman_coordinator::Client::new(&c.url, Some(TOKEN.into())).unwrap();
+    client
+        .preheat(
+            "img",
+            &virtman_coordinator::api::PreheatRequest {
+                hosts: vec!["a1".into()],
+                whole: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let caps = a1.agent.caps();
+    wait_for("the preheat to start", || async {
+        caps.fetched(FetchClass::Preheat) > 0
+    })
+    .await;
     let v = a1.agent.volume("img").unwrap();
-    // The last eight chunks, the pin's last to reach.
+    // The last eight chunks, the preheat's last to reach.
     let t0 = Instant::now();
     for i in (CHUNKS - 8)..CHUNKS {
         let off = (i * CHUNK as usize) as u64 + 100;
@@ -141,19 +161,17 @@ async fn demand_reads_on_a_capped_host_finish_while_a_pin_runs() {
     let held = v.present_chunks();
     assert!(
         held < CHUNKS as u64,
-        "the pin finished ({held} chunks) before 8 demand reads did ({took:?})"
+        "the preheat finished ({held} chunks) before 8 demand reads did ({took:?})"
     );
-    let caps = a1.agent.caps();
     assert!(caps.fetched(FetchClass::Demand) >= 8 * u64::from(CHUNK));
-    assert!(caps.fetched(FetchClass::Prefetch) > 0);
-    wait_for("the pin to finish", || async {
+    wait_for("the preheat to finish", || async {
         v.present_chunks() == CHUNKS as u64
     })
     .await;
     assert!(
-        caps.download_waited(FetchClass::Prefetch) > caps.download_waited(FetchClass::Demand),
-        "prefetch {:?}, demand {:?}",
-        caps.download_waited(FetchClass::Prefetch),
+        caps.download_waited(FetchClass::Preheat) > caps.download_waited(FetchClass::Demand),
+        "preheat {:?}, demand {:?}",
+        caps.download_waited(FetchClass::Preheat),
         caps.download_waited(FetchClass::Demand)
     );
     a1.kill().await;

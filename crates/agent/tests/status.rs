@@ -78,6 +78,31 @@ async fn a_host_holding_every_non_zero_chunk_of_a_sparse_image_holds_it_all() {
         })
     })
     .await;
+    // What the base exports served: the origin to its child a1; then a
+    // plain reader of a1's export (as an `nbdcopy` would) counts apart.
+    let o = origin.agent.status();
+    assert!(
+        o.served_to_children >= DATA.len() as u64 * u64::from(CHUNK),
+        "{o:?}"
+    );
+    assert_eq!(o.served_to_others, 0);
+    let plain = virtman_nbd::Client::connect(
+        &virtman_nbd::Endpoint::Tcp(a1.addr.clone()),
+        &virtman_nbd::ClientConfig {
+            export: "img".into(),
+            ..virtman_nbd::ClientConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let got = plain
+        .read(5 * u64::from(CHUNK), u64::from(CHUNK))
+        .await
+        .unwrap();
+    assert_eq!(&got[..], &image[5 * CHUNK as usize..6 * CHUNK as usize]);
+    let s = a1.agent.status();
+    assert_eq!(s.served_to_children, 0, "{s:?}");
+    assert_eq!(s.served_to_others, u64::from(CHUNK), "{s:?}");
     drop(vm);
     a1.kill().await;
     origin.kill().await;

@@ -208,11 +208,16 @@ fn status_text(s: &virtman_agent::agent::Status) -> String {
     );
     let _ = writeln!(
         out,
-        "cache {} of {} used; served {} to children, {} to VMs",
+        "cache {} of {} used; served {} to children, {} to VMs{}",
         human(s.cache_used),
         human(s.cache_capacity),
         human(s.served_to_children),
-        human(s.served_to_vms)
+        human(s.served_to_vms),
+        if s.served_to_others > 0 {
+            format!(", {} to other readers", human(s.served_to_others))
+        } else {
+            String::new()
+        }
     );
     let _ = writeln!(
         out,

@@ -127,6 +127,7 @@ async fn replay(trace: &Trace, disk: &Path, dir: &Path) -> Vec<(u64, u64)> {
         connect_timeout: Duration::from_secs(5),
         connections: 1,
         tls: None,
+        meta_contexts: Vec::new(),
     };
     let client = Client::connect(&Endpoint::Unix(socket), &cfg)
         .await

@@ -63,6 +63,12 @@ pub struct ServerConfig {
     /// reply waits for its bytes (holes are free). Its rate can change while
     /// the server runs (see [`crate::rate`]).
     pub upload: Option<Arc<crate::rate::TokenBucket>>,
+    /// A metadata context whose request tags a client: the data read by
+    /// clients that asked for it (in `NBD_OPT_SET_META_CONTEXT`, whether the
+    /// export has it or not) is also counted in
+    /// [`ServerStats::bytes_read_tagged`] (an agent's children ask for
+    /// `x-virtman:present`, so what other readers take is told apart).
+    pub tag_context: Option<String>,
 }
 
 /// Decides which client may see and open which export, by the certificate
@@ -108,6 +114,7 @@ impl Default for ServerConfig {
             tls: None,
             access: None,
             upload: None,
+            tag_context: None,
         }
     }
 }
@@ -123,6 +130,9 @@ pub struct ServerStats {
     pub requests: AtomicU64,
     /// Bytes of export data sent to clients (holes not counted).
     pub bytes_read: AtomicU64,
+    /// Of those, bytes sent to clients that asked for
+    /// [`ServerConfig::tag_context`].
+    pub bytes_read_tagged: AtomicU64,
     /// Bytes written by clients.
     pub bytes_written: AtomicU64,
     /// Requests answered with an error.

@@ -225,3 +225,42 @@ async fn an_expected_export_that_does_not_come_in_time_is_refused() {
     );
     s.stop().await;
 }
+
+/// A client that asks for the server's tag context (whether the export has
+/// it or not) is counted apart: what other readers take is told from it.
+#[tokio::test]
+async fn reads_of_clients_asking_for_the_tag_context_are_counted_apart() {
+    use std::sync::atomic::Ordering;
+    let data = pattern(1 << 20, 3);
+    let export: Arc<dyn Export> = Arc::new(MemExport::new(data.clone()).read_only());
+    let config = ServerConfig {
+        tag_context: Some("x-test:child".into()),
+        ..ServerConfig::default()
+    };
+    let s = TestServer::start(config, vec![("disk", export)]).await;
+    let connect = |contexts: Vec<String>| {
+        let endpoint = s.endpoint();
+        async move {
+            Client::connect(
+                &endpoint,
+                &ClientConfig {
+                    export: "disk".into(),
+                    meta_contexts: contexts,
+                    ..ClientConfig::default()
+                },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let child = connect(vec!["x-test:child".into()]).await;
+    let other = connect(Vec::new()).await;
+    assert_eq!(&child.read(0, 65536).await.unwrap()[..], &data[..65536]);
+    assert_eq!(
+        &other.read(65536, 4096).await.unwrap()[..],
+        &data[65536..69632]
+    );
+    let stats = s.server.stats();
+    assert_eq!(stats.bytes_read.load(Ordering::Relaxed), 65536 + 4096);
+    assert_eq!(stats.bytes_read_tagged.load(Ordering::Relaxed), 65536);
+}

@@ -77,8 +77,11 @@ pub struct Status {
     pub cache_used: u64,
     /// Cache capacity.
     pub cache_capacity: u64,
-    /// Bytes served to children.
+    /// Bytes served to children (hosts fetching from this one).
     pub served_to_children: u64,
+    /// Bytes other readers of the base exports took (an `nbdcopy`, say).
+    #[serde(default)]
+    pub served_to_others: u64,
     /// Bytes served to VMs.
     pub served_to_vms: u64,
     /// Whether the last coordinator call succeeded.
@@ -251,7 +254,13 @@ impl Agent {
             vms: self.list_vms(),
             cache_used: usage.used,
             cache_capacity: usage.capacity,
-            served_to_children: self.base.stats().bytes_read.load(Ordering::Relaxed),
+            served_to_children: self.base.stats().bytes_read_tagged.load(Ordering::Relaxed),
+            served_to_others: self
+                .base
+                .stats()
+                .bytes_read
+                .load(Ordering::Relaxed)
+                .saturating_sub(self.base.stats().bytes_read_tagged.load(Ordering::Relaxed)),
             served_to_vms: self.vms.stats().bytes_read.load(Ordering::Relaxed),
             coordinator_ok: self.coordinator_ok.load(Ordering::Relaxed),
         }

@@ -70,6 +70,9 @@ impl Conn {
             request_timeout: config.request_timeout,
             connect_timeout: config.connect_timeout,
             tls: config.tls.clone(),
+            // Says "a child" to the parent, which counts what it serves
+            // children apart from other readers.
+            meta_contexts: vec![virtman_cache::X_VIRTMAN_PRESENT.to_owned()],
         };
         let c = Client::connect(&Endpoint::Tcp(self.source.addr.clone()), &cc)
             .await

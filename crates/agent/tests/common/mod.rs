@@ -28,6 +28,7 @@ pub async fn vm_client(socket: &Path, vm: &str) -> Client {
         connect_timeout: Duration::from_secs(5),
         connections: 1,
         tls: None,
+        meta_contexts: Vec::new(),
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

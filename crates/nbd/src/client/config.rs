@@ -51,6 +51,11 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// TLS: upgrade every connection with `NBD_OPT_STARTTLS`, or fail.
     pub tls: Option<ClientTls>,
+    /// Metadata contexts to select besides `base:allocation` (those the
+    /// export lacks are just not selected). An agent fetching from its
+    /// parents selects `x-virtman:present`, which tells its parent it is a
+    /// child (see `ServerConfig::tag_context`).
+    pub meta_contexts: Vec<String>,
 }
 
 impl Default for ClientConfig {
@@ -61,6 +66,7 @@ impl Default for ClientConfig {
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             tls: None,
+            meta_contexts: Vec::new(),
         }
     }
 }

@@ -78,7 +78,7 @@ impl Connection {
                     source,
                 })?;
             let tls = config.tls.as_ref().map(|t| (t, endpoint));
-            let info = negotiate(&mut r, &mut w, &config.export, tls)
+            let info = negotiate(&mut r, &mut w, &config.export, tls, &config.meta_contexts)
                 .await
                 .map_err(handshake_error)?;
             Ok::<_, ClientError>((r, w, info))

@@ -60,6 +60,7 @@ pub(super) async fn negotiate(
     w: &mut BoxWrite,
     export: &str,
     tls: Option<(&ClientTls, &Endpoint)>,
+    extra_contexts: &[String],
 ) -> Result<ExportInfo, String> {
     let no_zeroes = greet(r, w, tls).await?;
     let structured = match option(r, w, opt::STRUCTURED_REPLY, &[]).await?.last() {
@@ -70,7 +71,9 @@ pub(super) async fn negotiate(
     if structured {
         let m = MetaRequest {
             name: export.to_owned(),
-            queries: vec![BASE_ALLOCATION.to_owned()],
+            queries: std::iter::once(BASE_ALLOCATION.to_owned())
+                .chain(extra_contexts.iter().cloned())
+                .collect(),
         };
         let replies = option(r, w, opt::SET_META_CONTEXT, &m.encode()).await?;
         if replies.last().is_some_and(|(t, _)| *t == rep::ACK) {

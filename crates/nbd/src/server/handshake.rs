@@ -52,6 +52,9 @@ pub(super) struct Session {
     pub negotiated: Negotiated,
     /// The metadata contexts selected for this export, by id.
     pub contexts: Vec<MetaContext>,
+    /// The client asked for [`crate::ServerConfig::tag_context`] in its last
+    /// `NBD_OPT_SET_META_CONTEXT` (whether the export has it or not).
+    pub tagged: bool,
 }
 
 /// Why a handshake ended without a session.
@@ -291,6 +294,8 @@ struct State {
     structured: bool,
     /// The export metadata contexts were selected for, and those contexts.
     meta: Option<(String, Vec<MetaContext>)>,
+    /// The last SET_META_CONTEXT asked for the server's tag context.
+    tagged: bool,
     /// When waiting for expected exports ends for this connection (set at
     /// its first wait: one wait per handshake, however many options).
     expect_deadline: Option<tokio::time::Instant>,
@@ -314,6 +319,7 @@ impl State {
             export,
             negotiated,
             contexts,
+            tagged: self.tagged,
         }
     }
 }
@@ -397,6 +403,11 @@ fn meta_context(
     if set {
         // SET replaces the selection even when it fails.
         state.meta = None;
+        state.tagged = server
+            .config
+            .tag_context
+            .as_ref()
+            .is_some_and(|t| m.queries.iter().any(|q| q == t));
     }
     if !state.structured {
         reply_error(

@@ -77,6 +77,8 @@ struct Context {
     /// The metadata contexts selected for block status, by id.
     contexts: Vec<super::handshake::MetaContext>,
     name: String,
+    /// The client asked for [`crate::ServerConfig::tag_context`].
+    tagged: bool,
 }
 
 pub(super) async fn run(
@@ -95,11 +97,13 @@ pub(super) async fn run(
         256 * 1024,
         write,
     )));
+    let tagged = session.tagged;
     let ctx = Arc::new(Context {
         export: session.export,
         negotiated: session.negotiated,
         contexts: session.contexts,
         name: session.name,
+        tagged,
     });
     let tasks = TaskTracker::new();
     let io = Io {
@@ -336,6 +340,9 @@ async fn execute(
                 cap.take(data, crate::rate::Priority::Urgent).await;
             }
             ServerStats::add(&server.stats.bytes_read, data);
+            if ctx.tagged {
+                ServerStats::add(&server.stats.bytes_read_tagged, data);
+            }
             Ok(read_reply(req, &ctx.negotiated, chunks))
         }
         Command::Write => {
