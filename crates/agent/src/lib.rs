@@ -4,6 +4,7 @@
 //!   coordinator loop, VMs;
 //! - [`access`]: with TLS, the base exports serve only the members of each
 //!   image's session (asked of the coordinator), never a banned node;
+//! - [`caps`]: the host's upload and download caps (demand first);
 //! - [`control`]: the control API on a local unix socket, and its client;
 //! - [`metrics`]: Prometheus metrics read from live counters;
 //! - [`prefetch`]: boot profiles fetched from parents and replayed ahead of
