@@ -62,7 +62,7 @@ mod restore;
 mod status;
 mod vms;
 
-pub use status::{ImageStatus, MemberStats, OriginSent, Status};
+pub use status::{ImageStatus, MemberStats, OriginSent, Served, Status};
 pub use vms::VmInfo;
 
 /// Settings of an agent.
@@ -306,6 +306,14 @@ impl Agent {
     /// The host's bandwidth caps.
     pub fn caps(&self) -> &crate::caps::Caps {
         &self.config.caps
+    }
+
+    /// Whether this host is an origin of `image` (it holds it whole).
+    fn is_origin(&self, image: &str) -> bool {
+        matches!(
+            lock(&self.images).get(image).map(|e| &e.role),
+            Some(Role::Origin { .. })
+        )
     }
 
     /// The coordinator client (its clones share TLS renewals).

@@ -21,7 +21,6 @@
 //! | `virtman_cap_wait_seconds_total` | direction, class | time spent waiting for a cap |
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -170,16 +169,14 @@ impl Collector for AgentCollector {
             None,
             MetricType::Counter,
         )?;
-        let base = a.base_server().stats();
-        let children = base.bytes_read_tagged.load(Ordering::Relaxed);
-        let others = base
-            .bytes_read
-            .load(Ordering::Relaxed)
-            .saturating_sub(children);
-        let vms = a.vm_server().stats().bytes_read.load(Ordering::Relaxed);
-        ConstCounter::new(children).encode(m.encode_family(&[("to", "children")])?)?;
-        ConstCounter::new(others).encode(m.encode_family(&[("to", "others")])?)?;
-        ConstCounter::new(vms).encode(m.encode_family(&[("to", "vms")])?)?;
+        let served = a.served();
+        for (to, n) in [
+            ("children", served.children),
+            ("others", served.others),
+            ("vms", served.vms),
+        ] {
+            ConstCounter::new(n).encode(m.encode_family(&[("to", to)])?)?;
+        }
 
         let origins = a.origin_stats();
         let mut m = enc.encode_descriptor(

@@ -6,7 +6,6 @@
 //!        ─► Agent::run + control API on DATA_DIR/agent.sock ─► until a signal
 //! ```
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -248,13 +247,7 @@ async fn set_caps(
 }
 
 async fn agent(args: AgentArgs) -> anyhow::Result<()> {
-    let mut labels = BTreeMap::new();
-    for l in &args.labels {
-        let Some((k, v)) = l.split_once('=') else {
-            bail!("label {l:?} is not KEY=VALUE");
-        };
-        labels.insert(k.trim().to_owned(), v.trim().to_owned());
-    }
+    let labels = crate::units::parse_labels(&args.labels)?;
     let token = match &args.token_file {
         Some(p) => Some(read_token(p)?),
         None => None,

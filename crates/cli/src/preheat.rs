@@ -61,17 +61,6 @@ pub struct PreheatArgs {
     pub remote: Remote,
 }
 
-fn parse_labels(list: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
-    let mut labels = BTreeMap::new();
-    for l in list {
-        let Some((k, v)) = l.split_once('=') else {
-            bail!("label {l:?} is not KEY=VALUE");
-        };
-        labels.insert(k.trim().to_owned(), v.trim().to_owned());
-    }
-    Ok(labels)
-}
-
 /// Runs `virtman image preheat`.
 pub fn run(args: PreheatArgs) -> anyhow::Result<()> {
     let (client, url) = args.remote.client()?;
@@ -88,7 +77,7 @@ pub fn run(args: PreheatArgs) -> anyhow::Result<()> {
             .with_context(|| format!("reading the preheat of {image:?} from {url}"))?
     } else {
         let req = PreheatRequest {
-            labels: parse_labels(&args.labels)?,
+            labels: crate::units::parse_labels(&args.labels)?,
             hosts: args.hosts.clone(),
             whole: args.whole,
         };

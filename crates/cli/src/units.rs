@@ -74,6 +74,18 @@ pub fn human_rate(bytes_per_sec: u64) -> String {
     format!("{v:.1} {unit} ({bv:.3} {bunit})")
 }
 
+/// Parses `KEY=VALUE` labels (as `--labels` takes them).
+pub fn parse_labels(list: &[String]) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let mut labels = std::collections::BTreeMap::new();
+    for l in list {
+        let Some((k, v)) = l.split_once('=') else {
+            anyhow::bail!("label {l:?} is not KEY=VALUE");
+        };
+        labels.insert(k.trim().to_owned(), v.trim().to_owned());
+    }
+    Ok(labels)
+}
+
 /// Bytes in binary units: exact when the size is a whole number of the unit
 /// (`256 KiB`), else with one decimal (`1.5 GiB`).
 pub fn human(b: u64) -> String {

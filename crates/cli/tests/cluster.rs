@@ -420,6 +420,36 @@ async fn leaves_read_the_image_through_the_tree_and_the_origin_sends_each_chunk_
         "{text}"
     );
     assert!(text.contains("(coordinator reachable)"), "{text}");
+    // `agent set` changes a running agent's caps; bad rates are refused and
+    // change nothing.
+    let set = |args: &[&str]| {
+        Command::new(BIN)
+            .args(["agent", "set"])
+            .args(args)
+            .env("VIRTMAN_DATA_DIR", &a1)
+            .output()
+            .unwrap()
+    };
+    let out = set(&["--upload-rate", "100M"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("upload   12.5 MB/s") && text.contains("download no cap"),
+        "{text}"
+    );
+    for bad in ["0", "-5M", "fast"] {
+        let out = set(&["--download-rate", bad]);
+        assert!(!out.status.success(), "--download-rate {bad} accepted");
+    }
+    let caps = c.control("a1").caps().await.unwrap();
+    assert_eq!((caps.upload, caps.download), (Some(12_500_000), None));
+    let out = set(&["--upload-rate", "off"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("upload   no cap"));
+    assert_eq!(c.control("a1").caps().await.unwrap().upload, None);
 }
 
 /// A parent stopped (SIGSTOP: alive to the kernel, silent to everyone) in

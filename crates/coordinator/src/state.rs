@@ -275,13 +275,13 @@ impl State {
         image: &mut ImageState,
         outcome: &Outcome,
         before: virtman_topology::Stats,
-        why: &str,
+        why: &dyn std::fmt::Display,
     ) {
         let name = image.record.name.clone();
         // One line per death and per repair, for the operator.
         for &id in &outcome.dead {
             if let Some(node) = image.name_of(id) {
-                tracing::info!(image = %name, node = %node, why, "declared dead");
+                tracing::info!(image = %name, node = %node, why = %why, "declared dead");
             }
         }
         for id in &outcome.removed {
@@ -298,10 +298,10 @@ impl State {
                 continue;
             };
             if m.parents.is_empty() {
-                tracing::debug!(image = %name, node = %m.name, parents = ?rec.parents, why, "parents given");
+                tracing::debug!(image = %name, node = %m.name, parents = ?rec.parents, why = %why, "parents given");
             } else if m.parents != rec.parents {
                 tracing::info!(image = %name, node = %m.name, old = ?m.parents,
-                    new = ?rec.parents, why, "parents changed");
+                    new = ?rec.parents, why = %why, "parents changed");
             }
             m.parents.clone_from(&rec.parents);
             batch.members.insert((name.clone(), m.name.clone()), rec);

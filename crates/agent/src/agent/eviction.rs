@@ -77,11 +77,7 @@ impl Agent {
     /// needed), so that this host no longer needs its parents. Progress shows
     /// in [`Agent::status`]. Asking again while a pin runs is a no-op.
     pub async fn pin_image(self: &Arc<Self>, image: &str) -> Result<(), AgentError> {
-        let origin = matches!(
-            lock(&self.images).get(image).map(|e| &e.role),
-            Some(Role::Origin { .. })
-        );
-        if origin {
+        if self.is_origin(image) {
             return Err(AgentError::Invalid(format!(
                 "image {image:?} is an origin image here: it is already whole"
             )));

@@ -98,34 +98,34 @@ impl Agent {
         }
     }
 
+    /// The prefetch state of a member image.
+    fn member_prefetch(&self, image: &str) -> Option<Arc<crate::prefetch::ImagePrefetch>> {
+        match &lock(&self.images).get(image)?.role {
+            Role::Member { prefetch, .. } => Some(Arc::clone(prefetch)),
+            Role::Origin { .. } => None,
+        }
+    }
+
     /// Stops an image's profile replay and pin.
     fn stop_prefetch(&self, image: &str) {
-        if let Some(e) = lock(&self.images).get(image)
-            && let Role::Member { prefetch, .. } = &e.role
-        {
-            prefetch.stop_background();
-            prefetch.set_preheat(false);
+        if let Some(p) = self.member_prefetch(image) {
+            p.stop_background();
+            p.set_preheat(false);
         }
     }
 
     /// Whether an image's replay and pin count as preheat (a member joined
     /// before the order came: its pin, from now on).
     fn set_preheating(&self, image: &str, on: bool) {
-        if let Some(e) = lock(&self.images).get(image)
-            && let Role::Member { prefetch, .. } = &e.role
-        {
-            prefetch.set_preheat(on);
+        if let Some(p) = self.member_prefetch(image) {
+            p.set_preheat(on);
         }
     }
 
     /// Carries out one order until it is done.
     async fn preheat(self: &Arc<Self>, order: &PreheatOrder) -> Result<(), String> {
         let image = order.image.as_str();
-        let origin = matches!(
-            lock(&self.images).get(image).map(|e| &e.role),
-            Some(Role::Origin { .. })
-        );
-        if origin {
+        if self.is_origin(image) {
             return Ok(());
         }
         info!(

@@ -58,6 +58,17 @@ pub struct OriginSent {
     pub max_per_chunk: u32,
 }
 
+/// Bytes served over a host's exports (see [`Agent::served`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Served {
+    /// To child hosts.
+    pub children: u64,
+    /// To other readers of the base exports.
+    pub others: u64,
+    /// To VMs.
+    pub vms: u64,
+}
+
 /// The whole status of a host.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Status {
@@ -193,6 +204,22 @@ impl Agent {
         self.group.usage()
     }
 
+    /// What the exports served: to children (readers that said so, see
+    /// `ServerConfig::tag_context`), to other readers of the base exports,
+    /// and to VMs.
+    pub fn served(&self) -> Served {
+        let base = self.base.stats();
+        let children = base.bytes_read_tagged.load(Ordering::Relaxed);
+        Served {
+            children,
+            others: base
+                .bytes_read
+                .load(Ordering::Relaxed)
+                .saturating_sub(children),
+            vms: self.vms.stats().bytes_read.load(Ordering::Relaxed),
+        }
+    }
+
     /// The host's status.
     pub fn status(&self) -> Status {
         let entries: Vec<(String, Arc<ImageEntry>)> = lock(&self.images)
@@ -246,6 +273,7 @@ impl Agent {
             })
             .collect();
         let usage = self.group.usage();
+        let served = self.served();
         Status {
             node: self.config.name.clone(),
             coordinator: self.config.coordinator.clone(),
@@ -254,14 +282,9 @@ impl Agent {
             vms: self.list_vms(),
             cache_used: usage.used,
             cache_capacity: usage.capacity,
-            served_to_children: self.base.stats().bytes_read_tagged.load(Ordering::Relaxed),
-            served_to_others: self
-                .base
-                .stats()
-                .bytes_read
-                .load(Ordering::Relaxed)
-                .saturating_sub(self.base.stats().bytes_read_tagged.load(Ordering::Relaxed)),
-            served_to_vms: self.vms.stats().bytes_read.load(Ordering::Relaxed),
+            served_to_children: served.children,
+            served_to_others: served.others,
+            served_to_vms: served.vms,
             coordinator_ok: self.coordinator_ok.load(Ordering::Relaxed),
         }
     }

@@ -95,7 +95,7 @@ impl State {
                 parents: Vec::new(),
             },
         );
-        let why = format!("{} joined", req.node);
+        let why = format_args!("{} joined", req.node);
         Self::absorb(&mut self.batch, &self.metrics, st, &outcome, before, &why);
         self.metrics.joins.inc();
         Ok(JoinResponse {
@@ -145,7 +145,7 @@ impl State {
             .session
             .leave(id, now)
             .map_err(|e| topology_error(e, &req.node, image))?;
-        let why = format!("{} left", req.node);
+        let why = format_args!("{} left", req.node);
         Self::absorb(&mut self.batch, &self.metrics, st, &outcome, before, &why);
         self.metrics.leaves.inc();
         Ok(())
@@ -175,7 +175,7 @@ impl State {
             .session
             .report_unreachable(id, parent, now)
             .map_err(|e| topology_error(e, &req.node, image))?;
-        let why = format!("{} reported {} unreachable", req.node, req.parent);
+        let why = format_args!("{} reported {} unreachable", req.node, req.parent);
         if st.session.stats().reports > before.reports {
             tracing::info!(image, node = %req.node, parent = %req.parent, "report acted on");
         } else {
@@ -240,11 +240,13 @@ impl State {
                 .session
                 .heartbeat(id, now, progress)
                 .map_err(|e| topology_error(e, &req.node, &beat.image))?;
-            let why = if beat.complete {
-                format!("{} is complete", req.node)
+            // Formatted only if a line is logged: heartbeats are the hot path.
+            let what = if beat.complete {
+                "is complete"
             } else {
-                format!("heartbeat of {}", req.node)
+                "heartbeated"
             };
+            let why = format_args!("{} {what}", req.node);
             Self::absorb(&mut self.batch, &self.metrics, st, &outcome, before, &why);
             if st.session.epoch(id) != Some(beat.known_epoch) {
                 changed.push(st.assignment(id));
@@ -269,7 +271,7 @@ impl State {
                 st,
                 &outcome,
                 before,
-                "heartbeats stopped",
+                &"heartbeats stopped",
             );
         }
         self.update_gauges();
@@ -380,7 +382,7 @@ impl State {
                     .session
                     .leave(id, now)
                     .map_err(|e| topology_error(e, node, &st.record.name))?;
-                let why = format!("{node} banned");
+                let why = format_args!("{node} banned");
                 Self::absorb(&mut self.batch, &self.metrics, st, &outcome, before, &why);
             }
         }
