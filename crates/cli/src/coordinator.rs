@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use tokio_util::sync::CancellationToken;
-use virtman_coordinator::{Coordinator, CoordinatorConfig, Options, Token};
+use virtman_coordinator::{Coordinator, CoordinatorConfig, EtcdOptions, Options, Token};
 
 /// Arguments of `virtman coordinator`.
 #[derive(Debug, Args)]
@@ -35,15 +35,30 @@ operator certificate (`pki issue --operator`). Reads need a certificate or the
 token; /v1/health, /v1/openapi.json and /metrics stay open. SIGHUP loads
 NODEDIR again.
 
+With --etcd, the state lives in etcd under --etcd-prefix instead of DATA_DIR,
+and several coordinators share it: one leads (it holds a lease-bound key in
+etcd and alone decides and writes; every write is fenced by that key), the
+others answer every API call with a redirect to it and take over when its
+lease lapses (within about --lease-ttl). Heartbeats stay in the leader's
+memory; a new leader counts every member as seen when it takes over. Give
+them the same --token-file. `virtman coordinator status` shows who leads.
+
 Examples:
   virtman coordinator                                  # 127.0.0.1:7600, ./virtman-coordinator
   virtman coordinator --listen 0.0.0.0:7600 --data-dir /var/lib/virtman/coordinator \\
       --token-file /etc/virtman/token --fanout 8 --parents 2
   virtman coordinator --listen 10.0.0.5:7600 --tls /etc/virtman/tls   # HTTPS, node certificates
+  virtman coordinator --listen 10.0.0.5:7600 --token-file /etc/virtman/token \\
+      --etcd http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379
+  virtman coordinator status --coordinator http://10.0.0.5:7600,http://10.0.0.6:7600
   curl http://127.0.0.1:7600/v1/openapi.json           # the API
   curl http://127.0.0.1:7600/metrics                   # Prometheus metrics
   virtman tree debian-12                               # print a session's tree")]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct CoordinatorArgs {
+    /// `status`: ask coordinators who leads (without it: run one).
+    #[command(subcommand)]
+    pub action: Option<CoordinatorAction>,
     /// Address to listen on. Port 0 picks a free port; the address bound is
     /// printed on stdout as `listening on http://ADDR` (https with --tls).
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:7600")]
@@ -86,6 +101,43 @@ pub struct CoordinatorArgs {
     /// Silence after which a node is declared dead (longer than the interval).
     #[arg(long, value_name = "DURATION", default_value = "4s", value_parser = parse_duration)]
     pub heartbeat_timeout: Duration,
+
+    /// Keep the state in etcd at these endpoints (comma-separated), shared
+    /// with other coordinators: one leads, the others redirect to it.
+    #[arg(long, value_name = "URL,...", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+
+    /// The key prefix in etcd; a prefix holding another program's keys is
+    /// refused.
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "/virtman",
+        requires = "etcd"
+    )]
+    pub etcd_prefix: String,
+
+    /// The leader's lease in etcd: a dead leader is replaced after about
+    /// this long (etcd's minimum is 2s with its default settings).
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration, requires = "etcd")]
+    pub lease_ttl: Duration,
+
+    /// This coordinator's name among its peers (default: coordinator-ADDR).
+    #[arg(long, value_name = "NAME", requires = "etcd")]
+    pub name: Option<String>,
+
+    /// The URL the other coordinators send clients to when this one leads
+    /// (default: the scheme and the address bound).
+    #[arg(long, value_name = "URL", requires = "etcd")]
+    pub advertise: Option<String>,
+}
+
+/// `virtman coordinator` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum CoordinatorAction {
+    /// Who leads, since when, the term, and the etcd endpoints' health, as
+    /// each coordinator sees it.
+    Status(crate::coordinator_status::StatusArgs),
 }
 
 /// Parses `500ms`, `2s`, `1.5s`, `1m`.
@@ -161,6 +213,9 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     if let Err(e) = config.settings() {
         bail!("invalid settings: {e}");
     }
+    if !args.etcd.is_empty() && args.lease_ttl < Duration::from_secs(1) {
+        bail!("--lease-ttl must be at least 1s (etcd counts leases in seconds)");
+    }
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let token = load_token(&args)?;
@@ -184,11 +239,30 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
             tls: tls.as_ref().and_then(|t| t.https.clone()),
             data_dir: args.data_dir.clone(),
         };
-        let coordinator = Coordinator::open(options, shutdown.clone())
-            .with_context(|| format!("opening the state in {}", args.data_dir.display()))?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let coordinator = if args.etcd.is_empty() {
+            Coordinator::open(options, shutdown.clone())
+                .with_context(|| format!("opening the state in {}", args.data_dir.display()))?
+        } else {
+            let etcd = EtcdOptions {
+                endpoints: args.etcd.clone(),
+                prefix: args.etcd_prefix.clone(),
+                lease_ttl: args.lease_ttl,
+                name: args
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("coordinator-{addr}")),
+                advertise: args
+                    .advertise
+                    .clone()
+                    .unwrap_or_else(|| format!("{scheme}://{addr}")),
+            };
+            Coordinator::open_etcd(options, etcd, shutdown.clone())
+                .await
+                .context("joining the coordinators on etcd")?
+        };
         // The one line on stdout: scripts and tests read the bound address here.
         let mut out = std::io::stdout().lock();
-        let scheme = if tls.is_some() { "https" } else { "http" };
         writeln!(out, "listening on {scheme}://{addr}").context("writing to stdout")?;
         out.flush().context("writing to stdout")?;
         drop(out);

@@ -7,6 +7,7 @@
 mod agent;
 mod cluster;
 mod coordinator;
+mod coordinator_status;
 mod image;
 mod node;
 mod pki;
@@ -83,7 +84,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Image(args) => image::run(args),
-        Command::Coordinator(args) => coordinator::run(args),
+        Command::Coordinator(args) => match &args.action {
+            Some(coordinator::CoordinatorAction::Status(a)) => coordinator_status::run(a),
+            None => coordinator::run(args),
+        },
         Command::Tree(args) => tree::run(args),
         Command::Node(args) => node::run(args),
         Command::Agent(args) => agent::run(args),

@@ -390,3 +390,66 @@ pub struct Health {
     /// Always `ok`.
     pub status: String,
 }
+
+/// `GET /v1/coordinator`: this coordinator, who leads, and the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorStatus {
+    /// This coordinator's name.
+    pub name: String,
+    /// The URL it advertises to the others.
+    pub url: String,
+    /// `standalone` (redb: always decides), `leader`, `follower` (redirects
+    /// to the leader), or `candidate` (no leader known: reads from memory
+    /// if it led before, changes refused).
+    pub role: String,
+    /// `redb` or `etcd`.
+    pub store: String,
+    /// The leader, if one is known.
+    #[serde(default)]
+    pub leader: Option<LeaderView>,
+    /// Leaders this coordinator has seen take over since it started.
+    pub leader_changes: u64,
+    /// The last etcd error, if the last attempt failed.
+    #[serde(default)]
+    pub etcd_error: Option<String>,
+    /// Each etcd endpoint's health (empty on redb).
+    #[serde(default)]
+    pub endpoints: Vec<EndpointHealth>,
+}
+
+/// The leader as its key in etcd says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaderView {
+    /// The leader's name.
+    pub name: String,
+    /// Its URL.
+    pub url: String,
+    /// Its term: the leader key's create revision (grows with each leader).
+    pub term: i64,
+    /// When it took over, milliseconds since the Unix epoch.
+    pub since_unix_ms: u64,
+}
+
+/// One etcd endpoint, asked for its status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointHealth {
+    /// The endpoint.
+    pub endpoint: String,
+    /// It answered.
+    pub healthy: bool,
+    /// Its etcd version, if it answered.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Whether it is the etcd cluster's raft leader.
+    #[serde(default)]
+    pub raft_leader: bool,
+    /// Its answer time in milliseconds, or the error.
+    #[serde(default)]
+    pub latency_ms: Option<u64>,
+    /// Why it did not answer.
+    #[serde(default)]
+    pub error: Option<String>,
+}

@@ -97,6 +97,12 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
 
+    /// 503: this coordinator cannot decide now (it does not lead, or its
+    /// store is unreachable); another coordinator, or a retry, may.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+
     /// The JSON body sent with this error.
     pub fn body(&self) -> ErrorBody {
         ErrorBody {
@@ -129,6 +135,14 @@ pub enum CoordinatorError {
     /// The durable store failed.
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// etcd could not be used (unreachable, not etcd, or refused).
+    #[error("etcd at {endpoints}: {message}")]
+    Etcd {
+        /// The endpoints tried.
+        endpoints: String,
+        /// What failed.
+        message: String,
+    },
     /// Serving HTTP failed.
     #[error("serving: {0}")]
     Serve(std::io::Error),

@@ -26,21 +26,30 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::api::{
-    Assignment, ErrorBody, Health, HeartbeatRequest, HeartbeatResponse, ImageInfo, JoinRequest,
-    JoinResponse, LeaveRequest, NodeSession, NodeState, NodeView, Parent, PreheatHost,
-    PreheatOrder, PreheatReport, PreheatRequest, PreheatState, PreheatStatus, RegisterImage,
-    ReportRequest, SessionBeat, SessionStats, TreeView,
+    Assignment, CoordinatorStatus, EndpointHealth, ErrorBody, Health, HeartbeatRequest,
+    HeartbeatResponse, ImageInfo, JoinRequest, JoinResponse, LeaderView, LeaveRequest, NodeSession,
+    NodeState, NodeView, Parent, PreheatHost, PreheatOrder, PreheatReport, PreheatRequest,
+    PreheatState, PreheatStatus, RegisterImage, ReportRequest, SessionBeat, SessionStats, TreeView,
 };
 use crate::auth::{Auth, Caller, Reader};
 use crate::error::ApiError;
+use crate::ha::{Ha, Route, Routing};
 use crate::metrics::Metrics;
 use crate::state::Handle;
+
+impl AppState {
+    fn handle(&self) -> Result<Handle, ApiError> {
+        self.routing.handle()
+    }
+}
 
 /// What every handler shares.
 #[derive(Debug, Clone)]
 pub struct AppState {
-    /// The way to the state task.
-    pub handle: Handle,
+    /// Where requests go: the local state task, or the leader.
+    pub routing: Arc<Routing>,
+    /// The election, on etcd.
+    pub ha: Option<Arc<Ha>>,
     /// Who may call what.
     pub auth: Arc<Auth>,
     /// The metrics.
@@ -93,7 +102,7 @@ fn path_rejection(r: &PathRejection) -> ApiError {
 
 /// Builds the router for `state`, refusing bodies above `max_body` bytes.
 pub fn router(state: AppState, max_body: usize) -> Router {
-    Router::new()
+    let api = Router::new()
         .route("/v1/images", post(register_image).get(list_images))
         .route("/v1/images/{image}", get(get_image))
         .route(
@@ -107,6 +116,13 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/v1/heartbeat", post(heartbeat))
         .route("/v1/nodes/{node}", get(node))
         .route("/v1/nodes/{node}/ban", post(ban).delete(unban))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            to_the_leader,
+        ));
+    Router::new()
+        .merge(api)
+        .route("/v1/coordinator", get(coordinator_status))
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
@@ -114,6 +130,64 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
+}
+
+/// A follower sends every API call to the leader: `307 Temporary Redirect`
+/// to the same path there (method and body kept), with the leader's URL in
+/// `x-virtman-leader`. Redirecting rather than proxying keeps the caller's
+/// own certificate or token in front of the leader.
+async fn to_the_leader(
+    State(s): State<AppState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match s.routing.get() {
+        Route::Local(_) => next.run(req).await,
+        Route::Redirect(leader) => {
+            let path = req
+                .uri()
+                .path_and_query()
+                .map_or("/", axum::http::uri::PathAndQuery::as_str);
+            let location = format!("{}{path}", leader.trim_end_matches('/'));
+            let body = ErrorBody {
+                error: "not_leader".into(),
+                message: format!("this coordinator follows; the leader is {leader}"),
+            };
+            (
+                StatusCode::TEMPORARY_REDIRECT,
+                [
+                    (header::LOCATION, location),
+                    (header::HeaderName::from_static(LEADER_HEADER), leader),
+                ],
+                Json(body),
+            )
+                .into_response()
+        }
+        Route::Unavailable(why) => ApiError::unavailable(why).into_response(),
+    }
+}
+
+/// The header a follower's redirect names the leader in.
+pub const LEADER_HEADER: &str = "x-virtman-leader";
+
+/// This coordinator: its role, who leads, since when, the term, and each
+/// etcd endpoint's health. Answered by every coordinator itself.
+#[utoipa::path(get, path = "/v1/coordinator", tag = "meta",
+    responses((status = 200, description = "this coordinator and its leader", body = CoordinatorStatus)))]
+async fn coordinator_status(State(s): State<AppState>) -> Json<CoordinatorStatus> {
+    match &s.ha {
+        Some(ha) => Json(ha.status().await),
+        None => Json(CoordinatorStatus {
+            name: "standalone".into(),
+            url: String::new(),
+            role: "standalone".into(),
+            store: "redb".into(),
+            leader: None,
+            leader_changes: 0,
+            etcd_error: None,
+            endpoints: Vec::new(),
+        }),
+    }
 }
 
 async fn not_found() -> ApiError {
@@ -146,7 +220,7 @@ async fn register_image(
     _caller: Caller,
     ApiJson(req): ApiJson<RegisterImage>,
 ) -> Result<(StatusCode, Json<ImageInfo>), ApiError> {
-    let (created, info) = s.handle.register_image(req).await?;
+    let (created, info) = s.handle()?.register_image(req).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -162,7 +236,7 @@ async fn list_images(
     State(s): State<AppState>,
     _reader: Reader,
 ) -> Result<Json<Vec<ImageInfo>>, ApiError> {
-    Ok(Json(s.handle.images().await?))
+    Ok(Json(s.handle()?.images().await?))
 }
 
 /// One image.
@@ -177,7 +251,7 @@ async fn get_image(
     _reader: Reader,
     ApiPath(image): ApiPath,
 ) -> Result<Json<ImageInfo>, ApiError> {
-    Ok(Json(s.handle.image(image).await?))
+    Ok(Json(s.handle()?.image(image).await?))
 }
 
 /// Orders an image's preheat (replacing any order of it): matching hosts
@@ -201,7 +275,7 @@ async fn preheat(
     ApiJson(req): ApiJson<PreheatRequest>,
 ) -> Result<Json<PreheatStatus>, ApiError> {
     caller.operator()?;
-    Ok(Json(s.handle.preheat(image, req).await?))
+    Ok(Json(s.handle()?.preheat(image, req).await?))
 }
 
 /// An image's preheat order and where each of its hosts is.
@@ -216,7 +290,7 @@ async fn preheat_status(
     _reader: Reader,
     ApiPath(image): ApiPath,
 ) -> Result<Json<PreheatStatus>, ApiError> {
-    Ok(Json(s.handle.preheat_status(image).await?))
+    Ok(Json(s.handle()?.preheat_status(image).await?))
 }
 
 /// Cancels an image's preheat: its hosts stop fetching at their next
@@ -236,7 +310,7 @@ async fn cancel_preheat(
     ApiPath(image): ApiPath,
 ) -> Result<StatusCode, ApiError> {
     caller.operator()?;
-    s.handle.cancel_preheat(image).await?;
+    s.handle()?.cancel_preheat(image).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -262,7 +336,7 @@ async fn join(
     ApiJson(req): ApiJson<JoinRequest>,
 ) -> Result<Json<JoinResponse>, ApiError> {
     caller.act_as(&req.node, &s.auth)?;
-    Ok(Json(s.handle.join(image, req).await?))
+    Ok(Json(s.handle()?.join(image, req).await?))
 }
 
 /// Leaves an image's session; the node's children are re-attached.
@@ -287,7 +361,7 @@ async fn leave(
     ApiJson(req): ApiJson<LeaveRequest>,
 ) -> Result<StatusCode, ApiError> {
     caller.act_as(&req.node, &s.auth)?;
-    s.handle.leave(image, req).await?;
+    s.handle()?.leave(image, req).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -313,7 +387,7 @@ async fn report(
     ApiJson(req): ApiJson<ReportRequest>,
 ) -> Result<Json<Assignment>, ApiError> {
     caller.act_as(&req.node, &s.auth)?;
-    Ok(Json(s.handle.report(image, req).await?))
+    Ok(Json(s.handle()?.report(image, req).await?))
 }
 
 /// One heartbeat per node for all its sessions; the answer carries the
@@ -338,7 +412,7 @@ async fn heartbeat(
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     caller.act_as(&req.node, &s.auth)?;
     let started = Instant::now();
-    let result = s.handle.heartbeat(req).await;
+    let result = s.handle()?.heartbeat(req).await;
     s.metrics
         .heartbeat_seconds
         .observe(started.elapsed().as_secs_f64());
@@ -357,7 +431,7 @@ async fn tree(
     _reader: Reader,
     ApiPath(image): ApiPath,
 ) -> Result<Json<TreeView>, ApiError> {
-    Ok(Json(s.handle.tree(image).await?))
+    Ok(Json(s.handle()?.tree(image).await?))
 }
 
 /// A node's state in every session.
@@ -373,7 +447,7 @@ async fn node(
     _reader: Reader,
     ApiPath(node): ApiPath,
 ) -> Result<Json<NodeState>, ApiError> {
-    Ok(Json(s.handle.node(node).await?))
+    Ok(Json(s.handle()?.node(node).await?))
 }
 
 /// Bans a node: it leaves every session (its children are re-attached),
@@ -395,7 +469,7 @@ async fn ban(
 ) -> Result<Json<NodeState>, ApiError> {
     caller.operator()?;
     tracing::warn!(node, by = ?caller, "banning");
-    Ok(Json(s.handle.ban(node, true).await?))
+    Ok(Json(s.handle()?.ban(node, true).await?))
 }
 
 /// Lifts a node's ban: it may join again. Operators only.
@@ -414,7 +488,7 @@ async fn unban(
     ApiPath(node): ApiPath,
 ) -> Result<StatusCode, ApiError> {
     caller.operator()?;
-    s.handle.ban(node, false).await?;
+    s.handle()?.ban(node, false).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -469,11 +543,13 @@ impl Modify for BearerSecurity {
         license(name = "Apache-2.0")
     ),
     paths(register_image, list_images, get_image, preheat, preheat_status, cancel_preheat, join,
-        leave, report, heartbeat, tree, node, ban, unban, health, openapi, metrics),
+        leave, report, heartbeat, tree, node, ban, unban, coordinator_status, health, openapi,
+        metrics),
     components(schemas(RegisterImage, ImageInfo, JoinRequest, JoinResponse, LeaveRequest,
         ReportRequest, Assignment, Parent, HeartbeatRequest, SessionBeat, HeartbeatResponse,
         TreeView, NodeView, SessionStats, NodeState, NodeSession, ErrorBody, Health,
-        PreheatRequest, PreheatOrder, PreheatState, PreheatReport, PreheatHost, PreheatStatus)),
+        PreheatRequest, PreheatOrder, PreheatState, PreheatReport, PreheatHost, PreheatStatus,
+        CoordinatorStatus, LeaderView, EndpointHealth)),
     modifiers(&BearerSecurity),
 )]
 struct ApiDoc;

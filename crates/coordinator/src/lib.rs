@@ -10,20 +10,25 @@
 //!
 //! Modules: [`api`] (wire types), [`http`] (routes, OpenAPI), [`auth`] (the
 //! token, client certificates, who may call what), [`tls`] (HTTPS), [`state`]
-//! (the task that owns the state), [`store`] (redb), [`metrics`],
-//! [`config`], [`validate`], [`error`], and [`client`] (a reqwest client
-//! for agents and the CLI).
+//! (the task that owns the state), [`store`] (redb or etcd), [`ha`] (the
+//! election among coordinators on etcd), [`lease`] (the leader's deadline),
+//! [`metrics`], [`config`], [`validate`], [`error`], and [`client`] (a
+//! reqwest client for agents and the CLI, over several coordinator URLs).
 //!
-//! A service is started with [`Coordinator::open`] (recovers from the data
-//! directory, starts the state task) and [`Coordinator::serve`] on a listener
-//! the caller bound, until the [`CancellationToken`] is cancelled.
+//! A service is started with [`Coordinator::open`] (redb: recovers from the
+//! data directory, starts the state task) or [`Coordinator::open_etcd`]
+//! (joins the election; the state task runs while it leads), then
+//! [`Coordinator::serve`] on a listener the caller bound, until the
+//! [`CancellationToken`] is cancelled.
 
 pub mod api;
 pub mod auth;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod ha;
 pub mod http;
+pub mod lease;
 pub mod metrics;
 pub mod state;
 pub mod store;
@@ -42,6 +47,7 @@ pub use auth::{Token, TokenError};
 pub use client::{Client, ClientError};
 pub use config::CoordinatorConfig;
 pub use error::{ApiError, CoordinatorError};
+pub use ha::EtcdOptions;
 pub use http::openapi_json;
 pub use tls::HttpsConfig;
 
@@ -83,21 +89,77 @@ impl Coordinator {
             path: options.data_dir.clone(),
             source,
         })?;
-        let (store, loaded) = store::Store::open(&options.data_dir)?;
+        let (store, loaded) = store::RedbStore::open(&options.data_dir)?;
         let metrics = Arc::new(metrics::Metrics::new());
         let state = state::State::recover(
             options.config.clone(),
             settings,
-            store,
+            Box::new(store),
             loaded,
             Arc::clone(&metrics),
+            None,
         )?;
         let (handle, rx) = state::State::channel();
         let tracker = TaskTracker::new();
         tracker.spawn(state.run(rx, shutdown.clone()));
         tracker.close();
+        metrics.leader.set(1);
         let app = http::AppState {
-            handle,
+            routing: Arc::new(ha::Routing::new(ha::Route::Local(handle))),
+            ha: None,
+            auth: Arc::new(auth::Auth {
+                token: options.token,
+                certificates: options.tls.is_some(),
+            }),
+            metrics: Arc::clone(&metrics),
+        };
+        let router = http::router(app, options.config.max_body_bytes);
+        Ok(Self {
+            router,
+            tracker,
+            shutdown,
+            metrics,
+            tls: options.tls,
+        })
+    }
+
+    /// Joins the election among the coordinators on `etcd`: connects,
+    /// checks the prefix (another program's keys or a newer format are
+    /// refused here, before anything is written), and starts the loop that
+    /// leads or follows. `options.data_dir` is not used.
+    pub async fn open_etcd(
+        options: Options,
+        etcd: EtcdOptions,
+        shutdown: CancellationToken,
+    ) -> Result<Self, CoordinatorError> {
+        let settings = options
+            .config
+            .settings()
+            .map_err(CoordinatorError::Config)?;
+        let metrics = Arc::new(metrics::Metrics::new());
+        let routing = Arc::new(ha::Routing::new(ha::Route::Unavailable(
+            "no leader elected yet".into(),
+        )));
+        let endpoints = etcd.endpoints.join(",");
+        let ha = ha::Ha::open(
+            etcd,
+            options.config.clone(),
+            settings,
+            Arc::clone(&metrics),
+            Arc::clone(&routing),
+        )
+        .await
+        .map_err(|e| match e {
+            store::StoreError::Etcd(message) => CoordinatorError::Etcd { endpoints, message },
+            other => CoordinatorError::Store(other),
+        })?;
+        let ha = Arc::new(ha);
+        let tracker = TaskTracker::new();
+        tracker.spawn(Arc::clone(&ha).run(shutdown.clone()));
+        tracker.close();
+        let app = http::AppState {
+            routing,
+            ha: Some(ha),
             auth: Arc::new(auth::Auth {
                 token: options.token,
                 certificates: options.tls.is_some(),

@@ -11,6 +11,10 @@
 //!   virtman_coordinator_repairs_total      counter    parent-list changes of existing members
 //!   virtman_coordinator_reports_total      counter    unreachable-parent reports
 //!   virtman_coordinator_heartbeat_seconds  histogram  heartbeat handling latency
+//!   virtman_coordinator_leader             gauge      1 while this coordinator leads (always, on redb)
+//!   virtman_coordinator_leader_changes_total counter  leaders seen to take over (etcd)
+//!   virtman_coordinator_etcd_seconds       histogram  etcd transaction latency
+//!   virtman_coordinator_fenced_total       counter    writes etcd refused: the leader key was not ours
 //! ```
 
 use prometheus_client::encoding::text::encode;
@@ -39,6 +43,14 @@ pub struct Metrics {
     pub reports: Counter,
     /// Time to handle one heartbeat call, seconds.
     pub heartbeat_seconds: Histogram,
+    /// 1 while this coordinator leads.
+    pub leader: Gauge,
+    /// Leaders seen to take over.
+    pub leader_changes: Counter,
+    /// etcd transaction latency, seconds.
+    pub etcd_seconds: Histogram,
+    /// Writes etcd refused because the leader key was not this one's.
+    pub fenced: Counter,
 }
 
 impl Default for Metrics {
@@ -60,6 +72,27 @@ impl Metrics {
         let reports = Counter::default();
         // 10 us to about 1.3 s.
         let heartbeat_seconds = Histogram::new(exponential_buckets(1e-5, 2.0, 18));
+        let leader = Gauge::default();
+        let leader_changes = Counter::default();
+        // 100 us to about 3 s.
+        let etcd_seconds = Histogram::new(exponential_buckets(1e-4, 2.0, 16));
+        let fenced = Counter::default();
+        registry.register("leader", "1 while this coordinator leads", leader.clone());
+        registry.register(
+            "leader_changes",
+            "Leaders seen to take over",
+            leader_changes.clone(),
+        );
+        registry.register(
+            "etcd_seconds",
+            "etcd transaction latency",
+            etcd_seconds.clone(),
+        );
+        registry.register(
+            "fenced",
+            "Writes etcd refused because the leader key was not this coordinator's",
+            fenced.clone(),
+        );
         registry.register("nodes", "Live members across sessions", nodes.clone());
         registry.register("sessions", "Registered images", sessions.clone());
         registry.register("joins", "Joins accepted", joins.clone());
@@ -86,6 +119,10 @@ impl Metrics {
             repairs,
             reports,
             heartbeat_seconds,
+            leader,
+            leader_changes,
+            etcd_seconds,
+            fenced,
         }
     }
 

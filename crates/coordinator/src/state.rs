@@ -35,6 +35,7 @@ use virtman_topology::{NodeId, Outcome, SavedNode, Session, Settings};
 
 use crate::config::CoordinatorConfig;
 use crate::error::ApiError;
+use crate::lease::LeaseClock;
 use crate::metrics::Metrics;
 use crate::store::{Batch, Loaded, MemberRecord, Store, StoreError};
 
@@ -82,17 +83,26 @@ pub struct State {
     metrics: Arc<Metrics>,
     batch: Batch,
     preheats: preheat::Preheats,
+    /// With etcd: the leader's lease. Writes and ticks stop once it may
+    /// have expired; reads go on from memory.
+    lease: Option<Arc<LeaseClock>>,
+    /// A commit failed: memory may hold what the store does not, so the
+    /// task stops (a new leader loads from the store).
+    poisoned: bool,
 }
 
 impl State {
     /// Rebuilds the state from what the store held. Every member counts as
     /// seen now: nobody is declared dead before one heartbeat timeout.
+    /// Lists that recovery had to change are written by the first commit of
+    /// [`run`](Self::run). With `lease`, the state writes only while it holds.
     pub fn recover(
         config: CoordinatorConfig,
         settings: Settings,
         store: Store,
         loaded: Loaded,
         metrics: Arc<Metrics>,
+        lease: Option<Arc<LeaseClock>>,
     ) -> Result<Self, StoreError> {
         let mut s = Self {
             config,
@@ -106,6 +116,8 @@ impl State {
             metrics,
             batch: Batch::default(),
             preheats: preheat::Preheats::load(loaded.preheats),
+            lease,
+            poisoned: false,
         };
         let mut members: BTreeMap<String, Vec<(String, MemberRecord)>> = BTreeMap::new();
         for (image, node, record) in loaded.members {
@@ -173,22 +185,28 @@ impl State {
             }
             s.images.insert(state.record.name.clone(), state);
         }
-        s.store.commit(&s.batch)?;
-        s.batch = Batch::default();
         s.update_gauges();
         Ok(s)
     }
 
-    /// Serves commands until `shutdown` or until every [`Handle`] is gone.
+    /// Serves commands until `shutdown`, until every [`Handle`] is gone, or
+    /// until a commit fails with a lease (the caller then steps down).
     pub async fn run(mut self, mut rx: mpsc::Receiver<Command>, shutdown: CancellationToken) {
         let mut ticker = tokio::time::interval(Duration::from_millis(self.config.tick_ms));
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut pending: Vec<Pending> = Vec::new();
-        loop {
+        if let Some(e) = self.flush().await {
+            tracing::error!(error = %e.message, "writing back recovered parent lists failed");
+        }
+        while !self.poisoned {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                _ = ticker.tick() => self.tick(),
+                _ = ticker.tick() => {
+                    if self.may_write() {
+                        self.tick();
+                    }
+                }
                 cmd = rx.recv() => {
                     let Some(cmd) = cmd else { break };
                     self.handle(cmd, &mut pending);
@@ -200,14 +218,23 @@ impl State {
                     }
                 }
             }
-            let failure = self.flush();
+            let failure = self.flush().await;
             for p in pending.drain(..) {
                 p(failure.as_ref());
             }
         }
-        if let Some(e) = self.flush() {
+        if self.poisoned {
+            return;
+        }
+        if let Some(e) = self.flush().await {
             tracing::error!(error = %e.message, "final commit failed");
         }
+    }
+
+    /// Whether this state may decide: always on redb; with etcd, while the
+    /// lease holds.
+    fn may_write(&self) -> bool {
+        !self.poisoned && self.lease.as_ref().is_none_or(|l| l.valid())
     }
 
     /// Creates the state task's channel and returns its [`Handle`].
@@ -220,13 +247,22 @@ impl State {
         self.start.elapsed()
     }
 
-    fn flush(&mut self) -> Option<ApiError> {
+    async fn flush(&mut self) -> Option<ApiError> {
         if self.batch.is_empty() {
             return None;
         }
         let batch = std::mem::take(&mut self.batch);
-        match self.store.commit(&batch) {
+        match self.store.commit(&batch).await {
             Ok(()) => None,
+            Err(e) if self.lease.is_some() => {
+                // Memory is ahead of etcd now: stop, and let a leader that
+                // loads from etcd go on.
+                tracing::warn!(error = %e, "commit refused; stepping down");
+                self.poisoned = true;
+                Some(ApiError::unavailable(format!(
+                    "this coordinator lost its leadership while storing the change ({e}); retry"
+                )))
+            }
             Err(e) => {
                 tracing::error!(error = %e, "commit failed");
                 Some(ApiError::internal(format!(
@@ -316,6 +352,13 @@ impl State {
     }
 
     fn handle(&mut self, cmd: Command, pending: &mut Vec<Pending>) {
+        if cmd.writes() && !self.may_write() {
+            cmd.refuse(ApiError::unavailable(
+                "this coordinator does not lead now (its lease expired or etcd is unreachable): \
+                 changes are refused; retry on the leader",
+            ));
+            return;
+        }
         match cmd {
             Command::RegisterImage(req, reply) => {
                 let r = self.register_image(req);

@@ -42,6 +42,39 @@ pub enum Command {
     CancelPreheat(String, Reply<()>),
 }
 
+impl Command {
+    /// Whether the command may change the state (and so needs the lease).
+    pub fn writes(&self) -> bool {
+        !matches!(
+            self,
+            Self::Images(_)
+                | Self::Image(..)
+                | Self::Tree(..)
+                | Self::Node(..)
+                | Self::PreheatStatus(..)
+        )
+    }
+
+    /// Answers the command with `e` without doing it.
+    pub fn refuse(self, e: ApiError) {
+        match self {
+            Self::RegisterImage(_, r) => drop(r.send(Err(e))),
+            Self::Images(r) => drop(r.send(Err(e))),
+            Self::Image(_, r) => drop(r.send(Err(e))),
+            Self::Join(_, _, r) => drop(r.send(Err(e))),
+            Self::Leave(_, _, r) => drop(r.send(Err(e))),
+            Self::Report(_, _, r) => drop(r.send(Err(e))),
+            Self::Heartbeat(_, r) => drop(r.send(Err(e))),
+            Self::Tree(_, r) => drop(r.send(Err(e))),
+            Self::Node(_, r) => drop(r.send(Err(e))),
+            Self::Ban(_, _, r) => drop(r.send(Err(e))),
+            Self::Preheat(_, _, r) => drop(r.send(Err(e))),
+            Self::PreheatStatus(_, r) => drop(r.send(Err(e))),
+            Self::CancelPreheat(_, r) => drop(r.send(Err(e))),
+        }
+    }
+}
+
 /// The API layer's way in: cheap to clone, one per handler call.
 #[derive(Debug, Clone)]
 pub struct Handle {

@@ -1,6 +1,5 @@
-//! Durable state in redb: images and session members, written in one
-//! transaction per batch of commands (group commit) before any of them is
-//! answered.
+//! The redb backend: one file, one coordinator, one transaction per batch
+//! (group commit).
 //!
 //! ```text
 //!   coordinator.redb
@@ -11,18 +10,12 @@
 //!   ├── bans     node ─► 1         (nodes refused until unbanned)
 //!   └── preheats image ─► PreheatOrder (JSON: id, labels, hosts, whole)
 //! ```
-//!
-//! Liveness (last heartbeats) is not stored: after a restart every member
-//! counts as seen at the restart, so nobody is declared dead before one full
-//! heartbeat timeout. Records are checked when read: a record that does not
-//! parse is an error naming its key, not a panic.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use redb::{Database, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
 
+use super::{Backend, Batch, FORMAT, ImageRecord, Loaded, MemberRecord, StoreError, encode};
 use crate::api::PreheatOrder;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -30,116 +23,17 @@ const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
 const MEMBERS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("members");
 const BANS: TableDefinition<&str, u64> = TableDefinition::new("bans");
 const PREHEATS: TableDefinition<&str, &[u8]> = TableDefinition::new("preheats");
-const FORMAT: u64 = 1;
 
 /// The file inside the data directory.
 pub const FILE_NAME: &str = "coordinator.redb";
 
-/// Why the store failed.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// redb failed (I/O, corruption it detected, a second open).
-    #[error("redb: {0}")]
-    Redb(#[from] redb::Error),
-    /// A record could not be decoded.
-    #[error("record {key} does not decode: {source}")]
-    Corrupt {
-        /// The record's key.
-        key: String,
-        /// The decoding error.
-        source: serde_json::Error,
-    },
-    /// The file was written by an unknown format version.
-    #[error("store format {0} is not supported (expected {FORMAT})")]
-    Format(u64),
-}
-
-fn redb_err(e: impl Into<redb::Error>) -> StoreError {
-    StoreError::Redb(e.into())
-}
-
-/// A registered image as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ImageRecord {
-    /// Image name.
-    pub name: String,
-    /// Size in bytes.
-    pub size: u64,
-    /// Manifest digest.
-    pub manifest_digest: String,
-    /// Origin addresses.
-    pub origins: Vec<String>,
-    /// Fan-out override.
-    #[serde(default)]
-    pub fanout: Option<u32>,
-    /// Parents-per-node override.
-    #[serde(default)]
-    pub parents: Option<u32>,
-}
-
-/// One member of one session as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MemberRecord {
-    /// The node's address for this image.
-    pub addr: String,
-    /// Its labels.
-    pub labels: BTreeMap<String, String>,
-    /// Its parents by name, tree parent first.
-    pub parents: Vec<String>,
-    /// It held the complete image.
-    pub complete: bool,
-    /// Its parent-list epoch.
-    pub epoch: u64,
-}
-
-/// Writes to apply in one transaction.
-#[derive(Debug, Default)]
-pub struct Batch {
-    /// Images to insert or replace.
-    pub images: Vec<ImageRecord>,
-    /// Members to insert or replace: (image, node, record).
-    pub members: BTreeMap<(String, String), MemberRecord>,
-    /// Members to delete: (image, node).
-    pub removed: Vec<(String, String)>,
-    /// Nodes banned (`true`) or unbanned (`false`).
-    pub bans: BTreeMap<String, bool>,
-    /// Preheat orders set (`Some`) or cancelled (`None`), by image.
-    pub preheats: BTreeMap<String, Option<PreheatOrder>>,
-}
-
-impl Batch {
-    /// Whether there is nothing to write.
-    pub fn is_empty(&self) -> bool {
-        self.images.is_empty()
-            && self.members.is_empty()
-            && self.removed.is_empty()
-            && self.bans.is_empty()
-            && self.preheats.is_empty()
-    }
-}
-
-/// Everything read back at start.
-#[derive(Debug, Default)]
-pub struct Loaded {
-    /// Images, by name.
-    pub images: Vec<ImageRecord>,
-    /// Members: (image, node, record), ordered by image then node.
-    pub members: Vec<(String, String, MemberRecord)>,
-    /// Banned nodes.
-    pub bans: Vec<String>,
-    /// Preheat orders, by image.
-    pub preheats: Vec<PreheatOrder>,
-}
-
 /// The open database.
 #[derive(Debug)]
-pub struct Store {
+pub struct RedbStore {
     db: Database,
 }
 
-impl Store {
+impl RedbStore {
     /// Opens (or creates) the store in `dir` and reads everything back.
     pub fn open(dir: &Path) -> Result<(Self, Loaded), StoreError> {
         let db = Database::create(dir.join(FILE_NAME)).map_err(redb_err)?;
@@ -199,7 +93,7 @@ impl Store {
     }
 
     /// Applies `batch` in one durable transaction.
-    pub fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+    pub fn commit_now(&self, batch: &Batch) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -252,13 +146,22 @@ impl Store {
     }
 }
 
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    // Plain structs of strings, numbers and string maps always serialize.
-    serde_json::to_vec(value).unwrap_or_default()
+#[async_trait::async_trait]
+impl Backend for RedbStore {
+    async fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        // One small transaction and its fsync: not worth a thread hop.
+        self.commit_now(batch)
+    }
+}
+
+fn redb_err(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Redb(e.into())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     #[test]
@@ -280,7 +183,7 @@ mod tests {
             epoch: 3,
         };
         {
-            let (store, loaded) = Store::open(dir.path()).expect("open");
+            let (store, loaded) = RedbStore::open(dir.path()).expect("open");
             assert!(loaded.images.is_empty());
             let mut batch = Batch::default();
             batch.images.push(image.clone());
@@ -290,17 +193,17 @@ mod tests {
             batch
                 .members
                 .insert(("debian".into(), "n2".into()), member.clone());
-            store.commit(&batch).expect("commit");
+            store.commit_now(&batch).expect("commit");
             let mut batch = Batch::default();
             batch.removed.push(("debian".into(), "n2".into()));
             batch.bans.insert("n3".into(), true);
             batch.bans.insert("n4".into(), true);
-            store.commit(&batch).expect("commit");
+            store.commit_now(&batch).expect("commit");
             let mut batch = Batch::default();
             batch.bans.insert("n4".into(), false);
-            store.commit(&batch).expect("commit");
+            store.commit_now(&batch).expect("commit");
         }
-        let (_store, loaded) = Store::open(dir.path()).expect("reopen");
+        let (_store, loaded) = RedbStore::open(dir.path()).expect("reopen");
         assert_eq!(loaded.images, vec![image]);
         assert_eq!(
             loaded.members,
@@ -321,7 +224,7 @@ mod tests {
             }
             txn.commit().expect("commit");
         }
-        let err = Store::open(dir.path()).expect_err("corrupt");
+        let err = RedbStore::open(dir.path()).expect_err("corrupt");
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
     }
 }
