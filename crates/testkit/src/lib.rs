@@ -6,6 +6,7 @@
 //!   and reaped when the guard is dropped, so a failing test leaves nothing
 //!   running.
 //! - [`pattern`]: deterministic test data.
+//! - [`etcd`]: a real etcd cluster on loopback ports.
 //! - [`pki`]: a node's or operator's certificate directory from a test CA.
 //! - [`guest`]: a tiny Linux guest (Debian cloud kernel, busybox initramfs,
 //!   small ext4 disk) built once per target dir, and a qemu boot of it from any
@@ -29,6 +30,7 @@
 //! assert_eq!(guest::read_disk_file(disk, BOOTS_FILE).unwrap(), "boot vm1\n");
 //! ```
 
+pub mod etcd;
 pub mod guest;
 pub mod pki;
 mod process;

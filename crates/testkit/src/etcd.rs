@@ -1,0 +1,196 @@
+//! A real etcd cluster on loopback for tests (Debian's `etcd-server`): N
+//! members on free ports, each a [`ChildGuard`], their data in a directory
+//! of the test's.
+//!
+//! ```no_run
+//! let dir = tempfile::tempdir().unwrap();
+//! let mut etcd = virtman_testkit::etcd::Etcd::start(dir.path(), 3);
+//! let endpoints = etcd.endpoints(); // ["http://127.0.0.1:PORT", ...]
+//! etcd.kill(0); // SIGKILL one member; `restart(0)` brings it back
+//! ```
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{ChildGuard, tool};
+
+/// A running etcd cluster; dropping it stops every member.
+#[derive(Debug)]
+pub struct Etcd {
+    bin: PathBuf,
+    dir: PathBuf,
+    args: Vec<Vec<String>>,
+    members: Vec<Option<ChildGuard>>,
+    endpoints: Vec<String>,
+}
+
+/// Whether the etcd at `addr` answers `GET /health` with `"health":"true"`.
+fn healthy(addr: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.0\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer.contains("\"health\":\"true\"")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl Etcd {
+    /// Starts `n` members in `dir/etcdI` and waits until they serve. A
+    /// directory that held a cluster before gets it back, on the same ports
+    /// (kept in `dir/ports`), with its data.
+    pub fn start(dir: &Path, n: usize) -> Etcd {
+        let bin = tool("etcd", "etcd-server");
+        std::fs::create_dir_all(dir).expect("etcd directory");
+        let saved = dir.join("ports");
+        let ports: Vec<(u16, u16)> = match std::fs::read_to_string(&saved) {
+            Ok(text) => text
+                .lines()
+                .filter_map(|l| {
+                    let (a, b) = l.split_once(' ')?;
+                    Some((a.parse().ok()?, b.parse().ok()?))
+                })
+                .collect(),
+            Err(_) => {
+                let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+                let text: String = ports.iter().map(|(a, b)| format!("{a} {b}\n")).collect();
+                std::fs::write(&saved, text).expect("writing the etcd ports");
+                ports
+            }
+        };
+        assert_eq!(ports.len(), n, "{} holds another cluster", dir.display());
+        let cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("etcd{}=http://127.0.0.1:{peer}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut args = Vec::new();
+        let mut endpoints = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let name = format!("etcd{}", i + 1);
+            let client_url = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            args.push(vec![
+                format!("--name={name}"),
+                format!("--data-dir={}", dir.join(&name).display()),
+                format!("--listen-client-urls={client_url}"),
+                format!("--advertise-client-urls={client_url}"),
+                format!("--listen-peer-urls={peer_url}"),
+                format!("--initial-advertise-peer-urls={peer_url}"),
+                format!("--initial-cluster={cluster}"),
+                "--initial-cluster-state=new".to_owned(),
+                format!("--initial-cluster-token=test-{client}"),
+                "--logger=zap".to_owned(),
+            ]);
+            endpoints.push(client_url);
+        }
+        let mut etcd = Etcd {
+            bin,
+            dir: dir.to_owned(),
+            args,
+            members: (0..n).map(|_| None).collect(),
+            endpoints,
+        };
+        for i in 0..n {
+            etcd.spawn(i);
+        }
+        for i in 0..n {
+            etcd.wait_ready(i);
+        }
+        etcd
+    }
+
+    fn log(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("etcd{}.log", i + 1))
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let log = std::fs::File::create(self.log(i)).expect("etcd log");
+        let child = Command::new(&self.bin)
+            .args(&self.args[i])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("etcd log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting etcd");
+        self.members[i] = Some(ChildGuard::new(child).with_grace(Duration::from_secs(2)));
+    }
+
+    /// Waits until member `i` answers `/health` with true (30 s at most).
+    pub fn wait_ready(&self, i: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = self.endpoints[i].trim_start_matches("http://").to_owned();
+        loop {
+            if healthy(&addr) {
+                return;
+            }
+            let text = std::fs::read_to_string(self.log(i)).unwrap_or_default();
+            assert!(
+                Instant::now() < deadline,
+                "etcd member {} did not become ready:\n{text}",
+                i + 1
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The client URLs, one per member.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.endpoints.clone()
+    }
+
+    /// SIGKILLs member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut m) = self.members[i].take() {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(i32::try_from(m.id()).unwrap_or(0)).expect("a pid"),
+                rustix::process::Signal::KILL,
+            );
+            let _ = m.wait_timeout(Duration::from_secs(5));
+        }
+    }
+
+    /// Starts member `i` again on its data directory and waits for it.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        // The log is started anew so that readiness is this run's.
+        self.spawn(i);
+        self.wait_ready(i);
+    }
+}
+
+impl Etcd {
+    /// SIGKILLs every member.
+    pub fn kill_all(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+
+    /// Starts every stopped member again and waits until all serve (a
+    /// member alone cannot serve without a quorum).
+    pub fn restart_all(&mut self) {
+        for i in 0..self.members.len() {
+            if self.members[i].is_none() {
+                self.spawn(i);
+            }
+        }
+        for i in 0..self.members.len() {
+            self.wait_ready(i);
+        }
+    }
+}
