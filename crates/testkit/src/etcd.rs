@@ -78,6 +78,8 @@ impl Etcd {
             .map(|(i, (_, peer))| format!("etcd{}=http://127.0.0.1:{peer}", i + 1))
             .collect::<Vec<_>>()
             .join(",");
+        // One token for the whole cluster (it seeds the cluster's ID).
+        let token = format!("test-{}", ports.first().map_or(0, |p| p.0));
         let mut args = Vec::new();
         let mut endpoints = Vec::new();
         for (i, (client, peer)) in ports.iter().enumerate() {
@@ -93,7 +95,7 @@ impl Etcd {
                 format!("--initial-advertise-peer-urls={peer_url}"),
                 format!("--initial-cluster={cluster}"),
                 "--initial-cluster-state=new".to_owned(),
-                format!("--initial-cluster-token=test-{client}"),
+                format!("--initial-cluster-token={token}"),
                 "--logger=zap".to_owned(),
             ]);
             endpoints.push(client_url);
