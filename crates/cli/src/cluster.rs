@@ -75,6 +75,10 @@ Example:
         /// gets its own CA in DIR/pki and every base export is TLS-only).
         #[arg(long)]
         no_tls: bool,
+        /// Coordinators: more than one share a local etcd of as many members
+        /// (Debian's etcd-server), one leading, the others redirecting to it.
+        #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=7))]
+        coordinators: u32,
     },
     /// Stop every process of the cluster and remove its directory.
     Down {
@@ -123,6 +127,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
             link_rate,
             link_delay,
             no_tls,
+            coordinators,
         } => {
             let bin = std::env::current_exe().context("finding the virtman binary")?;
             let image_name = match (&name, &store) {
@@ -149,6 +154,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
                 tls: !no_tls,
                 liars: Vec::new(),
                 agent_args: Vec::new(),
+                coordinators: coordinators as usize,
             })?;
             let state = c.detach();
             println!("coordinator {}", state.coordinator);

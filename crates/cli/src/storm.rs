@@ -58,7 +58,10 @@ Chaos (--chaos SPEC[,SPEC...], cached modes): `kill:N@T` SIGKILLs N hosts (or
 `P%` of them) T into the storm; `stop:N@T+D` SIGSTOPs them for D; `restart:N@T+D`
 kills them and starts them again D later on the same data directory and
 address; `coordinator:kill@T` and `coordinator:restart@T+D` do the same to the
-coordinator. Hosts are picked with --seed, each at most once. The report then
+coordinator; with --coordinators N, `leader:kill@T`, `leader:stop@T+D` and
+`leader:restart@T+D` hit whichever coordinator leads then, and the report adds
+the failover time (until another leads) and the tree before and after (members,
+deaths and parent changes the new leader made). Hosts are picked with --seed, each at most once. The report then
 says whether the promise held: no VM read a wrong byte, and no VM failed on a
 host that was never killed (VMs of a killed host are lost with it); and the
 longest and 99th-percentile read of VMs on hosts never hit. The exit status is
@@ -68,7 +71,8 @@ Example:
   virtman storm                                  # 8 hosts, 48 VMs, every mode, 1 Gbit/s links
   virtman storm --hosts 4 --vms 16 --mode all --link-rate 100mbit
   virtman storm --hosts 8 --vms 32 --image debian.raw --trace boot.trace --back-to-back
-  virtman storm --hosts 8 --vms 32 --mode virtman --chaos kill:25%@1s,stop:1@1.5s+3s")]
+  virtman storm --hosts 8 --vms 32 --mode virtman --chaos kill:25%@1s,stop:1@1.5s+3s
+  virtman storm --hosts 6 --vms 24 --mode virtman --coordinators 3 --chaos leader:kill@1s")]
 pub struct StormArgs {
     /// Hosts (agents besides the origin).
     #[arg(long, default_value_t = 8)]
@@ -163,6 +167,10 @@ pub struct StormArgs {
     /// The seed that picks which hosts --chaos hits.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Coordinators in the cached modes: more than one share a local etcd
+    /// of as many members (Debian's etcd-server), one leading.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=7))]
+    coordinators: u32,
     /// An argument for every agent of the cached modes (repeat it), e.g.
     /// `--agent-arg=--no-hedge` to compare without hedged fetches.
     #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
@@ -278,6 +286,7 @@ pub fn run(args: StormArgs) -> anyhow::Result<()> {
         chaos: args.chaos.clone().map(|c| c.0).unwrap_or_default(),
         seed: args.seed,
         agent_args: args.agent_arg.clone(),
+        coordinators: args.coordinators as usize,
         qemu: match (&args.kernel, args.qemu) {
             (Some(kernel), true) => Some(QemuBoot {
                 guest: Guest {
@@ -342,6 +351,26 @@ pub fn run(args: StormArgs) -> anyhow::Result<()> {
                 c.p99_read_ms,
                 if c.held { "held" } else { "BROKEN" }
             );
+            if let Some(ctl) = &c.control {
+                let failovers: Vec<String> = ctl
+                    .failovers_ms
+                    .iter()
+                    .map(|f| f.map_or("none".to_owned(), |ms| format!("{ms:.0} ms")))
+                    .collect();
+                let after = ctl.after.as_ref().map_or("no answer".to_owned(), |a| {
+                    format!(
+                        "{} members, {} deaths and {} parent changes since the new leader took over",
+                        a.members.len(),
+                        a.deaths,
+                        a.parent_changes
+                    )
+                });
+                eprintln!(
+                    "  control: failover {}; tree before: {} members; after: {after}",
+                    failovers.join(", "),
+                    ctl.before.members.len()
+                );
+            }
         }
         reports.push(r);
     }

@@ -1131,3 +1131,90 @@ async fn a_tls_cluster_reads_through_the_tree_and_refuses_outsiders() {
         String::from_utf8_lossy(&down.stderr)
     );
 }
+
+/// Runs a 6-host storm on 3 coordinators over a 3-member etcd with `chaos`
+/// aimed at the leader; returns the report and the logs' directory.
+fn leader_storm(dir: &std::path::Path, chaos: &str) -> (serde_json::Value, std::path::PathBuf) {
+    let out_dir = dir.join("results");
+    let out = Command::new(BIN)
+        .args(["storm", "--hosts", "6", "--vms", "12", "--mode", "virtman"])
+        .args(["--coordinators", "3", "--chaos", chaos])
+        .args(["--synthetic", "--working-set", "8M", "--think-ms", "5000"])
+        .args(["--image-size", "32M", "--seed", "5", "--out"])
+        .arg(&out_dir)
+        .env("VIRTMAN_LOG", "warn")
+        .env("TMPDIR", dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("promise held"), "{err}");
+    let reports: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("report.json")).unwrap()).unwrap();
+    let report = reports[0].clone();
+    // Every VM booted with every byte right: a coordinator is no host.
+    let vms = report["vm_results"].as_array().unwrap();
+    assert_eq!(vms.len(), 12);
+    assert!(
+        vms.iter()
+            .all(|v| v["error"].is_null() && v["wrong_bytes"] == 0),
+        "{vms:?}"
+    );
+    let control = &report["chaos"]["control"];
+    // A follower led within 5 s.
+    let failover = control["failovers_ms"][0].as_f64().expect("a failover");
+    assert!(failover < 5000.0, "{control}");
+    // The new leader has the same members, declared nobody dead, took no
+    // join again (nobody was told it had died), and moved at most a few
+    // parents.
+    let after = &control["after"];
+    assert_eq!(after["members"], control["before"]["members"], "{control}");
+    assert_eq!(control["before"]["members"].as_array().unwrap().len(), 6);
+    assert_eq!(after["deaths"], 0, "{control}");
+    assert_eq!(after["joins"], 0, "{control}");
+    assert!(after["parent_changes"].as_u64().unwrap() <= 3, "{control}");
+    (report, out_dir.join("logs").join("virtman"))
+}
+
+/// The leading coordinator SIGKILLed in the middle of a storm.
+#[test]
+fn a_storm_goes_on_when_the_leading_coordinator_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (report, _) = leader_storm(dir.path(), "leader:kill@1s");
+    let actions = report["chaos"]["actions"].to_string();
+    assert!(actions.contains("kill coordinator"), "{actions}");
+}
+
+/// The leading coordinator SIGSTOPped past its lease, then continued: it
+/// must not act on what it believed before (it would declare every host
+/// dead: none heard from for 4 s), must step down and follow the new
+/// leader.
+#[test]
+fn a_leader_paused_past_its_lease_steps_down_and_follows() {
+    let dir = tempfile::tempdir().unwrap();
+    let (report, logs) = leader_storm(dir.path(), "leader:stop@1s+4s");
+    let actions: Vec<String> = report["chaos"]["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    let stopped = actions
+        .iter()
+        .find_map(|a| a.split_once("stop ").map(|(_, n)| n.to_owned()))
+        .expect("a stop");
+    assert!(
+        actions
+            .iter()
+            .any(|a| a.contains(&format!("continue {stopped}"))),
+        "{actions:?}"
+    );
+    let log = std::fs::read_to_string(logs.join(format!("{stopped}.log"))).unwrap();
+    let down = log.find("stepping down").unwrap_or_else(|| panic!("{log}"));
+    // After stepping down it names another leader (it follows).
+    let follows = log[down..]
+        .lines()
+        .any(|l| l.contains(" leader leader=") && !l.contains(&format!("leader={stopped} ")));
+    assert!(follows, "{log}");
+    assert!(!log.contains("declared dead"), "{log}");
+}

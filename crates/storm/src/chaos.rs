@@ -9,7 +9,9 @@
 //! ```
 //!
 //! SPEC is `kill:N@T`, `stop:N@T+D`, `restart:N@T+D` (N hosts, or `P%` of
-//! them), `coordinator:kill@T`, `coordinator:restart@T+D`, and `lie:N` (N
+//! them), `coordinator:kill@T`, `coordinator:restart@T+D`, `leader:kill@T`,
+//! `leader:stop@T+D`, `leader:restart@T+D` (whichever coordinator leads at
+//! that moment, with several), and `lie:N` (N
 //! hosts run from the start with the agent's test-only `--test-lie`: they
 //! serve their children corrupted chunks); times are durations like `1.5s`
 //! or `500ms` from the storm's start.
@@ -62,8 +64,10 @@ pub struct Event {
     pub at: Duration,
     /// What.
     pub what: What,
-    /// Hosts hit, or `None` for the coordinator.
+    /// Hosts hit, or `None` for a coordinator.
     pub hosts: Option<Count>,
+    /// The coordinator that leads when it happens (else the first one).
+    pub leader: bool,
 }
 
 /// One thing to do to one process.
@@ -73,7 +77,7 @@ pub struct Action {
     pub at: Duration,
     /// What.
     pub what: What,
-    /// `hostN` or `coordinator`.
+    /// `hostN`, `coordinator`, or `leader` (found when it happens).
     pub target: String,
 }
 
@@ -115,15 +119,17 @@ fn parse_event(spec: &str) -> Result<Event, String> {
             at: Duration::ZERO,
             what: What::Lie,
             hosts: Some(Count::Hosts(n)),
+            leader: false,
         });
     }
     let (kind, rest) = spec
         .split_once(':')
-        .ok_or_else(|| bad("expected KIND:N@T or coordinator:KIND@T".into()))?;
+        .ok_or_else(|| bad("expected KIND:N@T, coordinator:KIND@T or leader:KIND@T".into()))?;
     let (who, when) = rest
         .split_once('@')
         .ok_or_else(|| bad("expected @ and a time".into()))?;
-    let (kind, hosts) = if kind == "coordinator" {
+    let leader = kind == "leader";
+    let (kind, hosts) = if kind == "coordinator" || leader {
         (who, None)
     } else {
         let count = match who.strip_suffix('%') {
@@ -161,11 +167,18 @@ fn parse_event(spec: &str) -> Result<Event, String> {
             )));
         }
     };
-    if hosts.is_none() && matches!(what, What::Stop(_)) {
-        return Err(bad("the coordinator can be killed or restarted".into()));
+    if hosts.is_none() && !leader && matches!(what, What::Stop(_)) {
+        return Err(bad(
+            "the coordinator can be killed or restarted (the leader stopped too)".into(),
+        ));
     }
     let at = times(when, !matches!(what, What::Kill)).map_err(bad)?.0;
-    Ok(Event { at, what, hosts })
+    Ok(Event {
+        at,
+        what,
+        hosts,
+        leader,
+    })
 }
 
 /// Parses a comma-separated list of SPECs.
@@ -190,7 +203,7 @@ pub fn plan(events: &[Event], hosts: usize, seed: u64) -> Result<Vec<Action>, St
             None => out.push(Action {
                 at: e.at,
                 what: e.what,
-                target: "coordinator".into(),
+                target: if e.leader { "leader" } else { "coordinator" }.into(),
             }),
             Some(count) => {
                 let n = count.of(hosts);
@@ -229,6 +242,10 @@ mod tests {
         assert_eq!(e[2].what, What::Restart(Duration::from_millis(500)));
         assert_eq!(e[3].hosts, None);
         assert_eq!(parse("coordinator:kill@3s").unwrap()[0].what, What::Kill);
+        let l = parse("leader:stop@1s+3s").unwrap();
+        assert!(l[0].leader && l[0].hosts.is_none());
+        assert_eq!(l[0].what, What::Stop(Duration::from_secs(3)));
+        assert_eq!(plan(&l, 4, 1).unwrap()[0].target, "leader");
         for bad in [
             "kill:2",
             "kill:0@1s",

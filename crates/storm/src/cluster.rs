@@ -6,7 +6,9 @@
 //!  DIR/token             the coordinator's token
 //!  DIR/pki/              with TLS: the CA, each process's node directory,
 //!                        and `operator` for `virtman tree|node --tls`
-//!  DIR/coordinator/      coordinator state and log
+//!  DIR/coordinator/      coordinator state and log (DIR/coordinatorI/ for
+//!                        the others, DIR/etcdI/ for etcd's members, with
+//!                        several coordinators: see `control`)
 //!  DIR/origin/images/    the image store of the origin
 //!  DIR/hostN/            each agent's cache group, sockets and log
 //! ```
@@ -69,7 +71,7 @@ pub enum ClusterError {
     NotFound(String),
 }
 
-fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError {
+pub(crate) fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError {
     let path = path.display().to_string();
     move |source| ClusterError::Io { what, path, source }
 }
@@ -116,10 +118,14 @@ pub struct ClusterConfig {
     /// Arguments every agent gets besides the cluster's own (e.g.
     /// `--no-hedge`, for comparisons).
     pub agent_args: Vec<String>,
+    /// Coordinators: 1 keeps its state in redb; more share an etcd of as
+    /// many members (Debian's `etcd-server`), one leading (see
+    /// [`crate::control`]).
+    pub coordinators: usize,
 }
 
 /// Issues `name`'s certificate (valid for `ip`) into `DIR/pki/NAME`.
-fn issue(
+pub(crate) fn issue(
     ca: &virtman_pki::Ca,
     dir: &Path,
     name: &str,
@@ -155,7 +161,7 @@ pub struct NetConfig {
 /// One process of a cluster.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
-    /// `coordinator`, `origin` or `hostN`.
+    /// `coordinator` (`coordinatorI`, `etcdI`), `origin` or `hostN`.
     pub name: String,
     /// Its pid (also its process group).
     pub pid: u32,
@@ -174,7 +180,7 @@ pub struct Member {
 /// What `cluster.json` records.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
-    /// Coordinator URL.
+    /// Coordinator URL (several, comma-separated, with etcd).
     pub coordinator: String,
     /// The image's name.
     pub image: String,
@@ -214,7 +220,7 @@ const TOKEN: &str = "local-cluster-token-0123456789abcdef";
 
 /// Starts `bin ARGS` in its own process group with output to `log`, and waits
 /// for `listening on ADDR` in the log.
-fn spawn(
+pub(crate) fn spawn(
     bin: &Path,
     args: &[String],
     name: &str,
@@ -273,7 +279,7 @@ fn spawn(
     }
 }
 
-fn command(bin: &Path, args: &[String]) -> Vec<String> {
+pub(crate) fn command(bin: &Path, args: &[String]) -> Vec<String> {
     std::iter::once(bin.display().to_string())
         .chain(args.iter().cloned())
         .collect()
@@ -327,7 +333,7 @@ pub fn alive(pid: u32) -> bool {
 
 /// SIGTERM to the process group, then SIGKILL after a grace period; reaps the
 /// process if it is our child.
-fn stop_pid(pid: u32) {
+pub(crate) fn stop_pid(pid: u32) {
     let Ok(raw) = i32::try_from(pid) else { return };
     let Some(p) = rustix::process::Pid::from_raw(raw) else {
         return;
@@ -573,57 +579,7 @@ impl Cluster {
         } else {
             None
         };
-        let coord_dir = dir.join("coordinator");
-        let mut args = vec![
-            s("coordinator"),
-            s("--listen"),
-            format!("{listen_ip}:0"),
-            s("--data-dir"),
-            coord_dir.display().to_string(),
-            s("--token-file"),
-            token.display().to_string(),
-            s("--fanout"),
-            config.fanout.to_string(),
-            s("--origin-fanout"),
-            config.origin_fanout.to_string(),
-            s("--parents"),
-            config.parents.to_string(),
-            s("--heartbeat-interval"),
-            s("500ms"),
-            s("--heartbeat-timeout"),
-            s("2s"),
-        ];
-        if let Some(ca) = &ca {
-            // The coordinator is a node of the PKI too (HTTPS, certificate
-            // for its address); the operator's directory is for the CLI.
-            let node_dir = issue(ca, &dir, "coordinator", &listen_ip, virtman_pki::Role::Node)?;
-            args.extend([s("--tls"), node_dir.display().to_string()]);
-            cluster.state.operator_tls = Some(issue(
-                ca,
-                &dir,
-                "operator",
-                "127.0.0.1",
-                virtman_pki::Role::Operator,
-            )?);
-        }
-        fs::create_dir_all(&coord_dir).map_err(io("creating", &coord_dir))?;
-        let (pid, addr) = spawn(
-            &config.bin,
-            &args,
-            "coordinator",
-            &coord_dir.join("log"),
-            None,
-        )?;
-        let scheme = if ca.is_some() { "https" } else { "http" };
-        cluster.state.coordinator = format!("{scheme}://{addr}");
-        cluster.state.members.push(Member {
-            name: s("coordinator"),
-            pid,
-            data_dir: coord_dir,
-            addr,
-            netns: None,
-            command: command(&config.bin, &args),
-        });
+        crate::control::start(&mut cluster, config, &listen_ip, &token, ca.as_ref())?;
         let names =
             std::iter::once(s("origin")).chain((1..=config.hosts).map(|i| format!("host{i}")));
         for (n, name) in names.enumerate() {

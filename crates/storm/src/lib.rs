@@ -2,6 +2,8 @@
 //!
 //! - [`cluster`]: a coordinator, an origin and M agents as separate `virtman`
 //!   processes on loopback, started and stopped as one (`virtman cluster`);
+//! - [`control`]: the cluster's coordinators, one on redb or several on a
+//!   local etcd;
 //! - [`storm`]: N VMs replaying a boot trace at once, in `virtman`,
 //!   `cache-only` and `direct` modes (`virtman storm`);
 //! - [`chaos`]: hosts and the coordinator killed, stopped or restarted during
@@ -14,6 +16,7 @@
 
 pub mod chaos;
 pub mod cluster;
+pub mod control;
 pub mod guest;
 pub mod report;
 pub mod storm;

@@ -34,6 +34,7 @@
 mod capacity;
 mod chaos;
 mod direct;
+mod leader;
 mod measure;
 mod results;
 mod vm;
@@ -48,7 +49,7 @@ use thiserror::Error;
 use virtman_agent::control::ControlClient;
 use virtman_sim::Trace;
 
-pub use results::{ChaosReport, HostResult, StormReport, VmResult};
+pub use results::{ChaosReport, ControlReport, HostResult, StormReport, TreeFacts, VmResult};
 
 use crate::cluster::{Cluster, ClusterConfig, ClusterError};
 use crate::guest::Guest;
@@ -129,6 +130,8 @@ pub struct StormConfig {
     pub seed: u64,
     /// Arguments every agent gets (see [`ClusterConfig::agent_args`]).
     pub agent_args: Vec<String>,
+    /// Coordinators in the cached modes (see [`ClusterConfig::coordinators`]).
+    pub coordinators: usize,
 }
 
 /// Real guests: how each VM is booted under qemu, and how a boot is seen.
@@ -311,6 +314,7 @@ pub async fn run(
                 tls: config.tls,
                 liars: liars.clone(),
                 agent_args: [config.agent_args.clone(), user_link_args(config)].concat(),
+                coordinators: config.coordinators,
             })?;
             // Each VM's snapshot is created inside the storm, on the clock:
             // a host joins the image (and starts its prefetch) only when its
@@ -333,10 +337,15 @@ pub async fn run(
     // The storm: every VM starts at once (its snapshot created first, in
     // the cached modes: time 0 is the moment the whole request arrives).
     let t0 = Instant::now();
-    let chaos = cluster
-        .as_ref()
-        .filter(|_| !actions.is_empty())
-        .map(|c| tokio::spawn(chaos::run(actions.clone(), c.state.members.clone(), t0)));
+    let chaos = cluster.as_ref().filter(|_| !actions.is_empty()).map(|c| {
+        let coordinators = leader::Coordinators::new(config.bin.clone(), &c.state);
+        tokio::spawn(chaos::run(
+            actions.clone(),
+            c.state.members.clone(),
+            coordinators,
+            t0,
+        ))
+    });
     let mut tasks = tokio::task::JoinSet::new();
     for (vm, host, disk, link) in endpoints {
         let trace = Arc::clone(&config.trace);
@@ -408,7 +417,15 @@ pub async fn run(
                     }
                 }
             }
-            Some(chaos::summarize(&done, &vm_results, &reads_ms))
+            let tree_after = match (&done.tree_before, &cluster) {
+                (Some(_), Some(c)) => {
+                    leader::Coordinators::new(config.bin.clone(), &c.state)
+                        .tree()
+                        .await
+                }
+                _ => None,
+            };
+            Some(chaos::summarize(&done, &vm_results, &reads_ms, tree_after))
         }
         None => None,
     };

@@ -4,6 +4,8 @@
 //! ```text
 //!   t0 ─► at each action's time: SIGKILL | SIGSTOP (SIGCONT D later)
 //!                               | SIGKILL (started again D later, same dir and address)
+//!         a `leader` target: ask the coordinators who leads, note the tree, hit it,
+//!         then time until another leads (the failover)
 //!   VMs done ─► wait for the pending SIGCONTs and restarts ─► Done (what was hit, new pids)
 //!   summarize: wrong bytes, failed VMs on hosts never hit, VMs lost with their
 //!              host, the longest and p99 read of VMs on hosts never hit
@@ -14,9 +16,15 @@ use std::time::Instant;
 
 use rustix::process::Signal;
 
-use super::results::{ChaosReport, VmResult};
+use std::time::Duration;
+
+use super::leader::{Coordinators, TreeFacts};
+use super::results::{ChaosReport, ControlReport, VmResult};
 use crate::chaos::{Action, What};
 use crate::cluster::{Member, restart, signal};
+
+/// The longest a failover is waited for.
+const FAILOVER_WAIT: Duration = Duration::from_secs(20);
 
 /// What the chaos did.
 #[derive(Debug, Default)]
@@ -29,17 +37,57 @@ pub(super) struct Done {
     pub hit: BTreeSet<String>,
     /// Of those, the ones killed or restarted: their VMs are lost.
     pub lost: BTreeSet<String>,
+    /// The tree just before the first leader was hit.
+    pub tree_before: Option<TreeFacts>,
+    /// Milliseconds from each leader hit to another coordinator leading
+    /// (none if none did within the wait).
+    pub failovers_ms: Vec<Option<f64>>,
 }
+
+type Later = ((f64, String), Option<(String, u32)>, Option<Option<f64>>);
 
 /// Runs `actions` against `members` from `t0`; returns once every action,
 /// continuations and restarts included, is done.
-pub(super) async fn run(actions: Vec<Action>, members: Vec<Member>, t0: Instant) -> Done {
+pub(super) async fn run(
+    actions: Vec<Action>,
+    members: Vec<Member>,
+    coordinators: Coordinators,
+    t0: Instant,
+) -> Done {
     let mut done = Done::default();
-    let mut later = tokio::task::JoinSet::new();
+    let mut later: tokio::task::JoinSet<Later> = tokio::task::JoinSet::new();
     let at = move |what: String| (t0.elapsed().as_secs_f64(), what);
     for a in actions {
         tokio::time::sleep_until((t0 + a.at).into()).await;
-        let Some(m) = members.iter().find(|m| m.name == a.target).cloned() else {
+        let target = if a.target == "leader" {
+            let Some((name, term)) = coordinators.leader().await else {
+                done.lines
+                    .push(at("no coordinator leads: leader not hit".into()));
+                continue;
+            };
+            if done.tree_before.is_none() {
+                done.tree_before = coordinators.tree().await;
+            }
+            done.lines.push(at(format!("{name} leads (term {term})")));
+            let since = Instant::now();
+            let c = coordinators.clone();
+            let old = name.clone();
+            later.spawn(async move {
+                let next = c.next_leader(&old, since, FAILOVER_WAIT).await;
+                let line = match &next {
+                    Some((n, took)) => {
+                        format!("{n} leads, {:.0} ms after", took.as_secs_f64() * 1e3)
+                    }
+                    None => format!("no other coordinator led within {FAILOVER_WAIT:?}"),
+                };
+                let ms = next.map(|(_, took)| took.as_secs_f64() * 1e3);
+                (at(line), None, Some(ms))
+            });
+            name
+        } else {
+            a.target.clone()
+        };
+        let Some(m) = members.iter().find(|m| m.name == target).cloned() else {
             continue;
         };
         if a.what == What::Lie {
@@ -63,7 +111,7 @@ pub(super) async fn run(actions: Vec<Action>, members: Vec<Member>, t0: Instant)
                 later.spawn(async move {
                     tokio::time::sleep(d).await;
                     signal(&m, Signal::CONT);
-                    (at(format!("continue {}", m.name)), None)
+                    (at(format!("continue {}", m.name)), None, None)
                 });
             }
             What::Restart(d) => {
@@ -75,18 +123,19 @@ pub(super) async fn run(actions: Vec<Action>, members: Vec<Member>, t0: Instant)
                     let name = m.name.clone();
                     let r = tokio::task::spawn_blocking(move || restart(&m)).await;
                     match r {
-                        Ok(Ok(pid)) => (at(format!("restart {name}")), Some((name, pid))),
-                        Ok(Err(e)) => (at(format!("restart {name} FAILED: {e}")), None),
-                        Err(e) => (at(format!("restart {name} FAILED: {e}")), None),
+                        Ok(Ok(pid)) => (at(format!("restart {name}")), Some((name, pid)), None),
+                        Ok(Err(e)) => (at(format!("restart {name} FAILED: {e}")), None, None),
+                        Err(e) => (at(format!("restart {name} FAILED: {e}")), None, None),
                     }
                 });
             }
         }
     }
     while let Some(r) = later.join_next().await {
-        if let Ok((line, restarted)) = r {
+        if let Ok((line, restarted, failover)) = r {
             done.lines.push(line);
             done.restarted.extend(restarted);
+            done.failovers_ms.extend(failover);
         }
     }
     done
@@ -98,6 +147,7 @@ pub(super) fn summarize(
     done: &Done,
     vms: &[VmResult],
     reads: &[(String, Vec<f32>)],
+    tree_after: Option<TreeFacts>,
 ) -> ChaosReport {
     let wrong_bytes = vms.iter().map(|v| v.wrong_bytes).sum();
     let failed = vms.iter().filter(|v| v.error.is_some());
@@ -133,5 +183,10 @@ pub(super) fn summarize(
         longest_read_ms: times.last().copied().unwrap_or(0.0),
         p99_read_ms: p99,
         held: wrong_bytes == 0 && failed_on_live_hosts == 0,
+        control: done.tree_before.clone().map(|before| ControlReport {
+            failovers_ms: done.failovers_ms.clone(),
+            before,
+            after: tree_after,
+        }),
     }
 }

@@ -53,6 +53,7 @@ pub(super) async fn start(config: &StormConfig, dir: &Path) -> Result<PlainServe
                 tls: false,
                 liars: Vec::new(),
                 agent_args: Vec::new(),
+                coordinators: 1,
             })?;
             let o = c.state.members.iter().find(|m| m.name == "origin").cloned();
             cluster = Some(c);

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::StormMode;
+pub use super::leader::TreeFacts;
 
 /// One VM's result.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -47,6 +48,22 @@ pub struct ChaosReport {
     pub p99_read_ms: f32,
     /// Whether the promise held.
     pub held: bool,
+    /// With the leading coordinator hit: the failover and the tree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<ControlReport>,
+}
+
+/// What hitting the leading coordinator did to the control plane.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ControlReport {
+    /// Milliseconds from each hit to another coordinator leading (`null`:
+    /// none did within 20 s).
+    pub failovers_ms: Vec<Option<f64>>,
+    /// The tree just before the first hit (the old leader's counts).
+    pub before: TreeFacts,
+    /// The tree once the VMs were done (the new leader's counts, since it
+    /// took over); none if no coordinator answered.
+    pub after: Option<TreeFacts>,
 }
 
 /// One host's figures.
