@@ -42,14 +42,27 @@ pub struct TreeArgs {
 /// Fetches and prints the tree.
 pub fn run(args: TreeArgs) -> anyhow::Result<()> {
     let (client, url) = args.remote.client()?;
-    let tree = runtime()?.block_on(client.tree(&args.image));
+    let rt = runtime()?;
+    let tree = rt.block_on(client.tree(&args.image));
     let tree = tree.with_context(|| format!("reading the tree of {:?} from {url}", args.image))?;
     let text = if args.json {
         let mut s = serde_json::to_string_pretty(&tree).context("encoding JSON")?;
         s.push('\n');
         s
     } else {
-        render(&tree)
+        // With several coordinators, who answered: the leader, by its own
+        // account (the client went where the redirect said).
+        let leader = client
+            .only(client.current_url())
+            .ok()
+            .and_then(|c| rt.block_on(c.coordinator_status()).ok())
+            .filter(|s| s.store == "etcd")
+            .and_then(|s| s.leader);
+        let mut text = render(&tree);
+        if let Some(l) = leader {
+            text = format!("led by {} at {} (term {})\n{text}", l.name, l.url, l.term);
+        }
+        text
     };
     print!("{text}");
     Ok(())

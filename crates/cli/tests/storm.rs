@@ -1218,3 +1218,131 @@ fn a_leader_paused_past_its_lease_steps_down_and_follows() {
     assert!(follows, "{log}");
     assert!(!log.contains("declared dead"), "{log}");
 }
+
+/// `cluster up --coordinators 3`: a 3-member etcd and three coordinators,
+/// one leading; `coordinator status` names it from every coordinator,
+/// `tree` says who answered, an agent given every URL joins, and `cluster
+/// down` stops etcd with the rest.
+#[test]
+fn a_cluster_with_three_coordinators_names_its_leader_and_goes_down_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("img.raw");
+    std::fs::write(&image, virtman_testkit::pattern(4 << 20, 9)).unwrap();
+    let cdir = dir.path().join("c");
+    let state = cluster_up(
+        &image,
+        &cdir,
+        &["--hosts", "1", "--coordinators", "3", "--no-tls"],
+    );
+    let names: Vec<&str> = state["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    for n in [
+        "etcd1",
+        "etcd2",
+        "etcd3",
+        "coordinator",
+        "coordinator2",
+        "coordinator3",
+        "origin",
+        "host1",
+    ] {
+        assert!(names.contains(&n), "{n}: {names:?}");
+    }
+    let urls = state["coordinator"].as_str().unwrap().to_owned();
+    assert_eq!(urls.split(',').count(), 3, "{urls}");
+    let status = Command::new(BIN)
+        .args(["coordinator", "status", "--coordinator", &urls])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.contains("  leader  ")).count(),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.contains("  follower ")).count(),
+        2,
+        "{text}"
+    );
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("etcd ") && l.contains("healthy"))
+            .count(),
+        3,
+        "{text}"
+    );
+    // The tree through a follower only: redirected, and it says who led.
+    let follower = text
+        .lines()
+        .find(|l| l.contains("  follower "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .to_owned();
+    let token = cdir.join("token");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let tree = loop {
+        let out = Command::new(BIN)
+            .args(["tree", "img", "--coordinator", &follower, "--token-file"])
+            .arg(&token)
+            .output()
+            .unwrap();
+        let tree = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && tree.contains("host1") {
+            break tree;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{tree}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // host1 joins with its first VM; create one.
+        let _ = Command::new(BIN)
+            .args(["vm", "create", "vm1", "--image", "img", "--data-dir"])
+            .arg(cdir.join("host1"))
+            .output();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(tree.starts_with("led by coordinator"), "{tree}");
+    let pids: Vec<u64> = state["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["pid"].as_u64().unwrap())
+        .collect();
+    let down = cluster_down(&cdir);
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    assert!(!cdir.exists());
+    // Every process is gone (or a zombie waiting for init), etcd included.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for pid in pids {
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let running = stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| !rest.trim_start().starts_with('Z'));
+            if !running {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{pid} left running: {stat}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}

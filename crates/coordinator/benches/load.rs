@@ -1,9 +1,12 @@
-//! Joins and heartbeats per second the coordinator sustains.
+//! Joins and heartbeats per second the coordinator sustains, with its state
+//! in redb and in etcd (a one-member etcd on loopback, started here), side
+//! by side in one run.
 //!
 //! A benchmark, not a test: it prints figures and asserts nothing about time.
 //! The coordinator runs on a current-thread runtime (one core); the load
 //! comes from another runtime over loopback HTTP with `CONCURRENCY` requests
-//! in flight, as 10,000 agents would send them.
+//! in flight, as 10,000 agents would send them. etcd shares the machine's
+//! two cores with both.
 //! Run with `cargo bench -p virtman-coordinator --bench load`.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::cast_possible_truncation)]
@@ -16,7 +19,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use virtman_coordinator::api::{HeartbeatRequest, JoinRequest, RegisterImage, SessionBeat};
-use virtman_coordinator::{Client, Coordinator, CoordinatorConfig, Options, Token};
+use virtman_coordinator::{Client, Coordinator, CoordinatorConfig, EtcdOptions, Options, Token};
+use virtman_testkit::etcd::Etcd;
 
 const NODES: usize = 10_000;
 const CONCURRENCY: usize = 64;
@@ -46,10 +50,16 @@ where
 
 fn main() {
     let dir = tempfile::tempdir().unwrap();
+    run("redb", dir.path(), None);
+    let etcd = Etcd::start(&dir.path().join("etcd"), 1);
+    run("etcd", &dir.path().join("c-etcd"), Some(etcd.endpoints()));
+}
+
+fn run(store: &'static str, dir: &std::path::Path, etcd: Option<Vec<String>>) {
     let shutdown = CancellationToken::new();
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let server_shutdown = shutdown.clone();
-    let data_dir = dir.path().to_owned();
+    let data_dir = dir.to_owned();
     let server = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -57,7 +67,7 @@ fn main() {
             .unwrap();
         rt.block_on(async move {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            addr_tx.send(listener.local_addr().unwrap()).unwrap();
+            let addr = listener.local_addr().unwrap();
             let options = Options {
                 config: CoordinatorConfig {
                     heartbeat_timeout_ms: 60_000,
@@ -67,11 +77,23 @@ fn main() {
                 tls: None,
                 data_dir,
             };
-            Coordinator::open(options, server_shutdown)
-                .unwrap()
-                .serve(listener)
-                .await
-                .unwrap();
+            let coordinator = match etcd {
+                None => Coordinator::open(options, server_shutdown).unwrap(),
+                Some(endpoints) => {
+                    let etcd = EtcdOptions {
+                        endpoints,
+                        prefix: "/bench".into(),
+                        lease_ttl: Duration::from_secs(2),
+                        name: "bench".into(),
+                        advertise: format!("http://{addr}"),
+                    };
+                    Coordinator::open_etcd(options, etcd, server_shutdown)
+                        .await
+                        .unwrap()
+                }
+            };
+            addr_tx.send(addr).unwrap();
+            coordinator.serve(listener).await.unwrap();
         });
     });
     let addr = addr_rx.recv().unwrap();
@@ -82,6 +104,9 @@ fn main() {
         .unwrap();
     rt.block_on(async move {
         let client = Client::new(&format!("http://{addr}"), Some(TOKEN.into())).unwrap();
+        while client.coordinator_status().await.unwrap().role == "candidate" {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         client
             .register_image(&RegisterImage {
                 name: "img".into(),
@@ -107,7 +132,7 @@ fn main() {
         })
         .await;
         println!(
-            "joins:      {NODES} in {:.2} s = {:>8.0} /s (each committed to redb before the answer)",
+            "{store}: joins:      {NODES} in {:.2} s = {:>8.0} /s (each committed to {store} before the answer)",
             took.as_secs_f64(),
             NODES as f64 / took.as_secs_f64()
         );
@@ -131,14 +156,14 @@ fn main() {
             })
             .await;
             println!(
-                "heartbeats: {NODES} in {:.2} s = {:>8.0} /s (round {round})",
+                "{store}: heartbeats: {NODES} in {:.2} s = {:>8.0} /s (round {round})",
                 took.as_secs_f64(),
                 NODES as f64 / took.as_secs_f64()
             );
         }
         let tree = client.tree("img").await.unwrap();
         println!(
-            "tree: {} nodes, max depth {} (bound {})",
+            "{store}: tree: {} nodes, max depth {} (bound {})",
             tree.nodes.len(),
             tree.max_depth,
             tree.depth_bound
