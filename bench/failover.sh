@@ -57,6 +57,7 @@ for i in $(seq 1 10); do
         | .command | map(if test(":0$") then $a else . end) | @sh' "$dir/cluster.json")
     eval "setsid $cmd" >>"$out/$leader.restarted.log" 2>&1 &
     restarted+=($!)
+    disown
     sleep 3
 done
 printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1} END {printf "median of %d: %.2f s (min %.2f, max %.2f)\n", NR, (a[int((NR+1)/2)]+a[int(NR/2)+1])/2, a[1], a[NR]}'

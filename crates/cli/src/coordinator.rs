@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use tokio_util::sync::CancellationToken;
-use virtman_coordinator::{Coordinator, CoordinatorConfig, EtcdOptions, Options, Token};
+use virtman_coordinator::{Coordinator, CoordinatorConfig, EtcdOptions, EtcdTls, Options, Token};
 
 /// Arguments of `virtman coordinator`.
 #[derive(Debug, Args)]
@@ -122,6 +122,12 @@ pub struct CoordinatorArgs {
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration, requires = "etcd")]
     pub lease_ttl: Duration,
 
+    /// TLS to etcd with this node directory (`virtman pki issue`): its CA
+    /// verifies etcd's certificates, its client certificate is presented
+    /// (etcd run with --client-cert-auth). The endpoints are then https://.
+    #[arg(long, value_name = "NODEDIR", requires = "etcd")]
+    pub etcd_tls: Option<PathBuf>,
+
     /// This coordinator's name among its peers (default: coordinator-ADDR).
     #[arg(long, value_name = "NAME", requires = "etcd")]
     pub name: Option<String>,
@@ -219,6 +225,17 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let token = load_token(&args)?;
+    let etcd_tls = match &args.etcd_tls {
+        Some(dir) => Some(EtcdTls::load(dir).map_err(|e| anyhow::anyhow!("--etcd-tls: {e}"))?),
+        None => None,
+    };
+    if !args.etcd.is_empty()
+        && etcd_tls.is_some() != args.etcd.iter().all(|e| e.starts_with("https://"))
+    {
+        bail!(
+            "--etcd-tls goes with https:// etcd endpoints, and https:// endpoints need --etcd-tls"
+        );
+    }
     let tls = match &args.tls {
         Some(dir) => Some(crate::tls::NodeTlsHandles::load_https(dir)?),
         None => None,
@@ -256,6 +273,7 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
                     .advertise
                     .clone()
                     .unwrap_or_else(|| format!("{scheme}://{addr}")),
+                tls: etcd_tls,
             };
             Coordinator::open_etcd(options, etcd, shutdown.clone())
                 .await

@@ -86,6 +86,7 @@ fn run(store: &'static str, dir: &std::path::Path, etcd: Option<Vec<String>>) {
                         lease_ttl: Duration::from_secs(2),
                         name: "bench".into(),
                         advertise: format!("http://{addr}"),
+                        tls: None,
                     };
                     Coordinator::open_etcd(options, etcd, server_shutdown)
                         .await

@@ -55,6 +55,42 @@ pub struct EtcdOptions {
     pub name: String,
     /// The URL the others redirect to when this one leads.
     pub advertise: String,
+    /// TLS to etcd (`https://` endpoints): the CA to trust and the client
+    /// certificate to present, PEM.
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS to etcd: PEM files' contents.
+#[derive(Clone)]
+pub struct EtcdTls {
+    /// The CA that signed etcd's server certificates.
+    pub ca_pem: String,
+    /// This coordinator's client certificate.
+    pub cert_pem: String,
+    /// Its key.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EtcdTls { .. }")
+    }
+}
+
+impl EtcdTls {
+    /// Reads a node directory of the cluster PKI (`virtman pki issue`):
+    /// `ca-cert.pem`, `client-cert.pem`, `client-key.pem`.
+    pub fn load(dir: &std::path::Path) -> Result<Self, String> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))
+        };
+        Ok(Self {
+            ca_pem: read(virtman_pki::CA_CERT)?,
+            cert_pem: read(virtman_pki::CLIENT_CERT)?,
+            key_pem: read(virtman_pki::CLIENT_KEY)?,
+        })
+    }
 }
 
 /// Where a request goes now.
@@ -114,12 +150,22 @@ struct LeaderRecord {
 
 /// Connects to etcd (short timeouts: a dead member must not hold a
 /// request for long; requests need a member with a raft leader).
-pub async fn connect(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
-    let options = ConnectOptions::new()
+pub async fn connect(
+    endpoints: &[String],
+    tls: Option<&EtcdTls>,
+) -> Result<Client, etcd_client::Error> {
+    let mut options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(Duration::from_secs(2))
         .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
         .with_require_leader(true);
+    if let Some(t) = tls {
+        options = options.with_tls(
+            etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&t.ca_pem))
+                .identity(etcd_client::Identity::from_pem(&t.cert_pem, &t.key_pem)),
+        );
+    }
     Client::connect(endpoints, Some(options)).await
 }
 
@@ -183,7 +229,7 @@ impl Ha {
         metrics: Arc<Metrics>,
         routing: Arc<Routing>,
     ) -> Result<Self, StoreError> {
-        let client = connect(&options.endpoints)
+        let client = connect(&options.endpoints, options.tls.as_ref())
             .await
             .map_err(|e| etcd_err("connecting", &e))?;
         let keys = Keys::new(&options.prefix);
@@ -211,7 +257,7 @@ impl Ha {
     pub async fn status(&self) -> CoordinatorStatus {
         let mut endpoints = Vec::new();
         for endpoint in &self.options.endpoints {
-            endpoints.push(endpoint_health(endpoint).await);
+            endpoints.push(endpoint_health(endpoint, self.options.tls.as_ref()).await);
         }
         let view = self.view();
         CoordinatorStatus {
@@ -517,10 +563,10 @@ impl Ha {
     }
 }
 
-async fn endpoint_health(endpoint: &str) -> EndpointHealth {
+async fn endpoint_health(endpoint: &str, tls: Option<&EtcdTls>) -> EndpointHealth {
     let started = Instant::now();
     let result = tokio::time::timeout(Duration::from_secs(1), async {
-        let mut client = connect(&[endpoint.to_owned()]).await?;
+        let mut client = connect(&[endpoint.to_owned()], tls).await?;
         client.status().await
     })
     .await;

@@ -47,7 +47,7 @@ pub use auth::{Token, TokenError};
 pub use client::{Client, ClientError};
 pub use config::CoordinatorConfig;
 pub use error::{ApiError, CoordinatorError};
-pub use ha::EtcdOptions;
+pub use ha::{EtcdOptions, EtcdTls};
 pub use http::openapi_json;
 pub use tls::HttpsConfig;
 

@@ -60,6 +60,7 @@ fn etcd_options(endpoints: Vec<String>, prefix: &str, addr: SocketAddr) -> EtcdO
         lease_ttl: Duration::from_secs(2),
         name: format!("c-{}", addr.port()),
         advertise: format!("http://{addr}"),
+        tls: None,
     }
 }
 
@@ -406,4 +407,60 @@ async fn another_programs_prefix_a_newer_format_and_a_non_etcd_endpoint_are_refu
         );
         assert!(started.elapsed() < Duration::from_secs(10), "{e}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_with_client_certificates_and_another_ca_refused() {
+    use virtman_coordinator::EtcdTls;
+    use virtman_pki::{Ca, Role};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::init(&dir.path().join("ca"), 1).unwrap();
+    let server = virtman_testkit::pki::issue(&ca, &dir.path().join("etcd-tls"), "etcd", Role::Node);
+    let me = virtman_testkit::pki::issue(&ca, &dir.path().join("me"), "c1", Role::Node);
+    let etcd = Etcd::start_tls(&dir.path().join("etcd"), 1, &server);
+    assert!(etcd.endpoints()[0].starts_with("https://"));
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let mut opts = etcd_options(etcd.endpoints(), "/tls", addr);
+    opts.tls = Some(EtcdTls::load(&me).unwrap());
+    let c = Coordinator::open_etcd(options(dir.path()), opts, shutdown.clone())
+        .await
+        .unwrap();
+    let task = tokio::spawn(c.serve(listener));
+    let urls = vec![format!("http://{addr}")];
+    leader_of(&urls, Duration::from_secs(10)).await;
+    let cl = client(&urls);
+    cl.register_image(&image()).await.unwrap();
+    cl.join("img", &join("h0")).await.unwrap();
+    let s = cl.coordinator_status().await.unwrap();
+    assert!(s.endpoints[0].healthy, "{s:?}");
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+
+    // A certificate of another CA, and no certificate at all: refused with
+    // the reason, nothing written.
+    let other = Ca::init(&dir.path().join("ca2"), 1).unwrap();
+    let stranger =
+        virtman_testkit::pki::issue(&other, &dir.path().join("stranger"), "c2", Role::Node);
+    let mut opts = etcd_options(etcd.endpoints(), "/tls2", addr);
+    opts.tls = Some(EtcdTls::load(&stranger).unwrap());
+    let e = Coordinator::open_etcd(options(dir.path()), opts, CancellationToken::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("etcd") && e.to_lowercase().contains("certificate"),
+        "{e}"
+    );
+    let e = Coordinator::open_etcd(
+        options(dir.path()),
+        etcd_options(etcd.endpoints(), "/tls2", addr),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("etcd"), "{e}");
 }

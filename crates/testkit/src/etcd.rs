@@ -20,6 +20,7 @@ use crate::{ChildGuard, tool};
 #[derive(Debug)]
 pub struct Etcd {
     bin: PathBuf,
+    tls: bool,
     dir: PathBuf,
     args: Vec<Vec<String>>,
     members: Vec<Option<ChildGuard>>,
@@ -53,6 +54,19 @@ impl Etcd {
     /// directory that held a cluster before gets it back, on the same ports
     /// (kept in `dir/ports`), with its data.
     pub fn start(dir: &Path, n: usize) -> Etcd {
+        Self::start_with(dir, n, None)
+    }
+
+    /// Like [`start`](Self::start), serving clients over TLS only, with
+    /// client certificates required: `server_dir` is a node directory of a
+    /// test PKI (`server-cert.pem` for 127.0.0.1, `server-key.pem`,
+    /// `ca-cert.pem`, which must have signed the clients' certificates).
+    /// The endpoints are then `https://`.
+    pub fn start_tls(dir: &Path, n: usize, server_dir: &Path) -> Etcd {
+        Self::start_with(dir, n, Some(server_dir))
+    }
+
+    fn start_with(dir: &Path, n: usize, tls: Option<&Path>) -> Etcd {
         let bin = tool("etcd", "etcd-server");
         std::fs::create_dir_all(dir).expect("etcd directory");
         let saved = dir.join("ports");
@@ -84,9 +98,10 @@ impl Etcd {
         let mut endpoints = Vec::new();
         for (i, (client, peer)) in ports.iter().enumerate() {
             let name = format!("etcd{}", i + 1);
-            let client_url = format!("http://127.0.0.1:{client}");
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let client_url = format!("{scheme}://127.0.0.1:{client}");
             let peer_url = format!("http://127.0.0.1:{peer}");
-            args.push(vec![
+            let mut member = vec![
                 format!("--name={name}"),
                 format!("--data-dir={}", dir.join(&name).display()),
                 format!("--listen-client-urls={client_url}"),
@@ -97,11 +112,21 @@ impl Etcd {
                 "--initial-cluster-state=new".to_owned(),
                 format!("--initial-cluster-token={token}"),
                 "--logger=zap".to_owned(),
-            ]);
+            ];
+            if let Some(d) = tls {
+                member.extend([
+                    format!("--cert-file={}", d.join("server-cert.pem").display()),
+                    format!("--key-file={}", d.join("server-key.pem").display()),
+                    format!("--trusted-ca-file={}", d.join("ca-cert.pem").display()),
+                    "--client-cert-auth".to_owned(),
+                ]);
+            }
+            args.push(member);
             endpoints.push(client_url);
         }
         let mut etcd = Etcd {
             bin,
+            tls: tls.is_some(),
             dir: dir.to_owned(),
             args,
             members: (0..n).map(|_| None).collect(),
@@ -132,15 +157,21 @@ impl Etcd {
         self.members[i] = Some(ChildGuard::new(child).with_grace(Duration::from_secs(2)));
     }
 
-    /// Waits until member `i` answers `/health` with true (30 s at most).
+    /// Waits until member `i` answers `/health` with true (with TLS: says
+    /// it serves clients securely), 30 s at most.
     pub fn wait_ready(&self, i: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
         let addr = self.endpoints[i].trim_start_matches("http://").to_owned();
         loop {
-            if healthy(&addr) {
+            let text = std::fs::read_to_string(self.log(i)).unwrap_or_default();
+            let ready = if self.tls {
+                text.contains("serving client traffic securely")
+            } else {
+                healthy(&addr)
+            };
+            if ready {
                 return;
             }
-            let text = std::fs::read_to_string(self.log(i)).unwrap_or_default();
             assert!(
                 Instant::now() < deadline,
                 "etcd member {} did not become ready:\n{text}",

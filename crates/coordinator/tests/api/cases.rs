@@ -51,6 +51,7 @@ async fn start(dir: &Path, config: CoordinatorConfig) -> Running {
             lease_ttl: std::time::Duration::from_secs(2),
             name: format!("c-{addr}"),
             advertise: format!("http://{addr}"),
+            tls: None,
         };
         let c = Coordinator::open_etcd(options_for(dir, config), options, shutdown.clone())
             .await
