@@ -54,8 +54,13 @@ pub struct AgentArgs {
     #[command(subcommand)]
     pub command: Option<AgentCommand>,
 
-    /// Coordinator base URL.
-    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:7600")]
+    /// Coordinator base URL, or several separated by commas (coordinators
+    /// on etcd): requests go to one that answers, and move on when it stops.
+    #[arg(
+        long,
+        value_name = "URL[,URL...]",
+        default_value = "http://127.0.0.1:7600"
+    )]
     pub coordinator: String,
 
     /// Directory for the cache group, sockets and the default image store.

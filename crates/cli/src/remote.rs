@@ -20,10 +20,15 @@ use virtman_coordinator::Client;
 /// The coordinator and the operator's credentials.
 #[derive(Debug, Args)]
 pub struct Remote {
-    /// The coordinator's base URL (https:// when it runs with --tls).
-    /// Default: the one this host's agent uses (see --data-dir), else
-    /// http://127.0.0.1:7600.
-    #[arg(long, global = true, value_name = "URL", env = "VIRTMAN_COORDINATOR")]
+    /// The coordinator's base URL (https:// when it runs with --tls), or
+    /// several separated by commas (coordinators on etcd). Default: the one
+    /// this host's agent uses (see --data-dir), else http://127.0.0.1:7600.
+    #[arg(
+        long,
+        global = true,
+        value_name = "URL[,URL...]",
+        env = "VIRTMAN_COORDINATOR"
+    )]
     pub coordinator: Option<String>,
 
     /// The data directory of this host's agent, whose coordinator to use

@@ -102,25 +102,39 @@ impl Coordinator {
         let (handle, rx) = state::State::channel();
         let tracker = TaskTracker::new();
         tracker.spawn(state.run(rx, shutdown.clone()));
-        tracker.close();
         metrics.leader.set(1);
+        let routing = Arc::new(ha::Routing::new(ha::Route::Local(handle)));
+        Ok(Self::assemble(
+            options, routing, None, metrics, tracker, shutdown,
+        ))
+    }
+
+    /// The router over `routing`, with the tasks already in `tracker`.
+    fn assemble(
+        options: Options,
+        routing: Arc<ha::Routing>,
+        ha: Option<Arc<ha::Ha>>,
+        metrics: Arc<metrics::Metrics>,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Self {
+        tracker.close();
         let app = http::AppState {
-            routing: Arc::new(ha::Routing::new(ha::Route::Local(handle))),
-            ha: None,
+            routing,
+            ha,
             auth: Arc::new(auth::Auth {
                 token: options.token,
                 certificates: options.tls.is_some(),
             }),
             metrics: Arc::clone(&metrics),
         };
-        let router = http::router(app, options.config.max_body_bytes);
-        Ok(Self {
-            router,
+        Self {
+            router: http::router(app, options.config.max_body_bytes),
             tracker,
             shutdown,
             metrics,
             tls: options.tls,
-        })
+        }
     }
 
     /// Joins the election among the coordinators on `etcd`: connects,
@@ -156,24 +170,14 @@ impl Coordinator {
         let ha = Arc::new(ha);
         let tracker = TaskTracker::new();
         tracker.spawn(Arc::clone(&ha).run(shutdown.clone()));
-        tracker.close();
-        let app = http::AppState {
+        Ok(Self::assemble(
+            options,
             routing,
-            ha: Some(ha),
-            auth: Arc::new(auth::Auth {
-                token: options.token,
-                certificates: options.tls.is_some(),
-            }),
-            metrics: Arc::clone(&metrics),
-        };
-        let router = http::router(app, options.config.max_body_bytes);
-        Ok(Self {
-            router,
+            Some(ha),
+            metrics,
             tracker,
             shutdown,
-            metrics,
-            tls: options.tls,
-        })
+        ))
     }
 
     /// The router, for serving or for in-process requests in tests.
