@@ -214,10 +214,7 @@ Examples:
 
 /// Runs the agent until SIGINT or SIGTERM, or one of its subcommands.
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = crate::server_runtime()?;
     match args.command {
         Some(AgentCommand::Set {
             data_dir,

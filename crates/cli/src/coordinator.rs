@@ -240,10 +240,7 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         Some(dir) => Some(crate::tls::NodeTlsHandles::load_https(dir)?),
         None => None,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = crate::server_runtime()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await

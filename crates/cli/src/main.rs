@@ -77,6 +77,28 @@ enum Command {
     Trace(trace::TraceArgs),
 }
 
+/// The runtime of a long-running server (`serve`, `agent`, `coordinator`):
+/// one worker per core, and a blocking pool (file reads and writes, fsync)
+/// of four threads per core, at least eight: enough to keep a disk and the
+/// page cache busy, few enough that a burst of large requests does not start
+/// hundreds of threads (tokio's default allows 512).
+fn server_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(blocking_threads())
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// The blocking pool's bound: four threads per core, at least eight.
+fn blocking_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, std::num::NonZeroUsize::get)
+        .saturating_mul(4)
+        .max(8)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);

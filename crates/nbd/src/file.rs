@@ -14,9 +14,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use rustix::fs::{Advice, FallocateFlags, SeekFrom};
 
+use crate::buffers::IoBuf;
 use crate::export::{Capabilities, Export, ExportError, Extent, ReadChunk};
 use crate::proto::BlockSizes;
 
@@ -122,7 +123,8 @@ fn extents(file: &File, offset: u64, len: u64, max: usize) -> io::Result<Vec<Ext
 
 fn read_exact(file: &File, offset: u64, len: u32) -> io::Result<Bytes> {
     let n = usize::try_from(len).map_err(io::Error::other)?;
-    let mut buf = BytesMut::zeroed(n);
+    // Every byte is read or the read fails: a reused buffer is safe here.
+    let mut buf = IoBuf::take(n);
     file.read_exact_at(&mut buf, offset)?;
     Ok(buf.freeze())
 }
@@ -147,7 +149,8 @@ fn read_nowait(file: &File, offset: u64, len: u32) -> Option<Vec<ReadChunk>> {
             chunks.push(ReadChunk::Zero(n));
         } else {
             let size = usize::try_from(n).ok()?;
-            let mut buf = BytesMut::zeroed(size);
+            // Sent only if every byte was read.
+            let mut buf = IoBuf::take(size);
             let mut slices = [std::io::IoSliceMut::new(&mut buf)];
             let flags = rustix::io::ReadWriteFlags::NOWAIT;
             match rustix::io::preadv2(file, &mut slices, pos, flags) {

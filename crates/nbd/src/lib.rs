@@ -17,6 +17,7 @@
 // Tests may cast freely; library code must use checked conversions.
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
+pub mod buffers;
 pub mod client;
 pub mod export;
 pub mod file;

@@ -137,10 +137,11 @@ impl Connection {
         let (tx, rx) = oneshot::channel();
         let needs_reply = cmd != Command::Disc;
         if needs_reply {
+            // Zeroed: a hole in a structured reply is left as it is.
             let buf = if cmd == Command::Read {
-                BytesMut::zeroed(usize::try_from(length).unwrap_or(0))
+                crate::buffers::IoBuf::zeroed(usize::try_from(length).unwrap_or(0))
             } else {
-                BytesMut::new()
+                crate::buffers::IoBuf::take(0)
             };
             let mut t = self.inner.shared.table();
             if let Some(reason) = &t.closed {

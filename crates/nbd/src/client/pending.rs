@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicUsize;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::error::RequestFailure;
@@ -23,7 +23,7 @@ pub(super) struct Pending {
     pub(super) cmd: Command,
     pub(super) offset: u64,
     pub(super) length: u32,
-    pub(super) buf: BytesMut,
+    pub(super) buf: crate::buffers::IoBuf,
     pub(super) extents: Vec<Descriptor>,
     pub(super) error: Option<RequestFailure>,
     pub(super) tx: oneshot::Sender<Result<Done, RequestFailure>>,

@@ -211,7 +211,8 @@ async fn reader(
         };
         let payload = if cmd == Command::Write {
             let len = usize::try_from(req.length).unwrap_or(0);
-            let mut buf = BytesMut::zeroed(len);
+            // Filled whole, or the connection ends.
+            let mut buf = crate::buffers::IoBuf::take(len);
             r.read_exact(&mut buf).await?;
             buf.freeze()
         } else {
