@@ -16,7 +16,9 @@
 //! 32 MiB requests held 150 MiB after its clients left. A fixed threshold
 //! gives the memory back but costs a page fault per 4 KiB on every request
 //! (1 MiB reads fell from 3.4 to 1.1 GiB/s). Mappings kept here are reused
-//! without faults while requests come, and unmapped when they stop.
+//! without faults or zeroing while requests come, and unmapped when they
+//! stop; each buffer starts 256 bytes into its mapping (see `SKEW`). 1 MiB
+//! reads went from 3.3-3.4 to 4.0-4.2 GiB/s with them.
 //!
 //! A reused buffer holds the bytes of an earlier request (of any export or
 //! client): [`IoBuf::take`] is for callers that fill every byte before
@@ -35,6 +37,11 @@ pub const POOL_MIN: usize = 128 * 1024;
 /// The largest size class (the NBD maximum payload).
 const POOL_MAX: usize = 32 << 20;
 const CLASSES: usize = 9; // 128 KiB .. 32 MiB
+/// Where a buffer starts in its mapping. Page-aligned buffers copy slowly:
+/// the kernel copies them to and from page-aligned pages (the page cache,
+/// socket buffers), and loads and stores 4 KiB apart alias in the CPU's
+/// store buffer ("4K aliasing"); 1 MiB reads ran 15 % slower.
+const SKEW: usize = 256;
 /// Free buffers unused this long are unmapped.
 const IDLE: Duration = Duration::from_secs(2);
 /// The most bytes kept free at once.
@@ -94,7 +101,7 @@ pub fn trim(idle: Duration) -> usize {
                 .into_iter()
                 .partition(|(_, at)| now.duration_since(*at) < idle);
             *class = keep;
-            freed += old.iter().map(|(m, _)| m.len()).sum::<usize>();
+            freed += old.iter().map(|(m, _)| m.len() - SKEW).sum::<usize>();
             dropped.extend(old);
         }
         p.held -= freed;
@@ -147,7 +154,7 @@ impl IoBuf {
         };
         let mem = match reused {
             Some(m) => Mem::Mapped(m),
-            None => match MmapMut::map_anon(size) {
+            None => match MmapMut::map_anon(size + SKEW) {
                 Ok(m) => {
                     start_trimmer();
                     Mem::Mapped(m)
@@ -187,7 +194,7 @@ impl Deref for IoBuf {
     fn deref(&self) -> &[u8] {
         match &self.mem {
             Mem::Heap(v) => &v[..self.len],
-            Mem::Mapped(m) => &m[..self.len],
+            Mem::Mapped(m) => &m[SKEW..SKEW + self.len],
         }
     }
 }
@@ -196,7 +203,7 @@ impl DerefMut for IoBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
         match &mut self.mem {
             Mem::Heap(v) => &mut v[..self.len],
-            Mem::Mapped(m) => &mut m[..self.len],
+            Mem::Mapped(m) => &mut m[SKEW..SKEW + self.len],
         }
     }
 }
@@ -217,7 +224,7 @@ struct Frozen {
 
 impl AsRef<[u8]> for Frozen {
     fn as_ref(&self) -> &[u8] {
-        self.map.as_ref().map_or(&[], |m| &m[..self.len])
+        self.map.as_ref().map_or(&[], |m| &m[SKEW..SKEW + self.len])
     }
 }
 
@@ -230,7 +237,7 @@ impl Drop for Frozen {
 }
 
 fn give(m: MmapMut) {
-    let Some((index, size)) = class(m.len()) else {
+    let Some((index, size)) = class(m.len() - SKEW) else {
         return;
     };
     let mut p = pool();
