@@ -273,7 +273,8 @@ impl Snapshot {
                 let data = self
                     .blocking(
                         move |f| {
-                            let mut buf = BytesMut::zeroed(n as usize);
+                            // Read whole or not sent: a reused buffer is safe.
+                            let mut buf = virtman_nbd::buffers::IoBuf::take(n as usize);
                             f.read_exact_at(&mut buf, at)?;
                             Ok(buf.freeze())
                         },

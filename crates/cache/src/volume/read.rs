@@ -159,7 +159,8 @@ impl CachedVolume {
                 j += 1;
             }
             let total: usize = pieces[k..j].iter().map(|p| p.len as usize).sum();
-            let mut buf = BytesMut::zeroed(total);
+            // Filled whole, or dropped unsent: a reused buffer is safe.
+            let mut buf = virtman_nbd::buffers::IoBuf::take(total);
             if nowait {
                 if !self.data.read_cached(&mut buf, p.offset) {
                     return Ok(None);
