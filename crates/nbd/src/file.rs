@@ -239,7 +239,8 @@ impl Export for FileExport {
         // First try the page cache without blocking (`RWF_NOWAIT`) on the calling
         // task, saving a hand-off to the blocking pool; a miss falls back to it.
         // Only short reads: a long one inline would hold up the requests queued
-        // behind it, while on the pool several proceed in parallel.
+        // behind it, while on the pool several proceed in parallel (measured:
+        // inline up to 1 MiB took 1 MiB reads at depth 4 from 4.1 to 3.5 GiB/s).
         if len <= INLINE_READ_MAX
             && let Some(chunks) = read_nowait(&self.file, offset, len)
         {
