@@ -426,13 +426,23 @@ impl Rng {
 /// Waits until the fetches a failed read left running (a read that fails
 /// returns at once; its other chunks' fetches go on and store) are over:
 /// until then usage counts what they reserved and have not stored yet.
+/// "Over" is no fetch in flight and usage equal to what is present: equal
+/// usage alone can be the moment before a running fetch reserves.
+/// A fetch whose every source fails is tried again for about 6 s: 15 s is
+/// the most this waits.
 async fn settle(g: &CacheGroup, v: &Arc<CachedVolume>) {
-    for _ in 0..250 {
-        if g.usage().used == v.present_bytes() {
+    for _ in 0..750 {
+        if v.fetches_in_flight() == 0 && g.usage().used == v.present_bytes() {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    panic!(
+        "{} fetches still running, usage {} for {} present, 15 s on",
+        v.fetches_in_flight(),
+        g.usage().used,
+        v.present_bytes()
+    );
 }
 
 /// Drops the group and the volume and waits until the volume is gone:

@@ -415,6 +415,12 @@ impl CachedVolume {
         self.present.ones().collect()
     }
 
+    /// Chunk fetches running now (each ends stored or failed, its capacity
+    /// reservation settled).
+    pub fn fetches_in_flight(&self) -> usize {
+        lock(&self.inflight).len()
+    }
+
     /// Number of current uses (snapshots, exports).
     pub fn uses(&self) -> usize {
         self.uses.load(Ordering::Acquire)
