@@ -374,8 +374,11 @@ impl Ha {
                         if let Some(old) = kept.take() {
                             old.stop().await;
                         }
+                        // Then a pause before looking again: a leadership
+                        // that could not start (a record etcd holds that
+                        // does not load) must not turn into a tight loop
+                        // of campaigns.
                         kept = self.lead(lease, term, sent, ttl, &shutdown).await;
-                        continue;
                     }
                     Ok(None) => continue,
                     Err(e) => self.unreachable(&e, kept.as_ref()),
@@ -429,6 +432,7 @@ impl Ha {
             Err(e) => {
                 tracing::error!(error = %e, "could not load the state from etcd; stepping down");
                 self.step_down(lease, &clock).await;
+                self.view().error = Some(format!("could not load the state: {e}"));
                 return None;
             }
         };

@@ -464,3 +464,39 @@ async fn etcd_over_tls_with_client_certificates_and_another_ca_refused() {
     .to_string();
     assert!(e.contains("etcd"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_does_not_load_keeps_it_from_leading_and_says_why_without_spinning() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&dir.path().join("etcd"), 1);
+    let mut kv = etcd_client::Client::connect(etcd.endpoints(), None)
+        .await
+        .unwrap();
+    kv.put("/bad/format", "virtman-coordinator/1", None)
+        .await
+        .unwrap();
+    kv.put("/bad/images/x", "{not json", None).await.unwrap();
+    let r = start(&dir.path().join("c"), etcd.endpoints(), "/bad").await;
+    let c = client(&[r.url()]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = metric(&r.url(), "virtman_coordinator_etcd_seconds_count").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = metric(&r.url(), "virtman_coordinator_etcd_seconds_count").await;
+    let s = c.coordinator_status().await.unwrap();
+    assert_ne!(s.role, "leader", "{s:?}");
+    let why = s.etcd_error.unwrap_or_default();
+    assert!(
+        why.contains("/bad/images/x") && why.contains("does not decode"),
+        "{why}"
+    );
+    // A pause between tries: a handful of etcd requests a second, not a
+    // tight loop.
+    assert!(
+        after - before < 60.0,
+        "{} etcd requests in 2 s",
+        after - before
+    );
+    let err = c.images().await.unwrap_err();
+    assert_eq!(status_code(&err).map(|(s, _)| s), Some(503), "{err}");
+    r.stop().await;
+}
