@@ -187,6 +187,12 @@ fn absurd_settings_and_unknown_images_exit_with_an_error() {
         vec!["--heartbeat-interval", "soon"],
         vec!["--origin-fanout", "0"],
         vec!["--fanout", "4", "--origin-fanout", "5"],
+        // etcd options: TLS and https endpoints go together, the others
+        // need --etcd, and the lease counts whole seconds.
+        vec!["--etcd", "https://127.0.0.1:1"],
+        vec!["--etcd", "http://127.0.0.1:1", "--etcd-tls", "/nonexistent"],
+        vec!["--etcd-prefix", "/x"],
+        vec!["--etcd", "http://127.0.0.1:1", "--lease-ttl", "500ms"],
     ] {
         let out = Command::new(BIN)
             .args(["coordinator", "--listen", "127.0.0.1:0"])

@@ -253,12 +253,18 @@ impl Ha {
         self.view.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// This coordinator's view, with each endpoint asked for its health.
+    /// This coordinator's view, with each endpoint asked for its health
+    /// (all at once: a dead member costs its 1 s timeout once, not once per
+    /// member).
     pub async fn status(&self) -> CoordinatorStatus {
-        let mut endpoints = Vec::new();
-        for endpoint in &self.options.endpoints {
-            endpoints.push(endpoint_health(endpoint, self.options.tls.as_ref()).await);
+        let mut asks = tokio::task::JoinSet::new();
+        for (i, endpoint) in self.options.endpoints.iter().enumerate() {
+            let (endpoint, tls) = (endpoint.clone(), self.options.tls.clone());
+            asks.spawn(async move { (i, endpoint_health(&endpoint, tls.as_ref()).await) });
         }
+        let mut endpoints: Vec<(usize, EndpointHealth)> = asks.join_all().await;
+        endpoints.sort_by_key(|(i, _)| *i);
+        let endpoints = endpoints.into_iter().map(|(_, h)| h).collect();
         let view = self.view();
         CoordinatorStatus {
             name: self.options.name.clone(),
@@ -574,6 +580,14 @@ async fn endpoint_health(endpoint: &str, tls: Option<&EtcdTls>) -> EndpointHealt
         client.status().await
     })
     .await;
+    let down = |error: String| EndpointHealth {
+        endpoint: endpoint.to_owned(),
+        healthy: false,
+        version: None,
+        raft_leader: false,
+        latency_ms: None,
+        error: Some(error),
+    };
     match result {
         Ok(Ok(status)) => EndpointHealth {
             endpoint: endpoint.to_owned(),
@@ -585,21 +599,7 @@ async fn endpoint_health(endpoint: &str, tls: Option<&EtcdTls>) -> EndpointHealt
             latency_ms: Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)),
             error: None,
         },
-        Ok(Err(e)) => EndpointHealth {
-            endpoint: endpoint.to_owned(),
-            healthy: false,
-            version: None,
-            raft_leader: false,
-            latency_ms: None,
-            error: Some(e.to_string()),
-        },
-        Err(_) => EndpointHealth {
-            endpoint: endpoint.to_owned(),
-            healthy: false,
-            version: None,
-            raft_leader: false,
-            latency_ms: None,
-            error: Some("no answer within 1 s".into()),
-        },
+        Ok(Err(e)) => down(e.to_string()),
+        Err(_) => down("no answer within 1 s".into()),
     }
 }

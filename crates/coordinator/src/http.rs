@@ -37,12 +37,6 @@ use crate::ha::{Ha, Route, Routing};
 use crate::metrics::Metrics;
 use crate::state::Handle;
 
-impl AppState {
-    fn handle(&self) -> Result<Handle, ApiError> {
-        self.routing.handle()
-    }
-}
-
 /// What every handler shares.
 #[derive(Debug, Clone)]
 pub struct AppState {
@@ -54,6 +48,14 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    /// The local state task's handle (the middleware has redirected the
+    /// request if another coordinator leads).
+    fn handle(&self) -> Result<Handle, ApiError> {
+        self.routing.handle()
+    }
 }
 
 /// `axum::Json` whose refusals are [`ErrorBody`] answers.

@@ -243,6 +243,9 @@ async fn one_leads_the_others_redirect_and_a_stopped_leader_is_replaced_with_the
         metric(&urls_left[next], "virtman_coordinator_leader").await,
         1.0
     );
+    // It saw the first leader, then itself.
+    let changes = metric(&urls_left[next], "virtman_coordinator_leader_changes_total").await;
+    assert!(changes >= 2.0, "{changes}");
     for r in running {
         r.stop().await;
     }

@@ -29,7 +29,6 @@
 //! ```
 
 use std::fs;
-use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -218,15 +217,14 @@ pub struct Cluster {
 
 const TOKEN: &str = "local-cluster-token-0123456789abcdef";
 
-/// Starts `bin ARGS` in its own process group with output to `log`, and waits
-/// for `listening on ADDR` in the log.
-pub(crate) fn spawn(
+/// Starts `bin ARGS` in its own process group (in `netns` if given) with
+/// output to `log`; returns its pid.
+pub(crate) fn start_process(
     bin: &Path,
     args: &[String],
-    name: &str,
     log: &Path,
     netns: Option<&str>,
-) -> Result<(u32, String), ClusterError> {
+) -> Result<u32, ClusterError> {
     let out = fs::File::create(log).map_err(io("creating", log))?;
     let err = out.try_clone().map_err(io("opening", log))?;
     // `ip netns exec` enters the namespace and execs the program: same pid.
@@ -247,16 +245,36 @@ pub(crate) fn spawn(
         .process_group(0)
         .spawn()
         .map_err(|e| ClusterError::Command(format!("starting {}: {e}", bin.display())))?;
-    let pid = child.id();
     // The child is reaped by whoever stops it (kill + waitpid in `stop`), or
     // by init once this process exits; dropping the handle does not kill it.
-    drop(child);
+    Ok(child.id())
+}
+
+/// `name` did not start within `secs`: the error, with the end of its log.
+pub(crate) fn start_error(name: &str, secs: u64, log: &Path) -> ClusterError {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(15).collect();
+    ClusterError::Start {
+        name: name.to_owned(),
+        secs,
+        log: log.display().to_string(),
+        tail: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+    }
+}
+
+/// Starts `bin ARGS` in its own process group with output to `log`, and waits
+/// for `listening on ADDR` in the log.
+pub(crate) fn spawn(
+    bin: &Path,
+    args: &[String],
+    name: &str,
+    log: &Path,
+    netns: Option<&str>,
+) -> Result<(u32, String), ClusterError> {
+    let pid = start_process(bin, args, log, netns)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let mut text = String::new();
-        if let Ok(mut f) = fs::File::open(log) {
-            let _ = f.read_to_string(&mut text);
-        }
+        let text = fs::read_to_string(log).unwrap_or_default();
         if let Some(addr) = text.lines().find_map(|l| l.strip_prefix("listening on ")) {
             let addr = addr.trim();
             let addr = addr
@@ -267,13 +285,7 @@ pub(crate) fn spawn(
         }
         if Instant::now() > deadline || !alive(pid) {
             stop_pid(pid);
-            let tail: Vec<&str> = text.lines().rev().take(15).collect();
-            return Err(ClusterError::Start {
-                name: name.to_owned(),
-                secs: 30,
-                log: log.display().to_string(),
-                tail: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
-            });
+            return Err(start_error(name, 30, log));
         }
         std::thread::sleep(Duration::from_millis(20));
     }

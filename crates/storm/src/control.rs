@@ -19,7 +19,10 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::cluster::{Cluster, ClusterConfig, ClusterError, Member, command, io, issue, spawn};
+use crate::cluster::{
+    Cluster, ClusterConfig, ClusterError, Member, command, io, issue, spawn, start_error,
+    start_process,
+};
 
 /// Starts the coordinators (and etcd, with several) of `cluster`; sets its
 /// coordinator URL(s).
@@ -117,12 +120,8 @@ fn free_port(ip: &str) -> Result<u16, ClusterError> {
 
 /// Starts an `n`-member etcd on `ip`; returns its client URLs.
 fn start_etcd(cluster: &mut Cluster, n: usize, ip: &str) -> Result<Vec<String>, ClusterError> {
-    let bin = which("etcd").ok_or_else(|| {
-        ClusterError::Command(
-            "several coordinators need etcd: install Debian's etcd-server (`apt-get install etcd-server`)"
-                .into(),
-        )
-    })?;
+    // Found on PATH by the spawn; a missing one says which package.
+    let bin = PathBuf::from("etcd");
     let mut ports = Vec::new();
     for _ in 0..n {
         ports.push((free_port(ip)?, free_port(ip)?));
@@ -153,7 +152,11 @@ fn start_etcd(cluster: &mut Cluster, n: usize, ip: &str) -> Result<Vec<String>, 
             format!("--initial-cluster-token={token}"),
             "--logger=zap".to_owned(),
         ];
-        let pid = spawn_quiet(&bin, &args, &dir.join("log"))?;
+        let pid = start_process(&bin, &args, &dir.join("log"), None).map_err(|e| {
+            ClusterError::Command(format!(
+                "several coordinators need etcd (Debian's etcd-server): {e}"
+            ))
+        })?;
         cluster.state.members.push(Member {
             name,
             pid,
@@ -173,36 +176,12 @@ fn start_etcd(cluster: &mut Cluster, n: usize, ip: &str) -> Result<Vec<String>, 
     {
         while !healthy(&m.addr) {
             if Instant::now() > deadline {
-                return Err(start_error(&m.name, &m.data_dir.join("log")));
+                return Err(start_error(&m.name, 30, &m.data_dir.join("log")));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
     Ok(endpoints)
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(program))
-        .find(|p| p.is_file())
-}
-
-/// Starts `bin ARGS` in its own process group, output to `log`.
-fn spawn_quiet(bin: &Path, args: &[String], log: &Path) -> Result<u32, ClusterError> {
-    use std::os::unix::process::CommandExt;
-    let out = fs::File::create(log).map_err(io("creating", log))?;
-    let err = out.try_clone().map_err(io("opening", log))?;
-    let child = std::process::Command::new(bin)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .process_group(0)
-        .spawn()
-        .map_err(|e| ClusterError::Command(format!("starting {}: {e}", bin.display())))?;
-    Ok(child.id())
 }
 
 /// Whether the etcd at `addr` answers `GET /health` with true.
@@ -217,17 +196,6 @@ fn healthy(addr: &str) -> bool {
     let mut answer = String::new();
     let _ = s.read_to_string(&mut answer);
     answer.contains("\"health\":\"true\"")
-}
-
-fn start_error(name: &str, log: &Path) -> ClusterError {
-    let text = fs::read_to_string(log).unwrap_or_default();
-    let tail: Vec<&str> = text.lines().rev().take(15).collect();
-    ClusterError::Start {
-        name: name.to_owned(),
-        secs: 30,
-        log: log.display().to_string(),
-        tail: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
-    }
 }
 
 /// Waits until a coordinator's log says it leads (15 s at most).
@@ -254,6 +222,7 @@ fn wait_for_a_leader(cluster: &Cluster) -> Result<(), ClusterError> {
             let log = cluster.dir.join(first).join("log");
             return Err(start_error(
                 &format!("a leader among the coordinators ({first})"),
+                15,
                 &log,
             ));
         }

@@ -656,3 +656,29 @@ fn the_committed_openapi_document_matches_the_code() {
     }
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
 }
+
+#[tokio::test]
+async fn a_client_of_several_coordinators_skips_one_that_does_not_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), CoordinatorConfig::default()).await;
+    // A port nobody listens on, first.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let urls = format!("{dead_url},{}", c.url(""));
+    let cl = Client::new(&urls, Some(TOKEN.into())).unwrap();
+    assert_eq!(cl.urls().len(), 2);
+    cl.register_image(&image("several")).await.unwrap();
+    // The one that answered is asked first from then on.
+    assert_eq!(cl.current_url(), c.url(""));
+    assert_eq!(cl.images().await.unwrap().len(), 1);
+    // None answering: the last error, not a hang.
+    let none = Client::new(&dead_url, None).unwrap();
+    assert!(matches!(none.images().await, Err(ClientError::Http(_))));
+    // A list with a URL that is not http(s) is refused, naming it.
+    let err = Client::new(&format!("{},ftp://x", c.url("")), None).unwrap_err();
+    assert!(err.to_string().contains("\"ftp://x\""), "{err}");
+    let err = Client::new(&format!("{},", c.url("")), None).unwrap_err();
+    assert!(matches!(err, ClientError::Url(_)), "{err}");
+    c.stop().await;
+}
