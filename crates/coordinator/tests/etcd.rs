@@ -65,11 +65,15 @@ fn etcd_options(endpoints: Vec<String>, prefix: &str, addr: SocketAddr) -> EtcdO
 }
 
 async fn start(dir: &Path, endpoints: Vec<String>, prefix: &str) -> Running {
+    start_with(options(dir), endpoints, prefix).await
+}
+
+async fn start_with(options: Options, endpoints: Vec<String>, prefix: &str) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
     let c = Coordinator::open_etcd(
-        options(dir),
+        options,
         etcd_options(endpoints, prefix, addr),
         shutdown.clone(),
     )
@@ -311,7 +315,12 @@ async fn with_etcd_down_reads_come_from_memory_changes_get_503_and_all_recovers(
 async fn one_etcd_member_killed_changes_nothing_for_clients() {
     let dir = tempfile::tempdir().unwrap();
     let mut etcd = Etcd::start(&dir.path().join("etcd"), 3);
-    let r = start(&dir.path().join("c"), etcd.endpoints(), "/v").await;
+    // These members never heartbeat: a timeout longer than the test keeps
+    // them from being declared dead while etcd members restart (which took
+    // past the default 4 s in about one run in four).
+    let mut opts = options(&dir.path().join("c"));
+    opts.config.heartbeat_timeout_ms = 120_000;
+    let r = start_with(opts, etcd.endpoints(), "/v").await;
     let urls = vec![r.url()];
     leader_of(&urls, Duration::from_secs(10)).await;
     let c = client(&urls);
