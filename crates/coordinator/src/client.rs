@@ -86,6 +86,10 @@ pub struct Client {
     token: Option<String>,
 }
 
+/// With several coordinators: how long a call waits for one before trying
+/// the next (a new leader adds it to every member's grace, see `State`).
+pub const FAILOVER_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The most redirects followed in one call (follower to leader, and once
 /// more if the leader changed meanwhile).
 const MAX_REDIRECTS: usize = 2;
@@ -97,7 +101,7 @@ fn http_client(
     // With several coordinators a silent one must cost less than a
     // heartbeat timeout before the next is tried.
     let (timeout, connect) = if several {
-        (Duration::from_secs(2), Duration::from_secs(1))
+        (FAILOVER_TIMEOUT, Duration::from_secs(1))
     } else {
         (Duration::from_secs(10), Duration::from_secs(3))
     };

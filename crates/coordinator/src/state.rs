@@ -167,13 +167,20 @@ impl State {
                     epoch: rec.epoch,
                 })
                 .collect();
-            state.session =
-                Session::restore(settings, &ids, saved, Duration::ZERO).map_err(|e| {
-                    StoreError::Corrupt {
-                        key: format!("images/{}", state.record.name),
-                        source: serde::de::Error::custom(e.to_string()),
-                    }
-                })?;
+            // A new leader also waits out the clients' failover: an agent
+            // whose call hangs on the old leader reaches this one up to
+            // that much later.
+            let grace = if s.lease.is_some() {
+                crate::client::FAILOVER_TIMEOUT
+            } else {
+                Duration::ZERO
+            };
+            state.session = Session::restore(settings, &ids, saved, grace).map_err(|e| {
+                StoreError::Corrupt {
+                    key: format!("images/{}", state.record.name),
+                    source: serde::de::Error::custom(e.to_string()),
+                }
+            })?;
             // Write back lists that restore had to change.
             for &id in state.members.keys() {
                 if let Some(rec) = state.record(id) {
