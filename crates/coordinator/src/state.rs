@@ -165,6 +165,8 @@ impl State {
                         .collect(),
                     complete: rec.complete,
                     epoch: rec.epoch,
+                    relay: true,
+                    lent: false,
                 })
                 .collect();
             // A new leader also waits out the clients' failover: an agent

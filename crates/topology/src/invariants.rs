@@ -9,6 +9,8 @@
 //!   every member ──primary──► ... ──primary──► root     (no cycle, live path)
 //!   depth(parent) < depth(child) for every parent, primary or secondary
 //!   children <= k (origins: origin_fanout), depth <= ceil(log_k N) + 1
+//!   followers (one stripe of a forest): no children of either kind, and
+//!   depth <= ceil(log_k R) + 2 with R relays
 //!   depth 1 is the trunk (no branch); each depth-2 node has its own branch
 //!   secondaries: outside the node's own branch, never its ancestors
 //! ```
@@ -34,9 +36,29 @@ impl Session {
         let s = &self.settings;
         let k = usize::try_from(s.fanout).unwrap_or(usize::MAX);
         let origin_k = usize::try_from(s.origin_fanout).unwrap_or(usize::MAX);
-        let cap = s.secondary_capacity();
         let want = usize::try_from(s.parents.saturating_sub(1)).unwrap_or(0);
-        let bound = depth_bound(s.fanout, self.nodes.len());
+        let non_relays = self.nodes.values().filter(|n| !n.relay).count();
+        if non_relays != self.non_relays {
+            return fail(format!(
+                "{non_relays} non-relays counted as {}",
+                self.non_relays
+            ));
+        }
+        let bound = if non_relays == 0 {
+            depth_bound(s.fanout, self.nodes.len())
+        } else {
+            depth_bound(s.fanout, self.nodes.len() - non_relays) + 1
+        };
+        let lent: BTreeSet<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.borrowed)
+            .map(|(&id, _)| id)
+            .collect();
+        if lent != self.lent || self.nodes.values().any(|n| n.borrowed && !n.relay) {
+            return fail("lent relays are stale".into());
+        }
+        let mut followers: BTreeMap<u32, BTreeSet<_>> = BTreeMap::new();
         let mut primary_slots = BTreeSet::new();
         let mut primary_rack = BTreeSet::new();
         let mut secondary_slots = BTreeSet::new();
@@ -131,8 +153,15 @@ impl Session {
                     }
                 }
                 by_depth.entry(n.depth).or_default().insert(id);
+                if !n.relay {
+                    followers.entry(n.depth).or_default().insert(id);
+                }
             }
-            let most = if n.origin { origin_k } else { k };
+            let (most, cap) = match (n.relay, n.origin) {
+                (false, _) => (0, 0),
+                (true, true) => (origin_k, s.secondary_capacity()),
+                (true, false) => (k, s.secondary_capacity()),
+            };
             if n.children.len() > most {
                 return fail(format!("{id} has {} children > {most}", n.children.len()));
             }
@@ -181,6 +210,9 @@ impl Session {
         }
         if by_depth != self.by_depth {
             return fail("depth index is stale".into());
+        }
+        if followers != self.followers {
+            return fail("follower index is stale".into());
         }
         Ok(())
     }

@@ -18,15 +18,18 @@
 //! ```
 //!
 //! Modules: [`settings`] (fan-out, parents, timeouts), [`session`] (the state
-//! machine and its repair rules), `index` (ordered free-slot indices), and
+//! machine and its repair rules), [`forest`] (S sessions, one per stripe of
+//! the image's chunks, whose interior hosts are disjoint), `index` (ordered free-slot indices), and
 //! [`invariants`] (the checker the property tests and the simulator call).
 
+pub mod forest;
 pub mod invariants;
 pub mod session;
 pub mod settings;
 
 mod index;
 
+pub use forest::{Forest, MAX_STRIPES, SavedMember, stripe_of};
 pub use invariants::InvariantViolation;
 pub use session::{NodeInfo, Outcome, Progress, SavedNode, Session, Stats, TopologyError};
 pub use settings::{Settings, SettingsError};

@@ -1,5 +1,6 @@
 //! Property tests: random sequences of joins, leaves, crashes, reports,
-//! progress and ticks, with every invariant checked after every event.
+//! progress and ticks, with every invariant checked after every event, on
+//! trees (a forest of one stripe) and forests of 2 to 4 stripes.
 //!
 //! The driver heartbeats every live, non-crashed member at each tick, with
 //! ticks shorter than the timeout, so a tick may only kill crashed members.
@@ -10,7 +11,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use virtman_topology::{NodeId, Progress, SavedNode, Session, Settings, TopologyError};
+use virtman_topology::{Forest, NodeId, Progress, SavedMember, Settings, TopologyError};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -48,19 +49,22 @@ fn op(join_weight: u32) -> impl Strategy<Value = Op> {
     ]
 }
 
-fn settings() -> impl Strategy<Value = (Settings, u64)> {
-    (2u32..7, 1u32..4, 1u64..4, 0u32..8).prop_map(|(fanout, parents, origins, wide)| {
-        let s = Settings {
-            fanout,
-            // Mostly the default relay head, sometimes wider origins.
-            origin_fanout: if wide < 4 { 1 } else { 1 + wide % fanout },
-            parents,
-            heartbeat_timeout: Duration::from_secs(4),
-            report_threshold: 2,
-            suspect_after: Duration::from_secs(2),
-        };
-        (s, origins)
-    })
+/// Settings, origins, stripes: half the cases a tree, the others 2 to 4 stripes.
+fn settings() -> impl Strategy<Value = (Settings, u64, u32)> {
+    (2u32..7, 1u32..4, 1u64..4, 0u32..8, 0u32..6).prop_map(
+        |(fanout, parents, origins, wide, st)| {
+            let s = Settings {
+                fanout,
+                // Mostly the default relay head, sometimes wider origins.
+                origin_fanout: if wide < 4 { 1 } else { 1 + wide % fanout },
+                parents,
+                heartbeat_timeout: Duration::from_secs(4),
+                report_threshold: 2,
+                suspect_after: Duration::from_secs(2),
+            };
+            (s, origins, st.saturating_sub(2) + 1)
+        },
+    )
 }
 
 fn pick<T: Copy>(set: &BTreeSet<T>, i: usize) -> Option<T> {
@@ -71,11 +75,24 @@ fn pick<T: Copy>(set: &BTreeSet<T>, i: usize) -> Option<T> {
     }
 }
 
+/// Every parent of `id` in any stripe, once each.
+fn all_parents(s: &Forest, id: NodeId) -> Vec<NodeId> {
+    let mut all: Vec<NodeId> = s.parents(id).unwrap_or_default().concat();
+    all.sort_unstable();
+    all.dedup();
+    all
+}
+
 /// Runs `ops` and checks the invariants after every event. Returns the final
-/// session for further checks.
-fn run(settings: Settings, origins: u64, ops: &[Op]) -> Result<Session, TestCaseError> {
+/// forest for further checks.
+fn run(
+    settings: Settings,
+    origins: u64,
+    stripes: u32,
+    ops: &[Op],
+) -> Result<Forest, TestCaseError> {
     let origin_ids: Vec<NodeId> = (0..origins).map(NodeId).collect();
-    let mut s = Session::new(settings, &origin_ids).expect("valid settings");
+    let mut s = Forest::new(settings, stripes, &origin_ids).expect("valid settings");
     let mut next = 1_000u64;
     let mut now = Duration::ZERO;
     let mut crashed: BTreeSet<NodeId> = BTreeSet::new();
@@ -83,8 +100,12 @@ fn run(settings: Settings, origins: u64, ops: &[Op]) -> Result<Session, TestCase
     let mut died_at: std::collections::BTreeMap<NodeId, Duration> = Default::default();
     // Dead nodes are remembered for 16 timeouts, then become unknown.
     let remembered = settings.heartbeat_timeout * 16;
-    let members = |s: &Session| -> BTreeSet<NodeId> {
-        s.nodes().filter(|n| !n.origin).map(|n| n.id).collect()
+    let members = |s: &Forest| -> BTreeSet<NodeId> {
+        s.stripes()[0]
+            .nodes()
+            .filter(|n| !n.origin)
+            .map(|n| n.id)
+            .collect()
     };
     for op in ops {
         let live = members(&s);
@@ -122,8 +143,8 @@ fn run(settings: Settings, origins: u64, ops: &[Op]) -> Result<Session, TestCase
                 }
             }
             Op::Report { reporter, parent } => {
-                if let Some(r) = pick(&live, reporter)
-                    && let Some(parents) = s.parents(r)
+                let parents = pick(&live, reporter).map(|r| (r, all_parents(&s, r)));
+                if let Some((r, parents)) = parents
                     && !parents.is_empty()
                 {
                     let p = parents[parent % parents.len()];
@@ -133,13 +154,15 @@ fn run(settings: Settings, origins: u64, ops: &[Op]) -> Result<Session, TestCase
                         died_at.insert(*d, now);
                         crashed.remove(d);
                     }
-                    if let Some(after) = s.node(r) {
-                        // Moved off the parent, unless it is an origin, or it
-                        // is the primary and no slot was free within the
-                        // depth bound (as shallow, for a node with a subtree).
-                        let origin = s.node(p).is_some_and(|n| n.origin);
-                        let kept_primary = after.parents.first() == Some(&p);
-                        prop_assert!(!after.parents.contains(&p) || origin || kept_primary);
+                    // In each stripe: moved off the parent, unless it is an
+                    // origin, or it is the primary and no slot was free within
+                    // the depth bound (as shallow, for a node with a subtree).
+                    for stripe in s.stripes() {
+                        if let Some(after) = stripe.node(r) {
+                            let origin = stripe.node(p).is_some_and(|n| n.origin);
+                            let kept_primary = after.parents.first() == Some(&p);
+                            prop_assert!(!after.parents.contains(&p) || origin || kept_primary);
+                        }
                     }
                 }
             }
@@ -157,7 +180,7 @@ fn run(settings: Settings, origins: u64, ops: &[Op]) -> Result<Session, TestCase
                     };
                     s.heartbeat(id, now, p).expect("heartbeat");
                     if complete {
-                        prop_assert!(s.parents(id).is_some_and(|p| p.is_empty()));
+                        prop_assert!(all_parents(&s, id).is_empty());
                     }
                 }
             }
@@ -165,7 +188,7 @@ fn run(settings: Settings, origins: u64, ops: &[Op]) -> Result<Session, TestCase
                 now += Duration::from_millis(u64::from(advance_ms));
                 for &id in &live {
                     if !crashed.contains(&id) {
-                        let frac = s.node(id).map_or(0.0, |n| n.progress);
+                        let frac = s.stripes()[0].node(id).map_or(0.0, |n| n.progress);
                         let p = Progress {
                             fraction: frac,
                             complete: false,
@@ -182,28 +205,34 @@ fn run(settings: Settings, origins: u64, ops: &[Op]) -> Result<Session, TestCase
                     crashed.remove(d);
                 }
                 // No dead node is anyone's parent once the tick returns.
-                for n in s.nodes() {
+                for n in s.stripes().iter().flat_map(|st| st.nodes()) {
                     for p in &n.parents {
                         prop_assert!(!dead.contains(p), "{p} is dead but parent of {}", n.id);
                     }
                 }
                 // A crashed member silent for longer than the timeout is gone.
                 for &c in &crashed {
-                    if let Some(n) = s.node(c) {
+                    if let Some(n) = s.stripes()[0].node(c) {
                         prop_assert!(now <= n.last_seen + settings.heartbeat_timeout);
                     }
                 }
             }
         }
         if let Err(e) = s.check_invariants() {
-            return Err(TestCaseError::fail(format!("after {op:?}: {e}")));
+            return Err(TestCaseError::fail(format!(
+                "after {op:?} ({stripes} stripes): {e}"
+            )));
         }
     }
     Ok(s)
 }
 
-fn snapshot(s: &Session) -> Vec<(NodeId, Vec<NodeId>, u32)> {
-    s.nodes().map(|n| (n.id, n.parents, n.depth)).collect()
+fn snapshot(s: &Forest) -> Vec<(NodeId, Vec<NodeId>, u32)> {
+    s.stripes()
+        .iter()
+        .flat_map(|st| st.nodes())
+        .map(|n| (n.id, n.parents, n.depth))
+        .collect()
 }
 
 proptest! {
@@ -218,52 +247,87 @@ proptest! {
 
     #[test]
     fn invariants_hold_over_random_events(
-        (settings, origins) in settings(),
+        (settings, origins, stripes) in settings(),
         ops in prop::collection::vec(op(40), 1..400),
     ) {
-        let a = run(settings, origins, &ops)?;
+        let a = run(settings, origins, stripes, &ops)?;
         // Same events, same decisions: nothing depends on hash order or luck.
-        let b = run(settings, origins, &ops)?;
+        let b = run(settings, origins, stripes, &ops)?;
         prop_assert_eq!(snapshot(&a), snapshot(&b));
         prop_assert_eq!(a.stats(), b.stats());
     }
 
     #[test]
     fn restore_keeps_saved_parents(
-        (settings, origins) in settings(),
+        (settings, origins, stripes) in settings(),
         ops in prop::collection::vec(op(40), 1..300),
     ) {
-        let s = run(settings, origins, &ops)?;
-        let saved: Vec<SavedNode> = s
+        let s = run(settings, origins, stripes, &ops)?;
+        let saved: Vec<SavedMember> = s.stripes()[0]
             .nodes()
             .filter(|n| !n.origin)
-            .map(|n| SavedNode {
+            .map(|n| SavedMember {
                 id: n.id,
                 rack: n.rack.clone(),
-                parents: n.parents.clone(),
+                home: s.home(n.id).expect("a member has a home"),
+                lent: s.lent(n.id),
+                parents: s.parents(n.id).expect("member"),
                 complete: n.complete,
-                epoch: n.epoch,
+                epoch: s.epoch(n.id).expect("member"),
             })
             .collect();
         let origin_ids: Vec<NodeId> = (0..origins).map(NodeId).collect();
         let later = Duration::from_secs(1_000);
-        let r = Session::restore(settings, &origin_ids, saved.clone(), later)
+        let r = Forest::restore(settings, stripes, &origin_ids, saved.clone(), later)
             .expect("restore");
         if let Err(e) = r.check_invariants() {
             return Err(TestCaseError::fail(e.to_string()));
         }
         for n in &saved {
             let now_parents = r.parents(n.id).expect("restored");
-            prop_assert!(now_parents.starts_with(&n.parents), "{:?} -> {:?}", n.parents, now_parents);
+            prop_assert_eq!(r.home(n.id), Some(n.home));
+            for (now_list, saved_list) in now_parents.iter().zip(&n.parents) {
+                prop_assert!(now_list.starts_with(saved_list), "{:?} -> {:?}", saved_list, now_list);
+            }
+            prop_assert_eq!(r.lent(n.id), n.lent.clone());
             if now_parents == n.parents {
                 prop_assert_eq!(r.epoch(n.id), Some(n.epoch));
             }
             // Nobody is declared dead before one full timeout after restore.
-            prop_assert_eq!(r.node(n.id).map(|i| i.last_seen), Some(later));
+            prop_assert_eq!(r.stripes()[0].node(n.id).map(|i| i.last_seen), Some(later));
         }
         let mut r2 = r.clone();
         let out = r2.tick(later + settings.heartbeat_timeout);
         prop_assert!(out.dead.is_empty());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 64,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(0x5eed_2026),
+        ..ProptestConfig::default()
+    })]
+
+    /// After any events, once enough members joined, no host is interior in
+    /// two stripes: deaths may leave a stripe short of relays (it borrows
+    /// followers), and its next relays take the lent ones' places back.
+    #[test]
+    fn forests_give_lent_relays_back(
+        (settings, origins, stripes) in settings(),
+        ops in prop::collection::vec(op(40), 1..300),
+    ) {
+        let stripes = stripes.max(2);
+        let settings = Settings { fanout: settings.fanout.max(stripes + 1), ..settings };
+        let mut f = run(settings, origins, stripes, &ops)?;
+        let now = Duration::from_secs(100_000);
+        let first = 1_000_000u64;
+        let more = u64::from(stripes * (stripes + 1)) * 4;
+        for id in first..first + more {
+            f.join(NodeId(id), None, now).expect("join");
+        }
+        prop_assert!(f.check_invariants().is_ok());
+        prop_assert_eq!(f.interior_in_several(), 0);
     }
 }
 
@@ -280,10 +344,10 @@ proptest! {
     /// churn, crashes, reports and ticks all along.
     #[test]
     fn invariants_hold_at_two_thousand_nodes(
-        (settings, origins) in settings(),
+        (settings, origins, stripes) in settings(),
         ops in prop::collection::vec(op(300), 2_000..2_600),
     ) {
-        let s = run(settings, origins, &ops)?;
+        let s = run(settings, origins, stripes, &ops)?;
         prop_assert!(s.len() > 1_000, "only {} nodes", s.len());
     }
 }

@@ -36,22 +36,34 @@ impl Session {
         rack: Option<&str>,
         now: Duration,
     ) -> Result<Outcome, TopologyError> {
+        self.join_as(id, rack, true, now)
+    }
+
+    /// A member joins as a relay (it may have children) or as a follower
+    /// (always a leaf: one stripe of a forest; see `relay.rs`).
+    pub(crate) fn join_as(
+        &mut self,
+        id: NodeId,
+        rack: Option<&str>,
+        relay: bool,
+        now: Duration,
+    ) -> Result<Outcome, TopologyError> {
         if self.nodes.contains_key(&id) {
             return Err(TopologyError::AlreadyMember(id));
         }
         let rack = rack.map(|r| self.intern(r));
-        let Some(parent) = self.pick_primary(rack, None, None, None, &[]) else {
-            // Unreachable: a finite tree always has a node with a free slot.
-            return Err(TopologyError::UnknownNode(id));
-        };
         if let Some(died) = self.tombstones.remove(&id) {
             self.tombstone_order.remove(&(died, id));
         }
-        self.nodes.insert(id, Node::new(rack, false, now));
+        let mut node = Node::new(rack, false, now);
+        node.relay = relay;
+        if !relay {
+            self.non_relays += 1;
+        }
+        self.nodes.insert(id, node);
         self.created.insert(id);
         self.set_deadline(id, now);
-        let moved = self.attach(id, parent, None);
-        self.fix_after_move(&moved);
+        self.place_joiner(id);
         self.stats.joins += 1;
         self.rebalance();
         Ok(self.finish())
@@ -165,7 +177,7 @@ impl Session {
             // secondaries and the origin) until more reports or the timeout.
             // A leaf may go deeper, but not past the depth bound: rebalancing
             // would only bring it back, perhaps under the parent it reported.
-            let bound = self.settings.depth_bound(self.nodes.len());
+            let bound = self.depth_bound();
             let max = if leaf {
                 Some(bound.saturating_sub(1))
             } else {
@@ -209,6 +221,15 @@ impl Session {
             self.tombstones.remove(&id);
         }
         self.rebalance();
+        self.finish()
+    }
+
+    /// Removes `id` as dead (it died in another stripe of a forest).
+    pub(crate) fn declare_dead(&mut self, id: NodeId, now: Duration) -> Outcome {
+        if self.nodes.get(&id).is_some_and(|n| !n.origin) {
+            self.remove_node(id, now, true);
+            self.rebalance();
+        }
         self.finish()
     }
 

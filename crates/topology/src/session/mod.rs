@@ -56,6 +56,7 @@ use crate::settings::{Settings, SettingsError};
 
 mod events;
 mod placement;
+mod relay;
 mod repair;
 mod restore;
 mod tree;
@@ -81,6 +82,9 @@ pub enum TopologyError {
     /// The event does not apply to origins (they cannot leave or report).
     #[error("node {0} is an origin")]
     Origin(NodeId),
+    /// A forest's stripe count is 0 or above [`crate::forest::MAX_STRIPES`].
+    #[error("stripes must be between 1 and {max}, got {0}", max = crate::forest::MAX_STRIPES)]
+    Stripes(u32),
     /// The progress fraction is not a number between 0 and 1.
     #[error("progress must be a fraction between 0 and 1, got {0}")]
     Progress(f64),
@@ -151,6 +155,12 @@ pub struct NodeInfo {
     pub epoch: u64,
     /// The rack label given at join.
     pub rack: Option<String>,
+    /// The node may have children (always, in a tree; in one stripe of a
+    /// forest, only the stripe's own relays and borrowed ones).
+    pub relay: bool,
+    /// A relay of another stripe lent to this one because its own relays had
+    /// no free slot (see `relay.rs`).
+    pub borrowed: bool,
 }
 
 /// A node as persisted by a driver, for [`Session::restore`].
@@ -166,11 +176,20 @@ pub struct SavedNode {
     pub complete: bool,
     /// Its parent-list epoch when saved.
     pub epoch: u64,
+    /// It may have children (see [`NodeInfo::relay`]).
+    pub relay: bool,
+    /// It is a follower lent as a relay (see [`NodeInfo::borrowed`]).
+    pub lent: bool,
 }
 
 #[derive(Debug, Clone)]
 pub(crate) struct Node {
     pub(crate) rack: Option<u32>,
+    /// May take children (primary or secondary); a follower (not a relay)
+    /// is always a leaf.
+    pub(crate) relay: bool,
+    /// A follower made a relay because no relay had a free slot.
+    pub(crate) borrowed: bool,
     pub(crate) origin: bool,
     pub(crate) complete: bool,
     /// Detached during a repair: in no index, primary `None`, depth stale.
@@ -195,6 +214,8 @@ impl Node {
     fn new(rack: Option<u32>, origin: bool, now: Duration) -> Self {
         Self {
             rack,
+            relay: true,
+            borrowed: false,
             origin,
             complete: false,
             floating: !origin,
@@ -235,6 +256,12 @@ pub struct Session {
     pub(crate) secondary_slots: SlotIndex,
     /// Members (non-roots) by depth: the deepest level is the last key.
     pub(crate) by_depth: BTreeMap<u32, BTreeSet<NodeId>>,
+    /// Followers (members that are not relays) by depth, shallowest first.
+    pub(crate) followers: BTreeMap<u32, BTreeSet<NodeId>>,
+    /// Live nodes that are not relays (followers and roots that were).
+    pub(crate) non_relays: usize,
+    /// Followers lent to this stripe as relays (see `relay.rs`).
+    pub(crate) lent: BTreeSet<NodeId>,
     deadlines: BTreeSet<(Duration, NodeId)>,
     tombstones: BTreeMap<NodeId, Duration>,
     tombstone_order: BTreeSet<(Duration, NodeId)>,
@@ -262,6 +289,9 @@ impl Session {
             primary_slots: SlotIndex::default(),
             secondary_slots: SlotIndex::default(),
             by_depth: BTreeMap::new(),
+            followers: BTreeMap::new(),
+            non_relays: 0,
+            lent: BTreeSet::new(),
             deadlines: BTreeSet::new(),
             tombstones: BTreeMap::new(),
             tombstone_order: BTreeSet::new(),
@@ -336,9 +366,18 @@ impl Session {
         self.by_depth.keys().next_back().copied().unwrap_or(0)
     }
 
-    /// The depth bound for the current number of live nodes.
+    /// The depth bound for the current number of live nodes: in a tree
+    /// `ceil(log_k N) + 1`; with followers (one stripe of a forest), the
+    /// relays' tree `ceil(log_k R) + 1` (R relays, roots included) and one
+    /// level of followers below it.
     pub fn depth_bound(&self) -> u32 {
-        self.settings.depth_bound(self.nodes.len())
+        if self.non_relays == 0 {
+            self.settings.depth_bound(self.nodes.len())
+        } else {
+            self.settings
+                .depth_bound(self.nodes.len() - self.non_relays)
+                .saturating_add(1)
+        }
     }
 
     /// One node's view.
@@ -367,6 +406,8 @@ impl Session {
                 .rack
                 .and_then(|r| self.rack_names.get(usize::try_from(r).ok()?))
                 .cloned(),
+            relay: n.relay,
+            borrowed: n.borrowed,
         }
     }
 }

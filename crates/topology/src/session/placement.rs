@@ -207,8 +207,8 @@ impl Session {
         fallback
     }
 
-    /// A leaf deeper than `depth` to take a removed node's place: from the
-    /// deepest level, same rack first.
+    /// A relay leaf deeper than `depth` to take a removed node's place: from
+    /// the deepest level, same rack first.
     pub(super) fn pick_replacement(&self, depth: u32, rack: Option<u32>) -> Option<NodeId> {
         let (&deepest, set) = self.by_depth.last_key_value()?;
         if deepest <= depth {
@@ -219,7 +219,7 @@ impl Session {
             let Some(n) = self.nodes.get(&c) else {
                 continue;
             };
-            if !n.children.is_empty() {
+            if !n.relay || !n.children.is_empty() {
                 continue;
             }
             if rack.is_some() && n.rack == rack {
@@ -227,6 +227,6 @@ impl Session {
             }
             first.get_or_insert(c);
         }
-        first
+        first.or_else(|| self.relay_leaf_below(depth))
     }
 }

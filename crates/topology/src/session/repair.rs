@@ -25,6 +25,7 @@ impl Session {
         let label = xn.branch;
         let rack = xn.rack;
         let deadline = xn.deadline;
+        let follower = !xn.relay;
         let users: Vec<NodeId> = xn.sec_children.iter().copied().collect();
         let secondaries = xn.secondaries.clone();
         let orphans: Vec<NodeId> = xn.children.iter().copied().collect();
@@ -45,6 +46,10 @@ impl Session {
         }
         self.deadlines.remove(&(deadline, x));
         self.nodes.remove(&x);
+        self.lent.remove(&x);
+        if follower {
+            self.non_relays -= 1;
+        }
         self.touched.remove(&x);
         self.created.remove(&x);
         self.removed.push(x);
@@ -75,10 +80,11 @@ impl Session {
         orphans: &[NodeId],
     ) {
         let leaf = self.pick_replacement(depth, rack).or_else(|| {
-            orphans
-                .iter()
-                .copied()
-                .find(|c| self.nodes.get(c).is_some_and(|n| n.children.is_empty()))
+            orphans.iter().copied().find(|c| {
+                self.nodes
+                    .get(c)
+                    .is_some_and(|n| n.relay && n.children.is_empty())
+            })
         });
         let Some(leaf) = leaf else {
             self.reattach_orphans(orphans);
@@ -109,6 +115,7 @@ impl Session {
             let target = self
                 .pick_primary(rack, None, Some(0), Some(c), &[])
                 .or_else(|| self.pick_primary(rack, None, None, Some(c), &[]))
+                .or_else(|| self.borrow(None, Some(c)))
                 .or_else(|| self.any_origin());
             if let Some(t) = target {
                 moved.extend(self.attach(c, t, None));
@@ -117,14 +124,19 @@ impl Session {
         self.fix_after_move(&moved);
     }
 
-    fn any_origin(&self) -> Option<NodeId> {
+    pub(super) fn any_origin(&self) -> Option<NodeId> {
         self.nodes.iter().find(|(_, n)| n.origin).map(|(&id, _)| id)
     }
 
     /// Moves the deepest leaves up while the depth bound is broken.
     pub(super) fn rebalance(&mut self) {
-        loop {
-            let bound = self.settings.depth_bound(self.nodes.len());
+        // Each move lifts a member at least one level or swaps a relay above
+        // a follower; the cap only guards against a rule that would undo
+        // another.
+        let mut budget = self.nodes.len().saturating_mul(2).saturating_add(8);
+        while budget > 0 {
+            budget -= 1;
+            let bound = self.depth_bound();
             let Some((&deepest, set)) = self.by_depth.last_key_value() else {
                 break;
             };
@@ -141,18 +153,22 @@ impl Session {
             // the leaf goes there (it still has its secondaries, and reports
             // again if that parent is really down).
             let max = Some(deepest.saturating_sub(2));
-            let Some(target) = self
+            let target = self
                 .pick_primary(rack, None, max, Some(leaf), &avoid)
-                .or_else(|| self.pick_primary(rack, None, max, Some(leaf), &[]))
-            else {
-                break;
-            };
-            self.float(leaf);
-            let mut moved = self.attach(leaf, target, None);
-            if !moved.contains(&leaf) {
-                moved.push(leaf);
+                .or_else(|| self.pick_primary(rack, None, max, Some(leaf), &[]));
+            match target {
+                Some(target) => {
+                    self.float(leaf);
+                    let mut moved = self.attach(leaf, target, None);
+                    if !moved.contains(&leaf) {
+                        moved.push(leaf);
+                    }
+                    self.fix_after_move(&moved);
+                }
+                // With followers, the slots that high may all be theirs.
+                None if self.lift(leaf, deepest) => {}
+                None => break,
             }
-            self.fix_after_move(&moved);
             self.stats.rebalance_moves += 1;
         }
     }

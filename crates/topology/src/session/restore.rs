@@ -36,6 +36,14 @@ impl Session {
             let rack = n.rack.as_deref().map(|r| s.intern(r));
             let mut node = Node::new(rack, false, now);
             node.epoch = n.epoch;
+            node.relay = n.relay || n.lent;
+            node.borrowed = n.lent && !n.relay;
+            if node.borrowed {
+                s.lent.insert(id);
+            }
+            if !node.relay {
+                s.non_relays += 1;
+            }
             s.nodes.insert(id, node);
             s.set_deadline(id, now);
             if n.complete {
@@ -77,6 +85,7 @@ impl Session {
             let rack = s.nodes.get(&next).and_then(|n| n.rack);
             let target = s
                 .pick_primary(rack, None, None, Some(next), &[])
+                .or_else(|| s.borrow(None, Some(next)))
                 .or_else(|| origins.first().copied());
             if let Some(t) = target {
                 s.attach(next, t, None);
@@ -91,7 +100,6 @@ impl Session {
             .map(|(&id, n)| (n.depth, id))
             .collect();
         order.sort_unstable();
-        let cap = s.settings.secondary_capacity();
         let want = s.secondaries_wanted();
         for &(_, id) in &order {
             let saved_secs = by_id
@@ -103,7 +111,7 @@ impl Session {
                 let has_room = s
                     .nodes
                     .get(&sec)
-                    .is_some_and(|n| n.sec_children.len() < cap);
+                    .is_some_and(|n| n.sec_children.len() < s.secondary_capacity(n));
                 let dup = s
                     .nodes
                     .get(&id)

@@ -292,6 +292,8 @@ fn restore_repairs_broken_saved_state() {
         parents: parents.iter().map(|&p| NodeId(p)).collect(),
         complete: false,
         epoch: 7,
+        relay: true,
+        lent: false,
     };
     // A cycle (1 <-> 2), a missing parent (3 under 99), a child of it (4),
     // a self-parent (5), and a secondary deeper than its child (6).

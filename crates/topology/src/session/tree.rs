@@ -21,14 +21,27 @@ use crate::NodeId;
 impl Session {
     // ----- lookups -----
 
-    /// The most primary children `n` may have: k, or the origins' fan-out.
+    /// The most primary children `n` may have: k, or the origins' fan-out;
+    /// none for a follower.
     pub(super) fn capacity(&self, n: &Node) -> usize {
+        if !n.relay {
+            return 0;
+        }
         let k = if n.origin {
             self.settings.origin_fanout
         } else {
             self.settings.fanout
         };
         usize::try_from(k).unwrap_or(usize::MAX)
+    }
+
+    /// The most secondary children `n` may have: k(p - 1), none for a follower.
+    pub(super) fn secondary_capacity(&self, n: &Node) -> usize {
+        if n.relay {
+            self.settings.secondary_capacity()
+        } else {
+            0
+        }
     }
 
     pub(super) fn secondaries_wanted(&self) -> usize {
@@ -98,7 +111,6 @@ impl Session {
     // ----- indices -----
 
     pub(super) fn unindex(&mut self, id: NodeId) {
-        let cap = self.settings.secondary_capacity();
         let Some(n) = self.nodes.get(&id) else { return };
         if n.floating {
             return;
@@ -107,22 +119,20 @@ impl Session {
             self.primary_slots
                 .remove(n.depth, n.rack, n.children.len(), id);
         }
-        if n.sec_children.len() < cap {
+        if n.sec_children.len() < self.secondary_capacity(n) {
             self.secondary_slots
                 .remove(n.depth, n.rack, n.sec_children.len(), id);
         }
-        if n.primary.is_some()
-            && let Some(set) = self.by_depth.get_mut(&n.depth)
-        {
-            set.remove(&id);
-            if set.is_empty() {
-                self.by_depth.remove(&n.depth);
+        if n.primary.is_some() {
+            let (depth, follower) = (n.depth, !n.relay);
+            remove_from(&mut self.by_depth, depth, id);
+            if follower {
+                remove_from(&mut self.followers, depth, id);
             }
         }
     }
 
     pub(super) fn reindex(&mut self, id: NodeId) {
-        let cap = self.settings.secondary_capacity();
         let Some(n) = self.nodes.get(&id) else { return };
         if n.floating {
             return;
@@ -131,12 +141,15 @@ impl Session {
             self.primary_slots
                 .insert(n.depth, n.rack, n.children.len(), id);
         }
-        if n.sec_children.len() < cap {
+        if n.sec_children.len() < self.secondary_capacity(n) {
             self.secondary_slots
                 .insert(n.depth, n.rack, n.sec_children.len(), id);
         }
         if n.primary.is_some() {
             self.by_depth.entry(n.depth).or_default().insert(id);
+            if !n.relay {
+                self.followers.entry(n.depth).or_default().insert(id);
+            }
         }
     }
 
@@ -295,6 +308,20 @@ impl Session {
         self.reindex(s);
         if let Some(zn) = self.nodes.get_mut(&z) {
             zn.secondaries.retain(|&x| x != s);
+        }
+    }
+}
+
+/// Removes `id` from the set at `depth`, dropping the set when it empties.
+fn remove_from(
+    map: &mut std::collections::BTreeMap<u32, std::collections::BTreeSet<NodeId>>,
+    depth: u32,
+    id: NodeId,
+) {
+    if let Some(set) = map.get_mut(&depth) {
+        set.remove(&id);
+        if set.is_empty() {
+            map.remove(&depth);
         }
     }
 }
