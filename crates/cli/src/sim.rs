@@ -103,6 +103,10 @@ pub struct SimArgs {
     /// Parents per node p; a comma list sweeps it.
     #[arg(long, value_delimiter = ',', default_value = "2")]
     pub parents: Vec<u32>,
+    /// Stripes S of a striped forest (chunk i follows stripe i mod S's tree;
+    /// each host relays one stripe); 1 is one tree. A comma list sweeps it.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub stripes: Vec<u32>,
     /// A failure: `5%@10s`, `5%@10s+30s` (recovery), `origin@20s`; repeatable.
     #[arg(long, value_parser = parse_fail)]
     pub fail: Vec<FailSpec>,
@@ -297,13 +301,16 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     let mut configs = Vec::new();
     for &mode in modes {
         if mode == Mode::Virtman {
-            for &k in &args.fanout {
-                for &p in &args.parents {
-                    let mut c = base.clone();
-                    c.mode = mode;
-                    c.topology.fanout = k;
-                    c.topology.parents = p;
-                    configs.push(c);
+            for &s in &args.stripes {
+                for &k in &args.fanout {
+                    for &p in &args.parents {
+                        let mut c = base.clone();
+                        c.mode = mode;
+                        c.topology.fanout = k;
+                        c.topology.parents = p;
+                        c.stripes = s;
+                        configs.push(c);
+                    }
                 }
             }
         } else {

@@ -95,6 +95,9 @@ pub struct Config {
     pub link_burst: u64,
     /// The tree's settings, given to the real topology state machine.
     pub topology: Settings,
+    /// Stripes of the forest (`virtman_topology::Forest`): chunk i is
+    /// fetched along stripe i mod S's tree; 1 (the default) is one tree.
+    pub stripes: u32,
     /// How often agents heartbeat (and learn their new parents).
     pub heartbeat_interval: Duration,
     /// How often the coordinator ticks (checks for timeouts).
@@ -384,6 +387,9 @@ pub enum ConfigError {
         /// The value.
         rate: f64,
     },
+    /// The stripe count is 0 or above `virtman_topology::MAX_STRIPES`.
+    #[error("stripes must be between 1 and {max}, got {0}", max = virtman_topology::MAX_STRIPES)]
+    Stripes(u32),
     /// The chunk size is not a power of two between 4 KiB and 16 MiB.
     #[error("chunk size must be a power of two between 4 KiB and 16 MiB, got {0}")]
     ChunkSize(u32),
@@ -449,6 +455,7 @@ impl Config {
             hop_latency: Duration::from_micros(100),
             link_burst: 0,
             topology: Settings::default(),
+            stripes: 1,
             heartbeat_interval: Duration::from_secs(1),
             tick_interval: Duration::from_millis(250),
             request_timeout: Duration::from_secs(2),
@@ -569,6 +576,9 @@ impl Config {
             return Err(ConfigError::Zero("the prefetch's chunks in flight"));
         }
         self.topology.validate()?;
+        if !(1..=virtman_topology::MAX_STRIPES).contains(&self.stripes) {
+            return Err(ConfigError::Stripes(self.stripes));
+        }
         for (what, cores) in [
             ("the cores per host", Some(self.cpu.host_cores)),
             ("the shared cores", self.cpu.shared_cores),

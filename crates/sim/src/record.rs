@@ -10,7 +10,7 @@
 //! calls the report, the report never reaches into the engine.
 
 use serde::Serialize;
-use virtman_topology::Session;
+use virtman_topology::Forest;
 
 /// Counters the engine keeps while it runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -60,9 +60,9 @@ pub(crate) struct Vm {
     pub depth: u32,
 }
 
-/// An image: its tree (virtman mode), its origin's net node, its chunks.
+/// An image: its tree or forest (virtman mode), its origin's net node, its chunks.
 pub(crate) struct ImageState {
-    pub session: Option<Session>,
+    pub session: Option<Forest>,
     pub origin: u32,
     pub chunks: u32,
 }

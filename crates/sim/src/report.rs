@@ -64,9 +64,9 @@ pub struct ImageRow {
 /// The tree at the end (virtman mode).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct TreeRow {
-    /// Deepest member.
+    /// Deepest member (of any stripe, in a forest).
     pub max_depth: u32,
-    /// `ceil(log_k N) + 1`.
+    /// `ceil(log_k N) + 1` (in a forest, the largest of the stripes' bounds).
     pub depth_bound: u32,
     /// Members declared dead.
     pub deaths: u64,
@@ -89,6 +89,8 @@ pub struct Report {
     pub fanout: u32,
     /// Parents per node p (virtman mode).
     pub parents: u32,
+    /// Stripes of the forest (virtman mode; 1: one tree).
+    pub stripes: u32,
     /// Hosts replayed the boot profile (virtman mode with prefetch).
     pub prefetch: bool,
     /// Seed.
@@ -280,6 +282,7 @@ pub(crate) fn build(
         vms: vms.len() as u64,
         fanout: cfg.topology.fanout,
         parents: cfg.topology.parents,
+        stripes: cfg.stripes,
         prefetch: cfg.prefetching(),
         seed: cfg.seed,
         booted: booted.len() as u64,
@@ -313,9 +316,14 @@ fn mib(b: u64) -> f64 {
 }
 
 impl Report {
-    /// A short name for tables and the chart: `virtman k4 p2`, `cache-only`, `direct`.
+    /// A short name for tables and the chart: `virtman k4 p2`, `virtman
+    /// k5 p2 s4` (a forest of 4 stripes), `cache-only`, `direct`.
     pub fn label(&self) -> String {
         match self.mode {
+            Mode::Virtman if self.stripes > 1 => format!(
+                "virtman k{} p{} s{}",
+                self.fanout, self.parents, self.stripes
+            ),
             Mode::Virtman => format!("virtman k{} p{}", self.fanout, self.parents),
             m => m.name().to_string(),
         }

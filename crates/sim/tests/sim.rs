@@ -712,3 +712,62 @@ fn join_lead_lets_prefetch_run_before_the_vms_start() {
         Err(SimError::Config(ConfigError::JoinLead { .. }))
     ));
 }
+
+/// One read of the whole working set: every chunk is asked for at once, so
+/// the storm is bound by the links alone.
+fn one_big_read(chunks: u64) -> Arc<Trace> {
+    Arc::new(Trace {
+        image_size: 64 << 20,
+        reads: vec![Read {
+            at_us: 0,
+            offset: 0,
+            length: chunks * u64::from(CHUNK),
+        }],
+    })
+}
+
+/// With no CPU cost and no latency, a storm whose hosts ask for the whole
+/// working set at once is bound by the links alone. A tree's interior hosts
+/// upload k copies (about k W / B); a forest of S stripes with fan-out S has
+/// every host upload about what it downloads, so it takes W / B plus a
+/// pipeline term: D hops of a chunk at a child's share of a relay's uplink
+/// (S c / B), D the deepest member of any stripe. The origin sends each chunk
+/// once either way.
+#[test]
+fn closed_form_forest_near_the_physical_limit() {
+    let n = 64;
+    let wb = (n * u64::from(CHUNK)) as f64 * 8.0 / 1e9;
+    let scenario = |hosts: u32, stripes: u32, fanout: u32| {
+        let mut c = Config::new(Mode::Virtman, hosts, hosts, one_big_read(n));
+        c.topology.fanout = fanout;
+        c.topology.parents = 1;
+        c.stripes = stripes;
+        c.prefetch = Prefetch::off();
+        // Joined 2 s before the VMs start: every parent list is final.
+        c.join_lead = Some(JoinLead {
+            first: Duration::from_secs(2),
+            last: Duration::from_secs(2),
+        });
+        c.hop_latency = Duration::from_micros(1);
+        c.cpu = CpuModel::NONE;
+        run(&c).unwrap()
+    };
+    for hosts in [16u32, 40, 100] {
+        for stripes in 2..=4u32 {
+            let r = scenario(hosts, stripes, stripes);
+            let d = f64::from(r.tree.unwrap().max_depth);
+            let closed = wb + d * f64::from(stripes) * f64::from(CHUNK) * 8.0 / 1e9;
+            let got = r.all_booted_s.unwrap();
+            assert!(
+                (got - closed).abs() / closed < 0.06,
+                "{hosts} hosts, {stripes} stripes: {got} s vs {closed} s (W/B {wb} s)"
+            );
+            assert!(got < 1.3 * wb, "{got} vs W/B {wb}");
+            assert_eq!(r.origin_bytes, r.working_set_bytes);
+        }
+        let tree = scenario(hosts, 1, 2);
+        let got = tree.all_booted_s.unwrap();
+        assert!(got > 1.9 * wb, "a tree of fan-out 2: {got} s, W/B {wb} s");
+        assert_eq!(tree.origin_bytes, tree.working_set_bytes);
+    }
+}

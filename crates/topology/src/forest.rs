@@ -283,8 +283,9 @@ impl Forest {
             .min_by_key(|&s| (self.home_counts[s], s))
             .unwrap_or(0);
         let mut outcomes = Vec::with_capacity(self.stripes.len());
-        for (s, session) in self.stripes.iter_mut().enumerate() {
-            outcomes.push(session.join_as(id, rack, s == home, now)?);
+        for s in 0..self.stripes.len() {
+            self.tell_lent(s);
+            outcomes.push(self.stripes[s].join_as(id, rack, s == home, now)?);
         }
         self.homes.insert(id, u32::try_from(home).unwrap_or(0));
         self.home_counts[home] += 1;
@@ -319,7 +320,11 @@ impl Forest {
 
     /// Advances time to `now` in every stripe: the silent are dead.
     pub fn tick(&mut self, now: Duration) -> Outcome {
-        let outcomes = self.stripes.iter_mut().map(|s| s.tick(now)).collect();
+        let mut outcomes = Vec::with_capacity(self.stripes.len());
+        for s in 0..self.stripes.len() {
+            self.tell_lent(s);
+            outcomes.push(self.stripes[s].tick(now));
+        }
         self.merge(outcomes, now)
     }
 
@@ -331,10 +336,24 @@ impl Forest {
         mut event: impl FnMut(&mut Session) -> Result<Outcome, TopologyError>,
     ) -> Result<Outcome, TopologyError> {
         let mut outcomes = Vec::with_capacity(self.stripes.len());
-        for s in &mut self.stripes {
-            outcomes.push(event(s)?);
+        for s in 0..self.stripes.len() {
+            self.tell_lent(s);
+            outcomes.push(event(&mut self.stripes[s])?);
         }
         Ok(self.merge(outcomes, now))
+    }
+
+    /// Tells stripe `s` which members the other stripes borrowed, so that
+    /// it borrows others when it can.
+    fn tell_lent(&mut self, s: usize) {
+        let elsewhere = self
+            .stripes
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != s)
+            .flat_map(|(_, st)| st.lent.iter().copied())
+            .collect();
+        self.stripes[s].lent_elsewhere = elsewhere;
     }
 
     /// Joins the stripes' outcomes; a member removed in one stripe (dead by
@@ -345,9 +364,10 @@ impl Forest {
             .flat_map(|o| o.dead.iter().copied())
             .collect();
         for &d in &dead {
-            for s in &mut self.stripes {
-                if s.contains(d) {
-                    outcomes.push(s.declare_dead(d, now));
+            for s in 0..self.stripes.len() {
+                if self.stripes[s].contains(d) {
+                    self.tell_lent(s);
+                    outcomes.push(self.stripes[s].declare_dead(d, now));
                 }
             }
         }

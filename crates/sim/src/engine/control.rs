@@ -57,10 +57,15 @@ impl Engine<'_> {
             .as_ref()
             .and_then(|s| s.parents(node_id(host)))
             .unwrap_or_default();
-        let parents: Vec<u32> = list
+        let parents: Vec<Vec<u32>> = list
             .into_iter()
-            .filter(|p| p.0 != 0)
-            .filter_map(|p| u32::try_from(p.0 - 1).ok())
+            .map(|stripe| {
+                stripe
+                    .into_iter()
+                    .filter(|p| p.0 != 0)
+                    .filter_map(|p| u32::try_from(p.0 - 1).ok())
+                    .collect()
+            })
             .collect();
         self.hosts[host as usize].vols[image as usize].parents = parents;
     }

@@ -34,7 +34,7 @@ impl Engine<'_> {
     }
 
     pub(super) fn start_fetch(&mut self, host: u32, image: u32, chunk: u32, w: Waiter) {
-        let cands = self.candidates(host, image);
+        let cands = self.candidates(host, image, chunk);
         let (id, gen_) = self.fetches.insert(Fetch {
             host,
             image,
@@ -50,13 +50,15 @@ impl Engine<'_> {
         self.send_attempt(id, gen_);
     }
 
-    /// The agent's order: healthy parents by least outstanding (stable),
-    /// parents cooling down, then the origin.
-    pub(super) fn candidates(&self, host: u32, image: u32) -> Vec<u32> {
+    /// The agent's order: healthy parents of the chunk's stripe by least
+    /// outstanding (stable), parents cooling down, then the origin.
+    pub(super) fn candidates(&self, host: u32, image: u32, chunk: u32) -> Vec<u32> {
         let vol = &self.hosts[host as usize].vols[image as usize];
+        let stripe = virtman_topology::stripe_of(u64::from(chunk), self.cfg.stripes) as usize;
+        let parents = vol.parents.get(stripe).map_or(&[][..], Vec::as_slice);
         let mut healthy: Vec<(u32, usize, u32)> = Vec::new();
         let mut cooling = Vec::new();
-        for (i, &p) in vol.parents.iter().enumerate() {
+        for (i, &p) in parents.iter().enumerate() {
             let cool = vol
                 .cooling
                 .iter()
@@ -84,8 +86,8 @@ impl Engine<'_> {
             let (host, image, chunk) = (f.host, f.image, f.chunk);
             let mut given_up = Vec::new();
             f.waiters.retain(|w| match *w {
-                Waiter::Prefetch { gen_ } => {
-                    given_up.push(gen_);
+                Waiter::Prefetch { gen_, lane } => {
+                    given_up.push((gen_, lane));
                     false
                 }
                 _ => true,
@@ -96,8 +98,8 @@ impl Engine<'_> {
                     .inflight
                     .remove(&chunk);
             }
-            for g in given_up {
-                self.task_done(host, image, g);
+            for (g, lane) in given_up {
+                self.task_done(host, image, g, lane);
             }
             if self.fetches.get(fid, fgen).is_none() {
                 return;
@@ -318,7 +320,9 @@ impl Engine<'_> {
                             self.undemand(f.host, f.image);
                             self.serve(req, gen_);
                         }
-                        Waiter::Prefetch { gen_ } => self.task_done(f.host, f.image, gen_),
+                        Waiter::Prefetch { gen_, lane } => {
+                            self.task_done(f.host, f.image, gen_, lane);
+                        }
                     }
                 }
             }

@@ -32,7 +32,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::Duration;
 
-use virtman_topology::{NodeId, Session};
+use virtman_topology::{Forest, NodeId};
 
 use crate::config::{Config, CpuCosts, Mode};
 use crate::cpu::{Cpu, CpuWake};
@@ -162,8 +162,9 @@ pub(crate) struct Engine<'a> {
     cpu_jobs: Slab<CpuJob>,
     cpu_out: Vec<CpuWake>,
     think_overhead: u64,
-    /// The boot profile: chunks in first-touch order (empty: no prefetch).
-    profile: Vec<u32>,
+    /// The boot profile: chunks in first-touch order, split by stripe
+    /// (empty: no prefetch).
+    profile: Vec<Vec<u32>>,
     rng: Rng,
     pub raw: Raw,
 }
@@ -232,7 +233,7 @@ impl<'a> Engine<'a> {
         let mut images = Vec::new();
         for i in 0..n_images {
             let session = if cfg.mode == Mode::Virtman {
-                Some(Session::new(cfg.topology, &[NodeId(0)])?)
+                Some(Forest::new(cfg.topology, cfg.stripes, &[NodeId(0)])?)
             } else {
                 None
             };
@@ -272,7 +273,7 @@ impl<'a> Engine<'a> {
             think_overhead: ns(cfg.think_overhead),
             profile: if cfg.prefetching() {
                 let t = cfg.prefetch.profile.as_deref().unwrap_or(trace);
-                prefetch::first_touch(t, chunk, chunks)
+                prefetch::by_stripe(&prefetch::first_touch(t, chunk, chunks), cfg.stripes)
             } else {
                 Vec::new()
             },
@@ -451,8 +452,8 @@ impl<'a> Engine<'a> {
                 let Some(f) = self.fetches.get(fetch, gen_) else {
                     return;
                 };
-                let (host, image) = (f.host, f.image);
-                let cands = self.candidates(host, image);
+                let (host, image, chunk) = (f.host, f.image, f.chunk);
+                let cands = self.candidates(host, image, chunk);
                 if let Some(f) = self.fetches.get_mut(fetch, gen_) {
                     f.cands = cands;
                     f.next = 0;

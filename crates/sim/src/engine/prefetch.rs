@@ -12,7 +12,7 @@
 //! `PrefetchStart` and `PrefetchPoll` are dispatched by the event loop
 //! (`mod.rs`); a join (`control.rs`) schedules the start.
 
-use super::state::{Volume, Waiter};
+use super::state::{Lane, Volume, Waiter};
 use super::{Engine, Ev, ns};
 use crate::Trace;
 
@@ -23,11 +23,23 @@ impl Engine<'_> {
         vol.demand = vol.demand.saturating_sub(1);
     }
 
-    /// One turn of `fetch_in_order`'s loop: take the next missing chunk of
-    /// the profile; wait while the set is full (for a task) or a demand read
-    /// waits (a poll later); else spawn its prefetch, and go on.
+    /// One turn of `fetch_in_order`'s loop in every lane (one per stripe):
+    /// take the lane's next missing chunk; wait while its set is full (for
+    /// a task) or a demand read waits (a poll later); else spawn its
+    /// prefetch, and go on.
     pub(super) fn replay_step(&mut self, host: u32, image: u32) {
+        for lane in 0..self.profile.len() {
+            if !self.lane_step(host, image, lane) {
+                return;
+            }
+        }
+    }
+
+    /// Steps one lane; false when the whole replay must wait (a demand read
+    /// waits, or it stopped).
+    fn lane_step(&mut self, host: u32, image: u32, lane: usize) -> bool {
         let in_flight = self.cfg.prefetch.in_flight.max(1);
+        let lanes = self.profile.len();
         loop {
             let Volume {
                 replay: r,
@@ -42,14 +54,22 @@ impl Engine<'_> {
                     .is_some_and(|w| w & (1 << (c % 64)) != 0)
             };
             if !r.active {
-                return;
+                return false;
             }
-            let chunk = match r.next {
+            if r.lanes.len() < lanes {
+                r.lanes.resize(lanes, Lane::default());
+            }
+            let gen_ = r.gen_;
+            let ln = &mut r.lanes[lane];
+            if ln.done {
+                return true;
+            }
+            let chunk = match ln.next {
                 Some(c) => c,
                 None => {
                     let mut found = None;
-                    while let Some(&c) = self.profile.get(r.pos) {
-                        r.pos += 1;
+                    while let Some(&c) = self.profile[lane].get(ln.pos) {
+                        ln.pos += 1;
                         if !has(c) {
                             found = Some(c);
                             break;
@@ -57,30 +77,34 @@ impl Engine<'_> {
                     }
                     let Some(c) = found else {
                         // Past the end: the tasks in flight just finish.
-                        r.active = false;
-                        return;
+                        ln.done = true;
+                        r.active = r.lanes.iter().any(|l| !l.done);
+                        return true;
                     };
-                    r.next = Some(c);
+                    ln.next = Some(c);
                     c
                 }
             };
-            if r.tasks >= in_flight {
-                r.joining = true;
-                return;
+            if ln.tasks >= in_flight {
+                ln.joining = true;
+                return true;
             }
             if *demand > 0 {
-                let (gen_, at) = (r.gen_, self.now + self.think(ns(self.cfg.prefetch.poll)));
+                let at = self.now + self.think(ns(self.cfg.prefetch.poll));
                 self.push(at, Ev::PrefetchPoll { host, image, gen_ });
-                return;
+                return false;
             }
-            r.next = None;
+            ln.next = None;
             // `CachedVolume::prefetch`: nothing if present by now, else the
             // chunk's fetch (joined if one is in flight).
             if has(chunk) {
                 continue;
             }
-            r.tasks += 1;
-            let w = Waiter::Prefetch { gen_: r.gen_ };
+            ln.tasks += 1;
+            let w = Waiter::Prefetch {
+                gen_,
+                lane: u32::try_from(lane).unwrap_or(u32::MAX),
+            };
             if let Some(&(fid, fgen)) = inflight.get(&chunk)
                 && let Some(f) = self.fetches.get_mut(fid, fgen)
             {
@@ -93,18 +117,31 @@ impl Engine<'_> {
         }
     }
 
-    /// A prefetch task finished (its chunk arrived or was given up).
-    pub(super) fn task_done(&mut self, host: u32, image: u32, gen_: u32) {
+    /// A prefetch task of `lane` finished (its chunk arrived or was given up).
+    pub(super) fn task_done(&mut self, host: u32, image: u32, gen_: u32, lane: u32) {
         let r = &mut self.hosts[host as usize].vols[image as usize].replay;
         if r.gen_ != gen_ {
             return;
         }
-        r.tasks = r.tasks.saturating_sub(1);
-        if r.joining {
-            r.joining = false;
+        let Some(ln) = r.lanes.get_mut(lane as usize) else {
+            return;
+        };
+        ln.tasks = ln.tasks.saturating_sub(1);
+        if ln.joining {
+            ln.joining = false;
             self.replay_step(host, image);
         }
     }
+}
+
+/// The profile's chunks split by stripe (chunk i in stripe i mod S), each
+/// in the profile's order.
+pub(super) fn by_stripe(profile: &[u32], stripes: u32) -> Vec<Vec<u32>> {
+    let mut out = vec![Vec::new(); stripes.max(1) as usize];
+    for &c in profile {
+        out[virtman_topology::stripe_of(u64::from(c), stripes) as usize].push(c);
+    }
+    out
 }
 
 /// The chunks `trace` touches, in first-touch order, those of an image of

@@ -16,9 +16,10 @@ pub(super) enum Waiter {
         req: u32,
         gen_: u32,
     },
-    /// A prefetch task of the fetch's host (its replay's generation).
+    /// A prefetch task of the fetch's host (its replay's generation and lane).
     Prefetch {
         gen_: u32,
+        lane: u32,
     },
 }
 
@@ -56,14 +57,22 @@ pub(super) struct Fetch {
     pub(super) next: usize,
 }
 
-/// A host's replay of the boot profile (`prefetch::fetch_in_order`).
+/// A host's replay of the boot profile (`prefetch::fetch_in_order`), one
+/// lane per stripe, each in order with its own chunks in flight.
 #[derive(Debug, Default)]
 pub(super) struct Replay {
-    /// The loop runs (started and not past the profile's end).
+    /// The loop runs (started and some lane not past its profile's end).
     pub(super) active: bool,
     /// Bumped at every (re)start and death: stale events and tasks are ignored.
     pub(super) gen_: u32,
-    /// Next position in the profile.
+    /// One per stripe (made at the first step).
+    pub(super) lanes: Vec<Lane>,
+}
+
+/// One stripe's part of the replay.
+#[derive(Debug, Default, Clone)]
+pub(super) struct Lane {
+    /// Next position in the stripe's profile.
     pub(super) pos: usize,
     /// The chunk taken from the profile (missing when taken), not yet spawned.
     pub(super) next: Option<u32>,
@@ -71,6 +80,8 @@ pub(super) struct Replay {
     pub(super) tasks: u32,
     /// The loop waits for a task to finish (`join_next`).
     pub(super) joining: bool,
+    /// Past the end of the stripe's profile.
+    pub(super) done: bool,
 }
 
 #[derive(Debug, Default)]
@@ -83,8 +94,9 @@ pub(super) struct Volume {
     pub(super) present: Vec<u64>,
     pub(super) count: u32,
     pub(super) inflight: HashMap<u32, (u32, u32)>,
-    /// Parents as net nodes, origins excluded (they are always tried last).
-    pub(super) parents: Vec<u32>,
+    /// Parents as net nodes, one list per stripe, origins excluded (they
+    /// are always tried last).
+    pub(super) parents: Vec<Vec<u32>>,
     pub(super) outstanding: Vec<(u32, u32)>,
     pub(super) cooling: Vec<(u32, u64)>,
     pub(super) hb_gen: u32,

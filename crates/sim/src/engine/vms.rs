@@ -140,7 +140,11 @@ impl Engine<'_> {
                 v.boot = Some(now);
                 self.unfinished -= 1;
                 let depth = match &self.images[image as usize].session {
-                    Some(s) => s.node(node_id(host)).map_or(0, |n| n.depth),
+                    // Its depth in the stripe it relays.
+                    Some(s) => s
+                        .home(node_id(host))
+                        .and_then(|h| s.stripe(h)?.node(node_id(host)))
+                        .map_or(0, |n| n.depth),
                     None => 1,
                 };
                 if let Some(v) = self.vms.get_mut(vm as usize) {

@@ -262,6 +262,9 @@ pub struct Session {
     pub(crate) non_relays: usize,
     /// Followers lent to this stripe as relays (see `relay.rs`).
     pub(crate) lent: BTreeSet<NodeId>,
+    /// Members lent to another stripe of the forest: not lent to this one
+    /// too (one host must not relay three stripes); set by the forest.
+    pub(crate) lent_elsewhere: BTreeSet<NodeId>,
     deadlines: BTreeSet<(Duration, NodeId)>,
     tombstones: BTreeMap<NodeId, Duration>,
     tombstone_order: BTreeSet<(Duration, NodeId)>,
@@ -292,6 +295,7 @@ impl Session {
             followers: BTreeMap::new(),
             non_relays: 0,
             lent: BTreeSet::new(),
+            lent_elsewhere: BTreeSet::new(),
             deadlines: BTreeSet::new(),
             tombstones: BTreeMap::new(),
             tombstone_order: BTreeSet::new(),

@@ -12,7 +12,8 @@
 //! - **a relay joins**: it takes back a *borrowed* relay's place (below), or
 //!   else the place of the shallowest follower if that is no deeper than the
 //!   free slot it would get, adopting the node it displaced as a child;
-//! - **a follower joins** at the shallowest free slot; when no relay has one,
+//! - **a follower joins** at the shallowest free slot of the stripe's own
+//!   relays, else of a lent one; when no relay has one,
 //!   the shallowest follower is *borrowed*: made a relay of this stripe too
 //!   (interior in two stripes, as few as the member count allows), until a
 //!   relay of the stripe joins and takes its place and its children;
@@ -30,14 +31,19 @@ impl Session {
     pub(super) fn place_joiner(&mut self, id: NodeId) {
         let Some(n) = self.nodes.get(&id) else { return };
         let (rack, relay) = (n.rack, n.relay);
-        let slot = self.pick_primary(rack, None, None, None, &[]);
+        // A lent relay uploads two stripes: it takes only what the stripe's
+        // own relays have no room for.
+        let lent: Vec<NodeId> = self.lent.iter().copied().collect();
+        let slot = self
+            .pick_primary(rack, None, None, None, &lent)
+            .or_else(|| self.pick_primary(rack, None, None, None, &[]));
         if relay {
             if let Some(b) = self.returnable_lent() {
                 self.take_over(id, b);
                 return;
             }
             let slot_depth = slot.and_then(|p| self.nodes.get(&p)).map(|n| n.depth);
-            if let Some((depth, f)) = self.shallowest_follower(None, None)
+            if let Some((depth, f)) = self.shallowest_follower(None, None, false)
                 && slot_depth.is_none_or(|d| depth <= d)
             {
                 self.take_over(id, f);
@@ -54,20 +60,21 @@ impl Session {
     }
 
     /// The shallowest follower at most `max_depth` deep and not below
-    /// `exclude`, with its depth.
+    /// `exclude` (and, `to_lend`, not lent to another stripe), with its depth.
     pub(super) fn shallowest_follower(
         &self,
         max_depth: Option<u32>,
         exclude: Option<NodeId>,
+        to_lend: bool,
     ) -> Option<(u32, NodeId)> {
         for (&depth, set) in &self.followers {
             if max_depth.is_some_and(|m| depth > m) {
                 break;
             }
-            if let Some(&f) = set
-                .iter()
-                .find(|&&f| exclude.is_none_or(|x| !self.descends_from(f, x)))
-            {
+            if let Some(&f) = set.iter().find(|&&f| {
+                exclude.is_none_or(|x| !self.descends_from(f, x))
+                    && !(to_lend && self.lent_elsewhere.contains(&f))
+            }) {
                 return Some((depth, f));
             }
         }
@@ -81,7 +88,9 @@ impl Session {
         max_depth: Option<u32>,
         exclude: Option<NodeId>,
     ) -> Option<NodeId> {
-        let (_, f) = self.shallowest_follower(max_depth, exclude)?;
+        let (_, f) = self
+            .shallowest_follower(max_depth, exclude, true)
+            .or_else(|| self.shallowest_follower(max_depth, exclude, false))?;
         self.unindex(f);
         if let Some(n) = self.nodes.get_mut(&f) {
             n.relay = true;
@@ -177,7 +186,7 @@ impl Session {
         };
         let high = Some(deepest.saturating_sub(2));
         if n.relay {
-            let Some((_, f)) = self.shallowest_follower(high, Some(leaf)) else {
+            let Some((_, f)) = self.shallowest_follower(high, Some(leaf), false) else {
                 return false;
             };
             self.float(leaf);
