@@ -6,6 +6,7 @@
 
 mod agent;
 mod cluster;
+mod config;
 mod coordinator;
 mod coordinator_status;
 mod image;
