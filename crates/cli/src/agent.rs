@@ -199,7 +199,7 @@ fn host_name() -> String {
 /// The node's name: `--name`, else its certificate's, else the host name.
 /// A `--name` that differs from the certificate's is refused: a node's
 /// identity is the name its certificate carries.
-fn node_name(flag: Option<&str>, cert: Option<&Identity>) -> anyhow::Result<String> {
+pub(crate) fn node_name(flag: Option<&str>, cert: Option<&Identity>) -> anyhow::Result<String> {
     let cert = cert.map(|id| id.name.clone());
     match (flag, cert) {
         (Some(f), Some(c)) if f != c => bail!(

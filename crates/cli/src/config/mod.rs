@@ -87,7 +87,7 @@ pub fn options_or_print<T: ConfigFile>(
         return Ok(None);
     }
     let matches = subcommand_matches(subcommand)?;
-    let options = resolve(cli, &matches, args.config.as_deref())?;
+    let (options, _) = resolve(cli, &matches, args.config.as_deref())?;
     if args.print_config {
         print!("{}", render(&options, false)?);
         return Ok(None);
@@ -96,17 +96,19 @@ pub fn options_or_print<T: ConfigFile>(
 }
 
 /// The options from the file (`explicit`, else the default path when it
-/// exists), overridden by what `matches` says the command line gave.
+/// exists), overridden by what `matches` says the command line gave; and
+/// the file read, if any.
 pub fn resolve<T: ConfigFile>(
     cli: T,
     matches: &ArgMatches,
     explicit: Option<&Path>,
-) -> anyhow::Result<T> {
-    let file = match config_path(explicit, &default_dir(), T::FILE_NAME)? {
-        Some(path) => Some(load::<T>(&path)?),
+) -> anyhow::Result<(T, Option<PathBuf>)> {
+    let path = config_path(explicit, &default_dir(), T::FILE_NAME)?;
+    let file = match &path {
+        Some(p) => Some(load::<T>(p)?),
         None => None,
     };
-    effective(cli, matches, file)
+    Ok((effective(cli, matches, file)?, path))
 }
 
 /// The file to read: `explicit` (which must exist), else `dir/name` when it
@@ -136,7 +138,7 @@ fn default_dir() -> PathBuf {
 /// The command line's matches of `subcommand`, parsed again from the
 /// process's arguments (the derive structs do not keep where a value came
 /// from).
-fn subcommand_matches(subcommand: &str) -> anyhow::Result<ArgMatches> {
+pub fn subcommand_matches(subcommand: &str) -> anyhow::Result<ArgMatches> {
     use clap::CommandFactory;
     let matches = crate::Cli::command()
         .try_get_matches_from(std::env::args_os())
