@@ -100,17 +100,20 @@ pub struct CoordinatorOptions {
     /// Fan-out k: the most tree children a node serves (2 to 1024). Images may
     /// override it when they are registered.
     #[arg(long, value_name = "K", default_value_t = 4)]
+    #[serde(deserialize_with = "fields::count_in::<_, 2, 1024>")]
     pub fanout: u32,
 
     /// The most tree children an origin serves (1 to the fan-out). With 1 the
     /// origin feeds one relay head that feeds the rest, so each chunk leaves
     /// the origin about once per storm; with K it leaves K times.
     #[arg(long, value_name = "N", default_value_t = 1)]
+    #[serde(deserialize_with = "fields::count_in::<_, 1, 1024>")]
     pub origin_fanout: u32,
 
     /// Parents per node p: the tree parent plus p-1 parents in other subtrees,
     /// for failover and load spreading (1 to 16).
     #[arg(long, value_name = "P", default_value_t = 2)]
+    #[serde(deserialize_with = "fields::count_in::<_, 1, 16>")]
     pub parents: u32,
 
     /// How often agents heartbeat (e.g. 1s, 500ms).

@@ -147,6 +147,18 @@ pub mod opt_rate {
     }
 }
 
+/// `#[serde(deserialize_with = "count_in::<_, LO, HI>")]`: a whole number
+/// from `LO` to `HI` (fan-outs, parents).
+pub fn count_in<'de, D: Deserializer<'de>, const LO: u32, const HI: u32>(
+    d: D,
+) -> Result<u32, D::Error> {
+    let v = i64::deserialize(d)?;
+    u32::try_from(v)
+        .ok()
+        .filter(|v| (LO..=HI).contains(v))
+        .ok_or_else(|| de::Error::custom(format!("{v} is out of range ({LO} to {HI})")))
+}
+
 /// `#[serde(deserialize_with)]` for a listen address.
 pub fn listen<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let s = String::deserialize(d)?;

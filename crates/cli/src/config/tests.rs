@@ -168,6 +168,16 @@ fn bad_files_are_refused_naming_line_and_key() {
         duration.starts_with("1: key `heartbeat_timeout`:") && duration.contains("needs a unit"),
         "{duration}"
     );
+    let range = refusal::<CoordinatorOptions>("fanout = 4\nparents = 0\n");
+    assert!(
+        range.starts_with("2: key `parents`: 0 is out of range (1 to 16)"),
+        "{range}"
+    );
+    let range = refusal::<CoordinatorOptions>("fanout = -3\n");
+    assert!(
+        range.starts_with("1: key `fanout`: -3 is out of range (2 to 1024)"),
+        "{range}"
+    );
     // A value spread over lines is named by its key.
     let array = refusal::<AgentOptions>("labels = [\n  \"a=b\",\n  3,\n]\n");
     assert!(
