@@ -17,6 +17,10 @@ use virtman_agent::{Agent, AgentConfig};
 use virtman_cache::GroupConfig;
 use virtman_pki::{Identity, PeerVerification};
 
+use serde::{Deserialize, Serialize};
+
+use crate::config::fields::{self, parse_listen};
+use crate::config::{ConfigArgs, ConfigFile};
 use crate::tls::NodeTlsHandles;
 
 use crate::units::{Cap, human_rate, parse_cap, parse_rate_bytes, parse_size};
@@ -54,6 +58,20 @@ pub struct AgentArgs {
     #[command(subcommand)]
     pub command: Option<AgentCommand>,
 
+    /// The agent's options (a config file holds the same).
+    #[command(flatten)]
+    pub options: AgentOptions,
+
+    /// `--config`, `--print-config`, `--example-config`.
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+/// The options of `virtman agent`: flags, and keys of its config file
+/// (`/etc/virtman/agent.toml`; see [`crate::config`]).
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentOptions {
     /// Coordinator base URL, or several separated by commas (coordinators
     /// on etcd): requests go to one that answers, and move on when it stops.
     #[arg(
@@ -69,7 +87,8 @@ pub struct AgentArgs {
 
     /// Address the base exports listen on (children hosts connect here). Port
     /// 0 picks a free port; the address is printed as `listening on ADDR`.
-    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:10810")]
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:10810", value_parser = parse_listen)]
+    #[serde(deserialize_with = "fields::listen")]
     pub listen: String,
 
     /// Address children use to reach --listen, when it differs (needed with
@@ -79,6 +98,7 @@ pub struct AgentArgs {
 
     /// Capacity of the cache group (e.g. 512M, 50G).
     #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = parse_size)]
+    #[serde(with = "fields::size")]
     pub cache_size: u64,
 
     /// How long a fetched chunk may wait before it is synced and recorded
@@ -86,6 +106,7 @@ pub struct AgentArgs {
     /// which is fetched again; a longer wait keeps the sync's disk writes
     /// out of a boot storm. At most 10m.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = crate::coordinator::parse_duration)]
+    #[serde(with = "fields::duration")]
     pub commit_interval: std::time::Duration,
 
     /// File holding the coordinator's bearer token.
@@ -107,6 +128,7 @@ pub struct AgentArgs {
     /// Latency to add to every fetch from a parent (e.g. 0.2ms), for local
     /// benchmarks on links the kernel cannot delay (no netem).
     #[arg(long, value_name = "DURATION", value_parser = crate::coordinator::parse_duration)]
+    #[serde(with = "fields::opt_duration", skip_serializing_if = "Option::is_none")]
     pub link_delay: Option<std::time::Duration>,
 
     /// The longest a chunk fetch waits on a parent that has not answered
@@ -114,6 +136,7 @@ pub struct AgentArgs {
     /// fetch latency seen, from 50 ms up to this). Hedges are at most about
     /// a tenth of fetches.
     #[arg(long, value_name = "DURATION", default_value = "250ms", value_parser = crate::coordinator::parse_duration)]
+    #[serde(with = "fields::duration")]
     pub hedge_ceiling: std::time::Duration,
 
     /// Never hedge: wait on each source until it answers or its request
@@ -125,11 +148,13 @@ pub struct AgentArgs {
     /// (e.g. 500M: 500 Mbit/s; 60MB/s), with a burst of four chunks.
     /// Default: no cap.
     #[arg(long, value_name = "RATE", value_parser = parse_rate_bytes)]
+    #[serde(with = "fields::opt_rate", skip_serializing_if = "Option::is_none")]
     pub upload_rate: Option<u64>,
 
     /// Cap on what this host fetches from parents and origins. VMs' reads
     /// go first; prefetch uses what they leave. Default: no cap.
     #[arg(long, value_name = "RATE", value_parser = parse_rate_bytes)]
+    #[serde(with = "fields::opt_rate", skip_serializing_if = "Option::is_none")]
     pub download_rate: Option<u64>,
 
     /// TEST ONLY: serve children corrupted chunks, so that chaos storms
@@ -153,6 +178,16 @@ pub struct AgentArgs {
     pub socket_group: Option<String>,
 }
 
+impl Default for AgentOptions {
+    fn default() -> Self {
+        crate::config::clap_defaults()
+    }
+}
+
+impl ConfigFile for AgentOptions {
+    const FILE_NAME: &'static str = "agent.toml";
+}
+
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_owned())
@@ -164,7 +199,7 @@ fn host_name() -> String {
 /// The node's name: `--name`, else its certificate's, else the host name.
 /// A `--name` that differs from the certificate's is refused: a node's
 /// identity is the name its certificate carries.
-fn node_name(flag: Option<&str>, cert: Option<&Identity>) -> anyhow::Result<String> {
+pub(crate) fn node_name(flag: Option<&str>, cert: Option<&Identity>) -> anyhow::Result<String> {
     let cert = cert.map(|id| id.name.clone());
     match (flag, cert) {
         (Some(f), Some(c)) if f != c => bail!(
@@ -221,7 +256,10 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             upload_rate,
             download_rate,
         }) => runtime.block_on(set_caps(&data_dir, upload_rate, download_rate)),
-        None => runtime.block_on(agent(args)),
+        None => match crate::config::options_or_print(args.options, &args.config, "agent")? {
+            Some(options) => runtime.block_on(agent(options)),
+            None => Ok(()),
+        },
     }
 }
 
@@ -248,7 +286,7 @@ async fn set_caps(
     Ok(())
 }
 
-async fn agent(args: AgentArgs) -> anyhow::Result<()> {
+async fn agent(args: AgentOptions) -> anyhow::Result<()> {
     let labels = crate::units::parse_labels(&args.labels)?;
     let token = match &args.token_file {
         Some(p) => Some(read_token(p)?),

@@ -9,8 +9,11 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::config::fields::{self, parse_listen};
+use crate::config::{ConfigArgs, ConfigFile};
 use anyhow::{Context, bail};
 use clap::Args;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use virtman_coordinator::{Coordinator, CoordinatorConfig, EtcdOptions, EtcdTls, Options, Token};
 
@@ -59,9 +62,25 @@ pub struct CoordinatorArgs {
     /// `status`: ask coordinators who leads (without it: run one).
     #[command(subcommand)]
     pub action: Option<CoordinatorAction>,
+
+    /// The coordinator's options (a config file holds the same).
+    #[command(flatten)]
+    pub options: CoordinatorOptions,
+
+    /// `--config`, `--print-config`, `--example-config`.
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+/// The options of `virtman coordinator`: flags, and keys of its config file
+/// (`/etc/virtman/coordinator.toml`; see [`crate::config`]).
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorOptions {
     /// Address to listen on. Port 0 picks a free port; the address bound is
     /// printed on stdout as `listening on http://ADDR` (https with --tls).
-    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:7600")]
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:7600", value_parser = parse_listen)]
+    #[serde(deserialize_with = "fields::listen")]
     pub listen: String,
 
     /// Directory for the durable state (created if missing).
@@ -81,25 +100,30 @@ pub struct CoordinatorArgs {
     /// Fan-out k: the most tree children a node serves (2 to 1024). Images may
     /// override it when they are registered.
     #[arg(long, value_name = "K", default_value_t = 4)]
+    #[serde(deserialize_with = "fields::count_in::<_, 2, 1024>")]
     pub fanout: u32,
 
     /// The most tree children an origin serves (1 to the fan-out). With 1 the
     /// origin feeds one relay head that feeds the rest, so each chunk leaves
     /// the origin about once per storm; with K it leaves K times.
     #[arg(long, value_name = "N", default_value_t = 1)]
+    #[serde(deserialize_with = "fields::count_in::<_, 1, 1024>")]
     pub origin_fanout: u32,
 
     /// Parents per node p: the tree parent plus p-1 parents in other subtrees,
     /// for failover and load spreading (1 to 16).
     #[arg(long, value_name = "P", default_value_t = 2)]
+    #[serde(deserialize_with = "fields::count_in::<_, 1, 16>")]
     pub parents: u32,
 
     /// How often agents heartbeat (e.g. 1s, 500ms).
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    #[serde(with = "fields::duration")]
     pub heartbeat_interval: Duration,
 
     /// Silence after which a node is declared dead (longer than the interval).
     #[arg(long, value_name = "DURATION", default_value = "4s", value_parser = parse_duration)]
+    #[serde(with = "fields::duration")]
     pub heartbeat_timeout: Duration,
 
     /// Keep the state in etcd at these endpoints (comma-separated), shared
@@ -120,6 +144,7 @@ pub struct CoordinatorArgs {
     /// The leader's lease in etcd: a dead leader is replaced after about
     /// this long (etcd's minimum is 2s with its default settings).
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration, requires = "etcd")]
+    #[serde(with = "fields::duration")]
     pub lease_ttl: Duration,
 
     /// TLS to etcd with this node directory (`virtman pki issue`): its CA
@@ -136,6 +161,16 @@ pub struct CoordinatorArgs {
     /// (default: the scheme and the address bound).
     #[arg(long, value_name = "URL", requires = "etcd")]
     pub advertise: Option<String>,
+}
+
+impl Default for CoordinatorOptions {
+    fn default() -> Self {
+        crate::config::clap_defaults()
+    }
+}
+
+impl ConfigFile for CoordinatorOptions {
+    const FILE_NAME: &'static str = "coordinator.toml";
 }
 
 /// `virtman coordinator` subcommands.
@@ -170,7 +205,7 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// Reads the token file, or creates `data_dir/token` with a random token.
-fn load_token(args: &CoordinatorArgs) -> anyhow::Result<Token> {
+fn load_token(args: &CoordinatorOptions) -> anyhow::Result<Token> {
     let path = match &args.token_file {
         Some(p) => p.clone(),
         None => {
@@ -206,6 +241,14 @@ fn create_token(path: &Path) -> anyhow::Result<()> {
 
 /// Runs the coordinator until SIGINT or SIGTERM.
 pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
+    match crate::config::options_or_print(args.options, &args.config, "coordinator")? {
+        Some(options) => serve(options),
+        None => Ok(()),
+    }
+}
+
+/// Runs the coordinator with `args` (after the config file) until a signal.
+fn serve(args: CoordinatorOptions) -> anyhow::Result<()> {
     let config = CoordinatorConfig {
         fanout: args.fanout,
         origin_fanout: args.origin_fanout,

@@ -6,8 +6,10 @@
 
 mod agent;
 mod cluster;
+mod config;
 mod coordinator;
 mod coordinator_status;
+mod doctor;
 mod image;
 mod node;
 mod pki;
@@ -75,6 +77,8 @@ enum Command {
     Pki(pki::PkiArgs),
     /// Make boot traces: synthetic, or recorded from a real guest booting under qemu.
     Trace(trace::TraceArgs),
+    /// Check this host for the agent: qemu, KVM, the data dir, the port, the coordinator.
+    Doctor(doctor::DoctorArgs),
 }
 
 /// The runtime of a long-running server (`serve`, `agent`, `coordinator`):
@@ -120,6 +124,7 @@ fn main() -> ExitCode {
         Command::Sim(args) => sim::run(args),
         Command::Trace(args) => trace::run(args),
         Command::Pki(args) => pki::run(args),
+        Command::Doctor(args) => doctor::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

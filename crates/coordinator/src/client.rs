@@ -26,8 +26,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::api::{
-    Assignment, CoordinatorStatus, ErrorBody, HeartbeatRequest, HeartbeatResponse, ImageInfo,
-    JoinRequest, JoinResponse, LeaveRequest, NodeState, PreheatRequest, PreheatStatus,
+    Assignment, CoordinatorStatus, ErrorBody, Health, HeartbeatRequest, HeartbeatResponse,
+    ImageInfo, JoinRequest, JoinResponse, LeaveRequest, NodeState, PreheatRequest, PreheatStatus,
     RegisterImage, ReportRequest, TreeView,
 };
 
@@ -73,6 +73,15 @@ impl ClientError {
             _ => None,
         }
     }
+}
+
+/// What [`Client::health`] learnt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthReport {
+    /// The answer's status (`ok`).
+    pub status: String,
+    /// The answer's `Date` header (RFC 9110 format), the coordinator's clock.
+    pub date: Option<String>,
 }
 
 /// A coordinator client. Cheap to clone (clones share the connection pool,
@@ -316,6 +325,34 @@ impl Client {
         self.call(Method::POST, path, Some(body))
             .await?
             .ok_or_else(|| empty_answer(path))
+    }
+
+    /// `GET /v1/health` at the coordinator calls go to first, with its
+    /// clock: the answer's `Date` header (for `virtman doctor` to measure
+    /// skew). Open: no token or certificate needed, so an answer says the
+    /// coordinator is up and, over HTTPS, that it accepted the TLS handshake.
+    pub async fn health(&self) -> Result<HealthReport, ClientError> {
+        let url = format!("{}/v1/health", self.current_url());
+        let http = self.http.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let resp = http.get(&url).send().await?;
+        let status = resp.status();
+        let date = resp
+            .headers()
+            .get(reqwest::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        if !status.is_success() {
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                code: "unknown".into(),
+                message: resp.text().await.unwrap_or_default(),
+            });
+        }
+        let health: Health = resp.json().await?;
+        Ok(HealthReport {
+            status: health.status,
+            date,
+        })
     }
 
     /// Registers an image (idempotent for the same record).

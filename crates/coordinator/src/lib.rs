@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use auth::{Token, TokenError};
-pub use client::{Client, ClientError};
+pub use client::{Client, ClientError, HealthReport};
 pub use config::CoordinatorConfig;
 pub use error::{ApiError, CoordinatorError};
 pub use ha::{EtcdOptions, EtcdTls};
