@@ -347,6 +347,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     }
     // Ready: the control socket is bound and the exports are being served.
     println!("listening on {bound}");
+    crate::daemon::ready("agent");
     tokio::select! {
         r = crate::serve::wait_for_signal() => r?,
         r = control => {
@@ -354,6 +355,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         }
     }
     tracing::info!("signal received; stopping");
+    crate::daemon::stopping();
     shutdown.cancel();
     main.await.context("agent task failed")??;
     Ok(())

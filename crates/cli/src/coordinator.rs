@@ -283,11 +283,14 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         drop(out);
         tracing::info!(%addr, data_dir = %args.data_dir.display(), "coordinator serving");
         let server = tokio::spawn(coordinator.serve(listener));
+        // The listener is bound: connections are accepted from here on.
+        crate::daemon::ready("coordinator");
         if let Some(tls) = tls {
             tokio::spawn(tls.reload_on_hangup());
         }
         crate::serve::wait_for_signal().await?;
         tracing::info!("signal received; stopping");
+        crate::daemon::stopping();
         shutdown.cancel();
         server
             .await
