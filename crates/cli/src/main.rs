@@ -5,9 +5,11 @@
 //! the error to an exit code. Each subcommand lives in its own module.
 
 mod agent;
+mod assets;
 mod cluster;
 mod coordinator;
 mod coordinator_status;
+mod daemon;
 mod image;
 mod node;
 mod pki;
@@ -75,6 +77,9 @@ enum Command {
     Pki(pki::PkiArgs),
     /// Make boot traces: synthetic, or recorded from a real guest booting under qemu.
     Trace(trace::TraceArgs),
+    /// Write the man pages and shell completions (for packaging).
+    #[command(hide = true)]
+    GenerateAssets(assets::AssetsArgs),
 }
 
 /// The runtime of a long-running server (`serve`, `agent`, `coordinator`):
@@ -120,6 +125,9 @@ fn main() -> ExitCode {
         Command::Sim(args) => sim::run(args),
         Command::Trace(args) => trace::run(args),
         Command::Pki(args) => pki::run(args),
+        Command::GenerateAssets(args) => {
+            assets::run(&args, <Cli as clap::CommandFactory>::command())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
