@@ -276,6 +276,8 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
                 .await
                 .context("joining the coordinators on etcd")?
         };
+        // A stop from the moment the address is known is graceful.
+        let mut signals = crate::daemon::StopSignals::install()?;
         // The one line on stdout: scripts and tests read the bound address here.
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on {scheme}://{addr}").context("writing to stdout")?;
@@ -288,7 +290,7 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         if let Some(tls) = tls {
             tokio::spawn(tls.reload_on_hangup());
         }
-        crate::serve::wait_for_signal().await?;
+        signals.wait().await;
         tracing::info!("signal received; stopping");
         crate::daemon::stopping();
         shutdown.cancel();
