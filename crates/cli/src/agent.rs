@@ -383,15 +383,19 @@ async fn agent(args: AgentOptions) -> anyhow::Result<()> {
     if let Some(tls) = tls {
         tokio::spawn(tls.reload_on_hangup());
     }
-    // Ready: the control socket is bound and the exports are being served.
+    // Ready: the control socket is bound and the exports are being served;
+    // a stop from now on is graceful.
+    let mut signals = crate::daemon::StopSignals::install()?;
     println!("listening on {bound}");
+    crate::daemon::ready("agent");
     tokio::select! {
-        r = crate::serve::wait_for_signal() => r?,
+        () = signals.wait() => {}
         r = control => {
             r.context("control API task failed")?.context("control API failed")?;
         }
     }
     tracing::info!("signal received; stopping");
+    crate::daemon::stopping();
     shutdown.cancel();
     main.await.context("agent task failed")??;
     Ok(())

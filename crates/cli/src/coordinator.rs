@@ -319,6 +319,8 @@ fn serve(args: CoordinatorOptions) -> anyhow::Result<()> {
                 .await
                 .context("joining the coordinators on etcd")?
         };
+        // A stop from the moment the address is known is graceful.
+        let mut signals = crate::daemon::StopSignals::install()?;
         // The one line on stdout: scripts and tests read the bound address here.
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on {scheme}://{addr}").context("writing to stdout")?;
@@ -326,11 +328,14 @@ fn serve(args: CoordinatorOptions) -> anyhow::Result<()> {
         drop(out);
         tracing::info!(%addr, data_dir = %args.data_dir.display(), "coordinator serving");
         let server = tokio::spawn(coordinator.serve(listener));
+        // The listener is bound: connections are accepted from here on.
+        crate::daemon::ready("coordinator");
         if let Some(tls) = tls {
             tokio::spawn(tls.reload_on_hangup());
         }
-        crate::serve::wait_for_signal().await?;
+        signals.wait().await;
         tracing::info!("signal received; stopping");
+        crate::daemon::stopping();
         shutdown.cancel();
         server
             .await

@@ -5,11 +5,13 @@
 //! the error to an exit code. Each subcommand lives in its own module.
 
 mod agent;
+mod assets;
 mod cluster;
 mod config;
 mod coordinator;
 mod coordinator_status;
 mod doctor;
+mod daemon;
 mod image;
 mod node;
 mod pki;
@@ -79,6 +81,9 @@ enum Command {
     Trace(trace::TraceArgs),
     /// Check this host for the agent: qemu, KVM, the data dir, the port, the coordinator.
     Doctor(doctor::DoctorArgs),
+    /// Write the man pages and shell completions (for packaging).
+    #[command(hide = true)]
+    GenerateAssets(assets::AssetsArgs),
 }
 
 /// The runtime of a long-running server (`serve`, `agent`, `coordinator`):
@@ -125,6 +130,9 @@ fn main() -> ExitCode {
         Command::Trace(args) => trace::run(args),
         Command::Pki(args) => pki::run(args),
         Command::Doctor(args) => doctor::run(args),
+        Command::GenerateAssets(args) => {
+            assets::run(&args, <Cli as clap::CommandFactory>::command())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
