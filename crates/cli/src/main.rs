@@ -9,6 +9,7 @@ mod cluster;
 mod coordinator;
 mod coordinator_status;
 mod image;
+mod libvirt;
 mod node;
 mod pki;
 mod preheat;
@@ -20,6 +21,7 @@ mod tls;
 mod trace;
 mod tree;
 mod units;
+mod virsh;
 mod vm;
 
 use std::io::IsTerminal;

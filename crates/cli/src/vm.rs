@@ -2,7 +2,11 @@
 //!
 //! ```text
 //!   virtman vm create NAME --image IMAGE ─► POST /v1/vms ─► prints the NBD URI
+//!                     [--libvirt]        ─► then `virsh define` (snapshot removed if that fails)
+//!   virtman vm xml NAME                  ─► GET /v1/vms ─► the libvirt domain XML
 //!   virtman vm ls | rm NAME | boot NAME  ─► GET / DELETE /v1/vms, then qemu
+//!   virtman vm rm NAME [--force]         ─► refused while its domain runs; DELETE, then
+//!                                           `virsh undefine` of the domains virtman made
 //!   virtman status [--json]              ─► GET /v1/status
 //! ```
 
@@ -14,7 +18,9 @@ use virtman_agent::control::ControlClient;
 use virtman_storm::guest::{Accel, Console, Guest};
 
 use crate::agent::DEFAULT_DATA_DIR;
+use crate::libvirt::{DirectKernel, DomainSpec, domain_xml, parse_vm_uri};
 use crate::units::human;
+use crate::virsh::Virsh;
 
 /// Where to find the agent.
 #[derive(Debug, Args)]
@@ -43,12 +49,40 @@ pub struct VmArgs {
 enum VmCommand {
     /// Create a VM's copy-on-write snapshot of an image and print its NBD URI.
     /// Joins the image's relay tree first if this host has not yet.
+    #[command(after_help = "\
+Examples:
+  virtman vm create vm1 --image debian
+  virtman vm create vm1 --image debian --libvirt --memory 2048 --vcpus 2 && virsh start vm1")]
     Create {
         /// The VM's name (letters, digits, `. _ : -`).
         name: String,
         /// The image it boots.
         #[arg(long)]
         image: String,
+        /// Also define a libvirt domain whose disk is the snapshot (`virsh
+        /// define`; see `virtman vm xml`). If that fails the snapshot is
+        /// removed again.
+        #[arg(long)]
+        libvirt: bool,
+        #[command(flatten)]
+        domain: DomainArgs,
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Print a libvirt domain XML whose disk is the VM's snapshot (NBD over
+    /// the agent's VM socket), for `virsh define`.
+    #[command(after_help = "\
+Examples:
+  virtman vm xml vm1 > vm1.xml && virsh define vm1.xml
+  virtman vm xml vm1 --kernel /boot/vmlinuz --initrd /boot/initrd.img --append 'root=/dev/vda console=ttyS0'
+
+libvirt's qemu runs as libvirt-qemu: start the agent with --socket-group libvirt-qemu
+so that it may open the VM socket (and see README, \"libvirt\").")]
+    Xml {
+        /// The VM.
+        name: String,
+        #[command(flatten)]
+        domain: DomainArgs,
     },
     /// List this host's VMs.
     Ls {
@@ -56,10 +90,19 @@ enum VmCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove a VM's snapshot (its writes are lost). Refused while qemu has it open.
+    /// Remove a VM's snapshot (its writes are lost) and undefine the libvirt
+    /// domain virtman defined for it. Refused while that domain runs, and
+    /// while a client (qemu) has the snapshot open unless --force.
     Rm {
         /// The VM.
         name: String,
+        /// End the connections of clients still using the snapshot first
+        /// (their disk goes away). A running domain virtman defined is
+        /// still refused: stop it first.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        connect: Connect,
     },
     /// Boot a VM under qemu from its snapshot, in the foreground.
     #[command(after_help = "\
@@ -90,6 +133,102 @@ Examples:
     },
 }
 
+/// The libvirt connection.
+#[derive(Debug, Args)]
+struct Connect {
+    /// The libvirt connection URI (as `virsh --connect`); default: virsh's
+    /// own (`LIBVIRT_DEFAULT_URI`, else qemu:///system for root).
+    #[arg(long, value_name = "URI")]
+    connect: Option<String>,
+}
+
+impl Connect {
+    fn virsh(&self) -> Virsh {
+        Virsh {
+            connect: self.connect.clone(),
+        }
+    }
+}
+
+/// What a libvirt domain for a VM looks like.
+#[derive(Debug, Args)]
+struct DomainArgs {
+    /// The domain's name (default: the VM's).
+    #[arg(long = "name", value_name = "DOMAIN")]
+    domain: Option<String>,
+    /// Memory in MiB.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(16..))]
+    memory: u32,
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=512))]
+    vcpus: u32,
+    /// Kernel to boot directly (without it, the disk's bootloader runs);
+    /// libvirt's qemu user must be able to read it.
+    #[arg(long, value_name = "FILE")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk (with --kernel).
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (with --kernel).
+    #[arg(long, default_value = "console=ttyS0", requires = "kernel")]
+    append: String,
+    /// Write the serial console to this file (default: a pty, for `virsh
+    /// console`).
+    #[arg(long, value_name = "FILE")]
+    console_log: Option<PathBuf>,
+    /// `kvm` (type='kvm'), `tcg` (type='qemu', emulation) or `auto`: kvm
+    /// when /dev/kvm works here.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
+    accel: String,
+}
+
+impl DomainArgs {
+    /// The domain of VM `vm`; files are made absolute (libvirt resolves
+    /// relative ones against its own directory), kernel and initrd must exist.
+    fn spec(&self, vm: &virtman_agent::agent::VmInfo) -> anyhow::Result<DomainSpec> {
+        let Some((export, socket)) = parse_vm_uri(&vm.uri) else {
+            bail!("VM {:?} has a URI this cannot use: {}", vm.name, vm.uri);
+        };
+        let existing = |what: &str, p: &PathBuf| {
+            std::fs::canonicalize(p).with_context(|| format!("{what} {}", p.display()))
+        };
+        let kernel = match &self.kernel {
+            Some(k) => Some(DirectKernel {
+                kernel: existing("--kernel", k)?,
+                initrd: self
+                    .initrd
+                    .as_ref()
+                    .map(|i| existing("--initrd", i))
+                    .transpose()?,
+                append: self.append.clone(),
+            }),
+            None => None,
+        };
+        let console_log = self
+            .console_log
+            .as_ref()
+            .map(|p| {
+                std::path::absolute(p).with_context(|| format!("--console-log {}", p.display()))
+            })
+            .transpose()?;
+        Ok(DomainSpec {
+            domain: self.domain.clone().unwrap_or_else(|| vm.name.clone()),
+            vm: export,
+            image: vm.image.clone(),
+            socket,
+            memory_mib: self.memory,
+            vcpus: self.vcpus,
+            kvm: match self.accel.as_str() {
+                "kvm" => true,
+                "tcg" => false,
+                _ => virtman_storm::guest::kvm_usable(),
+            },
+            kernel,
+            console_log,
+        })
+    }
+}
+
 /// Arguments of `virtman status`.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
@@ -112,9 +251,44 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
     let c = args.agent.client();
     let rt = runtime()?;
     match args.command {
-        VmCommand::Create { name, image } => {
+        VmCommand::Create {
+            name,
+            image,
+            libvirt,
+            domain,
+            connect,
+        } => {
+            let virsh = connect.virsh();
+            if libvirt {
+                // Before anything is made: a daemon that is not there.
+                virsh.check()?;
+            }
             let vm = rt.block_on(c.create_vm(&name, &image))?;
+            if libvirt {
+                let defined = domain
+                    .spec(&vm)
+                    .and_then(|spec| Ok((domain_xml(&spec)?, spec.domain)))
+                    .and_then(|(xml, dom)| virsh.define(&xml).map(|()| dom));
+                match defined {
+                    Ok(dom) => {
+                        eprintln!("defined libvirt domain {dom:?} (start it: virsh start {dom})")
+                    }
+                    Err(e) => {
+                        let undone = match rt.block_on(c.remove_vm(&name)) {
+                            Ok(()) => "the VM's snapshot was removed again".to_owned(),
+                            Err(r) => format!("removing the VM's snapshot failed too: {r}"),
+                        };
+                        return Err(e.context(format!(
+                            "VM {name:?}: the libvirt domain was not defined; {undone}"
+                        )));
+                    }
+                }
+            }
             println!("{}", vm.uri);
+        }
+        VmCommand::Xml { name, domain } => {
+            let vm = find_vm(&rt, &c, &name)?;
+            print!("{}", domain_xml(&domain.spec(&vm)?)?);
         }
         VmCommand::Ls { json } => {
             let vms = rt.block_on(c.list_vms())?;
@@ -133,7 +307,11 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        VmCommand::Rm { name } => rt.block_on(c.remove_vm(&name))?,
+        VmCommand::Rm {
+            name,
+            force,
+            connect,
+        } => remove(&rt, &c, &name, force, &connect.virsh())?,
         VmCommand::Boot {
             name,
             kernel,
@@ -143,10 +321,7 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
             qemu_args,
             qemu,
         } => {
-            let vms = rt.block_on(c.list_vms())?;
-            let Some(vm) = vms.into_iter().find(|v| v.name == name) else {
-                bail!("no VM named {name:?} on this host (see `virtman vm ls`)");
-            };
+            let vm = find_vm(&rt, &c, &name)?;
             let guest = Guest {
                 qemu: qemu.clone(),
                 accel: Accel::Auto,
@@ -165,6 +340,74 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
                 bail!("qemu exited with {status}");
             }
         }
+    }
+    Ok(())
+}
+
+/// The VM called `name` on this host.
+fn find_vm(
+    rt: &tokio::runtime::Runtime,
+    c: &ControlClient,
+    name: &str,
+) -> anyhow::Result<virtman_agent::agent::VmInfo> {
+    let vms = rt.block_on(c.list_vms())?;
+    match vms.into_iter().find(|v| v.name == name) {
+        Some(vm) => Ok(vm),
+        None => bail!("no VM named {name:?} on this host (see `virtman vm ls`)"),
+    }
+}
+
+/// `virtman vm rm`: refused while a domain virtman defined for the VM runs;
+/// the snapshot removed (forced: its clients cut off); then those domains
+/// undefined. Without virsh on the host there are no domains to look at.
+fn remove(
+    rt: &tokio::runtime::Runtime,
+    c: &ControlClient,
+    name: &str,
+    force: bool,
+    virsh: &Virsh,
+) -> anyhow::Result<()> {
+    let vm = find_vm(rt, c, name)?;
+    // A daemon that does not answer runs no domain (a qemu it left running
+    // still holds the snapshot, which the agent refuses to remove).
+    let domains = match parse_vm_uri(&vm.uri) {
+        Some((export, socket)) if Virsh::installed() => {
+            virsh.own_domains(&export, &socket).unwrap_or_else(|e| {
+                eprintln!(
+                    "warning: could not look for libvirt domains of VM {name:?} ({e:#}); \
+                     a domain virtman defined for it stays defined"
+                );
+                Vec::new()
+            })
+        }
+        _ => Vec::new(),
+    };
+    if let Some(d) = domains.iter().find(|d| d.active()) {
+        bail!(
+            "VM {name:?} is the disk of libvirt domain {:?}, which is {}: stop it first \
+             (virsh destroy {}), then remove the VM",
+            d.name,
+            d.state,
+            d.name
+        );
+    }
+    let removed = if force {
+        rt.block_on(c.remove_vm_forced(name))
+    } else {
+        rt.block_on(c.remove_vm(name))
+    };
+    removed.map_err(|e| match e {
+        virtman_agent::control::ControlError::Api { status: 409, .. } if !force => {
+            anyhow::Error::new(e).context(format!(
+                "VM {name:?} is still open (a qemu, or another client, uses its disk); \
+                 stop it, or --force to cut it off"
+            ))
+        }
+        e => e.into(),
+    })?;
+    for d in &domains {
+        virsh.undefine(&d.name)?;
+        eprintln!("undefined libvirt domain {:?}", d.name);
     }
     Ok(())
 }
