@@ -32,6 +32,12 @@ fn bin() -> PathBuf {
 /// qemu.conf hands qemu's output to files rather than virtlogd (so no second
 /// daemon is needed). Domains left are destroyed and the daemon stopped on
 /// drop; the namespace goes with it.
+///
+/// /dev/kvm, where there is one, is seen as Debian's udev makes it (root:kvm
+/// 0660, and libvirt-qemu is in kvm): with a root-only node, as in some
+/// containers, libvirt finds KVM "present" when qemu probes it but not
+/// usable by its qemu user, throws its capability cache away on every call
+/// and probes qemu again: each `virsh define` then took 44 s here.
 struct Libvirtd {
     dir: PathBuf,
     virsh: PathBuf,
@@ -84,6 +90,11 @@ mount --bind {d}/cache /var/cache/libvirt
 mount --bind {d}/log /var/log/libvirt
 mount --bind {d}/etc-qemu /etc/libvirt/qemu
 mount --bind {d}/qemu.conf /etc/libvirt/qemu.conf
+if [ -c /dev/kvm ]; then
+  mknod {d}/kvm c $((0x$(stat -c %t /dev/kvm))) $((0x$(stat -c %T /dev/kvm)))
+  chown root:kvm {d}/kvm && chmod 0660 {d}/kvm
+  mount --bind {d}/kvm /dev/kvm
+fi
 exec {} --config {d}/libvirtd.conf --pid-file {d}/libvirtd.pid",
             libvirtd.display()
         );
