@@ -11,7 +11,7 @@ use virtman_nbd::Export;
 use super::{Agent, AgentError, Role, lock};
 
 /// How long a forced removal waits for the ended connections to let go.
-pub const FORCE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+const FORCE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A VM as the agent reports it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -78,7 +78,7 @@ impl Agent {
 
     /// Removes a VM's snapshot. A client that still has it open (a qemu)
     /// makes this fail, unless `force`: then its connections are ended first
-    /// and their handles waited for (up to [`FORCE_WAIT`]).
+    /// and their handles waited for (up to 5 s).
     pub async fn remove_vm(&self, name: &str, force: bool) -> Result<(), AgentError> {
         if self.group.snapshot(name).is_none() {
             return Err(AgentError::NoVm(name.to_owned()));
