@@ -23,6 +23,7 @@ mod tree;
 mod units;
 mod virsh;
 mod vm;
+mod vm_domain;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
