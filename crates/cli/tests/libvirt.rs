@@ -389,6 +389,26 @@ fn a_libvirt_domain_boots_from_a_snapshot_two_levels_below_the_origin() {
     let err = stderr(&out);
     assert!(err.contains("snapshot was removed again"), "{err}");
     assert_eq!(vms(&host2), ["vm1"]);
+    // A kernel that is not there is refused before anything is made.
+    let missing = files.join("no-such-kernel");
+    let out = virtman(&[
+        "vm",
+        "create",
+        "vm3",
+        "--image",
+        "img",
+        "--libvirt",
+        "--connect",
+        &libvirt.uri,
+        "--kernel",
+        missing.to_str().unwrap(),
+        "--data-dir",
+        &host2,
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--kernel"), "{}", stderr(&out));
+    assert_eq!(vms(&host2), ["vm1"]);
+    assert_eq!(libvirt.domains(), ["virtman-vm1"]);
 
     // Bad input: removing a VM whose domain runs (here paused) is refused,
     // naming the domain, with or without --force.
