@@ -42,6 +42,9 @@ packages=(
   # The packaging tests (crates/cli/tests/dist_units.rs, deb_package.rs):
   # systemd-analyze, man -w, and strip for cargo-deb.
   systemd man-db binutils
+  # The libvirt test (crates/cli/tests/libvirt.rs): libvirtd with its qemu
+  # driver and the libvirt-qemu user, and virsh.
+  libvirt-daemon-system libvirt-clients
   # --- more packages for the tests go here ---
 )
 # From bookworm-backports: qemu 10, with qemu-utils at the same version.

@@ -6,7 +6,7 @@
 //!   GET    /v1/status                  Status
 //!   GET    /v1/vms                     [VmInfo]
 //!   POST   /v1/vms  {name, image}      VmInfo        (joins the image first if needed)
-//!   DELETE /v1/vms/{name}              204
+//!   DELETE /v1/vms/{name}[?force=true] 204           (refused while a client has it open, unless forced)
 //!   POST   /v1/images/{name}/evict     204
 //!   POST   /v1/images/{name}/pin       202           (joins first; fetches the rest in the background)
 //!   GET    /v1/caps                    CapRates      (bytes/s; null: no cap)
@@ -125,11 +125,21 @@ async fn create_vm(
     Ok((StatusCode::CREATED, Json(vm)))
 }
 
+/// Query of `DELETE /v1/vms/{name}`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveVm {
+    /// End the connections of clients still using the VM's disk first.
+    #[serde(default)]
+    force: bool,
+}
+
 async fn remove_vm(
     State(c): State<Arc<Ctx>>,
     UrlPath(name): UrlPath<String>,
+    axum::extract::Query(q): axum::extract::Query<RemoveVm>,
 ) -> Result<StatusCode, ApiError> {
-    c.agent.remove_vm(&name).map_err(ApiError)?;
+    c.agent.remove_vm(&name, q.force).await.map_err(ApiError)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -336,9 +346,17 @@ impl ControlClient {
         Self::decode(&b)
     }
 
-    /// Removes a VM.
+    /// Removes a VM (refused while a client has its disk open).
     pub async fn remove_vm(&self, name: &str) -> Result<(), ControlError> {
         self.call("DELETE", &format!("/v1/vms/{name}"), None)
+            .await?;
+        Ok(())
+    }
+
+    /// Removes a VM, first ending the connections of any client (a qemu)
+    /// still using its disk: that client sees its disk go away.
+    pub async fn remove_vm_forced(&self, name: &str) -> Result<(), ControlError> {
+        self.call("DELETE", &format!("/v1/vms/{name}?force=true"), None)
             .await?;
         Ok(())
     }

@@ -13,6 +13,7 @@ mod coordinator_status;
 mod doctor;
 mod daemon;
 mod image;
+mod libvirt;
 mod node;
 mod pki;
 mod preheat;
@@ -24,7 +25,9 @@ mod tls;
 mod trace;
 mod tree;
 mod units;
+mod virsh;
 mod vm;
+mod vm_domain;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

@@ -2,7 +2,11 @@
 //!
 //! ```text
 //!   virtman vm create NAME --image IMAGE ─► POST /v1/vms ─► prints the NBD URI
+//!                     [--libvirt]        ─► then `virsh define` (snapshot removed if that fails)
+//!   virtman vm xml NAME                  ─► GET /v1/vms ─► the libvirt domain XML
 //!   virtman vm ls | rm NAME | boot NAME  ─► GET / DELETE /v1/vms, then qemu
+//!   virtman vm rm NAME [--force]         ─► refused while its domain runs; DELETE, then
+//!                                           `virsh undefine` of the domains virtman made
 //!   virtman status [--json]              ─► GET /v1/status
 //! ```
 
@@ -14,7 +18,9 @@ use virtman_agent::control::ControlClient;
 use virtman_storm::guest::{Accel, Console, Guest};
 
 use crate::agent::DEFAULT_DATA_DIR;
+use crate::libvirt::domain_xml;
 use crate::units::human;
+use crate::vm_domain::{Connect, DomainArgs, remove};
 
 /// Where to find the agent.
 #[derive(Debug, Args)]
@@ -43,12 +49,40 @@ pub struct VmArgs {
 enum VmCommand {
     /// Create a VM's copy-on-write snapshot of an image and print its NBD URI.
     /// Joins the image's relay tree first if this host has not yet.
+    #[command(after_help = "\
+Examples:
+  virtman vm create vm1 --image debian
+  virtman vm create vm1 --image debian --libvirt --memory 2048 --vcpus 2 && virsh start vm1")]
     Create {
         /// The VM's name (letters, digits, `. _ : -`).
         name: String,
         /// The image it boots.
         #[arg(long)]
         image: String,
+        /// Also define a libvirt domain whose disk is the snapshot (`virsh
+        /// define`; see `virtman vm xml`). If that fails the snapshot is
+        /// removed again.
+        #[arg(long)]
+        libvirt: bool,
+        #[command(flatten)]
+        domain: DomainArgs,
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Print a libvirt domain XML whose disk is the VM's snapshot (NBD over
+    /// the agent's VM socket), for `virsh define`.
+    #[command(after_help = "\
+Examples:
+  virtman vm xml vm1 > vm1.xml && virsh define vm1.xml
+  virtman vm xml vm1 --kernel /boot/vmlinuz --initrd /boot/initrd.img --append 'root=/dev/vda console=ttyS0'
+
+libvirt's qemu runs as libvirt-qemu: start the agent with --socket-group libvirt-qemu
+so that it may open the VM socket (and see README, \"libvirt\").")]
+    Xml {
+        /// The VM.
+        name: String,
+        #[command(flatten)]
+        domain: DomainArgs,
     },
     /// List this host's VMs.
     Ls {
@@ -56,10 +90,19 @@ enum VmCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove a VM's snapshot (its writes are lost). Refused while qemu has it open.
+    /// Remove a VM's snapshot (its writes are lost) and undefine the libvirt
+    /// domain virtman defined for it. Refused while that domain runs, and
+    /// while a client (qemu) has the snapshot open unless --force.
     Rm {
         /// The VM.
         name: String,
+        /// End the connections of clients still using the snapshot first
+        /// (their disk goes away). A running domain virtman defined is
+        /// still refused: stop it first.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        connect: Connect,
     },
     /// Boot a VM under qemu from its snapshot, in the foreground.
     #[command(after_help = "\
@@ -112,9 +155,46 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
     let c = args.agent.client();
     let rt = runtime()?;
     match args.command {
-        VmCommand::Create { name, image } => {
+        VmCommand::Create {
+            name,
+            image,
+            libvirt,
+            domain,
+            connect,
+        } => {
+            let virsh = connect.virsh();
+            if libvirt {
+                // Before anything is made: a daemon that is not there, a
+                // kernel that is not there.
+                virsh.check()?;
+                domain.files()?;
+            }
             let vm = rt.block_on(c.create_vm(&name, &image))?;
+            if libvirt {
+                let defined = domain
+                    .spec(&vm)
+                    .and_then(|spec| Ok((domain_xml(&spec)?, spec.domain)))
+                    .and_then(|(xml, dom)| virsh.define(&xml).map(|()| dom));
+                match defined {
+                    Ok(dom) => {
+                        eprintln!("defined libvirt domain {dom:?} (start it: virsh start {dom})")
+                    }
+                    Err(e) => {
+                        let undone = match rt.block_on(c.remove_vm(&name)) {
+                            Ok(()) => "the VM's snapshot was removed again".to_owned(),
+                            Err(r) => format!("removing the VM's snapshot failed too: {r}"),
+                        };
+                        return Err(e.context(format!(
+                            "VM {name:?}: the libvirt domain was not defined; {undone}"
+                        )));
+                    }
+                }
+            }
             println!("{}", vm.uri);
+        }
+        VmCommand::Xml { name, domain } => {
+            let vm = find_vm(&rt, &c, &name)?;
+            print!("{}", domain_xml(&domain.spec(&vm)?)?);
         }
         VmCommand::Ls { json } => {
             let vms = rt.block_on(c.list_vms())?;
@@ -133,7 +213,11 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        VmCommand::Rm { name } => rt.block_on(c.remove_vm(&name))?,
+        VmCommand::Rm {
+            name,
+            force,
+            connect,
+        } => remove(&rt, &c, &name, force, &connect.virsh())?,
         VmCommand::Boot {
             name,
             kernel,
@@ -143,10 +227,7 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
             qemu_args,
             qemu,
         } => {
-            let vms = rt.block_on(c.list_vms())?;
-            let Some(vm) = vms.into_iter().find(|v| v.name == name) else {
-                bail!("no VM named {name:?} on this host (see `virtman vm ls`)");
-            };
+            let vm = find_vm(&rt, &c, &name)?;
             let guest = Guest {
                 qemu: qemu.clone(),
                 accel: Accel::Auto,
@@ -167,6 +248,19 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The VM called `name` on this host.
+pub(crate) fn find_vm(
+    rt: &tokio::runtime::Runtime,
+    c: &ControlClient,
+    name: &str,
+) -> anyhow::Result<virtman_agent::agent::VmInfo> {
+    let vms = rt.block_on(c.list_vms())?;
+    match vms.into_iter().find(|v| v.name == name) {
+        Some(vm) => Ok(vm),
+        None => bail!("no VM named {name:?} on this host (see `virtman vm ls`)"),
+    }
 }
 
 /// Runs `virtman status`.

@@ -215,6 +215,9 @@ pub struct Server {
     expected: std::sync::Mutex<BTreeMap<String, usize>>,
     /// Woken when an export is added or an expectation ends.
     changed: tokio::sync::Notify,
+    /// Per export name, the token that [`Server::disconnect_export`]
+    /// cancels to end the connections using it.
+    kicks: std::sync::Mutex<BTreeMap<String, CancellationToken>>,
     config: ServerConfig,
     stats: ServerStats,
 }
@@ -235,6 +238,7 @@ impl Server {
             exports: RwLock::new(BTreeMap::new()),
             expected: std::sync::Mutex::new(BTreeMap::new()),
             changed: tokio::sync::Notify::new(),
+            kicks: std::sync::Mutex::new(BTreeMap::new()),
             config,
             stats: ServerStats::default(),
         })
@@ -303,6 +307,31 @@ impl Server {
     /// Removes an export; connections already using it keep it until they end.
     pub fn remove_export(&self, name: &str) -> Option<Arc<dyn Export>> {
         self.exports_mut().remove(name)
+    }
+
+    /// Ends every connection using export `name` (as a shutdown does: no new
+    /// request is read, requests in flight finish and the socket closes).
+    /// Remove the export first, or clients may connect again. Returns at
+    /// once; the connections drop their handles of the export as they end.
+    pub fn disconnect_export(&self, name: &str) {
+        let kick = self
+            .kicks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        if let Some(k) = kick {
+            k.cancel();
+        }
+    }
+
+    /// The token [`Server::disconnect_export`] cancels for `name`.
+    fn kick_token(&self, name: &str) -> CancellationToken {
+        self.kicks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
     }
 
     /// The names of the exports, sorted.
@@ -442,7 +471,22 @@ impl Server {
         };
         ServerStats::add(&self.stats.sessions, 1);
         debug!(%peer, export = %session.name, structured = session.negotiated.structured, "transmission");
-        if let Err(e) = transmission::run(&self, session, read, write, peer, shutdown).await {
+        // The connection ends on shutdown or when its export is disconnected.
+        let conn = shutdown.child_token();
+        let kick = self.kick_token(&session.name);
+        let kicked = {
+            let conn = conn.clone();
+            async move {
+                kick.cancelled().await;
+                conn.cancel();
+                std::future::pending::<()>().await;
+            }
+        };
+        let result = tokio::select! {
+            r = transmission::run(&self, session, read, write, peer, conn) => r,
+            () = kicked => Ok(()),
+        };
+        if let Err(e) = result {
             debug!(%peer, error = %e, "connection ended with error");
         }
     }

@@ -1,6 +1,7 @@
 //! VMs: each is a snapshot (a copy-on-write overlay) over a member image's
 //! cached volume, exported on the VM socket for qemu. Creating one joins its
-//! image first if needed; removing one is refused while qemu holds it.
+//! image first if needed; removing one is refused while qemu holds it,
+//! unless forced (its connections are then ended first).
 
 use std::sync::Arc;
 
@@ -8,6 +9,9 @@ use virtman_cache::Snapshot;
 use virtman_nbd::Export;
 
 use super::{Agent, AgentError, Role, lock};
+
+/// How long a forced removal waits for the ended connections to let go.
+const FORCE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A VM as the agent reports it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -72,21 +76,32 @@ impl Agent {
             .collect()
     }
 
-    /// Removes a VM's snapshot (refused while a client still has it open).
-    pub fn remove_vm(&self, name: &str) -> Result<(), AgentError> {
+    /// Removes a VM's snapshot. A client that still has it open (a qemu)
+    /// makes this fail, unless `force`: then its connections are ended first
+    /// and their handles waited for (up to 5 s).
+    pub async fn remove_vm(&self, name: &str, force: bool) -> Result<(), AgentError> {
         if self.group.snapshot(name).is_none() {
             return Err(AgentError::NoVm(name.to_owned()));
         }
         // Drop the server's handle first: deletion is refused while any is held.
         let was_exported = self.vms.remove_export(name).is_some();
-        match self.group.delete_snapshot(name) {
+        let mut deleted = self.group.delete_snapshot(name);
+        if force && deleted.is_err() {
+            self.vms.disconnect_export(name);
+            let deadline = tokio::time::Instant::now() + FORCE_WAIT;
+            while deleted.is_err() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                deleted = self.group.delete_snapshot(name);
+            }
+        }
+        match deleted {
             Ok(()) => Ok(()),
             Err(e) => {
                 if was_exported && let Some(s) = self.group.snapshot(name) {
                     self.vms.add_export(name.to_owned(), s as Arc<dyn Export>);
                 }
                 Err(AgentError::InUse(format!(
-                    "VM {name:?} is still in use (stop its qemu first): {e}"
+                    "VM {name:?} is still in use (stop its qemu first, or force it): {e}"
                 )))
             }
         }
