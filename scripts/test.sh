@@ -25,8 +25,6 @@ packages=(
   # with (ring and blake3 compile C too), and the CA certificates cargo
   # fetches crates with.
   gcc libc6-dev ca-certificates
-  # protoc and its well-known types build the etcd-client crate.
-  protobuf-compiler libprotobuf-dev
   # NBD peers the interop tests drive: nbdkit, nbdinfo and nbdcopy
   # (libnbd-bin), nbdsh (python3-libnbd); fio for the benchmarks.
   nbdkit libnbd-bin python3-libnbd fio
