@@ -12,8 +12,9 @@
 //! - **a relay joins**: it takes back a *borrowed* relay's place (below), or
 //!   else the place of the shallowest follower if that is no deeper than the
 //!   free slot it would get, adopting the node it displaced as a child;
-//! - **a follower joins** at the shallowest free slot of the stripe's own
-//!   relays, else of a lent one; when no relay has one,
+//! - **a follower joins** at the deepest free slot of the stripe's own
+//!   relays (the upper ones are left to relays that join later), else of a
+//!   lent one; when no relay has one,
 //!   the shallowest follower is *borrowed*: made a relay of this stripe too
 //!   (interior in two stripes, as few as the member count allows), until a
 //!   relay of the stripe joins and takes its place and its children;
@@ -34,9 +35,16 @@ impl Session {
         // A lent relay uploads two stripes: it takes only what the stripe's
         // own relays have no room for.
         let lent: Vec<NodeId> = self.lent.iter().copied().collect();
-        let slot = self
-            .pick_primary(rack, None, None, None, &lent)
-            .or_else(|| self.pick_primary(rack, None, None, None, &[]));
+        let slot = if relay {
+            self.pick_primary(rack, None, None, None, &lent)
+                .or_else(|| self.pick_primary(rack, None, None, None, &[]))
+        } else {
+            // Followers fill the relays' tree from the bottom, leaving the
+            // upper slots to relays that join later (which then need not
+            // displace anyone, whose list would change mid-storm).
+            self.pick_deepest(rack, &lent)
+                .or_else(|| self.pick_deepest(rack, &[]))
+        };
         if relay {
             if let Some(b) = self.returnable_lent() {
                 self.take_over(id, b);
@@ -57,6 +65,25 @@ impl Session {
             let moved = self.attach(id, t, None);
             self.fix_after_move(&moved);
         }
+    }
+
+    /// The deepest node with a free slot (the rack's least loaded first),
+    /// not one of `avoid`; origins last.
+    fn pick_deepest(&self, rack: Option<u32>, avoid: &[NodeId]) -> Option<NodeId> {
+        for depth in self.primary_slots.depths().rev() {
+            if let Some(r) = rack
+                && let Some(c) = self
+                    .primary_slots
+                    .at_rack(r, depth)
+                    .find(|c| !avoid.contains(c))
+            {
+                return Some(c);
+            }
+            if let Some(c) = self.primary_slots.at(depth).find(|c| !avoid.contains(c)) {
+                return Some(c);
+            }
+        }
+        None
     }
 
     /// The shallowest follower at most `max_depth` deep and not below
