@@ -104,6 +104,7 @@ async fn two_hosts_that_are_each_others_parents_read_from_the_origin_at_once() {
             node: "b".into(),
             addr: b.addr.clone(),
         }],
+        stripes: Vec::new(),
         origins: vec![origin.addr.clone()],
     });
     let parents = |n: &Node| {

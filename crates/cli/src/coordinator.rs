@@ -116,6 +116,14 @@ pub struct CoordinatorOptions {
     #[serde(deserialize_with = "fields::count_in::<_, 1, 16>")]
     pub parents: u32,
 
+    /// Stripes S of an image registered without its own (1 to 64): chunk i
+    /// follows stripe i mod S's tree, and every host relays one stripe and
+    /// only receives the others (a striped forest; fan-out S makes each host
+    /// upload about what it downloads). 1 is one tree.
+    #[arg(long, value_name = "S", default_value_t = 1)]
+    #[serde(deserialize_with = "fields::count_in::<_, 1, 64>")]
+    pub stripes: u32,
+
     /// How often agents heartbeat (e.g. 1s, 500ms).
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     #[serde(with = "fields::duration")]
@@ -253,6 +261,7 @@ fn serve(args: CoordinatorOptions) -> anyhow::Result<()> {
         fanout: args.fanout,
         origin_fanout: args.origin_fanout,
         parents: args.parents,
+        stripes: args.stripes,
         heartbeat_interval_ms: millis(args.heartbeat_interval),
         heartbeat_timeout_ms: millis(args.heartbeat_timeout),
         suspect_after_ms: millis(args.heartbeat_interval.saturating_mul(2)),

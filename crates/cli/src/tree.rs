@@ -155,6 +155,8 @@ mod tests {
             complete: false,
             depth,
             parents: parents.iter().map(|p| (*p).to_owned()).collect(),
+            home: 0,
+            stripe_parents: Vec::new(),
             children: 0,
             secondary_children: 0,
             progress: 0.5,

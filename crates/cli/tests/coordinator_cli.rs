@@ -132,6 +132,7 @@ fn coordinator_and_tree_as_processes_with_a_restart() {
                 origins: vec!["10.0.0.1:10809".into()],
                 fanout: None,
                 parents: None,
+                stripes: None,
             })
             .await
             .unwrap();

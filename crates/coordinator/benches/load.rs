@@ -116,6 +116,7 @@ fn run(store: &'static str, dir: &std::path::Path, etcd: Option<Vec<String>>) {
                 origins: vec!["10.0.0.1:10809".into()],
                 fanout: None,
                 parents: None,
+                stripes: None,
             })
             .await
             .unwrap();

@@ -47,6 +47,12 @@ pub struct RegisterImage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1, maximum = 16)]
     pub parents: Option<u32>,
+    /// Stripes S for this image (1 to 64): chunk i follows stripe i mod S's
+    /// tree, and each member relays one stripe; the coordinator's default
+    /// when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 64)]
+    pub stripes: Option<u32>,
 }
 
 /// A registered image.
@@ -64,6 +70,8 @@ pub struct ImageInfo {
     pub fanout: u32,
     /// Parents per node p.
     pub parents: u32,
+    /// Stripes S (1: one tree).
+    pub stripes: u32,
     /// Live members of the image's session (origins not counted).
     pub members: u64,
 }
@@ -123,8 +131,13 @@ pub struct Assignment {
     /// Changes whenever `parents` changes; send it back as `known_epoch`.
     pub epoch: u64,
     /// Parents in order of preference: the tree parent first. Empty when the
-    /// node holds the complete image (it is a root).
+    /// node holds the complete image (it is a root). With stripes, every
+    /// stripe's parents once each (the node's home stripe first).
     pub parents: Vec<Parent>,
+    /// With S > 1 stripes, the parents of each stripe (chunk i is fetched
+    /// from stripe i mod S's); empty for one tree.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stripes: Vec<Vec<Parent>>,
     /// The image's origins: the parents of last resort, after `parents`.
     pub origins: Vec<String>,
 }
@@ -293,9 +306,14 @@ pub struct NodeView {
     pub complete: bool,
     /// Hops from a root along tree parents.
     pub depth: u32,
-    /// Parent names, tree parent first.
+    /// Parent names, tree parent first (with stripes: the home stripe's).
     pub parents: Vec<String>,
-    /// Tree children.
+    /// The stripe the node relays (0 for one tree).
+    pub home: u32,
+    /// With S > 1 stripes, each stripe's parent names; empty for one tree.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stripe_parents: Vec<Vec<String>>,
+    /// Tree children (with stripes: in its home stripe).
     pub children: u64,
     /// Nodes using this one as a secondary parent.
     pub secondary_children: u64,

@@ -21,6 +21,10 @@ pub struct CoordinatorConfig {
     pub origin_fanout: u32,
     /// Parents per node p (1 to 16).
     pub parents: u32,
+    /// Stripes S of an image registered without its own (1 to 64): chunk i
+    /// follows stripe i mod S's tree and every host relays one stripe; 1 is
+    /// one tree.
+    pub stripes: u32,
     /// How often nodes are told to heartbeat, in milliseconds.
     pub heartbeat_interval_ms: u64,
     /// Silence after which a node is dead, in milliseconds; above the interval.
@@ -41,6 +45,7 @@ impl Default for CoordinatorConfig {
             fanout: 4,
             origin_fanout: 1,
             parents: 2,
+            stripes: 1,
             heartbeat_interval_ms: 1_000,
             heartbeat_timeout_ms: 4_000,
             report_threshold: 2,
@@ -65,6 +70,13 @@ impl CoordinatorConfig {
         }
         if self.tick_ms == 0 || self.tick_ms > self.heartbeat_timeout_ms {
             return Err("tick must be between 1 ms and the heartbeat timeout".into());
+        }
+        if !(1..=virtman_topology::MAX_STRIPES).contains(&self.stripes) {
+            return Err(format!(
+                "stripes must be between 1 and {}, got {}",
+                virtman_topology::MAX_STRIPES,
+                self.stripes
+            ));
         }
         if self.max_body_bytes < 1024 {
             return Err("max body size must be at least 1024 bytes".into());

@@ -31,7 +31,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use virtman_topology::{NodeId, Outcome, SavedNode, Session, Settings};
+use virtman_topology::{Forest, NodeId, Outcome, SavedMember, Settings};
 
 use crate::config::CoordinatorConfig;
 use crate::error::ApiError;
@@ -46,7 +46,7 @@ mod requests;
 
 use command::Reply;
 pub use command::{Command, Handle};
-use image::{ImageState, Member, image_settings};
+use image::{ImageState, Member, image_settings, image_stripes};
 
 /// The most commands applied before one store commit.
 pub const MAX_BATCH: usize = 512;
@@ -130,9 +130,10 @@ impl State {
                 key: format!("images/{}", record.name),
                 source: serde::de::Error::custom(e.to_string()),
             })?;
+            let stripes = image_stripes(s.config.stripes, &record);
             let mut state = ImageState {
                 record,
-                session: Session::new(settings, &ids).map_err(|e| StoreError::Corrupt {
+                session: Forest::new(settings, stripes, &ids).map_err(|e| StoreError::Corrupt {
                     key: "images".into(),
                     source: serde::de::Error::custom(e.to_string()),
                 })?,
@@ -153,20 +154,27 @@ impl State {
                 );
                 saved.push((id, rec));
             }
-            let saved: Vec<SavedNode> = saved
+            let ids_of = |names: &[String]| -> Vec<NodeId> {
+                names
+                    .iter()
+                    .filter_map(|p| state.origin_by_name(p).or_else(|| s.ids.get(p).copied()))
+                    .collect()
+            };
+            let saved: Vec<SavedMember> = saved
                 .into_iter()
-                .map(|(id, rec)| SavedNode {
+                .map(|(id, rec)| SavedMember {
                     id,
                     rack: rec.labels.get("rack").cloned(),
-                    parents: rec
-                        .parents
-                        .iter()
-                        .filter_map(|p| state.origin_by_name(p).or_else(|| s.ids.get(p).copied()))
-                        .collect(),
+                    home: rec.home,
+                    lent: rec.lent.clone(),
+                    // One tree (or a record from before stripes): `parents`.
+                    parents: if rec.stripe_parents.is_empty() {
+                        vec![ids_of(&rec.parents)]
+                    } else {
+                        rec.stripe_parents.iter().map(|l| ids_of(l)).collect()
+                    },
                     complete: rec.complete,
                     epoch: rec.epoch,
-                    relay: true,
-                    lent: false,
                 })
                 .collect();
             // A new leader also waits out the clients' failover: an agent
@@ -177,12 +185,13 @@ impl State {
             } else {
                 Duration::ZERO
             };
-            state.session = Session::restore(settings, &ids, saved, grace).map_err(|e| {
-                StoreError::Corrupt {
-                    key: format!("images/{}", state.record.name),
-                    source: serde::de::Error::custom(e.to_string()),
-                }
-            })?;
+            state.session =
+                Forest::restore(settings, stripes, &ids, saved, grace).map_err(|e| {
+                    StoreError::Corrupt {
+                        key: format!("images/{}", state.record.name),
+                        source: serde::de::Error::custom(e.to_string()),
+                    }
+                })?;
             // Write back lists that restore had to change.
             for &id in state.members.keys() {
                 if let Some(rec) = state.record(id) {

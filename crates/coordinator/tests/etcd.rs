@@ -115,6 +115,7 @@ fn image() -> RegisterImage {
         origins: vec!["10.0.0.1:10809".into()],
         fanout: Some(2),
         parents: Some(2),
+        stripes: None,
     }
 }
 

@@ -124,6 +124,7 @@ fn image() -> RegisterImage {
         origins: vec!["127.0.0.1:10809".into()],
         fanout: None,
         parents: None,
+        stripes: None,
     }
 }
 

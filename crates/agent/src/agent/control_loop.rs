@@ -41,6 +41,7 @@ impl Agent {
                 origins: vec![self.config.advertise.clone()],
                 fanout: None,
                 parents: None,
+                stripes: None,
             };
             self.coord
                 .register_image(&req)

@@ -58,6 +58,7 @@ impl Agent {
                     image: image.to_owned(),
                     epoch: 0,
                     parents: Vec::new(),
+                    stripes: Vec::new(),
                     origins: Vec::new(),
                 })
             }

@@ -1,12 +1,13 @@
 //! One image's session as the coordinator keeps it: the pure topology
-//! [`Session`] plus each node's name, address and labels, and the views the
-//! API answers with (image info, a member's assignment, its stored record,
-//! its place in the tree).
+//! [`Forest`] (one tree per stripe; a single tree when the image has one
+//! stripe) plus each node's name, address and labels, and the views the API
+//! answers with (image info, a member's assignment, its stored record, its
+//! place in the tree).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use virtman_topology::{NodeId, Session, Settings, TopologyError};
+use virtman_topology::{Forest, NodeId, NodeInfo, Settings, TopologyError};
 
 use crate::api::{Assignment, ImageInfo, NodeView, Parent};
 use crate::error::ApiError;
@@ -24,7 +25,7 @@ pub(super) struct Member {
 #[derive(Debug)]
 pub(super) struct ImageState {
     pub(super) record: ImageRecord,
-    pub(super) session: Session,
+    pub(super) session: Forest,
     /// Origin ids with their names (`origin:N`) and addresses, in order.
     pub(super) origins: Vec<(NodeId, String, String)>,
     pub(super) members: BTreeMap<NodeId, Member>,
@@ -66,49 +67,91 @@ impl ImageState {
             origins: self.record.origins.clone(),
             fanout: self.session.settings().fanout,
             parents: self.session.settings().parents,
+            stripes: self.session.stripe_count(),
             members: self.members.len() as u64,
         }
     }
 
+    fn names(&self, ids: &[NodeId]) -> Vec<String> {
+        ids.iter()
+            .filter_map(|&p| self.name_of(p).map(str::to_owned))
+            .collect()
+    }
+
+    fn parent(&self, p: NodeId) -> Option<Parent> {
+        Some(Parent {
+            node: self.name_of(p)?.to_owned(),
+            addr: self.addr_of(p)?.to_owned(),
+        })
+    }
+
+    /// The node's parent lists, one per stripe, and its home stripe first.
+    fn lists(&self, id: NodeId) -> (u32, Vec<Vec<NodeId>>) {
+        let home = self.session.home(id).unwrap_or(0);
+        (home, self.session.parents(id).unwrap_or_default())
+    }
+
+    /// The node in its home stripe's tree.
+    fn home_node(&self, id: NodeId) -> Option<NodeInfo> {
+        let home = self.session.home(id).unwrap_or(0);
+        self.session.stripe(home)?.node(id)
+    }
+
     pub(super) fn assignment(&self, id: NodeId) -> Assignment {
-        let parents = self
-            .session
-            .parents(id)
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|p| {
-                Some(Parent {
-                    node: self.name_of(p)?.to_owned(),
-                    addr: self.addr_of(p)?.to_owned(),
-                })
-            })
-            .collect();
+        let (home, lists) = self.lists(id);
+        let mut order: Vec<NodeId> = Vec::new();
+        let home_first = lists.get(home as usize).into_iter().chain(lists.iter());
+        for p in home_first.flatten() {
+            if !order.contains(p) {
+                order.push(*p);
+            }
+        }
+        let stripes = if lists.len() > 1 {
+            lists
+                .iter()
+                .map(|l| l.iter().filter_map(|&p| self.parent(p)).collect())
+                .collect()
+        } else {
+            Vec::new()
+        };
         Assignment {
             image: self.record.name.clone(),
             epoch: self.session.epoch(id).unwrap_or(0),
-            parents,
+            parents: order.into_iter().filter_map(|p| self.parent(p)).collect(),
+            stripes,
             origins: self.record.origins.clone(),
         }
     }
 
     pub(super) fn record(&self, id: NodeId) -> Option<MemberRecord> {
         let m = self.members.get(&id)?;
-        let info = self.session.node(id)?;
+        let info = self.home_node(id)?;
+        let (home, lists) = self.lists(id);
+        let striped = lists.len() > 1;
         Some(MemberRecord {
             addr: m.addr.clone(),
             labels: m.labels.clone(),
-            parents: info
-                .parents
-                .iter()
-                .filter_map(|&p| self.name_of(p).map(str::to_owned))
-                .collect(),
+            parents: self.names(&info.parents),
             complete: info.complete,
-            epoch: info.epoch,
+            epoch: self.session.epoch(id).unwrap_or(0),
+            home,
+            lent: self.session.lent(id),
+            stripe_parents: if striped {
+                lists.iter().map(|l| self.names(l)).collect()
+            } else {
+                Vec::new()
+            },
         })
     }
 
     pub(super) fn view(&self, id: NodeId, now: Duration) -> Option<NodeView> {
-        let info = self.session.node(id)?;
+        let origin = self.origins.iter().any(|(o, _, _)| *o == id);
+        let info = if origin {
+            self.session.stripe(0)?.node(id)?
+        } else {
+            self.home_node(id)?
+        };
+        let (home, lists) = self.lists(id);
         let labels = self
             .members
             .get(&id)
@@ -120,11 +163,13 @@ impl ImageState {
             origin: info.origin,
             complete: info.complete,
             depth: info.depth,
-            parents: info
-                .parents
-                .iter()
-                .filter_map(|&p| self.name_of(p).map(str::to_owned))
-                .collect(),
+            parents: self.names(&info.parents),
+            home,
+            stripe_parents: if lists.len() > 1 {
+                lists.iter().map(|l| self.names(l)).collect()
+            } else {
+                Vec::new()
+            },
             children: info.children as u64,
             secondary_children: info.secondary_children as u64,
             progress: info.progress,
@@ -133,7 +178,7 @@ impl ImageState {
             } else {
                 u64::try_from(now.saturating_sub(info.last_seen).as_millis()).unwrap_or(u64::MAX)
             },
-            epoch: info.epoch,
+            epoch: self.session.epoch(id).unwrap_or(info.epoch),
             labels,
         })
     }
@@ -164,4 +209,9 @@ pub(super) fn image_settings(
     };
     s.validate()?;
     Ok(s)
+}
+
+/// The image's stripe count: its own, else the coordinator's default.
+pub(super) fn image_stripes(default: u32, record: &ImageRecord) -> u32 {
+    record.stripes.unwrap_or(default)
 }

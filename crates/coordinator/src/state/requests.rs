@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use axum::http::StatusCode;
-use virtman_topology::{NodeId, Progress, Session};
+use virtman_topology::{Forest, NodeId, Progress};
 
 use crate::api::{
     Assignment, HeartbeatRequest, HeartbeatResponse, ImageInfo, JoinRequest, JoinResponse,
@@ -18,7 +18,7 @@ use crate::store::ImageRecord;
 use crate::validate;
 
 use super::State;
-use super::image::{ImageState, Member, image_settings, topology_error};
+use super::image::{ImageState, Member, image_settings, image_stripes, topology_error};
 
 impl State {
     pub(super) fn register_image(
@@ -33,6 +33,7 @@ impl State {
             origins: req.origins,
             fanout: req.fanout,
             parents: req.parents,
+            stripes: req.stripes,
         };
         let settings = image_settings(self.settings, &record)
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -51,8 +52,9 @@ impl State {
         }
         let origins = self.origin_ids(&record.origins);
         let ids: Vec<NodeId> = origins.iter().map(|(id, _, _)| *id).collect();
-        let session =
-            Session::new(settings, &ids).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let stripes = image_stripes(self.config.stripes, &record);
+        let session = Forest::new(settings, stripes, &ids)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
         let state = ImageState {
             record: record.clone(),
             session,

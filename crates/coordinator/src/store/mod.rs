@@ -82,6 +82,9 @@ pub struct ImageRecord {
     /// Parents-per-node override.
     #[serde(default)]
     pub parents: Option<u32>,
+    /// Stripes (absent in records from before stripes: one tree).
+    #[serde(default)]
+    pub stripes: Option<u32>,
 }
 
 /// One member of one session as stored.
@@ -98,6 +101,16 @@ pub struct MemberRecord {
     pub complete: bool,
     /// Its parent-list epoch.
     pub epoch: u64,
+    /// Its home stripe (0 for one tree).
+    #[serde(default)]
+    pub home: u32,
+    /// Stripes that borrowed it as a relay.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lent: Vec<u32>,
+    /// With stripes, each stripe's parents by name (`parents` is then the
+    /// home stripe's); empty for one tree.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stripe_parents: Vec<Vec<String>>,
 }
 
 /// Writes to apply in one transaction.

@@ -174,6 +174,7 @@ mod tests {
             origins: vec!["10.0.0.1:10809".into()],
             fanout: None,
             parents: Some(3),
+            stripes: Some(2),
         };
         let member = MemberRecord {
             addr: "10.0.0.2:10809".into(),
@@ -181,6 +182,9 @@ mod tests {
             parents: vec!["origin:0".into()],
             complete: false,
             epoch: 3,
+            home: 1,
+            lent: vec![0],
+            stripe_parents: vec![vec!["origin:0".into()], vec!["n2".into()]],
         };
         {
             let (store, loaded) = RedbStore::open(dir.path()).expect("open");

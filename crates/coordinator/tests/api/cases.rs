@@ -97,6 +97,7 @@ fn image(name: &str) -> RegisterImage {
         origins: vec!["10.0.0.1:10809".into()],
         fanout: Some(2),
         parents: Some(2),
+        stripes: None,
     }
 }
 
@@ -536,6 +537,20 @@ async fn a_restart_recovers_images_and_sessions() {
     b.fanout = Some(3);
     b.origins.push("10.0.0.9:10809".into());
     c.client.register_image(&b).await.unwrap();
+    // A forest of two stripes: each member gets a list per stripe and
+    // relays one of them.
+    let mut f = image("f");
+    f.stripes = Some(2);
+    f.fanout = Some(2);
+    assert_eq!(c.client.register_image(&f).await.unwrap().stripes, 2);
+    for i in 0..9 {
+        let r = c.client.join("f", &join_req(&format!("h{i}"), "r0")).await.unwrap();
+        assert_eq!(r.assignment.stripes.len(), 2, "{:?}", r.assignment);
+    }
+    for i in 0..9 {
+        // Short lists are filled at a heartbeat (restore would fill them too).
+        c.client.heartbeat(&beat(&format!("h{i}"), "f", 0)).await.unwrap();
+    }
     for i in 0..25 {
         let n = format!("h{i}");
         c.client
@@ -579,12 +594,24 @@ async fn a_restart_recovers_images_and_sessions() {
     let images = c.client.images().await.unwrap();
     let tree_a = c.client.tree("a").await.unwrap();
     let tree_b = c.client.tree("b").await.unwrap();
+    let tree_f = c.client.tree("f").await.unwrap();
+    let striped = |t: &TreeView| -> Vec<(String, u32, Vec<Vec<String>>, u64)> {
+        t.nodes
+            .iter()
+            .filter(|n| !n.origin)
+            .map(|n| (n.node.clone(), n.home, n.stripe_parents.clone(), n.epoch))
+            .collect()
+    };
+    let homes: Vec<u32> = striped(&tree_f).iter().map(|n| n.1).collect();
+    assert_eq!(homes.iter().filter(|&&h| h == 0).count(), 5, "{homes:?}");
+    assert!(striped(&tree_f).iter().all(|n| n.2.len() == 2));
     c.stop().await;
 
     let c = start(dir.path(), CoordinatorConfig::default()).await;
     assert_eq!(c.client.images().await.unwrap(), images);
     assert_eq!(shape(&c.client.tree("a").await.unwrap()), shape(&tree_a));
     assert_eq!(shape(&c.client.tree("b").await.unwrap()), shape(&tree_b));
+    assert_eq!(striped(&c.client.tree("f").await.unwrap()), striped(&tree_f));
     // Members carry on with the epochs they had: nothing to tell them.
     for n in tree_a.nodes.iter().filter(|n| !n.origin) {
         let r = c
