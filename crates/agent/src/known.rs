@@ -58,6 +58,9 @@ pub struct KnownUpstream {
     pub epoch: u64,
     /// Parents in the coordinator's order of preference.
     pub parents: Vec<KnownParent>,
+    /// With stripes, each stripe's parents; empty for one tree.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stripes: Vec<Vec<KnownParent>>,
     /// The image's origins' addresses.
     pub origins: Vec<String>,
 }
@@ -70,6 +73,21 @@ impl KnownUpstream {
             .map(|p| Source {
                 name: p.name.clone(),
                 addr: p.addr.clone(),
+            })
+            .collect()
+    }
+
+    /// Each stripe's parents as fetch sources (empty for one tree).
+    pub fn stripe_sources(&self) -> Vec<Vec<Source>> {
+        self.stripes
+            .iter()
+            .map(|l| {
+                l.iter()
+                    .map(|p| Source {
+                        name: p.name.clone(),
+                        addr: p.addr.clone(),
+                    })
+                    .collect()
             })
             .collect()
     }
@@ -161,6 +179,13 @@ mod tests {
                 name: "a1".into(),
                 addr: "10.0.0.1:10809".into(),
             }],
+            stripes: vec![
+                vec![KnownParent {
+                    name: "a1".into(),
+                    addr: "10.0.0.1:10809".into(),
+                }],
+                Vec::new(),
+            ],
             origins: vec!["10.0.0.9:10809".into()],
         }
     }

@@ -13,6 +13,9 @@
 //!
 //! The reader never sees a parent's failure while any source is up, and never
 //! waits on a hung one for longer than the hedge delay (see `fetch.rs`).
+//! With a striped image ([`Parents::set_stripes`]) chunk i is fetched from
+//! stripe i mod S's parents only, then the origins: never from another
+//! stripe's parents, so no chunk's requests go round a cycle.
 //! Parent lists from the coordinator are applied live with [`Parents::set`]:
 //! fetches in flight keep the connection they hold; new fetches use the new
 //! list. Every failure is sent to a channel the agent drains to tell the
@@ -207,6 +210,9 @@ impl Shared {
 pub struct Parents {
     shared: Arc<Shared>,
     parents: RwLock<Vec<Arc<Conn>>>,
+    /// With stripes: each stripe's parents (connections shared with
+    /// `parents`); empty for one tree.
+    stripes: RwLock<Vec<Vec<Arc<Conn>>>>,
     origins: RwLock<Vec<Arc<Conn>>>,
     /// Bytes fetched per source (name, origin) since the start, kept when a
     /// source leaves the lists: counters never go down.
@@ -261,6 +267,7 @@ impl Parents {
                 stats: Arc::new(FetchStats::default()),
             }),
             parents: RwLock::new(Vec::new()),
+            stripes: RwLock::new(Vec::new()),
             origins: RwLock::new(origins),
         }
     }
@@ -270,6 +277,11 @@ impl Parents {
     pub fn set(&self, list: Vec<Source>) {
         let origins = self.origins.read().unwrap_or_else(|p| p.into_inner());
         let mut g = self.parents.write().unwrap_or_else(|p| p.into_inner());
+        // One tree until `set_stripes` says otherwise.
+        self.stripes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         let old = std::mem::take(&mut *g);
         for s in list {
             if origins.iter().any(|o| o.source.addr == s.addr) {
@@ -282,6 +294,35 @@ impl Parents {
                 .unwrap_or_else(|| self.totals.conn(s, false));
             g.push(keep);
         }
+    }
+
+    /// Replaces the per-stripe lists (after [`Parents::set`] with every
+    /// stripe's parents): chunk i is then fetched from `lists[i mod S]`'s
+    /// parents, then the origins. An empty `lists` (or one list) is one tree.
+    pub fn set_stripes(&self, lists: Vec<Vec<Source>>) {
+        let all = self.parents.read().unwrap_or_else(|p| p.into_inner());
+        let lists = if lists.len() > 1 {
+            lists
+                .into_iter()
+                .map(|l| {
+                    l.iter()
+                        .filter_map(|s| all.iter().find(|c| c.source == *s).cloned())
+                        .collect()
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        *self.stripes.write().unwrap_or_else(|p| p.into_inner()) = lists;
+    }
+
+    /// The stripe count (1: one tree).
+    pub fn stripe_count(&self) -> usize {
+        self.stripes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+            .max(1)
     }
 
     /// Replaces the origins (the coordinator may know other addresses than
@@ -303,12 +344,28 @@ impl Parents {
         }
         let mut p = self.parents.write().unwrap_or_else(|p| p.into_inner());
         p.retain(|c| !g.iter().any(|o| o.source.addr == c.source.addr));
+        for list in self
+            .stripes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter_mut()
+        {
+            list.retain(|c| !g.iter().any(|o| o.source.addr == c.source.addr));
+        }
     }
 
     /// The origins, in order.
     pub fn origins(&self) -> Vec<Source> {
         let g = self.origins.read().unwrap_or_else(|p| p.into_inner());
         g.iter().map(|c| c.source.clone()).collect()
+    }
+
+    /// The current parents of each stripe (empty for one tree).
+    pub fn current_stripes(&self) -> Vec<Vec<Source>> {
+        let g = self.stripes.read().unwrap_or_else(|p| p.into_inner());
+        g.iter()
+            .map(|l| l.iter().map(|c| c.source.clone()).collect())
+            .collect()
     }
 
     /// The current parents (not counting origins), in order.
@@ -332,17 +389,24 @@ impl Parents {
             .collect()
     }
 
-    /// The order to try sources in: healthy parents by load, then parents that
-    /// lost to a hedge lately, then parents cooling down after a failure,
-    /// then origins.
-    fn candidates(&self) -> Vec<Arc<Conn>> {
+    /// The order to try sources in for chunk `index`: healthy parents (of
+    /// its stripe) by load, then parents that lost to a hedge lately, then
+    /// parents cooling down after a failure, then origins.
+    fn candidates(&self, index: u64) -> Vec<Arc<Conn>> {
         let now = Instant::now();
         let origins = self
             .origins
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let g = self.parents.read().unwrap_or_else(|p| p.into_inner());
+        let striped = self.stripes.read().unwrap_or_else(|p| p.into_inner());
+        let all = self.parents.read().unwrap_or_else(|p| p.into_inner());
+        let g = if striped.len() > 1 {
+            let s = u32::try_from(striped.len()).unwrap_or(u32::MAX);
+            &striped[virtman_topology::stripe_of(index, s) as usize]
+        } else {
+            &*all
+        };
         let mut healthy: Vec<Arc<Conn>> = Vec::new();
         let mut slow: Vec<Arc<Conn>> = Vec::new();
         let mut cooling: Vec<Arc<Conn>> = Vec::new();

@@ -250,6 +250,23 @@ impl Agent {
             .collect()
     }
 
+    /// Each stripe's sources an assignment names, this host left out (empty
+    /// for one tree).
+    pub(super) fn stripe_sources(&self, a: &Assignment) -> Vec<Vec<Source>> {
+        a.stripes
+            .iter()
+            .map(|l| {
+                l.iter()
+                    .filter(|p| p.node != self.config.name)
+                    .map(|p| Source {
+                        name: p.node.clone(),
+                        addr: p.addr.clone(),
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
     /// Applies a parent list, as the coordinator's answers do (tests drive
     /// the tree with it too: a list the coordinator never gave is kept until
     /// its next answer with another epoch).
@@ -266,6 +283,7 @@ impl Agent {
                 parents.set_origins(known::origin_sources(&a.origins));
             }
             parents.set(list);
+            parents.set_stripes(self.stripe_sources(a));
             let new = names(parents);
             if old == new {
                 debug!(image = %a.image, epoch = a.epoch, parents = ?new, "parent list again");

@@ -111,6 +111,7 @@ impl Agent {
             volume,
             &info.origins,
             parent_list,
+            self.stripe_sources(&assignment),
             assignment.epoch,
             true,
             None,
@@ -131,6 +132,7 @@ impl Agent {
         volume: Arc<CachedVolume>,
         origins: &[String],
         parent_list: Vec<Source>,
+        stripe_lists: Vec<Vec<Source>>,
         epoch: u64,
         joined: bool,
         saved: Option<KnownUpstream>,
@@ -154,6 +156,7 @@ impl Agent {
             self.reports.clone(),
         ));
         parents.set(parent_list);
+        parents.set_stripes(stripe_lists);
         volume.set_upstream(Some(Arc::clone(&parents) as Arc<dyn Upstream>));
         if let Some(access) = &self.access {
             access.guard(

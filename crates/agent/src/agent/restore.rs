@@ -107,6 +107,7 @@ impl Agent {
                         volume,
                         &k.origins.clone(),
                         k.parent_sources(),
+                        k.stripe_sources(),
                         k.epoch,
                         false,
                         Some(k),
@@ -139,6 +140,18 @@ impl Agent {
                     .map(|s| KnownParent {
                         name: s.name,
                         addr: s.addr,
+                    })
+                    .collect(),
+                stripes: parents
+                    .current_stripes()
+                    .into_iter()
+                    .map(|l| {
+                        l.into_iter()
+                            .map(|s| KnownParent {
+                                name: s.name,
+                                addr: s.addr,
+                            })
+                            .collect()
                     })
                     .collect(),
                 origins: parents.origins().into_iter().map(|s| s.addr).collect(),

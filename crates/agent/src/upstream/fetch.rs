@@ -193,7 +193,7 @@ impl Parents {
         let shared = &self.shared;
         let stats = &shared.stats;
         shared.hedging.earn();
-        let mut next = self.candidates().into_iter();
+        let mut next = self.candidates(req.index).into_iter();
         let (tx, mut rx) = mpsc::unbounded_channel::<(Arc<Conn>, bool, Outcome)>();
         let launch = |conn: &Arc<Conn>, hedge: bool, paid: bool| {
             let (shared, conn, tx) = (Arc::clone(shared), Arc::clone(conn), tx.clone());

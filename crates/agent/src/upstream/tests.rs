@@ -363,3 +363,50 @@ async fn a_fetch_every_source_fails_is_tried_again_before_it_fails() {
     assert!(m.verify_chunk(2, &got));
     stop.cancel();
 }
+
+#[tokio::test]
+async fn with_stripes_a_chunk_comes_from_its_stripes_parents_only() {
+    let stop = CancellationToken::new();
+    let data = image();
+    let m = Arc::new(Manifest::of_bytes(&data, CHUNK).unwrap());
+    let a = serve(data.clone(), &stop).await;
+    let b = serve(data.clone(), &stop).await;
+    let origin = serve(data.clone(), &stop).await;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let p = Parents::new(
+        "img",
+        Arc::clone(&m),
+        vec![source("origin:0", &origin)],
+        unhedged(),
+        tx,
+    );
+    // a relays even chunks, b odd ones.
+    p.set(vec![source("a", &a), source("b", &b)]);
+    p.set_stripes(vec![vec![source("a", &a)], vec![source("b", &b)]]);
+    assert_eq!(p.stripe_count(), 2);
+    for i in 0..8 {
+        p.fetch(req(&m, i)).await.unwrap();
+    }
+    let by = |name: &str| {
+        p.bytes_by_source()
+            .into_iter()
+            .find(|x| x.0 == name)
+            .map_or(0, |x| x.2)
+    };
+    let even: u64 = (0..8).step_by(2).map(|i| u64::from(m.chunk_len(i))).sum();
+    let odd: u64 = (1..8).step_by(2).map(|i| u64::from(m.chunk_len(i))).sum();
+    assert_eq!((by("a"), by("b"), by("origin:0")), (even, odd, 0));
+    // A stripe with no parent left goes to the origins, never to the other
+    // stripe's parents.
+    p.set(vec![source("a", &a)]);
+    p.set_stripes(vec![vec![source("a", &a)], Vec::new()]);
+    p.fetch(req(&m, 9)).await.unwrap();
+    assert_eq!(by("b"), odd);
+    assert_eq!(by("origin:0"), u64::from(m.chunk_len(9)));
+    // A plain list is one tree again: every chunk from the parents.
+    p.set(vec![source("b", &b)]);
+    assert_eq!(p.stripe_count(), 1);
+    p.fetch(req(&m, 10)).await.unwrap();
+    assert_eq!(by("b"), odd + u64::from(m.chunk_len(10)));
+    stop.cancel();
+}
