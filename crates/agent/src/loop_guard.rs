@@ -55,20 +55,21 @@ impl PeerView {
         }
     }
 
-    /// Whether `peer` is a parent of this host and some chunk of the range
-    /// is not here.
+    /// Whether some chunk of the range is not here and `peer` is a parent
+    /// this host would fetch it from (with stripes: a parent in the chunk's
+    /// stripe; a parent in another stripe is this host's child in this one).
     fn would_loop(&self, offset: u64, len: u32) -> bool {
         if len == 0 {
             return false;
         }
-        let parents = self.guarded.parents.current();
-        if !parents.iter().any(|s| s.name == self.peer) {
+        let parents = &self.guarded.parents;
+        if !parents.current().iter().any(|s| s.name == self.peer) {
             return false;
         }
         let v = &self.guarded.volume;
         let chunk = u64::from(v.manifest().chunk_size().max(1));
         let (first, last) = (offset / chunk, (offset + u64::from(len) - 1) / chunk);
-        (first..=last).any(|i| !v.is_present(i))
+        (first..=last).any(|i| !v.is_present(i) && parents.fetches_from(&self.peer, i))
     }
 }
 

@@ -217,6 +217,8 @@ pub struct Parents {
     /// Bytes fetched per source (name, origin) since the start, kept when a
     /// source leaves the lists: counters never go down.
     totals: Totals,
+    /// With stripes: chunks fetched per (source, stripe).
+    by_stripe: Mutex<BTreeMap<(String, u32), u64>>,
 }
 
 #[derive(Default)]
@@ -268,6 +270,7 @@ impl Parents {
             }),
             parents: RwLock::new(Vec::new()),
             stripes: RwLock::new(Vec::new()),
+            by_stripe: Mutex::new(BTreeMap::new()),
             origins: RwLock::new(origins),
         }
     }
@@ -358,6 +361,39 @@ impl Parents {
     pub fn origins(&self) -> Vec<Source> {
         let g = self.origins.read().unwrap_or_else(|p| p.into_inner());
         g.iter().map(|c| c.source.clone()).collect()
+    }
+
+    /// With stripes, chunks fetched from each source in each stripe (name,
+    /// stripe, chunks); empty for one tree.
+    pub fn chunks_by_stripe(&self) -> Vec<(String, u32, u64)> {
+        let g = self.by_stripe.lock().unwrap_or_else(|p| p.into_inner());
+        g.iter().map(|((n, s), c)| (n.clone(), *s, *c)).collect()
+    }
+
+    /// Counts chunk `index` as fetched from `source`, by stripe.
+    fn count_stripe(&self, source: &str, index: u64) {
+        let stripes = self.stripe_count();
+        if stripes > 1 {
+            let s = u32::try_from(stripes).unwrap_or(u32::MAX);
+            let stripe = virtman_topology::stripe_of(index, s);
+            let mut g = self.by_stripe.lock().unwrap_or_else(|p| p.into_inner());
+            *g.entry((source.to_owned(), stripe)).or_default() += 1;
+        }
+    }
+
+    /// Whether chunk `index` would be fetched from the parent named `name`
+    /// (with stripes: one of the chunk's stripe's parents).
+    pub fn fetches_from(&self, name: &str, index: u64) -> bool {
+        let striped = self.stripes.read().unwrap_or_else(|p| p.into_inner());
+        if striped.len() > 1 {
+            let s = u32::try_from(striped.len()).unwrap_or(u32::MAX);
+            striped[virtman_topology::stripe_of(index, s) as usize]
+                .iter()
+                .any(|c| c.source.name == name)
+        } else {
+            drop(striped);
+            self.current().iter().any(|s| s.name == name)
+        }
     }
 
     /// The current parents of each stripe (empty for one tree).

@@ -31,6 +31,10 @@ pub struct ImageStatus {
     pub origins: Vec<String>,
     /// Bytes fetched from each source (name, is origin, bytes).
     pub fetched: Vec<(String, bool, u64)>,
+    /// With a striped image: chunks fetched from each source in each stripe
+    /// (name, stripe, chunks); empty for one tree.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fetched_by_stripe: Vec<(String, u32, u64)>,
     /// Chunks fetched from origins (members).
     pub from_origins: u64,
     /// Fetches that moved to another source.
@@ -239,6 +243,7 @@ impl Agent {
                         parents: Vec::new(),
                         origins: Vec::new(),
                         fetched: Vec::new(),
+                        fetched_by_stripe: Vec::new(),
                         from_origins: 0,
                         failovers: 0,
                         sent: Some(OriginSent {
@@ -264,6 +269,7 @@ impl Agent {
                     parents: parents.current().into_iter().map(|s| s.name).collect(),
                     origins: parents.origins().into_iter().map(|s| s.name).collect(),
                     fetched: parents.bytes_by_source(),
+                    fetched_by_stripe: parents.chunks_by_stripe(),
                     from_origins: parents.stats().from_origins.load(Ordering::Relaxed),
                     failovers: parents.stats().failovers.load(Ordering::Relaxed),
                     sent: None,

@@ -228,6 +228,7 @@ impl Parents {
                             let n = data.len() as u64;
                             conn.bytes.fetch_add(n, Ordering::Relaxed);
                             stats.bytes.fetch_add(n, Ordering::Relaxed);
+                            self.count_stripe(&conn.source.name, req.index);
                             let counter = match conn.origin {
                                 true => &stats.from_origins,
                                 false => &stats.from_parents,

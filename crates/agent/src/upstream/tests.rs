@@ -396,6 +396,10 @@ async fn with_stripes_a_chunk_comes_from_its_stripes_parents_only() {
     let even: u64 = (0..8).step_by(2).map(|i| u64::from(m.chunk_len(i))).sum();
     let odd: u64 = (1..8).step_by(2).map(|i| u64::from(m.chunk_len(i))).sum();
     assert_eq!((by("a"), by("b"), by("origin:0")), (even, odd, 0));
+    assert_eq!(
+        p.chunks_by_stripe(),
+        vec![("a".to_string(), 0, 4), ("b".to_string(), 1, 4)]
+    );
     // A stripe with no parent left goes to the origins, never to the other
     // stripe's parents.
     p.set(vec![source("a", &a)]);
