@@ -39,7 +39,8 @@ packages=(
   iproute2 procps xz-utils zstd
   # The packaging tests (crates/cli/tests/dist_units.rs, deb_package.rs):
   # systemd-analyze, man -w, and strip for cargo-deb.
-  systemd man-db binutils
+  # dpkg-shlibdeps (dpkg-dev) fills the .deb's $auto dependencies (libc6).
+  systemd man-db binutils dpkg-dev
   # The libvirt test (crates/cli/tests/libvirt.rs): libvirtd with its qemu
   # driver and the libvirt-qemu user, and virsh.
   libvirt-daemon-system libvirt-clients

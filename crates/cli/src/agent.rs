@@ -160,6 +160,7 @@ pub struct AgentOptions {
     /// TEST ONLY: serve children corrupted chunks, so that chaos storms
     /// (`virtman storm --chaos lie:N`) can check that liars are caught.
     #[arg(long, hide = true)]
+    #[serde(skip)]
     pub test_lie: bool,
 
     /// TLS between hosts with this node directory (`virtman pki issue`): the

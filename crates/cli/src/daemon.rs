@@ -19,10 +19,13 @@ use anyhow::Context;
 use sd_notify::NotifyState;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-/// SIGTERM and SIGINT, caught from the moment this is made.
+/// SIGTERM and SIGINT, caught from the moment this is made; and SIGHUP,
+/// whose default action would end the process (`systemctl reload`): with
+/// `--tls` it reloads the certificates (its own task), else it is logged.
 pub struct StopSignals {
     term: Signal,
     int: Signal,
+    hup: Signal,
 }
 
 impl StopSignals {
@@ -31,14 +34,20 @@ impl StopSignals {
         Ok(Self {
             term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing SIGHUP handler")?,
         })
     }
 
-    /// Waits for either signal.
+    /// Waits for SIGTERM or SIGINT; a SIGHUP meanwhile is logged.
     pub async fn wait(&mut self) {
-        tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.hup.recv() => {
+                    tracing::info!("SIGHUP: certificates are reloaded when serving with --tls; nothing else to reload");
+                }
+            }
         }
     }
 }

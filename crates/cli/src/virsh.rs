@@ -59,7 +59,8 @@ impl Virsh {
     /// Runs `virsh ARGS`; its output whatever the exit status.
     fn output(&self, args: &[&str]) -> anyhow::Result<Output> {
         let mut cmd = Command::new("virsh");
-        cmd.arg("--quiet");
+        // Domain states are read in English ("shut off"): no translation.
+        cmd.env("LC_ALL", "C").arg("--quiet");
         if let Some(uri) = &self.connect {
             cmd.args(["--connect", uri]);
         }

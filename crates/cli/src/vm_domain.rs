@@ -129,15 +129,24 @@ pub fn remove(
     // A daemon that does not answer runs no domain (a qemu it left running
     // still holds the snapshot, which the agent refuses to remove).
     let domains = match parse_vm_uri(&vm.uri) {
-        Some((export, socket)) if Virsh::installed() => {
-            virsh.own_domains(&export, &socket).unwrap_or_else(|e| {
+        Some((export, socket)) if Virsh::installed() => match virsh.own_domains(&export, &socket) {
+            Ok(d) => d,
+            // No daemon there (its socket absent or refusing): it runs no
+            // domain. Any other failure with --force, which cuts the
+            // snapshot's clients off, is not a guess worth making.
+            Err(e) if force && !no_daemon(&e) => {
+                return Err(e.context(format!(
+                    "looking for libvirt domains of VM {name:?} before a forced removal"
+                )));
+            }
+            Err(e) => {
                 eprintln!(
                     "warning: could not look for libvirt domains of VM {name:?} ({e:#}); \
                      a domain virtman defined for it stays defined"
                 );
                 Vec::new()
-            })
-        }
+            }
+        },
         _ => Vec::new(),
     };
     if let Some(d) = domains.iter().find(|d| d.active()) {
@@ -168,4 +177,12 @@ pub fn remove(
         eprintln!("undefined libvirt domain {:?}", d.name);
     }
     Ok(())
+}
+
+/// Whether `e` (from virsh, run with `LC_ALL=C`) says no libvirt daemon
+/// listens: its socket is missing or refuses connections.
+fn no_daemon(e: &anyhow::Error) -> bool {
+    let text = format!("{e:#}");
+    text.contains("failed to connect to the hypervisor")
+        && (text.contains("No such file or directory") || text.contains("Connection refused"))
 }

@@ -96,6 +96,22 @@ fn coordinator_is_ready_once_it_listens() {
         Some(&dir.path().join("notify")),
     );
     expect_ready(&sock, &addr);
+    // `systemctl reload` (SIGHUP) without --tls: nothing to reload, and the
+    // coordinator goes on serving (the signal's default action would end it).
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP ended the coordinator"
+    );
+    TcpStream::connect(&addr).unwrap();
     expect_stopping(&sock, &mut child);
 }
 

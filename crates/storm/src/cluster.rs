@@ -236,9 +236,13 @@ pub(crate) fn start_process(
         }
         None => Command::new(bin),
     };
+    // The cluster's processes take their options from their arguments only,
+    // not from the host's /etc/virtman/*.toml (a directory without them).
+    let config_dir = log.parent().unwrap_or(log);
     let child = cmd
         .args(args)
         .env("VIRTMAN_LOG", "info")
+        .env("VIRTMAN_CONFIG_DIR", config_dir)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
