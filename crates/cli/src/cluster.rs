@@ -145,6 +145,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
                 fanout,
                 origin_fanout,
                 parents,
+                stripes: 1,
                 cache_size,
                 profile_trace: profile,
                 net: netns.then(|| virtman_storm::cluster::NetConfig {

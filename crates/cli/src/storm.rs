@@ -113,6 +113,11 @@ pub struct StormArgs {
     /// Parents per host in `virtman` mode.
     #[arg(long, default_value_t = 2)]
     parents: u32,
+    /// Stripes of a striped forest in `virtman` mode: chunk i follows stripe
+    /// i mod S's tree and each host relays one stripe (use --fanout S); 1 is
+    /// one tree.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    stripes: u32,
     /// In `virtman` mode, do not give the origin the trace as the image's
     /// boot profile (hosts then fetch on demand only, as on an image's very
     /// first boot anywhere).
@@ -265,6 +270,7 @@ pub fn run(args: StormArgs) -> anyhow::Result<()> {
         back_to_back: args.back_to_back,
         fanout: args.fanout,
         parents: args.parents,
+        stripes: args.stripes,
         // Real guests prefetch only with a trace of their own boot.
         prefetch: !(args.no_prefetch || args.qemu && args.trace.is_none()),
         net: args.netns.then(|| virtman_storm::cluster::NetConfig {

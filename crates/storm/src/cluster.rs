@@ -99,6 +99,8 @@ pub struct ClusterConfig {
     pub origin_fanout: u32,
     /// Parents per host.
     pub parents: u32,
+    /// Stripes of the image's forest (1: one tree).
+    pub stripes: u32,
     /// Cache capacity per host, as `virtman agent --cache-size` takes it.
     pub cache_size: String,
     /// A boot trace to store as the image's boot profile at the origin

@@ -62,6 +62,8 @@ pub(crate) fn start(
             &config.origin_fanout.to_string(),
             "--parents",
             &config.parents.to_string(),
+            "--stripes",
+            &config.stripes.to_string(),
             "--heartbeat-interval",
             "500ms",
             "--heartbeat-timeout",

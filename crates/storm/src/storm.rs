@@ -103,6 +103,8 @@ pub struct StormConfig {
     pub fanout: u32,
     /// Parents per host in `virtman` mode.
     pub parents: u32,
+    /// Stripes of the forest in `virtman` mode (1: one tree).
+    pub stripes: u32,
     /// In `virtman` mode, store the trace as the image's boot profile at the
     /// origin, so hosts prefetch it ahead of their VMs (as after an earlier
     /// boot of the image, or `virtman image profile`).
@@ -308,6 +310,11 @@ pub async fn run(
                 fanout,
                 origin_fanout,
                 parents,
+                stripes: if mode == StormMode::Virtman {
+                    config.stripes
+                } else {
+                    1
+                },
                 cache_size: format!("{}", image_size.saturating_mul(2).max(64 << 20)),
                 profile_trace,
                 net: config.net.clone(),

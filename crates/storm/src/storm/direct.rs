@@ -46,6 +46,7 @@ pub(super) async fn start(config: &StormConfig, dir: &Path) -> Result<PlainServe
                 fanout: 2,
                 origin_fanout: 1,
                 parents: 1,
+                stripes: 1,
                 cache_size: "64M".into(),
                 profile_trace: None,
                 net: Some(net.clone()),
