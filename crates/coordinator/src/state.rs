@@ -2,14 +2,14 @@
 //!
 //! HTTP handlers never touch the sessions: they send a [`Command`] with a
 //! reply channel through a [`Handle`]. The task applies commands one at a
-//! time to the pure [`Session`] state machines, drains whatever else is
+//! time to the pure [`Forest`] state machines (one `Session` per stripe), drains whatever else is
 //! queued (up to [`MAX_BATCH`]), writes all resulting changes to redb in one
 //! transaction, and only then answers every command of the batch. So an
 //! answered join or leave is durable, and a storm of joins costs one fsync
 //! per batch rather than one per join. A ticker drives timeouts.
 //!
 //! ```text
-//!   handler ──Command{.., reply}──► mpsc ──► state task ──► Session (per image)
+//!   handler ──Command{.., reply}──► mpsc ──► state task ──► Forest (per image)
 //!   handler ◄──────── reply ─────────────────┘   │ batch
 //!                                                ▼
 //!                                       redb (one txn per batch)
