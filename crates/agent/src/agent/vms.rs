@@ -87,9 +87,11 @@ impl Agent {
         let was_exported = self.vms.remove_export(name).is_some();
         let mut deleted = self.group.delete_snapshot(name);
         if force && deleted.is_err() {
-            self.vms.disconnect_export(name);
             let deadline = tokio::time::Instant::now() + FORCE_WAIT;
             while deleted.is_err() && tokio::time::Instant::now() < deadline {
+                // Again each time: a connection still in its handshake when
+                // the last kick came takes its token only after it.
+                self.vms.disconnect_export(name);
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 deleted = self.group.delete_snapshot(name);
             }
