@@ -4,7 +4,8 @@
 //!  ensure_image ─► task: profile/IMAGE from parents … origins (absent: done)
 //!                          │ BootProfile (checked against the manifest)
 //!                          ▼
-//!                  fetch_in_order(chunks in boot order)
+//!                  fetch_in_stripes: fetch_in_order(chunks in boot order),
+//!                    one lane per stripe of a striped image
 //!                    skip present / all-zero chunks
 //!                    wait while demand reads are waiting on fetches
 //!                    at most `in_flight` chunks at once
@@ -293,6 +294,39 @@ pub async fn fetch_in_order(
     failed
 }
 
+/// [`fetch_in_order`] in one lane per stripe of a striped image (chunk i in
+/// stripe i mod S), each lane its stripe's chunks in order with its own
+/// `in_flight`: a stripe whose relay is slow does not hold the others back,
+/// and a relay's own stripe, which its children wait on, does not wait on
+/// the stripes it only receives. One stripe is [`fetch_in_order`].
+pub async fn fetch_in_stripes(
+    volume: &Arc<CachedVolume>,
+    chunks: impl IntoIterator<Item = u64>,
+    stripes: u32,
+    cfg: &PrefetchConfig,
+    cancel: &CancellationToken,
+    class: FetchClass,
+) -> Vec<u64> {
+    if stripes <= 1 {
+        return fetch_in_order(volume, chunks, cfg, cancel, class).await;
+    }
+    let mut lanes = vec![Vec::new(); stripes as usize];
+    for i in chunks {
+        lanes[virtman_topology::stripe_of(i, stripes) as usize].push(i);
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for lane in lanes {
+        let (v, cfg, cancel) = (Arc::clone(volume), cfg.clone(), cancel.clone());
+        set.spawn(async move { fetch_in_order(&v, lane, &cfg, &cancel, class).await });
+    }
+    let mut failed = Vec::new();
+    while let Some(r) = set.join_next().await {
+        failed.extend(r.unwrap_or_default());
+    }
+    failed.sort_unstable();
+    failed
+}
+
 /// Where to look for a profile: the parents, then a few other members of
 /// the session (shallowest first: a host at depth 1 has only the origin as
 /// parent, which records no boots), then the origins.
@@ -337,6 +371,7 @@ pub(crate) async fn replay_profile(
     state: Arc<ImagePrefetch>,
     sources: ProfileSources,
     cfg: PrefetchConfig,
+    stripes: u32,
 ) {
     let look = async {
         for attempt in 1..=cfg.profile_attempts.max(1) {
@@ -373,7 +408,8 @@ pub(crate) async fn replay_profile(
             chunks = p.entries.len(),
             "replaying the boot profile"
         );
-        let failed = fetch_in_order(&volume, p.chunks(), &cfg, &cancel, state.class()).await;
+        let failed =
+            fetch_in_stripes(&volume, p.chunks(), stripes, &cfg, &cancel, state.class()).await;
         if !failed.is_empty() {
             debug!(
                 image,
@@ -418,6 +454,89 @@ pub(crate) async fn pin(
                 () = cancel.cancelled() => return,
                 () = tokio::time::sleep(cfg.retry) => {}
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use async_trait::async_trait;
+    use bytes::Bytes;
+    use tokio::sync::Notify;
+    use virtman_cache::{CacheGroup, ChunkRequest, GroupConfig, Upstream, UpstreamError};
+
+    use super::*;
+
+    const CHUNK: u32 = 64 * 1024;
+
+    /// Serves even chunks at once and holds odd ones until `release`.
+    struct OddsHeld {
+        data: Vec<u8>,
+        release: Notify,
+    }
+
+    #[async_trait]
+    impl Upstream for OddsHeld {
+        fn name(&self) -> String {
+            "odds-held".into()
+        }
+
+        async fn fetch(&self, req: ChunkRequest) -> Result<Bytes, UpstreamError> {
+            if req.index % 2 == 1 {
+                self.release.notified().await;
+            }
+            let (o, n) = (req.offset as usize, req.len as usize);
+            Ok(Bytes::copy_from_slice(&self.data[o..o + n]))
+        }
+    }
+
+    fn present(v: &CachedVolume) -> BTreeSet<u64> {
+        (0..v.manifest().chunks())
+            .filter(|&i| v.is_present(i))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn each_stripe_has_its_own_lane() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..8 * CHUNK).map(|i| (i % 251 + 1) as u8).collect();
+        let m = Manifest::of_bytes(&data, CHUNK).unwrap();
+        let group = CacheGroup::open(dir.path(), GroupConfig::with_capacity(64 << 20)).unwrap();
+        let cfg = PrefetchConfig {
+            in_flight: 1,
+            ..PrefetchConfig::default()
+        };
+        let cancel = CancellationToken::new();
+        for (name, stripes) in [("one", 1u32), ("two", 2)] {
+            let v = group.add_volume(name, &m).unwrap();
+            let up = Arc::new(OddsHeld {
+                data: data.clone(),
+                release: Notify::new(),
+            });
+            v.set_upstream(Some(Arc::clone(&up) as Arc<dyn Upstream>));
+            let run = {
+                let (v, cfg, cancel) = (Arc::clone(&v), cfg.clone(), cancel.clone());
+                tokio::spawn(async move {
+                    fetch_in_stripes(&v, 0..8, stripes, &cfg, &cancel, FetchClass::Prefetch).await
+                })
+            };
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let even: BTreeSet<u64> = (0..8).step_by(2).collect();
+            if stripes == 1 {
+                // In one lane, chunk 1 held holds everything after it.
+                assert_eq!(present(&v), BTreeSet::from([0]));
+            } else {
+                // Stripe 0's lane went on while stripe 1's waited.
+                assert_eq!(present(&v), even);
+            }
+            while !run.is_finished() {
+                up.release.notify_waiters();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert!(run.await.unwrap().is_empty());
+            assert_eq!(present(&v).len(), 8);
         }
     }
 }

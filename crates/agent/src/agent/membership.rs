@@ -188,6 +188,7 @@ impl Agent {
                 Arc::clone(&prefetch),
                 profile_sources,
                 prefetch_config,
+                u32::try_from(parents.stripe_count()).unwrap_or(1),
             ));
         }
         let entry = Arc::new(ImageEntry {
