@@ -37,7 +37,9 @@ fn tool(name: &str, package: &str) -> PathBuf {
 
 async fn wait_for_socket(p: &Path) {
     for _ in 0..200 {
-        if p.exists() {
+        // Connectable, not only there: the file appears at bind(), before
+        // the server listens (a connect in between is refused).
+        if std::os::unix::net::UnixStream::connect(p).is_ok() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -115,7 +117,7 @@ async fn client_reads_from_qemu_nbd() {
     let sock = dir.path().join("q.sock");
     let _peer = Peer(
         Command::new(qemu_nbd)
-            .args(["-r", "-e", "64", "-f", "raw", "-x", "img", "-k"])
+            .args(["-r", "-t", "-e", "64", "-f", "raw", "-x", "img", "-k"])
             .arg(&sock)
             .arg(&path)
             .spawn()
