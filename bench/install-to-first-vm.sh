@@ -40,14 +40,15 @@ cleanup() {
 trap cleanup EXIT
 
 # Starts `BIN ARGS...` in the background, its stdout in $work/NAME.out, and
-# waits for its `listening on` line; prints the address.
+# waits for its `listening on` line; sets $addr to the address. (Not called
+# in $(...): a subshell's `pids` would not reach `cleanup`.)
 start() { # start NAME BIN ARGS...
   local name=$1; shift
   "$@" >"$work/$name.out" 2>"$work/$name.log" &
   pids+=($!)
   for _ in $(seq 600); do
     if grep -q '^listening on ' "$work/$name.out"; then
-      sed -n 's/^listening on \(http:\/\/\)\{0,1\}//p' "$work/$name.out" | head -1
+      addr=$(sed -n 's/^listening on \(http:\/\/\)\{0,1\}//p' "$work/$name.out" | head -1)
       return
     fi
     sleep 0.05
@@ -58,18 +59,19 @@ start() { # start NAME BIN ARGS...
 # The rest of the cluster, from the package's own binary.
 dpkg-deb -x "$deb" "$work/pkg"
 other="$work/pkg/usr/bin/virtman"
-coord=$(start coordinator "$other" coordinator --listen 127.0.0.1:0 --data-dir "$work/coord")
+start coordinator "$other" coordinator --listen 127.0.0.1:0 --data-dir "$work/coord"
+coord=$addr
 head -c "$((mib * 1024 * 1024))" /dev/urandom >"$work/img.raw"
 "$other" image import "$work/img.raw" --name img --store "$work/origin/images" >/dev/null 2>&1
 start origin "$other" agent --data-dir "$work/origin" --listen 127.0.0.1:0 --name origin \
-  --coordinator "http://$coord" --token-file "$work/coord/token" >/dev/null
+  --coordinator "http://$coord" --token-file "$work/coord/token"
 
 now() { date +%s.%N; }
 t0=$(now)
 dpkg -i "$deb" >/dev/null
 t_installed=$(now)
 start host /usr/bin/virtman agent --data-dir /var/lib/virtman/agent --listen 127.0.0.1:0 \
-  --name host1 --coordinator "http://$coord" --token-file "$work/coord/token" --cache-size 4G >/dev/null
+  --name host1 --coordinator "http://$coord" --token-file "$work/coord/token" --cache-size 4G
 t_agent=$(now)
 uri=$(/usr/bin/virtman vm create vm1 --image img --data-dir /var/lib/virtman/agent | tail -1)
 t_vm=$(now)
