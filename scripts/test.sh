@@ -5,7 +5,7 @@
 #
 #   scripts/test.sh                      # install what is missing, run every test
 #   scripts/test.sh -E 'test(deb)'       # ... a subset (nextest's arguments)
-#   scripts/test.sh --install-only       # install only (.ci/run does this before clippy)
+#   scripts/test.sh --install-only       # install only
 #
 # Installs with apt-get (as root, or through sudo) only what is missing, so a
 # second run goes straight to the tests. .ci/run calls this script.
