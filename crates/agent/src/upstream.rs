@@ -238,6 +238,12 @@ impl Totals {
     }
 }
 
+/// The stripe of chunk `index` among `stripes` (at least one), as an index.
+fn stripe_index(stripes: usize, index: u64) -> usize {
+    let s = u32::try_from(stripes).unwrap_or(u32::MAX);
+    virtman_topology::stripe_of(index, s) as usize
+}
+
 impl std::fmt::Debug for Parents {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Parents")
@@ -374,26 +380,28 @@ impl Parents {
     fn count_stripe(&self, source: &str, index: u64) {
         let stripes = self.stripe_count();
         if stripes > 1 {
-            let s = u32::try_from(stripes).unwrap_or(u32::MAX);
-            let stripe = virtman_topology::stripe_of(index, s);
+            let stripe = u32::try_from(stripe_index(stripes, index)).unwrap_or(u32::MAX);
             let mut g = self.by_stripe.lock().unwrap_or_else(|p| p.into_inner());
             *g.entry((source.to_owned(), stripe)).or_default() += 1;
+        }
+    }
+
+    /// Runs `f` on the parents chunk `index` is fetched from: its stripe's
+    /// with stripes, else all of them (origins not included).
+    fn with_chunk_parents<R>(&self, index: u64, f: impl FnOnce(&[Arc<Conn>]) -> R) -> R {
+        let striped = self.stripes.read().unwrap_or_else(|p| p.into_inner());
+        if striped.len() > 1 {
+            f(&striped[stripe_index(striped.len(), index)])
+        } else {
+            drop(striped);
+            f(&self.parents.read().unwrap_or_else(|p| p.into_inner()))
         }
     }
 
     /// Whether chunk `index` would be fetched from the parent named `name`
     /// (with stripes: one of the chunk's stripe's parents).
     pub fn fetches_from(&self, name: &str, index: u64) -> bool {
-        let striped = self.stripes.read().unwrap_or_else(|p| p.into_inner());
-        if striped.len() > 1 {
-            let s = u32::try_from(striped.len()).unwrap_or(u32::MAX);
-            striped[virtman_topology::stripe_of(index, s) as usize]
-                .iter()
-                .any(|c| c.source.name == name)
-        } else {
-            drop(striped);
-            self.current().iter().any(|s| s.name == name)
-        }
+        self.with_chunk_parents(index, |list| list.iter().any(|c| c.source.name == name))
     }
 
     /// The current parents of each stripe (empty for one tree).
@@ -435,14 +443,7 @@ impl Parents {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let striped = self.stripes.read().unwrap_or_else(|p| p.into_inner());
-        let all = self.parents.read().unwrap_or_else(|p| p.into_inner());
-        let g = if striped.len() > 1 {
-            let s = u32::try_from(striped.len()).unwrap_or(u32::MAX);
-            &striped[virtman_topology::stripe_of(index, s) as usize]
-        } else {
-            &*all
-        };
+        let g = self.with_chunk_parents(index, <[Arc<Conn>]>::to_vec);
         let mut healthy: Vec<Arc<Conn>> = Vec::new();
         let mut slow: Vec<Arc<Conn>> = Vec::new();
         let mut cooling: Vec<Arc<Conn>> = Vec::new();

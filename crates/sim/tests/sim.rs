@@ -395,6 +395,12 @@ fn impossible_scenarios_are_refused() {
         Err(SimError::Config(ConfigError::TooManyVms { .. }))
     ));
     let mut c = storm(Mode::Virtman, 2, 4);
+    c.stripes = 0;
+    assert!(matches!(
+        run(&c),
+        Err(SimError::Config(ConfigError::Stripes(0)))
+    ));
+    let mut c = storm(Mode::Virtman, 2, 4);
     c.link_rate = 0.0;
     let e = run(&c).unwrap_err();
     assert!(e.to_string().contains("link rate"), "{e}");

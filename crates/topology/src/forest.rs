@@ -282,19 +282,15 @@ impl Forest {
         let home = (0..self.home_counts.len())
             .min_by_key(|&s| (self.home_counts[s], s))
             .unwrap_or(0);
-        let mut outcomes = Vec::with_capacity(self.stripes.len());
-        for s in 0..self.stripes.len() {
-            self.tell_lent(s);
-            outcomes.push(self.stripes[s].join_as(id, rack, s == home, now)?);
-        }
+        let out = self.each(now, |s, stripe| stripe.join_as(id, rack, s == home, now))?;
         self.homes.insert(id, u32::try_from(home).unwrap_or(0));
         self.home_counts[home] += 1;
-        Ok(self.merge(outcomes, now))
+        Ok(out)
     }
 
     /// A member leaves gracefully, from every stripe.
     pub fn leave(&mut self, id: NodeId, now: Duration) -> Result<Outcome, TopologyError> {
-        self.each(now, |s| s.leave(id, now))
+        self.each(now, |_, s| s.leave(id, now))
     }
 
     /// A member's heartbeat, in every stripe.
@@ -304,7 +300,7 @@ impl Forest {
         now: Duration,
         progress: Progress,
     ) -> Result<Outcome, TopologyError> {
-        self.each(now, |s| s.heartbeat(id, now, progress))
+        self.each(now, |_, s| s.heartbeat(id, now, progress))
     }
 
     /// `reporter` could not reach `parent`: acted on in every stripe where
@@ -315,17 +311,13 @@ impl Forest {
         parent: NodeId,
         now: Duration,
     ) -> Result<Outcome, TopologyError> {
-        self.each(now, |s| s.report_unreachable(reporter, parent, now))
+        self.each(now, |_, s| s.report_unreachable(reporter, parent, now))
     }
 
     /// Advances time to `now` in every stripe: the silent are dead.
     pub fn tick(&mut self, now: Duration) -> Outcome {
-        let mut outcomes = Vec::with_capacity(self.stripes.len());
-        for s in 0..self.stripes.len() {
-            self.tell_lent(s);
-            outcomes.push(self.stripes[s].tick(now));
-        }
-        self.merge(outcomes, now)
+        // A tick refuses nothing.
+        self.each(now, |_, s| Ok(s.tick(now))).unwrap_or_default()
     }
 
     /// Runs one event in every stripe. Every stripe holds the same members,
@@ -333,12 +325,12 @@ impl Forest {
     fn each(
         &mut self,
         now: Duration,
-        mut event: impl FnMut(&mut Session) -> Result<Outcome, TopologyError>,
+        mut event: impl FnMut(usize, &mut Session) -> Result<Outcome, TopologyError>,
     ) -> Result<Outcome, TopologyError> {
         let mut outcomes = Vec::with_capacity(self.stripes.len());
         for s in 0..self.stripes.len() {
             self.tell_lent(s);
-            outcomes.push(event(&mut self.stripes[s])?);
+            outcomes.push(event(s, &mut self.stripes[s])?);
         }
         Ok(self.merge(outcomes, now))
     }

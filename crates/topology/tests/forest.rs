@@ -84,6 +84,12 @@ fn each_member_relays_one_stripe_and_the_origin_feeds_one_head_per_stripe() {
         assert_eq!(tree.depth_bound(), 6);
     }
     assert_eq!(stripe_of(9, stripes), 1);
+    for bad in [0, virtman_topology::MAX_STRIPES + 1] {
+        assert_eq!(
+            Forest::new(settings(4, 2), bad, &[NodeId(0)]).unwrap_err(),
+            virtman_topology::TopologyError::Stripes(bad)
+        );
+    }
     assert_eq!(f.stripe_of(12), 0);
 }
 

@@ -85,7 +85,16 @@ impl ImageState {
         })
     }
 
-    /// The node's parent lists, one per stripe, and its home stripe first.
+    /// Each stripe's parent names; none for one tree.
+    fn stripe_names(&self, lists: &[Vec<NodeId>]) -> Vec<Vec<String>> {
+        if lists.len() > 1 {
+            lists.iter().map(|l| self.names(l)).collect()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The node's home stripe and its parent lists, one per stripe.
     fn lists(&self, id: NodeId) -> (u32, Vec<Vec<NodeId>>) {
         let home = self.session.home(id).unwrap_or(0);
         (home, self.session.parents(id).unwrap_or_default())
@@ -127,7 +136,6 @@ impl ImageState {
         let m = self.members.get(&id)?;
         let info = self.home_node(id)?;
         let (home, lists) = self.lists(id);
-        let striped = lists.len() > 1;
         Some(MemberRecord {
             addr: m.addr.clone(),
             labels: m.labels.clone(),
@@ -136,11 +144,7 @@ impl ImageState {
             epoch: self.session.epoch(id).unwrap_or(0),
             home,
             lent: self.session.lent(id),
-            stripe_parents: if striped {
-                lists.iter().map(|l| self.names(l)).collect()
-            } else {
-                Vec::new()
-            },
+            stripe_parents: self.stripe_names(&lists),
         })
     }
 
@@ -165,11 +169,7 @@ impl ImageState {
             depth: info.depth,
             parents: self.names(&info.parents),
             home,
-            stripe_parents: if lists.len() > 1 {
-                lists.iter().map(|l| self.names(l)).collect()
-            } else {
-                Vec::new()
-            },
+            stripe_parents: self.stripe_names(&lists),
             children: info.children as u64,
             secondary_children: info.secondary_children as u64,
             progress: info.progress,
