@@ -191,6 +191,9 @@ pub struct Agent {
     reports_rx: Mutex<Option<mpsc::UnboundedReceiver<BadParent>>>,
     coordinator_ok: std::sync::atomic::AtomicBool,
     heartbeat_ms: AtomicU64,
+    /// Told at each join: the control loop then heartbeats sooner for a
+    /// while ([`SETTLE_HEARTBEATS`]).
+    joined: tokio::sync::Notify,
     /// Background prefetch settings (see [`Agent::set_prefetch`]).
     prefetch: Mutex<PrefetchConfig>,
     /// With TLS: the base exports serve only session members.
@@ -268,6 +271,7 @@ impl Agent {
             reports_rx: Mutex::new(Some(rx)),
             coordinator_ok: std::sync::atomic::AtomicBool::new(false),
             heartbeat_ms: AtomicU64::new(hb.max(50)),
+            joined: tokio::sync::Notify::new(),
             prefetch: Mutex::new(PrefetchConfig::default()),
             access,
             preheats: Mutex::new(BTreeMap::new()),

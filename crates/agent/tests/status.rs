@@ -6,11 +6,13 @@
 //!   others), its metrics and its `x-virtman:present` context.
 //! - A host with no image yet says the coordinator is reachable as soon as
 //!   it answers (not only once the host joins a session).
+//! - A host that joined learns within a second the parents that hosts
+//!   joining just after it gave it, however long the heartbeat interval.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 mod common;
 
-use common::{Node, origin_cluster, serve_coordinator, vm_client, wait_for};
+use common::{Node, origin_cluster, origin_cluster_with, serve_coordinator, vm_client, wait_for};
 use virtman_agent::prefetch::PrefetchConfig;
 
 const CHUNK: u32 = 64 * 1024;
@@ -134,5 +136,66 @@ async fn a_host_with_no_image_sees_the_coordinator_at_once() {
         t0.elapsed()
     );
     idle.kill().await;
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_that_just_joined_learn_their_new_parents_within_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = virtman_testkit::pattern(CHUNKS * CHUNK as usize, 9);
+    // Two stripes, heartbeats 5 s apart: of two hosts joining at once,
+    // the first relays stripe 0 and is lent stripe 1 until the second
+    // joins and takes it back; each then follows the other in the other's
+    // stripe. The first learns that only from a heartbeat.
+    let config = virtman_coordinator::CoordinatorConfig {
+        fanout: 2,
+        parents: 1,
+        stripes: 2,
+        heartbeat_interval_ms: 5000,
+        heartbeat_timeout_ms: 20_000,
+        ..virtman_coordinator::CoordinatorConfig::default()
+    };
+    let (url, stop, origin) =
+        origin_cluster_with(dir.path(), &image, CHUNK, &[], TOKEN, Some(config), |_| {}).await;
+    let start = |name: &'static str| {
+        Node::start(
+            name,
+            dir.path().join(name),
+            &url,
+            TOKEN,
+            PrefetchConfig::default(),
+        )
+    };
+    let (a, b) = (start("a").await, start("b").await);
+    let t0 = std::time::Instant::now();
+    let (ra, rb) = tokio::join!(
+        a.agent.create_vm("vm-a", "img"),
+        b.agent.create_vm("vm-b", "img")
+    );
+    ra.unwrap();
+    rb.unwrap();
+    let parents = |n: &Node| {
+        n.agent
+            .status()
+            .images
+            .into_iter()
+            .find(|i| i.name == "img")
+            .map(|i| i.parents)
+            .unwrap_or_default()
+    };
+    wait_for("each host to follow the other", || async {
+        parents(&a).contains(&"b".to_string()) && parents(&b).contains(&"a".to_string())
+    })
+    .await;
+    assert!(
+        t0.elapsed() < std::time::Duration::from_millis(2500),
+        "{:?}: a {:?}, b {:?}",
+        t0.elapsed(),
+        parents(&a),
+        parents(&b)
+    );
+    a.kill().await;
+    b.kill().await;
+    origin.kill().await;
     stop.cancel();
 }

@@ -46,9 +46,11 @@ storing it, and serving each VM read. --shared-cores C puts every process on
 C cores of one machine; --no-cpu turns the model off.
 
 Prefetch (virtman mode): every host, once it joins, fetches the boot profile's
-chunks (the trace's, in first-touch order) from its parents, at most
---prefetch-in-flight at once and never while a demand read on the host waits,
-as the agent does; --no-prefetch fetches on demand only.
+chunks (the trace's, in first-touch order) from its parents, one lane per
+stripe, at most --prefetch-in-flight at once (shared by the lanes, at least one
+each), passing over chunks being fetched already and pausing while a demand
+read waits on a chunk outside the profile, as the agent does; --no-prefetch
+fetches on demand only.
 
 Units: sizes 4K/256M/15G (powers of 1024); rates 1G/100M/125MB/s (bits per second
 unless B/s); durations 100us/250ms/10s/2m. Failures: 5%@10s (5% of hosts die at
@@ -136,6 +138,15 @@ pub struct SimArgs {
     /// agent's adaptive delay is at most its --hedge-ceiling, 250 ms).
     #[arg(long, value_parser = parse_duration, default_value = "250ms")]
     pub hedge: Duration,
+    /// The agent's parent choice: a parent with this many of the host's
+    /// requests outstanding is asked after the less loaded ones (1: always
+    /// the least loaded first, spreading fetches over every parent).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub parent_busy_at: u32,
+    /// The agent's first heartbeats after a join, each this long after the
+    /// one before, then every second (comma-separated; "none": none).
+    #[arg(long, value_parser = parse_durations, default_value = "100ms,200ms,400ms")]
+    pub settle_heartbeats: Durations,
     /// A fixed delay per chunk received before it can be served (on top of the CPU model).
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     pub chunk_service: Duration,
@@ -161,8 +172,8 @@ pub struct SimArgs {
     /// `virtman storm`): hosts fetch on demand only.
     #[arg(long)]
     pub no_prefetch: bool,
-    /// Chunks a host's prefetch has in flight at once (the agent's 2).
-    #[arg(long, default_value_t = 2)]
+    /// Chunks a host's prefetch has in flight at once (the agent's 4).
+    #[arg(long, default_value_t = 4)]
     pub prefetch_in_flight: u32,
     /// The boot whose first-touch order is the prefetched profile (default:
     /// the trace the VMs replay, as the storm stores it).
@@ -183,6 +194,20 @@ pub struct SimArgs {
     /// Write an SVG chart of booted VMs over time, one line per run.
     #[arg(long, value_name = "FILE")]
     pub chart: Option<PathBuf>,
+}
+
+/// Durations given as one comma-separated argument ("none": none).
+#[derive(Clone, Debug)]
+pub struct Durations(pub Vec<Duration>);
+
+fn parse_durations(s: &str) -> Result<Durations, String> {
+    if s == "none" {
+        return Ok(Durations(Vec::new()));
+    }
+    s.split(',')
+        .map(parse_duration)
+        .collect::<Result<_, _>>()
+        .map(Durations)
 }
 
 fn split_pair(s: &str, what: &str) -> anyhow::Result<(String, String)> {
@@ -249,6 +274,8 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     base.seed = args.seed;
     base.request_timeout = args.request_timeout;
     base.hedge = (!args.hedge.is_zero()).then_some(args.hedge);
+    base.parent_busy_at = args.parent_busy_at;
+    base.settle_heartbeats.clone_from(&args.settle_heartbeats.0);
     base.chunk_service = args.chunk_service;
     base.cpu.host_cores = args.host_cores;
     base.cpu.shared_cores = args.shared_cores;

@@ -100,6 +100,11 @@ pub struct Config {
     pub stripes: u32,
     /// How often agents heartbeat (and learn their new parents).
     pub heartbeat_interval: Duration,
+    /// The agent's first heartbeats after a join, each this long after the
+    /// one before (`AgentConfig::settle_heartbeats`), then every
+    /// `heartbeat_interval`: a host displaced by hosts joining after it
+    /// learns its new parents within a fraction of a second.
+    pub settle_heartbeats: Vec<Duration>,
     /// How often the coordinator ticks (checks for timeouts).
     pub tick_interval: Duration,
     /// The agent's per-request timeout before it fails over to the next source.
@@ -110,6 +115,10 @@ pub struct Config {
     /// is still reported when its own timeout ends. `None`: no hedging, the
     /// fetch waits the request timeout.
     pub hedge: Option<Duration>,
+    /// The agent's `FetchConfig::busy_at`: a parent with this many of the
+    /// host's requests outstanding is asked after the parents with fewer
+    /// (1: always the least loaded first).
+    pub parent_busy_at: u32,
     /// How long a parent that failed is tried only after the healthy ones.
     pub cool_down: Duration,
     /// VMs start uniformly at random within this window after time zero.
@@ -172,15 +181,18 @@ pub struct JoinLead {
 }
 
 /// Boot-profile prefetch, as the agent's `PrefetchConfig` and
-/// `fetch_in_order` do it: the profile's chunks in order, missing ones only,
-/// at most `in_flight` at once, no new one while a demand read on the host
-/// waits on a fetch (the loop then sleeps `poll` and looks again), single
-/// flight shared with demand reads.
+/// `fetch_in_stripes` do it: the profile's chunks in order, one lane per
+/// stripe, missing ones only and not those being fetched already, at most
+/// `in_flight` at once (shared by the lanes, at least one each), no new one
+/// while a demand read on the host waits on a chunk outside the profile
+/// (the loop then sleeps `poll` and looks again), single flight shared with
+/// demand reads.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prefetch {
     /// Whether hosts replay the boot profile.
     pub enabled: bool,
-    /// Chunks in flight at once (`PrefetchConfig::in_flight`, 2).
+    /// Chunks in flight at once, shared by the lanes
+    /// (`PrefetchConfig::in_flight`, 4).
     pub in_flight: u32,
     /// How often a paused prefetch looks whether demand reads still wait
     /// (`PrefetchConfig::poll`, 5 ms).
@@ -195,7 +207,7 @@ impl Default for Prefetch {
     fn default() -> Self {
         Prefetch {
             enabled: true,
-            in_flight: 2,
+            in_flight: 4,
             poll: Duration::from_millis(5),
             profile: None,
         }
@@ -457,9 +469,11 @@ impl Config {
             topology: Settings::default(),
             stripes: 1,
             heartbeat_interval: Duration::from_secs(1),
+            settle_heartbeats: [100, 200, 400].map(Duration::from_millis).to_vec(),
             tick_interval: Duration::from_millis(250),
             request_timeout: Duration::from_secs(2),
             hedge: Some(Duration::from_millis(250)),
+            parent_busy_at: 4,
             cool_down: Duration::from_secs(3),
             start_spread: Duration::ZERO,
             failures: Vec::new(),
@@ -574,6 +588,9 @@ impl Config {
         }
         if self.prefetch.in_flight == 0 {
             return Err(ConfigError::Zero("the prefetch's chunks in flight"));
+        }
+        if self.parent_busy_at == 0 {
+            return Err(ConfigError::Zero("the requests that make a parent busy"));
         }
         self.topology.validate()?;
         if !(1..=virtman_topology::MAX_STRIPES).contains(&self.stripes) {

@@ -52,6 +52,8 @@ pub(crate) struct Vm {
     pub gen_: u32,
     pub next: u32,
     pub pending: u32,
+    /// The read in progress waits on a chunk the replay does not expect.
+    pub unexpected: bool,
     pub issued: u64,
     pub boot: Option<u64>,
     pub lost: bool,

@@ -243,9 +243,11 @@ fn shared_cores_slow_a_storm_down_with_hosts() {
             );
         }
     }
-    // In the tree, hosts with their own cores: 16 hosts within 2x of 2.
+    // In the tree, hosts with their own cores: 16 hosts within 2.2x of 2
+    // (two hosts form a chain at W/B; from three on, a fan-out 2 tree's
+    // interior hosts upload twice what they receive: 2 W/B and a pipeline).
     let (a, b) = (time(Mode::Virtman, 2, None), time(Mode::Virtman, 16, None));
-    assert!(b < 2.0 * a, "{a} vs {b}");
+    assert!(b < 2.2 * a, "{a} vs {b}");
 }
 
 #[test]
@@ -652,15 +654,41 @@ fn prefetch_delays_a_demand_read_by_at_most_its_chunks_in_flight() {
 #[test]
 fn prefetch_waits_for_demand_and_gives_up_with_a_dead_origin() {
     // The origin dies before anything arrives. Hosts that join with their
-    // first VM never prefetch: that VM's first read waits from the start
-    // (and, retried, for ever), and demand goes first.
+    // first VM, with a profile of another boot (chunks the VMs never read):
+    // that VM's first read waits from the start (and, retried, for ever) on
+    // a chunk the replay does not expect, and demand goes first: nothing is
+    // prefetched.
     let mut c = storm(Mode::Virtman, 4, 8);
     c.origin_fail_at = Some(Duration::from_millis(1));
     c.max_time = Duration::from_secs(60);
+    let other = Trace {
+        image_size: c.trace.image_size,
+        reads: (0..8u64)
+            .map(|i| Read {
+                at_us: 0,
+                offset: c.trace.image_size - (i + 1) * u64::from(CHUNK),
+                length: u64::from(CHUNK),
+            })
+            .collect(),
+    };
+    assert!(
+        c.trace
+            .reads
+            .iter()
+            .all(|r| r.offset + r.length <= other.reads[7].offset)
+    );
+    c.prefetch.profile = Some(Arc::new(other));
     let r = run(&c).unwrap();
     assert!(r.counters.timed_out);
     assert_eq!(r.never_booted, 8);
     assert_eq!(r.counters.prefetch_fetches, 0);
+    // The profile of their own boot: the replay does not yield to reads of
+    // chunks it will fetch; it starts, and its fetches are given up.
+    c.prefetch.profile = None;
+    let r = run(&c).unwrap();
+    assert!(r.counters.timed_out);
+    assert_eq!(r.never_booted, 8);
+    assert!(r.counters.prefetch_fetches > 0);
     // Hosts joined before their VMs start: their replays start at once,
     // every prefetch times out and is given up (the replay moves on, as the
     // real one returns its failures), the VMs' reads retry, the run stops

@@ -1,6 +1,7 @@
 //! The control loop: how the agent follows the coordinator. It registers
 //! the origin images, re-joins the volumes a restart left, heartbeats each
-//! member session (applying the parent lists that changed), reports bad
+//! member session (applying the parent lists that changed; sooner just
+//! after a join, while the tree settles), reports bad
 //! parents as the upstream finds them, and publishes boot profiles. A
 //! coordinator that is down is retried; meanwhile the agent serves with the
 //! parents it has.
@@ -22,6 +23,18 @@ use super::{Agent, AgentError, ImageEntry, Role, lock};
 use crate::known;
 use crate::prefetch::{ImagePrefetch, profile_export};
 use crate::upstream::{BadParent, Source};
+
+/// The first heartbeats after a join, each this long after the one before
+/// (never longer than the interval), then every interval. Hosts that join
+/// after this one may displace it in the tree (a relay takes a follower's
+/// place): with a heartbeat a second apart it would go on fetching from its
+/// old parents, or the origin, for that second. The simulator showed a
+/// 64 MiB storm on 40 hosts 1.7x faster with these.
+pub(crate) const SETTLE_HEARTBEATS: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(200),
+    Duration::from_millis(400),
+];
 
 impl Agent {
     /// Registers the origin images; returns how many (0: the coordinator was
@@ -62,6 +75,8 @@ impl Agent {
         // Retries each second: the first failure in a row is a warning, the
         // rest only debug lines, so a long outage does not flood the log.
         let (mut register_failed, mut rejoin_failed) = (false, false);
+        // The next of SETTLE_HEARTBEATS (past the end: settled).
+        let mut settle = SETTLE_HEARTBEATS.len();
         loop {
             if !registered {
                 match self.register_origins().await {
@@ -96,13 +111,26 @@ impl Agent {
                 }
             }
             self.save_all_known().await;
-            let period = Duration::from_millis(self.heartbeat_ms.load(Ordering::Relaxed));
+            let interval = Duration::from_millis(self.heartbeat_ms.load(Ordering::Relaxed));
+            let period = match SETTLE_HEARTBEATS.get(settle) {
+                Some(&d) => {
+                    settle += 1;
+                    d.min(interval)
+                }
+                None => interval,
+            };
             let sleep = tokio::time::sleep(period);
             tokio::pin!(sleep);
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = &mut sleep => break,
+                    () = self.joined.notified() => {
+                        // Joined: the settling heartbeats start over.
+                        let d = SETTLE_HEARTBEATS[0].min(interval);
+                        sleep.as_mut().reset(tokio::time::Instant::now() + d);
+                        settle = 1;
+                    }
                     Some(r) = async { match reports.as_mut() { Some(rx) => rx.recv().await, None => None } } => {
                         self.report(r).await;
                         self.save_all_known().await;

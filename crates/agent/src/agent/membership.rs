@@ -46,6 +46,7 @@ impl Agent {
                 self.heartbeat_ms
                     .store(resp.heartbeat_interval_ms.max(50), Ordering::Relaxed);
                 self.apply(&resp.assignment);
+                self.joined.notify_one();
                 Ok(resp.assignment)
             }
             Err(e) if e.code() == Some("unknown_image") => {

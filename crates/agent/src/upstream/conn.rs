@@ -19,6 +19,8 @@ pub(super) struct Conn {
     cool_until: Mutex<Option<Instant>>,
     /// Put behind the others until this instant (it lost to a hedge).
     slow_until: Mutex<Option<Instant>>,
+    /// When it last answered a request (with a chunk or "not here").
+    answered: Mutex<Option<Instant>>,
     /// Sent a wrong chunk: never used again for this image.
     pub(super) liar: AtomicBool,
     /// Bytes fetched from this source (shared with the image's totals,
@@ -35,6 +37,7 @@ impl Conn {
             outstanding: AtomicUsize::new(0),
             cool_until: Mutex::new(None),
             slow_until: Mutex::new(None),
+            answered: Mutex::new(None),
             liar: AtomicBool::new(false),
             bytes,
         })
@@ -56,6 +59,19 @@ impl Conn {
 
     pub(super) fn mark_slow(&self, d: Duration) {
         set_until(&self.slow_until, d);
+    }
+
+    /// It answered a request.
+    pub(super) fn mark_answered(&self) {
+        *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// Whether it answered any request after `t`: alive and busy, not hung.
+    pub(super) fn answered_since(&self, t: Instant) -> bool {
+        self.answered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|a| a > t)
     }
 
     /// The connected client, connecting first if needed.

@@ -15,7 +15,11 @@
 //! ceiling until a first answer, when connections are still being made).
 //! Hedges spend a budget earned at a tenth of a hedge per fetch (burst 20),
 //! so a slow tree does not double its load; a fetch whose sources are all
-//! known to be failing (cooling down) moves on without spending it.
+//! known to be failing (cooling down) moves on without spending it. A
+//! source that answered other requests since it was asked (and within the
+//! last hedge delay) is busy, not hung: a hedge around it goes to another
+//! parent, never to an origin (a storm on the machine sent 3x the working
+//! set from the origin so).
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -137,6 +141,22 @@ fn not_here(e: &ClientError) -> bool {
     )
 }
 
+/// One request counted in its source's `outstanding` while this lives.
+struct Outstanding<'a>(&'a Conn);
+
+impl<'a> Outstanding<'a> {
+    fn count(conn: &'a Conn) -> Self {
+        conn.outstanding.fetch_add(1, Ordering::Relaxed);
+        Outstanding(conn)
+    }
+}
+
+impl Drop for Outstanding<'_> {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Reads the chunk from `conn` and checks it; on a failure cools the source
 /// down, on a lie drops it, and reports either. Unless `paid`, first waits
 /// for the chunk's bytes on the download cap.
@@ -146,13 +166,18 @@ async fn attempt(shared: Arc<Shared>, conn: Arc<Conn>, req: ChunkRequest, paid: 
     }
     let started = Instant::now();
     let result = async {
+        // Counted from before connecting until answered, failed or dropped
+        // (a hedge won): a burst of fetches while the connection is made
+        // sees the parent's load.
+        let _out = Outstanding::count(&conn);
         let client = conn.client(&shared.image, &shared.config).await?;
-        conn.outstanding.fetch_add(1, Ordering::Relaxed);
         if !shared.config.link_delay.is_zero() {
             tokio::time::sleep(shared.config.link_delay).await;
         }
         let res = client.read(req.offset, u64::from(req.len)).await;
-        conn.outstanding.fetch_sub(1, Ordering::Relaxed);
+        if res.as_ref().is_ok() || res.as_ref().is_err_and(not_here) {
+            conn.mark_answered();
+        }
         match res {
             Err(e) if not_here(&e) => Ok(None),
             r => r.map(Some).map_err(|e| e.to_string()),
@@ -193,7 +218,7 @@ impl Parents {
         let shared = &self.shared;
         let stats = &shared.stats;
         shared.hedging.earn();
-        let mut next = self.candidates(req.index).into_iter();
+        let mut next = self.candidates(req.index).into_iter().peekable();
         let (tx, mut rx) = mpsc::unbounded_channel::<(Arc<Conn>, bool, Outcome)>();
         let launch = |conn: &Arc<Conn>, hedge: bool, paid: bool| {
             let (shared, conn, tx) = (Arc::clone(shared), Arc::clone(conn), tx.clone());
@@ -203,14 +228,15 @@ impl Parents {
                 let _ = tx.send((conn, hedge, outcome));
             });
         };
-        let mut running: Vec<Arc<Conn>> = Vec::new();
+        // The sources asked, and when.
+        let mut running: Vec<(Arc<Conn>, Instant)> = Vec::new();
         let mut failures = Vec::new();
         if let Some(first) = next.next() {
             // Under a download cap, the hedge delay runs from when the
             // bytes may be asked for, not from the wait for them.
             shared.pay(req).await;
             launch(&first, false, true);
-            running.push(first);
+            running.push((first, Instant::now()));
         }
         let mut hedge_at = shared.hedging.delay().map(|d| Instant::now() + d);
         while !running.is_empty() {
@@ -222,7 +248,7 @@ impl Parents {
             };
             let start = tokio::select! {
                 Some((conn, hedged, outcome)) = rx.recv() => {
-                    running.retain(|c| !Arc::ptr_eq(c, &conn));
+                    running.retain(|(c, _)| !Arc::ptr_eq(c, &conn));
                     match outcome {
                         Outcome::Data(data) => {
                             let n = data.len() as u64;
@@ -239,7 +265,7 @@ impl Parents {
                             }
                             // Those still asked were slower: new fetches try
                             // others first for a while.
-                            for slow in &running {
+                            for (slow, _) in &running {
                                 slow.mark_slow(SLOW_COOL_DOWN);
                             }
                             return Ok(data);
@@ -261,9 +287,24 @@ impl Parents {
                     // Waiting on sources already known to be failing moves on
                     // without spending the budget.
                     let now = Instant::now();
-                    let known_bad = running.iter().all(|c| c.cooling(now));
+                    let known_bad = running.iter().all(|(c, _)| c.cooling(now));
+                    // A source that answered others since it was asked,
+                    // within the last hedge delay, is busy, not hung: the
+                    // origin is not asked around it (in a storm every host
+                    // would pile onto the origin, which feeds them all),
+                    // only other parents.
+                    let recent = shared
+                        .hedging
+                        .delay()
+                        .and_then(|d| now.checked_sub(d))
+                        .unwrap_or(now);
+                    let busy = running
+                        .iter()
+                        .any(|(c, at)| c.answered_since((*at).max(recent)));
+                    let to_origin = next.peek().is_some_and(|c| c.origin);
                     let hedge = running.len() < MAX_ASKED
                         && next.len() > 0
+                        && !(to_origin && busy && !known_bad)
                         && (known_bad || shared.hedging.spend());
                     let c = hedge.then(|| next.next()).flatten();
                     if c.is_some() {
@@ -276,7 +317,7 @@ impl Parents {
             let started = start.is_some();
             if let Some((conn, hedged)) = start {
                 launch(&conn, hedged, false);
-                running.push(conn);
+                running.push((conn, Instant::now()));
             }
             // The next hedge, if any source is left: a full delay after the
             // last attempt started, or after a hedge the budget refused.

@@ -414,3 +414,100 @@ async fn with_stripes_a_chunk_comes_from_its_stripes_parents_only() {
     assert_eq!(by("b"), odd + u64::from(m.chunk_len(10)));
     stop.cancel();
 }
+
+/// Chunks each source served, by name, after fetching `n` chunks that
+/// overlap (each started 20 ms after the last, every source answering
+/// 300 ms late), with `busy_at`.
+async fn overlapping_fetches(n: u64, busy_at: usize) -> Vec<(String, u64)> {
+    let stop = CancellationToken::new();
+    let data = image();
+    let m = Arc::new(Manifest::of_bytes(&data, CHUNK).unwrap());
+    let first = slow_parent(data.clone(), Duration::from_millis(300), &stop).await;
+    let second = slow_parent(data.clone(), Duration::from_millis(300), &stop).await;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let config = FetchConfig {
+        busy_at,
+        ..unhedged()
+    };
+    let p = Arc::new(Parents::new("img", Arc::clone(&m), vec![], config, tx));
+    p.set(vec![source("first", &first), source("second", &second)]);
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (p, r) = (Arc::clone(&p), req(&m, i));
+        set.spawn(async move { p.fetch(r).await.unwrap() });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+    stop.cancel();
+    let chunk = u64::from(m.chunk_len(0));
+    p.bytes_by_source()
+        .into_iter()
+        .filter(|s| s.2 > 0)
+        .map(|(name, _, bytes)| (name, bytes / chunk))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_first_parent_takes_fetches_until_it_is_busy() {
+    // Below busy_at the coordinator's order holds: the first parent (the
+    // primary) takes them all, the second (a secondary) none.
+    let got = overlapping_fetches(4, 4).await;
+    assert_eq!(got, vec![("first".to_string(), 4)], "{got:?}");
+    // Busy at 2: the third and fourth go to the second parent.
+    let got = overlapping_fetches(4, 2).await;
+    assert_eq!(
+        got,
+        vec![("first".to_string(), 2), ("second".to_string(), 2)],
+        "{got:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_busy_parent_is_not_hedged_to_the_origin() {
+    let stop = CancellationToken::new();
+    let data = image();
+    let m = Arc::new(Manifest::of_bytes(&data, CHUNK).unwrap());
+    // Answers every read 60 ms late, many at once: once fetches overlap, it
+    // answers one every few ms. The origin answers at once.
+    let busy = slow_parent(data.clone(), Duration::from_millis(60), &stop).await;
+    let origin = serve(data.clone(), &stop).await;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let config = FetchConfig {
+        hedge: Some(Hedge {
+            floor: Duration::from_millis(20),
+            ceiling: Duration::from_millis(20),
+        }),
+        ..FetchConfig::default()
+    };
+    let p = Arc::new(Parents::new(
+        "img",
+        Arc::clone(&m),
+        vec![source("origin", &origin)],
+        config,
+        tx,
+    ));
+    p.set(vec![source("busy", &busy)]);
+    let mut set = tokio::task::JoinSet::new();
+    let fetches = 80;
+    for i in 0..fetches {
+        let (p, r) = (Arc::clone(&p), req(&m, i % m.chunks()));
+        set.spawn(async move { p.fetch(r).await.unwrap() });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+    // Only the fetches of the first 60 ms (nothing answered yet: the parent
+    // may be hung) went to the origin too; the budget would have allowed
+    // 28 (a burst of 20 and a tenth per fetch).
+    let from_origins = p.stats().from_origins.load(Ordering::Relaxed);
+    let hedges = p.stats().hedges.load(Ordering::Relaxed);
+    assert!(
+        hedges <= 14,
+        "{hedges} hedges, {from_origins} from the origin"
+    );
+    assert!(hedges > 0, "the first fetches are hedged");
+    stop.cancel();
+}

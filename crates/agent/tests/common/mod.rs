@@ -260,6 +260,20 @@ pub async fn origin_cluster(
     token: &str,
     edit: impl FnOnce(&mut virtman_agent::AgentConfig),
 ) -> (String, tokio_util::sync::CancellationToken, Node) {
+    origin_cluster_with(dir, image, chunk, profile, token, None, edit).await
+}
+
+/// [`origin_cluster`] with the coordinator's `config` (`None`: that of
+/// [`serve_coordinator`]).
+pub async fn origin_cluster_with(
+    dir: &Path,
+    image: &[u8],
+    chunk: u32,
+    profile: &[u64],
+    token: &str,
+    config: Option<virtman_coordinator::CoordinatorConfig>,
+    edit: impl FnOnce(&mut virtman_agent::AgentConfig),
+) -> (String, tokio_util::sync::CancellationToken, Node) {
     let raw = dir.join("img.raw");
     std::fs::write(&raw, image).unwrap();
     let stored = virtman_image::ImageStore::open(dir.join("origin/images"))
@@ -280,7 +294,10 @@ pub async fn origin_cluster(
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, _task) = serve_coordinator(dir.join("coord"), token, listener);
+    let (stop, _task) = match config {
+        Some(c) => serve_coordinator_with(dir.join("coord"), token, listener, c, None),
+        None => serve_coordinator(dir.join("coord"), token, listener),
+    };
     let origin = Node::start_edited("origin", dir.join("origin"), &url, token, edit).await;
     wait_for_image(&url, "img").await;
     (url, stop, origin)

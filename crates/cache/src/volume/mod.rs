@@ -54,7 +54,7 @@ mod read;
 
 pub(crate) use export::EXPORT_BLOCK_SIZES;
 pub use export::{PRESENT, VolumeExport, X_VIRTMAN_PRESENT};
-pub use prefetch::MAX_HINTS;
+pub use prefetch::{Expecting, MAX_HINTS};
 pub use read::flatten;
 
 /// File name of a volume's manifest.
@@ -132,6 +132,11 @@ pub struct CachedVolume {
     profile_path: PathBuf,
     /// Reads waiting on a fetch right now (prefetch yields to them).
     demand_waiting: AtomicUsize,
+    /// The chunks those reads wait on, with how many wait on each.
+    demand_chunks: Mutex<HashMap<u64, usize>>,
+    /// Chunks a replay running now will fetch, and how many replays run.
+    expected: AtomicBitmap,
+    expecting: Mutex<usize>,
     /// All-zero chunks (from the manifest): held without being stored.
     zero_chunks: u64,
     /// Background hint tasks running (see [`CachedVolume::prefetch_hint`]).
@@ -328,6 +333,9 @@ impl CachedVolume {
             profile,
             profile_path,
             demand_waiting: AtomicUsize::new(0),
+            demand_chunks: Mutex::new(HashMap::new()),
+            expected: AtomicBitmap::new(chunks),
+            expecting: Mutex::new(0),
             hints: AtomicUsize::new(0),
             zero_chunks,
         });

@@ -13,6 +13,21 @@ use crate::upstream::FetchClass;
 /// [`CachedVolume::prefetch_hint`]).
 pub const MAX_HINTS: usize = 4;
 
+/// A replay's expectation (see [`CachedVolume::expect`]); the chunks stop
+/// being expected when the last one running is dropped.
+#[must_use = "the chunks are expected only while this lives"]
+pub struct Expecting(Arc<CachedVolume>);
+
+impl Drop for Expecting {
+    fn drop(&mut self) {
+        let mut n = super::lock(&self.0.expecting);
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.0.expected.clear_all();
+        }
+    }
+}
+
 impl CachedVolume {
     /// Fetches every missing chunk of `offset..offset+len` (a prefetch).
     pub async fn prefetch(self: &Arc<Self>, offset: u64, len: u64) -> Result<(), CacheError> {
@@ -64,6 +79,39 @@ impl CachedVolume {
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// Marks `chunks` as expected: a replay (the boot profile) will fetch
+    /// them, in order, while the returned guard lives. Reads waiting on
+    /// expected chunks are what the replay is for, so those chunks do not
+    /// count in [`CachedVolume::demand_unexpected`] and do not pause it: in a
+    /// storm the VMs and the children read the profile's chunks, and a
+    /// replay paused for them would keep one chunk in flight. Chunks stay
+    /// expected until every replay running has ended.
+    pub fn expect(self: &Arc<Self>, chunks: impl IntoIterator<Item = u64>) -> Expecting {
+        let mut n = super::lock(&self.expecting);
+        *n += 1;
+        for i in chunks {
+            if i < self.manifest.chunks() {
+                self.expected.set(i);
+            }
+        }
+        Expecting(Arc::clone(self))
+    }
+
+    /// Chunks that reads wait on and no replay expects: what a background
+    /// prefetch yields to (every chunk waited on when no replay runs).
+    pub fn demand_unexpected(&self) -> usize {
+        super::lock(&self.demand_chunks)
+            .keys()
+            .filter(|&&c| !self.expected.get(c))
+            .count()
+    }
+
+    /// Whether a fetch of chunk `index` is in flight now (for a read, a
+    /// child or a prefetch).
+    pub fn is_fetching(&self, index: u64) -> bool {
+        super::lock(&self.inflight).contains_key(&index)
     }
 
     /// A hint that `offset..offset+len` will be read soon (NBD CMD_CACHE from

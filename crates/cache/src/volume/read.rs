@@ -30,6 +30,45 @@ use super::{CachedVolume, Flight, Piece, lock};
 use crate::error::CacheError;
 use crate::upstream::{ChunkRequest, FetchClass};
 
+/// The chunks one read waits on, counted in the volume's `demand_chunks`
+/// while this lives.
+struct WaitingOn<'a> {
+    map: &'a std::sync::Mutex<std::collections::HashMap<u64, usize>>,
+    chunks: Vec<u64>,
+}
+
+impl<'a> WaitingOn<'a> {
+    fn new(
+        map: &'a std::sync::Mutex<std::collections::HashMap<u64, usize>>,
+        chunks: Vec<u64>,
+    ) -> Self {
+        if !chunks.is_empty() {
+            let mut m = lock(map);
+            for &c in &chunks {
+                *m.entry(c).or_default() += 1;
+            }
+        }
+        WaitingOn { map, chunks }
+    }
+}
+
+impl Drop for WaitingOn<'_> {
+    fn drop(&mut self) {
+        if self.chunks.is_empty() {
+            return;
+        }
+        let mut m = lock(self.map);
+        for c in &self.chunks {
+            if let Some(n) = m.get_mut(c) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(c);
+                }
+            }
+        }
+    }
+}
+
 /// Reads up to this long try the page cache on the calling task first (a
 /// chunk's worth: a VM's reads and a child's chunk fetches).
 const INLINE_READ_MAX: u64 = 256 * 1024;
@@ -76,6 +115,15 @@ impl CachedVolume {
             self.demand_waiting.fetch_add(1, Ordering::AcqRel);
             Waiting(&self.demand_waiting)
         });
+        let _waiting_on = WaitingOn::new(
+            &self.demand_chunks,
+            pieces
+                .iter()
+                .zip(&local)
+                .filter(|(_, l)| l.is_none())
+                .map(|(p, _)| p.chunk)
+                .collect(),
+        );
         let mut set = tokio::task::JoinSet::new();
         for (k, p) in pieces.iter().enumerate() {
             if local[k].is_none() {

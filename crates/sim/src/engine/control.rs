@@ -5,7 +5,8 @@
 //! ```text
 //!   join (a host's first VM, a join lead, or prejoin) ─► Session::join
 //!          ─► parents; Heartbeat scheduled; PrefetchStart one round trip later
-//!   Heartbeat (each host, 1 s) ─► Session::heartbeat ─► new parents
+//!   Heartbeat (each host: 100, 200, 400 ms after the join, then every
+//!              1 s) ─► Session::heartbeat ─► new parents
 //!          (declared dead meanwhile: the agent joins again)
 //! ```
 //!
@@ -31,10 +32,11 @@ impl Engine<'_> {
         let vol = &mut self.hosts[host as usize].vols[image as usize];
         vol.joined = true;
         vol.hb_gen = vol.hb_gen.wrapping_add(1);
+        vol.hb_sent = 0;
         let gen_ = vol.hb_gen;
         self.refresh_parents(host, image);
         if self.images[image as usize].session.is_some() {
-            let at = self.now + ns(self.cfg.heartbeat_interval);
+            let at = self.now + self.next_heartbeat(0);
             self.push(at, Ev::Heartbeat { host, image, gen_ });
         }
         if !self.profile.is_empty() {
@@ -90,7 +92,21 @@ impl Engine<'_> {
             }
         }
         self.refresh_parents(host, image);
-        let at = self.now + ns(self.cfg.heartbeat_interval);
+        let vol = &mut self.hosts[host as usize].vols[image as usize];
+        vol.hb_sent = vol.hb_sent.saturating_add(1);
+        let sent = vol.hb_sent;
+        let at = self.now + self.next_heartbeat(sent);
         self.push(at, Ev::Heartbeat { host, image, gen_ });
+    }
+
+    /// The delay before the next heartbeat when `sent` were sent since the
+    /// join: the settling ones first, then the interval.
+    fn next_heartbeat(&self, sent: u32) -> u64 {
+        ns(self
+            .cfg
+            .settle_heartbeats
+            .get(sent as usize)
+            .copied()
+            .unwrap_or(self.cfg.heartbeat_interval))
     }
 }

@@ -1,9 +1,9 @@
 //! Fetches and requests: a chunk a host lacks is fetched once (single
-//! flight), from its parents by least outstanding requests, the origin
-//! last, with failover on timeout; a source that lacks it fetches it in turn.
+//! flight), from its parents in the coordinator's order (a busy one after
+//! the others), the origin last, with failover on timeout; a source that lacks it fetches it in turn.
 //!
 //! ```text
-//!   fetch ──► candidates: parents by least outstanding, cooling ones, origin last
+//!   fetch ──► candidates: parents in order, busy ones by load, cooling ones, origin last
 //!          ──► Arrive at the source (one hop later)
 //!   Arrive ─► source has it: queue a transfer on the pair source→requester
 //!          ─► source fetching it: wait on that fetch (cut-through: the
@@ -26,6 +26,12 @@ use super::state::{Fetch, Owner, Req, Waiter};
 use super::{CpuJob, Engine, Ev, node_id, ns};
 use crate::config::Mode;
 use crate::net::Transfer;
+
+/// The agent's sort key for a parent with `load` requests outstanding
+/// (`upstream::busy_key`): 0 while not busy, else the load.
+fn busy_key(load: u32, busy_at: u32) -> u32 {
+    if load < busy_at { 0 } else { load }
+}
 
 impl Engine<'_> {
     fn chunk_bytes(&self, chunk: u32) -> u64 {
@@ -50,8 +56,10 @@ impl Engine<'_> {
         self.send_attempt(id, gen_);
     }
 
-    /// The agent's order: healthy parents of the chunk's stripe by least
-    /// outstanding (stable), parents cooling down, then the origin.
+    /// The agent's order: healthy parents of the chunk's stripe in the
+    /// coordinator's order, those busy (`parent_busy_at` requests
+    /// outstanding) after the others by load, parents cooling down, then
+    /// the origin.
     pub(super) fn candidates(&self, host: u32, image: u32, chunk: u32) -> Vec<u32> {
         let vol = &self.hosts[host as usize].vols[image as usize];
         let stripe = virtman_topology::stripe_of(u64::from(chunk), self.cfg.stripes) as usize;
@@ -66,7 +74,7 @@ impl Engine<'_> {
             if cool {
                 cooling.push(p);
             } else {
-                healthy.push((vol.load(p), i, p));
+                healthy.push((busy_key(vol.load(p), self.cfg.parent_busy_at), i, p));
             }
         }
         healthy.sort_unstable();
@@ -191,8 +199,11 @@ impl Engine<'_> {
             return;
         }
         let w = Waiter::Req { req, gen_ };
-        // A child's read waits on this host's fetch: demand here too.
-        vol.demand += 1;
+        // A child's read waits on this host's fetch: demand here too
+        // (pausing the replay if the replay does not expect the chunk).
+        let unexpected = !self.expected(chunk);
+        let vol = &mut self.hosts[src as usize].vols[image as usize];
+        vol.demand += u32::from(unexpected);
         if let Some(&(fid, fgen)) = vol.inflight.get(&chunk)
             && let Some(f) = self.fetches.get_mut(fid, fgen)
         {
@@ -312,12 +323,16 @@ impl Engine<'_> {
                             }
                             v.pending = v.pending.saturating_sub(1);
                             if v.pending == 0 {
-                                self.undemand(f.host, f.image);
+                                if v.unexpected {
+                                    self.undemand(f.host, f.image);
+                                }
                                 self.read_ready(vm);
                             }
                         }
                         Waiter::Req { req, gen_ } => {
-                            self.undemand(f.host, f.image);
+                            if !self.expected(f.chunk) {
+                                self.undemand(f.host, f.image);
+                            }
                             self.serve(req, gen_);
                         }
                         Waiter::Prefetch { gen_, lane } => {

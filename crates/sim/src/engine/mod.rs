@@ -165,6 +165,9 @@ pub(crate) struct Engine<'a> {
     /// The boot profile: chunks in first-touch order, split by stripe
     /// (empty: no prefetch).
     profile: Vec<Vec<u32>>,
+    /// The profile's chunks as a bitmap (demand reads of these do not
+    /// pause the replay).
+    expected: Vec<u64>,
     rng: Rng,
     pub raw: Raw,
 }
@@ -243,6 +246,21 @@ impl<'a> Engine<'a> {
                 chunks,
             });
         }
+        let profile = if cfg.prefetching() {
+            let t = cfg.prefetch.profile.as_deref().unwrap_or(trace);
+            prefetch::first_touch(t, chunk, chunks)
+        } else {
+            Vec::new()
+        };
+        let mut expected = vec![0u64; if profile.is_empty() { 0 } else { words }];
+        for &c in &profile {
+            expected[(c / 64) as usize] |= 1 << (c % 64);
+        }
+        let by_stripe = if cfg.prefetching() {
+            prefetch::by_stripe(&profile, cfg.stripes)
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             cfg,
             trace,
@@ -271,15 +289,19 @@ impl<'a> Engine<'a> {
             cpu_jobs: Slab::new(),
             cpu_out: Vec::new(),
             think_overhead: ns(cfg.think_overhead),
-            profile: if cfg.prefetching() {
-                let t = cfg.prefetch.profile.as_deref().unwrap_or(trace);
-                prefetch::by_stripe(&prefetch::first_touch(t, chunk, chunks), cfg.stripes)
-            } else {
-                Vec::new()
-            },
+            profile: by_stripe,
+            expected,
             rng,
             raw: Raw::default(),
         })
+    }
+
+    /// Whether the boot-profile replay will fetch `chunk` (demand reads
+    /// waiting on it do not pause the replay).
+    fn expected(&self, chunk: u32) -> bool {
+        self.expected
+            .get((chunk / 64) as usize)
+            .is_some_and(|w| w & (1 << (chunk % 64)) != 0)
     }
 
     fn push(&mut self, at: u64, ev: Ev) {
@@ -306,6 +328,7 @@ impl<'a> Engine<'a> {
                     gen_: 0,
                     next: 0,
                     pending: 0,
+                    unexpected: false,
                     issued: 0,
                     boot: None,
                     lost: false,

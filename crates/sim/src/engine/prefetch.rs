@@ -38,8 +38,10 @@ impl Engine<'_> {
     /// Steps one lane; false when the whole replay must wait (a demand read
     /// waits, or it stopped).
     fn lane_step(&mut self, host: u32, image: u32, lane: usize) -> bool {
-        let in_flight = self.cfg.prefetch.in_flight.max(1);
         let lanes = self.profile.len();
+        // `prefetch::lane_in_flight`: the host's share, at least one a lane.
+        let in_flight =
+            (self.cfg.prefetch.in_flight / u32::try_from(lanes).unwrap_or(1).max(1)).max(1);
         loop {
             let Volume {
                 replay: r,
@@ -95,9 +97,9 @@ impl Engine<'_> {
                 return false;
             }
             ln.next = None;
-            // `CachedVolume::prefetch`: nothing if present by now, else the
-            // chunk's fetch (joined if one is in flight).
-            if has(chunk) {
+            // Present by now, or already being fetched (for a demand read or
+            // a child): skipped, the lane moves ahead of the readers.
+            if has(chunk) || inflight.contains_key(&chunk) {
                 continue;
             }
             ln.tasks += 1;
@@ -105,13 +107,6 @@ impl Engine<'_> {
                 gen_,
                 lane: u32::try_from(lane).unwrap_or(u32::MAX),
             };
-            if let Some(&(fid, fgen)) = inflight.get(&chunk)
-                && let Some(f) = self.fetches.get_mut(fid, fgen)
-            {
-                f.waiters.push(w);
-                self.raw.prefetch_joined += 1;
-                continue;
-            }
             self.raw.prefetch_fetches += 1;
             self.start_fetch(host, image, chunk, w);
         }

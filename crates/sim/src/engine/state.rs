@@ -100,6 +100,8 @@ pub(super) struct Volume {
     pub(super) outstanding: Vec<(u32, u32)>,
     pub(super) cooling: Vec<(u32, u64)>,
     pub(super) hb_gen: u32,
+    /// Heartbeats sent since the join (the first ones come sooner).
+    pub(super) hb_sent: u32,
 }
 
 impl Volume {

@@ -65,12 +65,15 @@ impl Engine<'_> {
         let first = u32::try_from(read.offset / self.chunk).unwrap_or(u32::MAX);
         let last = u32::try_from((read.offset + read.length - 1) / self.chunk).unwrap_or(u32::MAX);
         let mut pending = 0;
+        let mut unexpected = false;
         for c in first..=last {
+            let expected = self.expected(c);
             let vol = &mut self.hosts[host as usize].vols[image as usize];
             if vol.has(c) {
                 continue;
             }
             pending += 1;
+            unexpected |= !expected;
             let w = Waiter::Vm { vm, gen_ };
             if let Some(&(fid, fgen)) = vol.inflight.get(&c)
                 && let Some(f) = self.fetches.get_mut(fid, fgen)
@@ -82,10 +85,11 @@ impl Engine<'_> {
         }
         if let Some(v) = self.vms.get_mut(vm as usize) {
             v.pending = pending;
+            v.unexpected = unexpected;
         }
         if pending == 0 {
             self.read_ready(vm);
-        } else {
+        } else if unexpected {
             self.hosts[host as usize].vols[image as usize].demand += 1;
         }
     }
