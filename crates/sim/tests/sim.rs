@@ -805,3 +805,38 @@ fn closed_form_forest_near_the_physical_limit() {
         assert_eq!(tree.origin_bytes, tree.working_set_bytes);
     }
 }
+
+#[test]
+fn back_to_back_forest_with_its_replay_nears_the_link_rate() {
+    // 24 hosts, 2 VMs each reading a 32 MiB working set back to back, no
+    // CPU cost: the VMs read one block at a time, so only the replay keeps
+    // the links full. A forest of 2 stripes comes within 1.35 x W/B, the
+    // tree of fan-out 2 takes about 2 W/B (its interior hosts upload two
+    // copies). Without the heartbeats that follow a join (hosts displaced
+    // by later joiners keep their old parents for a second) and with
+    // fetches spread over every parent, the forest is far slower.
+    let ws = 32u64 << 20;
+    let mut tr = (*trace(ws, Duration::ZERO, 3)).clone();
+    tr.image_size = 1 << 30;
+    let tr = Arc::new(tr);
+    let wb = ws as f64 * 8.0 / 1e9;
+    let time = |stripes: u32, settle: bool, busy_at: u32| {
+        let mut c = Config::new(Mode::Virtman, 24, 48, Arc::clone(&tr));
+        c.stripes = stripes;
+        c.topology.fanout = 2;
+        c.cpu = CpuModel::NONE;
+        c.parent_busy_at = busy_at;
+        if !settle {
+            c.settle_heartbeats.clear();
+        }
+        let r = run(&c).unwrap();
+        assert_eq!(r.booted, 48);
+        r.all_booted_s.unwrap()
+    };
+    let forest = time(2, true, 4);
+    let tree = time(1, true, 4);
+    let unsettled = time(2, false, 1);
+    assert!(forest < 1.35 * wb, "forest {forest} s, W/B {wb} s");
+    assert!(tree > 1.9 * wb, "tree {tree} s, W/B {wb} s");
+    assert!(unsettled > 1.3 * forest, "{unsettled} s vs {forest} s");
+}
