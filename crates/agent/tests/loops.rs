@@ -42,6 +42,7 @@ async fn two_hosts_that_are_each_others_parents_read_from_the_origin_at_once() {
     let config = virtman_coordinator::CoordinatorConfig {
         fanout: 2,
         parents: 1,
+        stripes: 1,
         heartbeat_interval_ms: 60_000,
         heartbeat_timeout_ms: 120_000,
         suspect_after_ms: 120_000,

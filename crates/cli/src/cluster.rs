@@ -54,6 +54,10 @@ Example:
         /// Parents per host.
         #[arg(long, default_value_t = 2)]
         parents: u32,
+        /// Stripes of a striped forest: chunk i follows stripe i mod S's tree
+        /// and each host relays one stripe (use --fanout S); 1 is one tree.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+        stripes: u32,
         /// Cache capacity per host.
         #[arg(long, default_value = "2G")]
         cache_size: String,
@@ -121,6 +125,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
             fanout,
             origin_fanout,
             parents,
+            stripes,
             cache_size,
             profile,
             netns,
@@ -145,7 +150,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
                 fanout,
                 origin_fanout,
                 parents,
-                stripes: 1,
+                stripes,
                 cache_size,
                 profile_trace: profile,
                 net: netns.then(|| virtman_storm::cluster::NetConfig {

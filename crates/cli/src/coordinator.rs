@@ -119,8 +119,9 @@ pub struct CoordinatorOptions {
     /// Stripes S of an image registered without its own (1 to 64): chunk i
     /// follows stripe i mod S's tree, and every host relays one stripe and
     /// only receives the others (a striped forest; fan-out S makes each host
-    /// upload about what it downloads). 1 is one tree.
-    #[arg(long, value_name = "S", default_value_t = 1)]
+    /// upload about what it downloads, so the default is the fan-out's 4).
+    /// 1 is one tree.
+    #[arg(long, value_name = "S", default_value_t = 4)]
     #[serde(deserialize_with = "fields::count_in::<_, 1, 64>")]
     pub stripes: u32,
 

@@ -107,7 +107,7 @@ pub struct SimArgs {
     pub parents: Vec<u32>,
     /// Stripes S of a striped forest (chunk i follows stripe i mod S's tree;
     /// each host relays one stripe); 1 is one tree. A comma list sweeps it.
-    #[arg(long, value_delimiter = ',', default_value = "1")]
+    #[arg(long, value_delimiter = ',', default_value = "4")]
     pub stripes: Vec<u32>,
     /// A failure: `5%@10s`, `5%@10s+30s` (recovery), `origin@20s`; repeatable.
     #[arg(long, value_parser = parse_fail)]

@@ -116,7 +116,7 @@ pub struct StormArgs {
     /// Stripes of a striped forest in `virtman` mode: chunk i follows stripe
     /// i mod S's tree and each host relays one stripe (use --fanout S); 1 is
     /// one tree.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     stripes: u32,
     /// In `virtman` mode, do not give the origin the trace as the image's
     /// boot profile (hosts then fetch on demand only, as on an image's very

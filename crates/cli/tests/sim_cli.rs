@@ -157,7 +157,17 @@ fn storm_trace_back_to_back_and_cpu_flags() {
     );
     let all_booted = |extra: &[&str]| -> f64 {
         let mut a = vec![
-            "--hosts", "4", "--vms", "16", "--fanout", "2", "--trace", trace, "--json",
+            "--hosts",
+            "4",
+            "--vms",
+            "16",
+            "--fanout",
+            "2",
+            "--stripes",
+            "1",
+            "--trace",
+            trace,
+            "--json",
         ];
         a.extend_from_slice(extra);
         let out = sim(&a);

@@ -23,7 +23,8 @@ pub struct CoordinatorConfig {
     pub parents: u32,
     /// Stripes S of an image registered without its own (1 to 64): chunk i
     /// follows stripe i mod S's tree and every host relays one stripe; 1 is
-    /// one tree.
+    /// one tree. The default, 4, is the default fan-out: a forest whose
+    /// hosts each upload about what they download.
     pub stripes: u32,
     /// How often nodes are told to heartbeat, in milliseconds.
     pub heartbeat_interval_ms: u64,
@@ -45,7 +46,7 @@ impl Default for CoordinatorConfig {
             fanout: 4,
             origin_fanout: 1,
             parents: 2,
-            stripes: 1,
+            stripes: 4,
             heartbeat_interval_ms: 1_000,
             heartbeat_timeout_ms: 4_000,
             report_threshold: 2,

@@ -46,7 +46,11 @@ impl Running {
 
 fn options(dir: &Path) -> Options {
     Options {
-        config: CoordinatorConfig::default(),
+        // One tree per image: the cases check trees' shapes.
+        config: CoordinatorConfig {
+            stripes: 1,
+            ..CoordinatorConfig::default()
+        },
         token: Token::new(TOKEN).unwrap(),
         tls: None,
         data_dir: dir.to_owned(),

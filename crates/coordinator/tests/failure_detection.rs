@@ -82,6 +82,7 @@ fn open(dir: &Path) -> (Coordinator, CancellationToken) {
         config: CoordinatorConfig {
             fanout: 2,
             parents: 2,
+            stripes: 1,
             heartbeat_interval_ms: 1_000,
             heartbeat_timeout_ms: 4_000,
             tick_ms: 250,

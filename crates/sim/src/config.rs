@@ -96,7 +96,8 @@ pub struct Config {
     /// The tree's settings, given to the real topology state machine.
     pub topology: Settings,
     /// Stripes of the forest (`virtman_topology::Forest`): chunk i is
-    /// fetched along stripe i mod S's tree; 1 (the default) is one tree.
+    /// fetched along stripe i mod S's tree; 1 is one tree (the default, 4,
+    /// is the coordinator's).
     pub stripes: u32,
     /// How often agents heartbeat (and learn their new parents).
     pub heartbeat_interval: Duration,
@@ -467,7 +468,7 @@ impl Config {
             hop_latency: Duration::from_micros(100),
             link_burst: 0,
             topology: Settings::default(),
-            stripes: 1,
+            stripes: 4,
             heartbeat_interval: Duration::from_secs(1),
             settle_heartbeats: [100, 200, 400].map(Duration::from_millis).to_vec(),
             tick_interval: Duration::from_millis(250),

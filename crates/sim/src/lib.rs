@@ -4,10 +4,10 @@
 //! real [`virtman_topology::Session`] (join, heartbeat, report, tick), driven
 //! on virtual time exactly as the coordinator drives it on wall-clock time.
 //! Around it the simulator models what the agents and the network do: cached
-//! volumes filled chunk by chunk with single-flight fetches, parents tried by
-//! least outstanding requests with the origin last and failover on timeout,
-//! cut-through down the tree, boot-profile prefetch behind demand reads
-//! (virtman mode), links shared max-min fairly, and CPU work
+//! volumes filled chunk by chunk with single-flight fetches, parents tried in
+//! the coordinator's order (busy ones after) with the origin last and
+//! failover on timeout, cut-through down the tree, boot-profile prefetch
+//! ahead of the readers (virtman mode), links shared max-min fairly, and CPU work
 //! (serving, receiving, verifying and storing chunks, VM reads) on each
 //! host's cores or on one machine's shared cores, by processor sharing.
 //!

@@ -260,6 +260,7 @@ fn closed_form_chain_without_contention() {
     for hosts in [2u32, 6, 14, 30] {
         let n = 8;
         let mut c = Config::new(Mode::Virtman, hosts, 1, chunk_reads(n));
+        c.stripes = 1;
         c.topology.fanout = 2;
         c.topology.parents = 1;
         c.prejoin = true;
@@ -575,15 +576,27 @@ fn prefetch_fetches_every_chunk_once() {
     // Single flight shared with demand reads: with prefetch every host still
     // receives each chunk of the working set exactly once, and the origin
     // sends it once (it feeds one relay head), with think time or back to
-    // back, with one to three parents.
+    // back, with one to three parents; in a forest too (but the origin).
     let hosts = 40;
-    for (think, parents) in [(2, 2), (0, 2), (0, 1), (2, 3)] {
+    for (think, parents, stripes) in [
+        (2, 2, 1),
+        (0, 2, 1),
+        (0, 1, 1),
+        (2, 3, 1),
+        (2, 2, 4),
+        (0, 1, 4),
+    ] {
         let mut c = storm(Mode::Virtman, hosts, 160);
+        c.stripes = stripes;
         c.trace = trace(8 << 20, Duration::from_secs(think), 7);
         c.topology.parents = parents;
         assert!(c.prefetch.enabled, "on by default");
         let r = run(&c).unwrap();
-        let case = format!("think {think} s, p = {parents}");
+        let case = format!("think {think} s, p = {parents}, {stripes} stripes");
+        eprintln!(
+            "{case}: origin {} of {} fetches {}",
+            r.origin_bytes, r.working_set_bytes, r.counters.fetches
+        );
         assert_eq!(r.booted, 160, "{case}");
         assert_eq!(r.vms_read_whole_trace, 160, "{case}");
         assert_eq!(r.bytes_sent, r.bytes_received, "{case}");
@@ -592,7 +605,14 @@ fn prefetch_fetches_every_chunk_once() {
             u64::from(hosts) * r.working_set_bytes,
             "{case}"
         );
-        assert_eq!(r.origin_bytes, r.working_set_bytes, "{case}");
+        if stripes == 1 {
+            assert_eq!(r.origin_bytes, r.working_set_bytes, "{case}");
+        } else {
+            // A forest's first hosts relay stripes whose own relays join
+            // later and fetch them from the origin again: in a storm this
+            // short (8 MiB at 1 Gbit/s, joins over 500 ms) that is most of it.
+            assert!(r.origin_bytes < 2 * r.working_set_bytes, "{case}");
+        }
         let chunks = r.working_set_bytes / u64::from(CHUNK);
         assert_eq!(r.counters.fetches, u64::from(hosts) * chunks, "{case}");
         assert!(r.counters.prefetch_fetches > 0, "{case}");
@@ -616,6 +636,8 @@ fn prefetch_delays_a_demand_read_by_at_most_its_chunks_in_flight() {
         r.at_us = i as u64 * 11_000;
     }
     let mut c = Config::new(Mode::Virtman, 1, 1, reads);
+    // One tree, one lane: all `in_flight` chunks in it.
+    c.stripes = 1;
     c.hop_latency = Duration::from_micros(200);
     c.cpu = CpuModel::NONE;
     let wire = f64::from(CHUNK) * 8.0 / 1e9;
@@ -710,6 +732,7 @@ fn join_lead_lets_prefetch_run_before_the_vms_start() {
     // changes nothing (the closed form). Times count from the VMs' start.
     let n = 10;
     let mut c = Config::new(Mode::Virtman, 1, 1, chunk_reads(n));
+    c.stripes = 1;
     c.hop_latency = Duration::from_micros(200);
     c.cpu = CpuModel::NONE;
     c.join_lead = Some(JoinLead {
@@ -729,6 +752,7 @@ fn join_lead_lets_prefetch_run_before_the_vms_start() {
     // Hosts join in order, host 0 first: with a lead from 1 s down to 0.5 s
     // over 8 hosts the tree still conserves bytes and every VM boots.
     let mut s = storm(Mode::Virtman, 8, 32);
+    s.stripes = 1;
     s.join_lead = Some(JoinLead {
         first: Duration::from_secs(1),
         last: Duration::from_millis(500),

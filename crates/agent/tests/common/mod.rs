@@ -188,9 +188,9 @@ impl Node {
     }
 }
 
-/// Serves a coordinator (fan-out 2, one parent per host, heartbeats every
-/// 200 ms, dead after 2 s) with its data in `data_dir` on `listener`; cancel
-/// the token to stop it, then await the task.
+/// Serves a coordinator (one tree of fan-out 2, one parent per host,
+/// heartbeats every 200 ms, dead after 2 s) with its data in `data_dir` on
+/// `listener`; cancel the token to stop it, then await the task.
 pub fn serve_coordinator(
     data_dir: PathBuf,
     token: &str,
@@ -202,6 +202,7 @@ pub fn serve_coordinator(
     let config = virtman_coordinator::CoordinatorConfig {
         fanout: 2,
         parents: 1,
+        stripes: 1,
         heartbeat_interval_ms: 200,
         heartbeat_timeout_ms: 2000,
         ..virtman_coordinator::CoordinatorConfig::default()

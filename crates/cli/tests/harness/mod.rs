@@ -177,6 +177,11 @@ impl Cluster {
             "--tls",
             coordinator_tls.to_str().unwrap(),
         ];
+        // One tree unless asked: these tests check a tree's shapes (the
+        // coordinator's default is a forest of 4 stripes).
+        if !coordinator.contains(&"--stripes") {
+            coordinator_args.extend_from_slice(&["--stripes", "1"]);
+        }
         coordinator_args.extend_from_slice(coordinator);
         let (coordinator, addr) = Proc::start(&coordinator_args);
         let url = format!("https://{addr}");

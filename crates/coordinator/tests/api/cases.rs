@@ -97,7 +97,9 @@ fn image(name: &str) -> RegisterImage {
         origins: vec!["10.0.0.1:10809".into()],
         fanout: Some(2),
         parents: Some(2),
-        stripes: None,
+        // One tree: these cases check a tree's shapes (forests are asked
+        // for where they are meant).
+        stripes: Some(1),
     }
 }
 
@@ -350,6 +352,32 @@ async fn state_changing_calls_need_the_token() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     c.client.join("img", &join_req("y", "r")).await.unwrap();
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn an_image_without_its_own_counts_is_a_forest_of_the_fanouts_stripes() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), CoordinatorConfig::default()).await;
+    let plain = RegisterImage {
+        fanout: None,
+        parents: None,
+        stripes: None,
+        ..image("plain")
+    };
+    let info = c.client.register_image(&plain).await.unwrap();
+    assert_eq!((info.fanout, info.parents, info.stripes), (4, 2, 4));
+    // Four members: each relays its own stripe and follows the others.
+    for i in 0..4 {
+        c.client
+            .join("plain", &join_req(&format!("n{i}"), "r"))
+            .await
+            .unwrap();
+    }
+    let t = c.client.tree("plain").await.unwrap();
+    let mut homes: Vec<u32> = t.nodes.iter().filter(|n| !n.origin).map(|n| n.home).collect();
+    homes.sort_unstable();
+    assert_eq!(homes, vec![0, 1, 2, 3], "{t:?}");
     c.stop().await;
 }
 
