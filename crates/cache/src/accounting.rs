@@ -122,7 +122,12 @@ impl Accounting {
                 return Ok(());
             }
             let target = self.low.min(self.capacity.saturating_sub(bytes));
-            if self.evict_to(target) == 0 && !self.try_add(bytes) {
+            if self.evict_to(target) == 0 {
+                // Others may have released bytes meanwhile: a success here
+                // is the reservation (not to be added again at the top).
+                if self.try_add(bytes) {
+                    return Ok(());
+                }
                 // Chunks stored but not yet durable cannot be evicted (their
                 // presence is not on disk yet): make them durable, once, and
                 // try again before refusing.
@@ -195,5 +200,68 @@ impl Accounting {
             tracing::debug!(freed, target, "evicted chunks");
         }
         freed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A volume with nothing to evict which, the first time eviction looks
+    /// at it, releases `release` bytes of the accounting: as when another
+    /// thread's store gives back its reservation (a failed write, a chunk
+    /// already present) or a failed sync drops chunks while a reservation
+    /// waits for eviction.
+    struct Releases {
+        acct: Arc<Accounting>,
+        manifest: Manifest,
+        release: Mutex<u64>,
+    }
+
+    impl Evictable for Releases {
+        fn name(&self) -> &str {
+            "releases"
+        }
+        fn manifest(&self) -> &Manifest {
+            &self.manifest
+        }
+        fn uses(&self) -> usize {
+            0
+        }
+        fn pending_chunks(&self) -> usize {
+            0
+        }
+        fn commit(&self) -> Result<(), CacheError> {
+            Ok(())
+        }
+        fn evict_candidates(&self) -> Vec<(u64, u64)> {
+            let n = std::mem::take(&mut *lock(&self.release));
+            self.acct.sub_used(n);
+            Vec::new()
+        }
+        fn evict(&self, _: &[u64]) -> u64 {
+            0
+        }
+    }
+
+    #[test]
+    fn space_freed_by_others_during_eviction_is_reserved_once() {
+        const C: u64 = 16384;
+        let acct = Arc::new(Accounting::new(
+            4 * C,
+            4 * C,
+            std::time::Duration::from_secs(5),
+        ));
+        acct.add_used(4 * C);
+        let v: Arc<dyn Evictable> = Arc::new(Releases {
+            acct: Arc::clone(&acct),
+            manifest: Manifest::of_bytes(&[1u8; 65536], 16384).unwrap(),
+            release: Mutex::new(2 * C),
+        });
+        acct.register(Arc::downgrade(&v));
+        // Full: eviction frees nothing itself, but 2 C are released meanwhile.
+        acct.reserve(C, "x", 0).unwrap();
+        assert_eq!(acct.used(), 3 * C, "the reservation counted once");
     }
 }
