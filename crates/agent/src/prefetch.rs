@@ -519,6 +519,31 @@ mod tests {
         }
     }
 
+    /// A cache group and an image of 8 chunks (its bytes and manifest).
+    fn eight_chunks() -> (tempfile::TempDir, CacheGroup, Vec<u8>, Manifest) {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..8 * CHUNK).map(|i| (i % 251 + 1) as u8).collect();
+        let m = Manifest::of_bytes(&data, CHUNK).unwrap();
+        let group = CacheGroup::open(dir.path(), GroupConfig::with_capacity(64 << 20)).unwrap();
+        (dir, group, data, m)
+    }
+
+    /// Volume `name` of the image, its upstream an [`OddsHeld`].
+    fn odds_held(
+        group: &CacheGroup,
+        name: &str,
+        m: &Manifest,
+        data: &[u8],
+    ) -> (Arc<CachedVolume>, Arc<OddsHeld>) {
+        let v = group.add_volume(name, m).unwrap();
+        let up = Arc::new(OddsHeld {
+            data: data.to_vec(),
+            release: Notify::new(),
+        });
+        v.set_upstream(Some(Arc::clone(&up) as Arc<dyn Upstream>));
+        (v, up)
+    }
+
     fn present(v: &CachedVolume) -> BTreeSet<u64> {
         (0..v.manifest().chunks())
             .filter(|&i| v.is_present(i))
@@ -527,22 +552,14 @@ mod tests {
 
     #[tokio::test]
     async fn each_stripe_has_its_own_lane() {
-        let dir = tempfile::tempdir().unwrap();
-        let data: Vec<u8> = (0..8 * CHUNK).map(|i| (i % 251 + 1) as u8).collect();
-        let m = Manifest::of_bytes(&data, CHUNK).unwrap();
-        let group = CacheGroup::open(dir.path(), GroupConfig::with_capacity(64 << 20)).unwrap();
+        let (_dir, group, data, m) = eight_chunks();
         let cfg = PrefetchConfig {
             in_flight: 1,
             ..PrefetchConfig::default()
         };
         let cancel = CancellationToken::new();
         for (name, stripes) in [("one", 1u32), ("two", 2)] {
-            let v = group.add_volume(name, &m).unwrap();
-            let up = Arc::new(OddsHeld {
-                data: data.clone(),
-                release: Notify::new(),
-            });
-            v.set_upstream(Some(Arc::clone(&up) as Arc<dyn Upstream>));
+            let (v, up) = odds_held(&group, name, &m, &data);
             let run = {
                 let (v, cfg, cancel) = (Arc::clone(&v), cfg.clone(), cancel.clone());
                 tokio::spawn(async move {
@@ -569,10 +586,7 @@ mod tests {
 
     #[tokio::test]
     async fn readers_of_expected_chunks_do_not_pause_the_replay_others_do() {
-        let dir = tempfile::tempdir().unwrap();
-        let data: Vec<u8> = (0..8 * CHUNK).map(|i| (i % 251 + 1) as u8).collect();
-        let m = Manifest::of_bytes(&data, CHUNK).unwrap();
-        let group = CacheGroup::open(dir.path(), GroupConfig::with_capacity(64 << 20)).unwrap();
+        let (_dir, group, data, m) = eight_chunks();
         let cfg = PrefetchConfig {
             in_flight: 1,
             ..PrefetchConfig::default()
@@ -583,12 +597,7 @@ mod tests {
             ("expected", 1u64, vec![1u64, 0, 2, 4, 6]),
             ("other", 3, vec![0, 2, 4, 6]),
         ] {
-            let v = group.add_volume(name, &m).unwrap();
-            let up = Arc::new(OddsHeld {
-                data: data.clone(),
-                release: Notify::new(),
-            });
-            v.set_upstream(Some(Arc::clone(&up) as Arc<dyn Upstream>));
+            let (v, up) = odds_held(&group, name, &m, &data);
             let reader = {
                 let v = Arc::clone(&v);
                 tokio::spawn(async move { v.read_bytes(read * u64::from(CHUNK), CHUNK).await })
