@@ -20,6 +20,11 @@ const CHUNKS: usize = 32;
 const DATA: [usize; 3] = [0, 5, 17];
 const TOKEN: &str = "held-test-token-0123456789abcdef";
 
+/// Member agent `name`, its data under `dir`, with the default prefetch.
+async fn member(dir: &std::path::Path, url: &str, name: &str) -> Node {
+    Node::start(name, dir.join(name), url, TOKEN, PrefetchConfig::default()).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_holding_every_non_zero_chunk_of_a_sparse_image_holds_it_all() {
     let dir = tempfile::tempdir().unwrap();
@@ -31,16 +36,7 @@ async fn a_host_holding_every_non_zero_chunk_of_a_sparse_image_holds_it_all() {
             .copy_from_slice(&virtman_testkit::pattern(CHUNK as usize, i as u64 + 1));
     }
     let (url, stop, origin) = origin_cluster(dir.path(), &image, CHUNK, &[], TOKEN, |_| {}).await;
-    let start = |name: &'static str| {
-        Node::start(
-            name,
-            dir.path().join(name),
-            &url,
-            TOKEN,
-            PrefetchConfig::default(),
-        )
-    };
-    let a1 = start("a1").await;
+    let a1 = member(dir.path(), &url, "a1").await;
     a1.agent.create_vm("vm1", "img").await.unwrap();
     let vm = vm_client(a1.agent.vm_socket(), "vm1").await;
     for &i in &DATA {
@@ -157,16 +153,10 @@ async fn hosts_that_just_joined_learn_their_new_parents_within_a_second() {
     };
     let (url, stop, origin) =
         origin_cluster_with(dir.path(), &image, CHUNK, &[], TOKEN, Some(config), |_| {}).await;
-    let start = |name: &'static str| {
-        Node::start(
-            name,
-            dir.path().join(name),
-            &url,
-            TOKEN,
-            PrefetchConfig::default(),
-        )
-    };
-    let (a, b) = (start("a").await, start("b").await);
+    let (a, b) = (
+        member(dir.path(), &url, "a").await,
+        member(dir.path(), &url, "b").await,
+    );
     let t0 = std::time::Instant::now();
     let (ra, rb) = tokio::join!(
         a.agent.create_vm("vm-a", "img"),

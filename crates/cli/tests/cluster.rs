@@ -11,7 +11,6 @@ mod harness;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use harness::{BIN, CHUNK, Cluster, metric, node_dir, read_vm};
@@ -210,29 +209,8 @@ async fn a_middle_agent_killed_mid_read_fails_no_read_and_the_tree_is_repaired()
         .map(|n| n["node"].as_str().unwrap().to_owned())
         .expect("a middle node");
     let victim_i: usize = victim[1..].parse().unwrap();
-    let mut reads = tokio::task::JoinSet::new();
-    let progress: Arc<AtomicU64> = Arc::default();
-    for i in (1..=6).filter(|&i| i != victim_i) {
-        let sock = socks[i - 1].clone();
-        let (size, export) = (c.image.len(), format!("vm{i}"));
-        reads.spawn(read_vm(sock, export, size, Arc::clone(&progress)));
-    }
     // Kill the middle agent once the reads are well under way.
-    let started = Instant::now();
-    while progress.load(Ordering::Relaxed) < 6 << 20 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "reads do not progress"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    c.agents[victim_i - 1].take().unwrap().signal("-KILL");
-    while let Some(r) = reads.join_next().await {
-        assert!(
-            r.unwrap() == c.image,
-            "a read returned wrong bytes after the kill"
-        );
-    }
+    c.kill_mid_read(&socks, victim_i, 6 << 20).await;
     // The kill really hit readers: some survivor failed over from the victim.
     let mut failovers = 0;
     for i in (1..=6).filter(|&i| i != victim_i) {

@@ -9,8 +9,7 @@ mod harness;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use harness::{CHUNK, Cluster, read_vm};
 use virtman_testkit::pattern;
@@ -109,32 +108,7 @@ async fn a_relay_killed_mid_read_changes_nothing_a_vm_sees() {
         .map(|n| n["node"].as_str().unwrap().to_owned())
         .expect("a relay with children");
     let victim_i: usize = victim[1..].parse().unwrap();
-    let mut reads = tokio::task::JoinSet::new();
-    let progress: Arc<AtomicU64> = Arc::default();
-    for i in (1..=HOSTS).filter(|&i| i != victim_i) {
-        let (size, export) = (c.image.len(), format!("vm{i}"));
-        reads.spawn(read_vm(
-            socks[i - 1].clone(),
-            export,
-            size,
-            Arc::clone(&progress),
-        ));
-    }
-    let started = Instant::now();
-    while progress.load(Ordering::Relaxed) < 8 << 20 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "reads do not progress"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    c.agents[victim_i - 1].take().unwrap().signal("-KILL");
-    while let Some(r) = reads.join_next().await {
-        assert!(
-            r.unwrap() == c.image,
-            "a read returned wrong bytes after the kill"
-        );
-    }
+    c.kill_mid_read(&socks, victim_i, 8 << 20).await;
     // The coordinator repairs every stripe: nobody keeps the victim.
     c.wait_for(
         |c| {

@@ -265,30 +265,42 @@ async fn a_hung_parent_is_hedged_around_and_then_skipped() {
     stop.cancel();
 }
 
-#[tokio::test]
-async fn hedges_stay_a_small_share_of_fetches_from_a_slow_parent() {
-    let stop = CancellationToken::new();
+/// Parents of the test image: one parent answering every read `delay_ms`
+/// late, then an origin answering at once; hedges after exactly `hedge_ms`.
+async fn behind_a_slow_parent(
+    delay_ms: u64,
+    hedge_ms: u64,
+    stop: &CancellationToken,
+) -> (Arc<Parents>, Arc<Manifest>) {
     let data = image();
     let m = Arc::new(Manifest::of_bytes(&data, CHUNK).unwrap());
-    // Answers every read, 40 ms late; the origin answers at once.
-    let slow = slow_parent(data.clone(), Duration::from_millis(40), &stop).await;
-    let origin = serve(data.clone(), &stop).await;
+    let slow = slow_parent(data.clone(), Duration::from_millis(delay_ms), stop).await;
+    let origin = serve(data, stop).await;
     let (tx, _rx) = mpsc::unbounded_channel();
+    let hedge = Duration::from_millis(hedge_ms);
     let config = FetchConfig {
         hedge: Some(Hedge {
-            floor: Duration::from_millis(5),
-            ceiling: Duration::from_millis(5),
+            floor: hedge,
+            ceiling: hedge,
         }),
         ..FetchConfig::default()
     };
-    let p = Parents::new(
+    let p = Arc::new(Parents::new(
         "img",
         Arc::clone(&m),
         vec![source("origin", &origin)],
         config,
         tx,
-    );
+    ));
     p.set(vec![source("slow", &slow)]);
+    (p, m)
+}
+
+#[tokio::test]
+async fn hedges_stay_a_small_share_of_fetches_from_a_slow_parent() {
+    let stop = CancellationToken::new();
+    // Answers every read, 40 ms late; the origin answers at once.
+    let (p, m) = behind_a_slow_parent(40, 5, &stop).await;
     let fetches = 100;
     for i in 0..fetches {
         let got = p.fetch(req(&m, i % m.chunks())).await.unwrap();
@@ -467,28 +479,9 @@ async fn the_first_parent_takes_fetches_until_it_is_busy() {
 #[tokio::test]
 async fn a_busy_parent_is_not_hedged_to_the_origin() {
     let stop = CancellationToken::new();
-    let data = image();
-    let m = Arc::new(Manifest::of_bytes(&data, CHUNK).unwrap());
     // Answers every read 60 ms late, many at once: once fetches overlap, it
     // answers one every few ms. The origin answers at once.
-    let busy = slow_parent(data.clone(), Duration::from_millis(60), &stop).await;
-    let origin = serve(data.clone(), &stop).await;
-    let (tx, _rx) = mpsc::unbounded_channel();
-    let config = FetchConfig {
-        hedge: Some(Hedge {
-            floor: Duration::from_millis(20),
-            ceiling: Duration::from_millis(20),
-        }),
-        ..FetchConfig::default()
-    };
-    let p = Arc::new(Parents::new(
-        "img",
-        Arc::clone(&m),
-        vec![source("origin", &origin)],
-        config,
-        tx,
-    ));
-    p.set(vec![source("busy", &busy)]);
+    let (p, m) = behind_a_slow_parent(60, 20, &stop).await;
     let mut set = tokio::task::JoinSet::new();
     let fetches = 80;
     for i in 0..fetches {

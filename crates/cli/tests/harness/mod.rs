@@ -303,6 +303,40 @@ pub fn node_dir(dir: &Path, name: &str, role: Role) -> PathBuf {
     out
 }
 
+impl Cluster {
+    /// Reads VM `vm{i}` whole at `socks[i - 1]` on every host but `victim`,
+    /// SIGKILLs agent `victim` once `after` bytes were read in all, and
+    /// checks that every read returned the image.
+    pub async fn kill_mid_read(&mut self, socks: &[PathBuf], victim: usize, after: u64) {
+        let mut reads = tokio::task::JoinSet::new();
+        let progress: Arc<AtomicU64> = Arc::default();
+        for i in (1..=socks.len()).filter(|&i| i != victim) {
+            let (size, export) = (self.image.len(), format!("vm{i}"));
+            reads.spawn(read_vm(
+                socks[i - 1].clone(),
+                export,
+                size,
+                Arc::clone(&progress),
+            ));
+        }
+        let started = Instant::now();
+        while progress.load(Ordering::Relaxed) < after {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "reads do not progress"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.agents[victim - 1].take().unwrap().signal("-KILL");
+        while let Some(r) = reads.join_next().await {
+            assert!(
+                r.unwrap() == self.image,
+                "a read returned wrong bytes after the kill"
+            );
+        }
+    }
+}
+
 /// Reads the whole export at `sock` chunk by chunk, adding to `progress`.
 pub async fn read_vm(
     sock: PathBuf,
