@@ -14,7 +14,7 @@
 //!
 //! The reader never sees a parent's failure while any source is up, and never
 //! waits on a hung one for longer than the hedge delay (see `fetch.rs`).
-//! With a striped image ([`Parents::set_stripes`]) chunk i is fetched from
+//! With a striped image ([`Parents::set_striped`]) chunk i is fetched from
 //! stripe i mod S's parents only, then the origins: never from another
 //! stripe's parents, so no chunk's requests go round a cycle.
 //! Parent lists from the coordinator are applied live with [`Parents::set`]:
@@ -301,16 +301,23 @@ impl Parents {
         }
     }
 
-    /// Replaces the parent list (ordered by preference). Connections to parents
-    /// that stay are kept; fetches in flight finish on the connection they hold.
+    /// Replaces the parent list (ordered by preference) of one tree.
+    /// Connections to parents that stay are kept; fetches in flight finish
+    /// on the connection they hold.
     pub fn set(&self, list: Vec<Source>) {
+        self.set_striped(list, Vec::new());
+    }
+
+    /// Replaces the parent list (every stripe's parents, in order of
+    /// preference) and the per-stripe lists together, so no fetch sees one
+    /// without the other: chunk i is then fetched from `lists[i mod S]`'s
+    /// parents, then the origins. An empty `lists` (or one list) is one
+    /// tree; a stripe's parent missing from `list` is left out.
+    pub fn set_striped(&self, list: Vec<Source>, lists: Vec<Vec<Source>>) {
         let origins = self.origins.read().unwrap_or_else(|p| p.into_inner());
+        // Stripes before parents, as `with_chunk_parents` reads them.
+        let mut stripes = self.stripes.write().unwrap_or_else(|p| p.into_inner());
         let mut g = self.parents.write().unwrap_or_else(|p| p.into_inner());
-        // One tree until `set_stripes` says otherwise.
-        self.stripes
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
         let old = std::mem::take(&mut *g);
         for s in list {
             if origins.iter().any(|o| o.source.addr == s.addr) {
@@ -323,26 +330,18 @@ impl Parents {
                 .unwrap_or_else(|| self.totals.conn(s, false));
             g.push(keep);
         }
-    }
-
-    /// Replaces the per-stripe lists (after [`Parents::set`] with every
-    /// stripe's parents): chunk i is then fetched from `lists[i mod S]`'s
-    /// parents, then the origins. An empty `lists` (or one list) is one tree.
-    pub fn set_stripes(&self, lists: Vec<Vec<Source>>) {
-        let all = self.parents.read().unwrap_or_else(|p| p.into_inner());
-        let lists = if lists.len() > 1 {
+        *stripes = if lists.len() > 1 {
             lists
                 .into_iter()
                 .map(|l| {
                     l.iter()
-                        .filter_map(|s| all.iter().find(|c| c.source == *s).cloned())
+                        .filter_map(|s| g.iter().find(|c| c.source == *s).cloned())
                         .collect()
                 })
                 .collect()
         } else {
             Vec::new()
         };
-        *self.stripes.write().unwrap_or_else(|p| p.into_inner()) = lists;
     }
 
     /// The stripe count (1: one tree).

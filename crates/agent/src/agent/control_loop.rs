@@ -310,8 +310,7 @@ impl Agent {
             if !a.origins.is_empty() {
                 parents.set_origins(known::origin_sources(&a.origins));
             }
-            parents.set(list);
-            parents.set_stripes(self.stripe_sources(a));
+            parents.set_striped(list, self.stripe_sources(a));
             let new = names(parents);
             if old == new {
                 debug!(image = %a.image, epoch = a.epoch, parents = ?new, "parent list again");

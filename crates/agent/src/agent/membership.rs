@@ -156,8 +156,7 @@ impl Agent {
             },
             self.reports.clone(),
         ));
-        parents.set(parent_list);
-        parents.set_stripes(stripe_lists);
+        parents.set_striped(parent_list, stripe_lists);
         volume.set_upstream(Some(Arc::clone(&parents) as Arc<dyn Upstream>));
         if let Some(access) = &self.access {
             access.guard(

@@ -393,8 +393,10 @@ async fn with_stripes_a_chunk_comes_from_its_stripes_parents_only() {
         tx,
     );
     // a relays even chunks, b odd ones.
-    p.set(vec![source("a", &a), source("b", &b)]);
-    p.set_stripes(vec![vec![source("a", &a)], vec![source("b", &b)]]);
+    p.set_striped(
+        vec![source("a", &a), source("b", &b)],
+        vec![vec![source("a", &a)], vec![source("b", &b)]],
+    );
     assert_eq!(p.stripe_count(), 2);
     for i in 0..8 {
         p.fetch(req(&m, i)).await.unwrap();
@@ -414,8 +416,10 @@ async fn with_stripes_a_chunk_comes_from_its_stripes_parents_only() {
     );
     // A stripe with no parent left goes to the origins, never to the other
     // stripe's parents.
-    p.set(vec![source("a", &a)]);
-    p.set_stripes(vec![vec![source("a", &a)], Vec::new()]);
+    p.set_striped(
+        vec![source("a", &a)],
+        vec![vec![source("a", &a)], Vec::new()],
+    );
     p.fetch(req(&m, 9)).await.unwrap();
     assert_eq!(by("b"), odd);
     assert_eq!(by("origin:0"), u64::from(m.chunk_len(9)));
