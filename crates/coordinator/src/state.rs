@@ -46,7 +46,7 @@ mod requests;
 
 use command::Reply;
 pub use command::{Command, Handle};
-use image::{ImageState, Member, image_settings, image_stripes};
+use image::{ImageState, Member, image_forest};
 
 /// The most commands applied before one store commit.
 pub const MAX_BATCH: usize = 512;
@@ -126,17 +126,14 @@ impl State {
         for record in loaded.images {
             let origins = s.origin_ids(&record.origins);
             let ids: Vec<NodeId> = origins.iter().map(|(id, _, _)| *id).collect();
-            let settings = image_settings(settings, &record).map_err(|e| StoreError::Corrupt {
-                key: format!("images/{}", record.name),
-                source: serde::de::Error::custom(e.to_string()),
-            })?;
-            let stripes = image_stripes(s.config.stripes, &record);
+            let session =
+                image_forest(settings, &record, &ids).map_err(|e| StoreError::Corrupt {
+                    key: format!("images/{}", record.name),
+                    source: serde::de::Error::custom(e.to_string()),
+                })?;
             let mut state = ImageState {
                 record,
-                session: Forest::new(settings, stripes, &ids).map_err(|e| StoreError::Corrupt {
-                    key: "images".into(),
-                    source: serde::de::Error::custom(e.to_string()),
-                })?,
+                session,
                 origins,
                 members: BTreeMap::new(),
             };
@@ -185,6 +182,7 @@ impl State {
             } else {
                 Duration::ZERO
             };
+            let (settings, stripes) = (*state.session.settings(), state.session.stripe_count());
             state.session =
                 Forest::restore(settings, stripes, &ids, saved, grace).map_err(|e| {
                     StoreError::Corrupt {

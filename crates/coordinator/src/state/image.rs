@@ -211,7 +211,18 @@ pub(super) fn image_settings(
     Ok(s)
 }
 
-/// The image's stripe count: its own, else the coordinator's default.
-pub(super) fn image_stripes(default: u32, record: &ImageRecord) -> u32 {
-    record.stripes.unwrap_or(default)
+/// The image's forest over its origins `ids`: the coordinator's settings
+/// with the image's overrides, and the stripe count it was registered with
+/// (resolved then; a record from before stripes is one tree), so a new
+/// default never reshapes an image already registered.
+pub(super) fn image_forest(
+    base: Settings,
+    record: &ImageRecord,
+    ids: &[NodeId],
+) -> Result<Forest, TopologyError> {
+    Forest::new(
+        image_settings(base, record)?,
+        record.stripes.unwrap_or(1),
+        ids,
+    )
 }

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use axum::http::StatusCode;
-use virtman_topology::{Forest, NodeId, Progress};
+use virtman_topology::{NodeId, Progress};
 
 use crate::api::{
     Assignment, HeartbeatRequest, HeartbeatResponse, ImageInfo, JoinRequest, JoinResponse,
@@ -18,7 +18,7 @@ use crate::store::ImageRecord;
 use crate::validate;
 
 use super::State;
-use super::image::{ImageState, Member, image_settings, image_stripes, topology_error};
+use super::image::{ImageState, Member, image_forest, topology_error};
 
 impl State {
     pub(super) fn register_image(
@@ -33,27 +33,30 @@ impl State {
             origins: req.origins,
             fanout: req.fanout,
             parents: req.parents,
-            stripes: req.stripes,
+            // Resolved now and stored: the default may change later.
+            stripes: Some(req.stripes.unwrap_or(self.config.stripes)),
         };
-        let settings = image_settings(self.settings, &record)
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
         if let Some(existing) = self.images.get(&record.name) {
-            if existing.record == record {
+            // Asking without a stripe count takes the one registered.
+            let asked = ImageRecord {
+                stripes: req.stripes.or(existing.record.stripes),
+                ..record
+            };
+            if existing.record == asked {
                 return Ok((false, existing.info()));
             }
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "conflict",
                 format!(
-                    "image {:?} is already registered with other size, digest or origins",
-                    record.name
+                    "image {:?} is already registered with other size, digest, origins or counts",
+                    asked.name
                 ),
             ));
         }
         let origins = self.origin_ids(&record.origins);
         let ids: Vec<NodeId> = origins.iter().map(|(id, _, _)| *id).collect();
-        let stripes = image_stripes(self.config.stripes, &record);
-        let session = Forest::new(settings, stripes, &ids)
+        let session = image_forest(self.settings, &record, &ids)
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
         let state = ImageState {
             record: record.clone(),

@@ -82,7 +82,8 @@ pub struct ImageRecord {
     /// Parents-per-node override.
     #[serde(default)]
     pub parents: Option<u32>,
-    /// Stripes (absent in records from before stripes: one tree).
+    /// Stripes, resolved at registration (absent in records from before
+    /// stripes: one tree).
     #[serde(default)]
     pub stripes: Option<u32>,
 }

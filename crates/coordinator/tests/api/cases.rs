@@ -382,6 +382,36 @@ async fn an_image_without_its_own_counts_is_a_forest_of_the_fanouts_stripes() {
 }
 
 #[tokio::test]
+async fn an_image_keeps_the_stripe_count_it_was_registered_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), CoordinatorConfig::default()).await;
+    let plain = RegisterImage {
+        stripes: None,
+        ..image("plain")
+    };
+    let info = c.client.register_image(&plain).await.unwrap();
+    assert_eq!(info.stripes, 4);
+    c.stop().await;
+    // Another default after a restart reshapes nothing already registered;
+    // asking again without a count is the same registration, with another
+    // count a conflict.
+    let config = CoordinatorConfig {
+        stripes: 2,
+        ..CoordinatorConfig::default()
+    };
+    let c = start(dir.path(), config).await;
+    let info = c.client.register_image(&plain).await.unwrap();
+    assert_eq!(info.stripes, 4);
+    let other = RegisterImage {
+        stripes: Some(2),
+        ..plain
+    };
+    let err = c.client.register_image(&other).await.unwrap_err();
+    assert_eq!(api_code(&err), (409, "conflict".into()));
+    c.stop().await;
+}
+
+#[tokio::test]
 async fn bad_input_gets_a_json_4xx_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let config = CoordinatorConfig {
