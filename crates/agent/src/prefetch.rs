@@ -466,21 +466,22 @@ pub(crate) async fn pin(
         if cancel.is_cancelled() {
             return;
         }
-        // Failures wait `retry`; chunks passed over as being fetched by
-        // others are looked at again a poll later.
-        let pause = if failed.is_empty() {
-            cfg.poll
-        } else {
+        if failed.is_empty() && volume.is_complete() {
+            continue;
+        }
+        // The next pass a `retry` later: for chunks whose fetch failed, and
+        // for those passed over as being fetched by others (a pass every
+        // poll would scan the whole image while such a fetch is slow).
+        if !failed.is_empty() {
             debug!(
                 image,
                 failed = failed.len(),
                 "pin pass incomplete; retrying"
             );
-            cfg.retry
-        };
+        }
         tokio::select! {
             () = cancel.cancelled() => return,
-            () = tokio::time::sleep(pause) => {}
+            () = tokio::time::sleep(cfg.retry) => {}
         }
     }
 }

@@ -102,8 +102,8 @@ pub struct Config {
     /// How often agents heartbeat (and learn their new parents).
     pub heartbeat_interval: Duration,
     /// The agent's first heartbeats after a join, each this long after the
-    /// one before (`AgentConfig::settle_heartbeats`), then every
-    /// `heartbeat_interval`: a host displaced by hosts joining after it
+    /// one before (the agent's `SETTLE_HEARTBEATS`; never longer than
+    /// `heartbeat_interval`), then every `heartbeat_interval`: a host displaced by hosts joining after it
     /// learns its new parents within a fraction of a second.
     pub settle_heartbeats: Vec<Duration>,
     /// How often the coordinator ticks (checks for timeouts).

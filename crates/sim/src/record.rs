@@ -37,10 +37,9 @@ pub struct Raw {
     pub cpu_jobs: u64,
     /// CPU work they needed, microseconds of one core.
     pub cpu_us: u64,
-    /// Chunk fetches started by boot-profile prefetch.
+    /// Chunk fetches started by boot-profile prefetch (it passes over
+    /// chunks already being fetched).
     pub prefetch_fetches: u64,
-    /// Prefetches that joined a fetch already in flight (single flight).
-    pub prefetch_joined: u64,
 }
 
 /// A VM: its host and image, where it is in the trace, and when it booted.

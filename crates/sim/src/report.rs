@@ -382,8 +382,8 @@ impl Report {
         if self.prefetch {
             let _ = writeln!(
                 s,
-                "  prefetch: {} chunk fetches started ahead of the VMs, {} joined a fetch in flight",
-                self.counters.prefetch_fetches, self.counters.prefetch_joined
+                "  prefetch: {} chunk fetches started ahead of the VMs",
+                self.counters.prefetch_fetches
             );
         }
         if let Some(t) = &self.tree {

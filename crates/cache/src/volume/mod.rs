@@ -130,9 +130,8 @@ pub struct CachedVolume {
     /// First touches of chunks by VMs (the boot profile).
     profile: Recorder,
     profile_path: PathBuf,
-    /// Reads waiting on a fetch right now (prefetch yields to them).
-    demand_waiting: AtomicUsize,
-    /// The chunks those reads wait on, with how many wait on each.
+    /// The chunks reads wait on right now (prefetch yields to them), with
+    /// how many reads wait on each.
     demand_chunks: Mutex<HashMap<u64, usize>>,
     /// Chunks a replay running now will fetch, and how many replays run.
     expected: AtomicBitmap,
@@ -332,7 +331,6 @@ impl CachedVolume {
             stats: VolumeStats::default(),
             profile,
             profile_path,
-            demand_waiting: AtomicUsize::new(0),
             demand_chunks: Mutex::new(HashMap::new()),
             expected: AtomicBitmap::new(chunks),
             expecting: Mutex::new(0),
@@ -373,10 +371,10 @@ impl CachedVolume {
         &self.stats
     }
 
-    /// Reads waiting on fetches right now; background prefetch waits while
+    /// Chunks that reads wait on right now; background prefetch waits while
     /// this is above zero, so demand reads go first.
     pub fn demand_waiting(&self) -> usize {
-        self.demand_waiting.load(Ordering::Acquire)
+        lock(&self.demand_chunks).len()
     }
 
     /// Whether chunk `index` is present (readable locally).

@@ -20,7 +20,7 @@
 //! The queued chunks become durable in the committer (see `commit.rs`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
@@ -103,18 +103,8 @@ impl CachedVolume {
                     .ok_or_else(|| CacheError::Task("a blocking read gave up".into()))?
             }
         };
-        // Missing pieces: fetch their chunks in parallel.
-        /// Counts this read as waiting for as long as it waits.
-        struct Waiting<'a>(&'a AtomicUsize);
-        impl Drop for Waiting<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::AcqRel);
-            }
-        }
-        let _waiting = local.iter().any(Option::is_none).then(|| {
-            self.demand_waiting.fetch_add(1, Ordering::AcqRel);
-            Waiting(&self.demand_waiting)
-        });
+        // Missing pieces: fetch their chunks in parallel, counted as waited
+        // on meanwhile.
         let _waiting_on = WaitingOn::new(
             &self.demand_chunks,
             pieces

@@ -149,12 +149,8 @@ impl ImageState {
     }
 
     pub(super) fn view(&self, id: NodeId, now: Duration) -> Option<NodeView> {
-        let origin = self.origins.iter().any(|(o, _, _)| *o == id);
-        let info = if origin {
-            self.session.stripe(0)?.node(id)?
-        } else {
-            self.home_node(id)?
-        };
+        // An origin has no home stripe: stripe 0's view of it.
+        let info = self.home_node(id)?;
         let (home, lists) = self.lists(id);
         let labels = self
             .members

@@ -102,11 +102,11 @@ impl Engine<'_> {
     /// The delay before the next heartbeat when `sent` were sent since the
     /// join: the settling ones first, then the interval.
     fn next_heartbeat(&self, sent: u32) -> u64 {
+        let interval = self.cfg.heartbeat_interval;
         ns(self
             .cfg
             .settle_heartbeats
             .get(sent as usize)
-            .copied()
-            .unwrap_or(self.cfg.heartbeat_interval))
+            .map_or(interval, |&d| d.min(interval)))
     }
 }

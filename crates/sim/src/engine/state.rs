@@ -87,8 +87,9 @@ pub(super) struct Lane {
 #[derive(Debug, Default)]
 pub(super) struct Volume {
     pub(super) joined: bool,
-    /// Reads waiting on fetches now: the host's VMs' reads and its
-    /// children's requests (`CachedVolume::demand_waiting`).
+    /// Reads waiting on fetches of chunks outside the boot profile now: the
+    /// host's VMs' reads and its children's requests
+    /// (`CachedVolume::demand_unexpected`).
     pub(super) demand: u32,
     pub(super) replay: Replay,
     pub(super) present: Vec<u64>,
