@@ -1,5 +1,6 @@
-//! Boot profiles recorded through snapshots and kept across a reopen, and
-//! CMD_CACHE hints from a VM fetched in the background.
+//! Boot profiles recorded through snapshots and kept across a reopen,
+//! CMD_CACHE hints from a VM fetched in the background, and which waiting
+//! reads a profile replay yields to.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 mod common;
@@ -148,4 +149,46 @@ async fn a_vm_cache_hint_returns_at_once_and_fetches_in_the_background() {
         3,
         "a chunk fetched twice"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_expected_chunks_are_not_unexpected_while_any_replay_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = image_bytes(9, 8 * CHUNK as usize, CHUNK as usize);
+    let m = virtman_image::Manifest::of_bytes(&data, CHUNK).unwrap();
+    let g = group(dir.path());
+    let v = g.add_volume("img", &m).unwrap();
+    let up = Arc::new(Gated {
+        data: data.clone(),
+        gate: tokio::sync::Semaphore::new(0),
+    });
+    v.set_upstream(Some(Arc::clone(&up) as Arc<dyn Upstream>));
+    // Reads of chunks 1 and 5 wait (no fetch can complete).
+    let readers: Vec<_> = [1u64, 5]
+        .into_iter()
+        .map(|i| {
+            let v = Arc::clone(&v);
+            tokio::spawn(async move { v.read_bytes(i * u64::from(CHUNK), 10).await })
+        })
+        .collect();
+    while v.demand_waiting() < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(v.demand_unexpected(), 2, "no replay: every chunk waited on");
+    // Two replays, one expecting chunk 1, the other 1 and 5; chunks out of
+    // range are ignored.
+    let first = v.expect([1, 1000]);
+    let second = v.expect([1, 5]);
+    assert_eq!(v.demand_unexpected(), 0);
+    // The first ending does not end the second's expectation.
+    drop(first);
+    assert_eq!(v.demand_unexpected(), 0);
+    drop(second);
+    assert_eq!(v.demand_unexpected(), 2);
+    up.gate.add_permits(1000);
+    for r in readers {
+        r.await.unwrap().unwrap();
+    }
+    assert_eq!(v.demand_waiting(), 0);
+    assert_eq!(v.demand_unexpected(), 0);
 }

@@ -259,4 +259,26 @@ fn prefetch_flags() {
     let out = sim(&["--hosts", "1", "--vms", "1", "--prefetch-in-flight", "0"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("chunks in flight"));
+    for bad in ["", "100ms,", "none,1s", "soon"] {
+        let out = sim(&["--hosts", "1", "--vms", "1", "--settle-heartbeats", bad]);
+        assert!(
+            !out.status.success(),
+            "--settle-heartbeats {bad:?} accepted"
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--settle-heartbeats"),
+            "{bad:?}"
+        );
+    }
+    for bad in ["0", "-1"] {
+        let out = sim(&["--hosts", "1", "--vms", "1", "--parent-busy-at", bad]);
+        assert!(!out.status.success(), "--parent-busy-at {bad} accepted");
+    }
+    // "none": no settling heartbeats, a valid run.
+    let out = sim(&["--hosts", "2", "--vms", "2", "--settle-heartbeats", "none"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -404,6 +404,10 @@ fn impossible_scenarios_are_refused() {
         Err(SimError::Config(ConfigError::Stripes(0)))
     ));
     let mut c = storm(Mode::Virtman, 2, 4);
+    c.parent_busy_at = 0;
+    let e = run(&c).unwrap_err();
+    assert!(e.to_string().contains("make a parent busy"), "{e}");
+    let mut c = storm(Mode::Virtman, 2, 4);
     c.link_rate = 0.0;
     let e = run(&c).unwrap_err();
     assert!(e.to_string().contains("link rate"), "{e}");
