@@ -146,7 +146,7 @@ impl State {
                         name: node,
                         addr: rec.addr.clone(),
                         labels: rec.labels.clone(),
-                        parents: rec.parents.clone(),
+                        lists: rec.lists(),
                     },
                 );
                 saved.push((id, rec));
@@ -164,12 +164,7 @@ impl State {
                     rack: rec.labels.get("rack").cloned(),
                     home: rec.home,
                     lent: rec.lent.clone(),
-                    // One tree (or a record from before stripes): `parents`.
-                    parents: if rec.stripe_parents.is_empty() {
-                        vec![ids_of(&rec.parents)]
-                    } else {
-                        rec.stripe_parents.iter().map(|l| ids_of(l)).collect()
-                    },
+                    parents: rec.lists().iter().map(|l| ids_of(l)).collect(),
                     complete: rec.complete,
                     epoch: rec.epoch,
                 })
@@ -349,13 +344,15 @@ impl State {
             let Some(m) = image.members.get_mut(&id) else {
                 continue;
             };
-            if m.parents.is_empty() {
-                tracing::debug!(image = %name, node = %m.name, parents = ?rec.parents, why = %why, "parents given");
-            } else if m.parents != rec.parents {
-                tracing::info!(image = %name, node = %m.name, old = ?m.parents,
-                    new = ?rec.parents, why = %why, "parents changed");
+            // Every stripe's list: a change in any of them is one to log.
+            let lists = rec.lists();
+            if m.lists.iter().all(Vec::is_empty) {
+                tracing::debug!(image = %name, node = %m.name, parents = ?lists, why = %why, "parents given");
+            } else if m.lists != lists {
+                tracing::info!(image = %name, node = %m.name, old = ?m.lists,
+                    new = ?lists, why = %why, "parents changed");
             }
-            m.parents.clone_from(&rec.parents);
+            m.lists = lists;
             batch.members.insert((name.clone(), m.name.clone()), rec);
         }
         let after = image.session.stats();

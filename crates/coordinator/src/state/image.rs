@@ -18,8 +18,9 @@ pub(super) struct Member {
     pub(super) name: String,
     pub(super) addr: String,
     pub(super) labels: BTreeMap<String, String>,
-    /// Its parents' names as last handed out (to log what a change changed).
-    pub(super) parents: Vec<String>,
+    /// Each stripe's parent names as last handed out (to log what a change
+    /// changed; one list for a tree).
+    pub(super) lists: Vec<Vec<String>>,
 }
 
 #[derive(Debug)]

@@ -97,7 +97,7 @@ impl State {
                 name: req.node.clone(),
                 addr: req.addr,
                 labels: req.labels,
-                parents: Vec::new(),
+                lists: Vec::new(),
             },
         );
         let why = format_args!("{} joined", req.node);

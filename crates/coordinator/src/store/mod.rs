@@ -114,6 +114,18 @@ pub struct MemberRecord {
     pub stripe_parents: Vec<Vec<String>>,
 }
 
+impl MemberRecord {
+    /// Each stripe's parent names (one list for a tree, or a record from
+    /// before stripes).
+    pub fn lists(&self) -> Vec<Vec<String>> {
+        if self.stripe_parents.is_empty() {
+            vec![self.parents.clone()]
+        } else {
+            self.stripe_parents.clone()
+        }
+    }
+}
+
 /// Writes to apply in one transaction.
 #[derive(Debug, Default)]
 pub struct Batch {
