@@ -7,7 +7,7 @@
 //!                                      then the origins (parents of last resort)
 //!                          an attempt (its own task): NBD read (timeout) ─► verify BLAKE3
 //!                                      ok ─► the first one wins  (the volume verifies again)
-//!                                      error/timeout ─► cool down, report, next at once
+//!                                      error/timeout (silent) ─► cool down, report, next at once
 //!                                      wrong bytes   ─► drop for this image, report, next
 //!                          no answer within the hedge delay ─► the next source too
 //! ```
@@ -43,8 +43,16 @@ use conn::Conn;
 /// Tunables of fetching from parents; the defaults suit a LAN.
 #[derive(Clone, Debug)]
 pub struct FetchConfig {
-    /// Time one chunk read from one parent may take before failing over.
+    /// Time one chunk read from one source may go unanswered, while the
+    /// source answers none of this image's other requests either, before
+    /// it fails over (a hung or dead source). A source that keeps
+    /// answering others is busy, not hung: the read waits on, up to
+    /// `request_deadline`.
     pub request_timeout: Duration,
+    /// The longest one chunk read from one source may take, however busy
+    /// the source (queues of many seconds on a slow link are a busy source;
+    /// one that answers all but this read is not).
+    pub request_deadline: Duration,
     /// Time to connect to a parent and finish the NBD handshake.
     pub connect_timeout: Duration,
     /// NBD connections per parent.
@@ -57,6 +65,15 @@ pub struct FetchConfig {
     /// secondaries (shallower relays) from their children: the simulator
     /// showed forests 40 % slower that way.
     pub busy_at: usize,
+    /// Hedges go to an origin only while this host has fewer requests than
+    /// this outstanding there. Every host of a storm shares the origin's
+    /// link, and at a storm's start every relay is silent while its own
+    /// parents fill the pipeline: a burst of hedges from each host queued
+    /// seconds deep at the origin (a 100 Mbit/s storm of 16 hosts in 4
+    /// stripes sent 2.3x the working set from it, with timeouts).
+    /// Failovers (a source failed or is known to be failing) are not
+    /// limited.
+    pub origin_hedges: usize,
     /// How long a parent that failed is skipped (it may be restarting).
     pub cool_down: Duration,
     /// Latency added to every request to a parent, for local benchmarks where
@@ -106,9 +123,13 @@ impl Default for FetchConfig {
             // child's report of a hung parent can act before the coordinator
             // notices the silence (the simulator showed 5 s never did).
             request_timeout: Duration::from_secs(2),
+            // A 100 Mbit/s link drains about 1,000 chunks of 256 KiB in
+            // 20 s: deeper queues than any storm builds.
+            request_deadline: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(2),
             connections: 2,
             busy_at: 4,
+            origin_hedges: 1,
             cool_down: Duration::from_secs(3),
             link_delay: Duration::ZERO,
             tls: None,

@@ -83,7 +83,8 @@ impl Conn {
         let cc = ClientConfig {
             export: image.to_owned(),
             connections: config.connections,
-            request_timeout: config.request_timeout,
+            // `attempt` times reads out sooner when the source is silent.
+            request_timeout: config.request_deadline.max(config.request_timeout),
             connect_timeout: config.connect_timeout,
             tls: config.tls.clone(),
             // Says "a child" to the parent, which counts what it serves

@@ -19,7 +19,11 @@
 //! source that answered other requests since it was asked (and within the
 //! last hedge delay) is busy, not hung: a hedge around it goes to another
 //! parent, never to an origin (a storm on the machine sent 3x the working
-//! set from the origin so).
+//! set from the origin so). Nor does a hedge go to an origin that already
+//! has [`super::FetchConfig::origin_hedges`] of this host's requests.
+//! A source is failed when it answers none of this image's requests for
+//! the request timeout; one that answers others is waited on, up to the
+//! request deadline.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -141,17 +145,20 @@ fn not_here(e: &ClientError) -> bool {
     )
 }
 
-/// One request counted in its source's `outstanding` while this lives.
-struct Outstanding<'a>(&'a Conn);
+/// One request counted in its source's `outstanding` while this lives:
+/// from when its attempt is launched (before it is paid for and before
+/// connecting, so fetches deciding at the same instant see each other)
+/// until answered, failed or dropped (a hedge won).
+struct Outstanding(Arc<Conn>);
 
-impl<'a> Outstanding<'a> {
-    fn count(conn: &'a Conn) -> Self {
+impl Outstanding {
+    fn count(conn: &Arc<Conn>) -> Self {
         conn.outstanding.fetch_add(1, Ordering::Relaxed);
-        Outstanding(conn)
+        Outstanding(Arc::clone(conn))
     }
 }
 
-impl Drop for Outstanding<'_> {
+impl Drop for Outstanding {
     fn drop(&mut self) {
         self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
     }
@@ -160,21 +167,23 @@ impl Drop for Outstanding<'_> {
 /// Reads the chunk from `conn` and checks it; on a failure cools the source
 /// down, on a lie drops it, and reports either. Unless `paid`, first waits
 /// for the chunk's bytes on the download cap.
-async fn attempt(shared: Arc<Shared>, conn: Arc<Conn>, req: ChunkRequest, paid: bool) -> Outcome {
+async fn attempt(shared: Arc<Shared>, out: Outstanding, req: ChunkRequest, paid: bool) -> Outcome {
+    let conn = Arc::clone(&out.0);
     if !paid {
         shared.pay(req).await;
     }
     let started = Instant::now();
     let result = async {
-        // Counted from before connecting until answered, failed or dropped
-        // (a hedge won): a burst of fetches while the connection is made
-        // sees the parent's load.
-        let _out = Outstanding::count(&conn);
         let client = conn.client(&shared.image, &shared.config).await?;
         if !shared.config.link_delay.is_zero() {
             tokio::time::sleep(shared.config.link_delay).await;
         }
-        let res = client.read(req.offset, u64::from(req.len)).await;
+        let res = patiently(
+            &conn,
+            client.read(req.offset, u64::from(req.len)),
+            shared.config.request_timeout,
+        )
+        .await?;
         if res.as_ref().is_ok() || res.as_ref().is_err_and(not_here) {
             conn.mark_answered();
         }
@@ -212,6 +221,31 @@ async fn attempt(shared: Arc<Shared>, conn: Arc<Conn>, req: ChunkRequest, paid: 
     }
 }
 
+/// Waits for `read`, failing it after `timeout` in which `conn` answered
+/// nothing at all; each window in which it answered other requests (busy,
+/// not hung: on a slow link a relay's queue can hold seconds of chunks)
+/// extends the wait by another. The client's own request timeout (the
+/// request deadline) bounds the whole.
+async fn patiently<T>(
+    conn: &Conn,
+    read: impl std::future::Future<Output = T>,
+    timeout: Duration,
+) -> Result<T, String> {
+    tokio::pin!(read);
+    let mut window = Instant::now();
+    loop {
+        match tokio::time::timeout_at((window + timeout).into(), &mut read).await {
+            Ok(r) => return Ok(r),
+            Err(_) if conn.answered_since(window) => window = Instant::now(),
+            Err(_) => {
+                return Err(format!(
+                    "no answer to this or any other request within {timeout:?}"
+                ));
+            }
+        }
+    }
+}
+
 impl Parents {
     /// Fetches one chunk: the first verified answer of any source.
     pub(super) async fn fetch_any(&self, req: ChunkRequest) -> Result<Bytes, UpstreamError> {
@@ -221,9 +255,10 @@ impl Parents {
         let mut next = self.candidates(req.index).into_iter().peekable();
         let (tx, mut rx) = mpsc::unbounded_channel::<(Arc<Conn>, bool, Outcome)>();
         let launch = |conn: &Arc<Conn>, hedge: bool, paid: bool| {
-            let (shared, conn, tx) = (Arc::clone(shared), Arc::clone(conn), tx.clone());
+            let (shared, out, tx) = (Arc::clone(shared), Outstanding::count(conn), tx.clone());
+            let conn = Arc::clone(conn);
             tokio::spawn(async move {
-                let outcome = attempt(shared, Arc::clone(&conn), req, paid).await;
+                let outcome = attempt(shared, out, req, paid).await;
                 // The fetch may be over: a loser's answer goes nowhere.
                 let _ = tx.send((conn, hedge, outcome));
             });
@@ -302,9 +337,12 @@ impl Parents {
                         .iter()
                         .any(|(c, at)| c.answered_since((*at).max(recent)));
                     let to_origin = next.peek().is_some_and(|c| c.origin);
+                    let origin_full = next.peek().is_some_and(|c| {
+                        c.outstanding.load(Ordering::Relaxed) >= shared.config.origin_hedges
+                    });
                     let hedge = running.len() < MAX_ASKED
                         && next.len() > 0
-                        && !(to_origin && busy && !known_bad)
+                        && !(to_origin && (busy || origin_full) && !known_bad)
                         && (known_bad || shared.hedging.spend());
                     let c = hedge.then(|| next.next()).flatten();
                     if c.is_some() {

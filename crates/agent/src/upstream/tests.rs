@@ -508,3 +508,160 @@ async fn a_busy_parent_is_not_hedged_to_the_origin() {
     assert!(hedges > 0, "the first fetches are hedged");
     stop.cancel();
 }
+
+/// An export whose read of the first chunk takes `stuck`, and every other
+/// read `delay`: a parent whose queue holds one read long while it answers
+/// the others.
+struct OneStuck {
+    inner: MemExport,
+    stuck: Duration,
+    delay: Duration,
+}
+
+#[async_trait]
+impl Export for OneStuck {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, ExportError> {
+        let wait = if offset < u64::from(CHUNK) {
+            self.stuck
+        } else {
+            self.delay
+        };
+        tokio::time::sleep(wait).await;
+        self.inner.read(offset, len).await
+    }
+}
+
+/// Fetches chunk 0 from a parent that takes `stuck` over it (20 ms over
+/// any other), with the origin behind, while other chunks are fetched one
+/// after another from the same parent when `busy`. Returns how long chunk
+/// 0 took, whether it came from the origin, and the parents reported.
+async fn fetch_stuck_chunk(
+    stuck: Duration,
+    config: FetchConfig,
+    busy: bool,
+) -> (Duration, bool, Vec<String>) {
+    let stop = CancellationToken::new();
+    let data = image();
+    let m = Arc::new(Manifest::of_bytes(&data, CHUNK).unwrap());
+    let e = OneStuck {
+        inner: MemExport::new(data.clone()).read_only(),
+        stuck,
+        delay: Duration::from_millis(20),
+    };
+    let parent = serve_export(Arc::new(e), &stop).await;
+    let origin = serve(data, &stop).await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let p = Arc::new(Parents::new(
+        "img",
+        Arc::clone(&m),
+        vec![source("origin", &origin)],
+        config,
+        tx,
+    ));
+    p.set(vec![source("parent", &parent)]);
+    let started = Instant::now();
+    let first = tokio::spawn({
+        let (p, r) = (Arc::clone(&p), req(&m, 0));
+        async move { p.fetch(r).await.unwrap() }
+    });
+    let mut i = 1;
+    while busy && !first.is_finished() {
+        p.fetch(req(&m, i)).await.unwrap();
+        i = i % (m.chunks() - 1) + 1;
+    }
+    let got = first.await.unwrap();
+    let took = started.elapsed();
+    assert!(m.verify_chunk(0, &got));
+    let from_origin = p.stats().from_origins.load(Ordering::Relaxed) > 0;
+    let mut reported = Vec::new();
+    while let Ok(r) = rx.try_recv() {
+        reported.push(r.parent.name);
+    }
+    stop.cancel();
+    (took, from_origin, reported)
+}
+
+#[tokio::test]
+async fn a_parent_busy_answering_others_is_waited_on_past_the_request_timeout() {
+    let config = || FetchConfig {
+        request_timeout: Duration::from_millis(400),
+        ..unhedged()
+    };
+    let stuck = Duration::from_millis(1500);
+    // It answers the other reads meanwhile: busy, so the read waits for it.
+    let (took, from_origin, reported) = fetch_stuck_chunk(stuck, config(), true).await;
+    assert!(took >= stuck, "{took:?}");
+    assert!(!from_origin, "a busy parent is not failed over");
+    assert!(reported.is_empty(), "{reported:?}");
+    // Silent meanwhile (nothing else asked): hung, failed over at the timeout.
+    let (took, from_origin, reported) = fetch_stuck_chunk(stuck, config(), false).await;
+    assert!(took < stuck, "{took:?}");
+    assert!(from_origin);
+    assert_eq!(reported, ["parent"]);
+}
+
+#[tokio::test]
+async fn a_parent_answering_all_but_one_read_fails_it_at_the_deadline() {
+    let config = FetchConfig {
+        request_timeout: Duration::from_millis(300),
+        request_deadline: Duration::from_millis(1200),
+        ..unhedged()
+    };
+    let (took, from_origin, reported) =
+        fetch_stuck_chunk(Duration::from_secs(3600), config, true).await;
+    assert!(took >= Duration::from_millis(1200), "{took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert!(from_origin);
+    assert_eq!(reported, ["parent"]);
+}
+
+#[tokio::test]
+async fn hedges_to_the_origin_wait_while_it_has_this_hosts_requests() {
+    let stop = CancellationToken::new();
+    let data = image();
+    let m = Arc::new(Manifest::of_bytes(&data, CHUNK).unwrap());
+    // A parent silent for 400 ms (as a relay whose own parents are still
+    // filling the pipeline), and an origin 100 ms away.
+    let parent = slow_parent(data.clone(), Duration::from_millis(400), &stop).await;
+    let origin = slow_parent(data, Duration::from_millis(100), &stop).await;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let hedge = Duration::from_millis(20);
+    let config = FetchConfig {
+        hedge: Some(Hedge {
+            floor: hedge,
+            ceiling: hedge,
+        }),
+        ..FetchConfig::default()
+    };
+    let limit = config.origin_hedges as u64;
+    let p = Arc::new(Parents::new(
+        "img",
+        Arc::clone(&m),
+        vec![source("origin", &origin)],
+        config,
+        tx,
+    ));
+    p.set(vec![source("parent", &parent)]);
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..m.chunks() {
+        let (p, r) = (Arc::clone(&p), req(&m, i));
+        set.spawn(async move { p.fetch(r).await.unwrap() });
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+    // The budget alone allowed a burst of 20: at most `limit` at a time,
+    // 100 ms each, go to the origin in the parent's 400 ms.
+    let hedges = p.stats().hedges.load(Ordering::Relaxed);
+    assert!(hedges > 0, "a silent parent is hedged around");
+    assert!(hedges <= limit * 5, "{hedges} hedges to the origin");
+    stop.cancel();
+}
