@@ -144,6 +144,13 @@ pub struct AgentOptions {
     #[arg(long)]
     pub no_hedge: bool,
 
+    /// Chunks the boot-profile replay (and a pin) keeps in flight at once,
+    /// shared by a striped image's stripes (at least one each). More keeps
+    /// a slow, long link full; fewer leaves more of it to VMs' misses.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[serde(deserialize_with = "fields::count_in::<_, 1, 64>")]
+    pub prefetch_in_flight: u32,
+
     /// Cap on what this host sends to child hosts, all of them together
     /// (e.g. 500M: 500 Mbit/s; 60MB/s), with a burst of four chunks.
     /// Default: no cap.
@@ -362,6 +369,10 @@ async fn agent(args: AgentOptions) -> anyhow::Result<()> {
         test_lie: args.test_lie,
     };
     let agent = Agent::open(config).context("starting the agent")?;
+    agent.set_prefetch(virtman_agent::prefetch::PrefetchConfig {
+        in_flight: args.prefetch_in_flight as usize,
+        ..Default::default()
+    });
     if let Some(t) = tls
         .as_mut()
         .filter(|_| args.coordinator.starts_with("https://"))

@@ -28,6 +28,7 @@ const AGENT_ARGS: &[&str] = &[
     "--link-delay=0.2ms",
     "--hedge-ceiling=1s",
     "--no-hedge",
+    "--prefetch-in-flight=8",
     "--upload-rate=500M",
     "--download-rate=60MB/s",
     "--tls=/etc/virtman/tls",
@@ -146,6 +147,17 @@ fn bad_files_are_refused_naming_line_and_key() {
         wrong.starts_with("1: key `fanout`: invalid type"),
         "{wrong}"
     );
+    let zero = refusal::<AgentOptions>("prefetch_in_flight = 0\n");
+    assert!(
+        zero.starts_with("1: key `prefetch_in_flight`: 0 is out of range (1 to 64)"),
+        "{zero}"
+    );
+    let file: AgentOptions = parse("prefetch_in_flight = 8\n").unwrap();
+    assert_eq!(file.prefetch_in_flight, 8);
+    assert_eq!(AgentOptions::default().prefetch_in_flight, 4);
+    let flag = AgentOptions::augment_args(clap::Command::new("agent").no_binary_name(true))
+        .try_get_matches_from(["--prefetch-in-flight", "0"]);
+    assert!(flag.is_err(), "--prefetch-in-flight 0 is refused too");
     let negative = refusal::<AgentOptions>(&format!("{head}cache_size = -5\n"));
     assert!(
         negative.starts_with("3: key `cache_size`: a size cannot be negative"),
