@@ -120,7 +120,8 @@ pub struct CoordinatorOptions {
     /// follows stripe i mod S's tree, and every host relays one stripe and
     /// only receives the others (a striped forest; fan-out S makes each host
     /// upload about what it downloads, so the default is the fan-out's 4).
-    /// 1 is one tree.
+    /// An image registered with its own fan-out k (and no stripe count)
+    /// gets k stripes instead, unless this is 1. 1 is one tree.
     #[arg(long, value_name = "S", default_value_t = 4)]
     #[serde(deserialize_with = "fields::count_in::<_, 1, 64>")]
     pub stripes: u32,

@@ -48,8 +48,9 @@ pub struct RegisterImage {
     #[schema(minimum = 1, maximum = 16)]
     pub parents: Option<u32>,
     /// Stripes S for this image (1 to 64): chunk i follows stripe i mod S's
-    /// tree, and each member relays one stripe; the coordinator's default
-    /// when absent.
+    /// tree, and each member relays one stripe. When absent: one tree if
+    /// the coordinator's default is one, else as many stripes as the
+    /// image's own fan-out, or the coordinator's default without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1, maximum = 64)]
     pub stripes: Option<u32>,

@@ -34,7 +34,10 @@ impl State {
             fanout: req.fanout,
             parents: req.parents,
             // Resolved now and stored: the default may change later.
-            stripes: Some(req.stripes.unwrap_or(self.config.stripes)),
+            stripes: Some(
+                req.stripes
+                    .unwrap_or_else(|| self.config.stripes_for(req.fanout)),
+            ),
         };
         if let Some(existing) = self.images.get(&record.name) {
             // Asking without a stripe count takes the one registered.

@@ -378,6 +378,24 @@ async fn an_image_without_its_own_counts_is_a_forest_of_the_fanouts_stripes() {
     let mut homes: Vec<u32> = t.nodes.iter().filter(|n| !n.origin).map(|n| n.home).collect();
     homes.sort_unstable();
     assert_eq!(homes, vec![0, 1, 2, 3], "{t:?}");
+    // With its own fan-out and no stripe count: a forest of that fan-out.
+    let two = RegisterImage {
+        fanout: Some(2),
+        stripes: None,
+        ..image("two")
+    };
+    let info = c.client.register_image(&two).await.unwrap();
+    assert_eq!((info.fanout, info.stripes), (2, 2));
+    c.stop().await;
+    // A coordinator of trees keeps one tree whatever the image's fan-out.
+    let dir = tempfile::tempdir().unwrap();
+    let trees = CoordinatorConfig {
+        stripes: 1,
+        ..CoordinatorConfig::default()
+    };
+    let c = start(dir.path(), trees).await;
+    let info = c.client.register_image(&two).await.unwrap();
+    assert_eq!((info.fanout, info.stripes), (2, 1));
     c.stop().await;
 }
 
@@ -386,6 +404,7 @@ async fn an_image_keeps_the_stripe_count_it_was_registered_with() {
     let dir = tempfile::tempdir().unwrap();
     let c = start(dir.path(), CoordinatorConfig::default()).await;
     let plain = RegisterImage {
+        fanout: None,
         stripes: None,
         ..image("plain")
     };
