@@ -155,8 +155,10 @@ fn bad_files_are_refused_naming_line_and_key() {
     let file: AgentOptions = parse("prefetch_in_flight = 8\n").unwrap();
     assert_eq!(file.prefetch_in_flight, 8);
     assert_eq!(AgentOptions::default().prefetch_in_flight, 4);
-    let flag = AgentOptions::augment_args(clap::Command::new("agent").no_binary_name(true))
-        .try_get_matches_from(["--prefetch-in-flight", "0"]);
+    let flag = <AgentOptions as clap::Args>::augment_args(
+        clap::Command::new("agent").no_binary_name(true),
+    )
+    .try_get_matches_from(["--prefetch-in-flight", "0"]);
     assert!(flag.is_err(), "--prefetch-in-flight 0 is refused too");
     let negative = refusal::<AgentOptions>(&format!("{head}cache_size = -5\n"));
     assert!(
