@@ -60,6 +60,8 @@ pub struct Fault {
     role: Option<Role>,
     errno: Errno,
     short: bool,
+    /// Not a failure: the call waits this long, then succeeds.
+    stall: Option<std::time::Duration>,
     skip: u32,
     times: u32,
 }
@@ -72,8 +74,18 @@ impl Fault {
             role: None,
             errno,
             short: false,
+            stall: None,
             skip: 0,
             times: u32::MAX,
+        }
+    }
+
+    /// Every `io` call on any file waits `d`, then succeeds (a slow disk;
+    /// what others do meanwhile is what a test looks at).
+    pub fn stall(io: Io, d: std::time::Duration) -> Fault {
+        Fault {
+            stall: Some(d),
+            ..Fault::new(io, Errno::IO)
         }
     }
 
@@ -155,8 +167,11 @@ impl DiskFaults {
     /// Whether a call of `io` on a `role` file would fail now (without
     /// counting it).
     fn would_fail(&self, role: Role, io: Io) -> bool {
-        self.plan()
-            .is_some_and(|p| p.faults.iter().any(|f| f.matches(role, io)))
+        self.plan().is_some_and(|p| {
+            p.faults
+                .iter()
+                .any(|f| f.stall.is_none() && f.matches(role, io))
+        })
     }
 
     /// The failure of this call, if one is armed: (errno, short).
@@ -168,6 +183,11 @@ impl DiskFaults {
             return None;
         }
         f.times -= 1;
+        if let Some(d) = f.stall {
+            drop(p);
+            std::thread::sleep(d);
+            return None;
+        }
         let hit = (f.errno, f.short);
         p.injected += 1;
         Some(hit)

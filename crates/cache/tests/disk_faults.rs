@@ -192,6 +192,46 @@ async fn a_failed_sync_never_marks_chunks_durable() {
     assert_eq!(s.claimed(), vec![0, 1, 2, 4, 5]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_stored_again_during_a_sync_waits_for_a_sync_of_its_own() {
+    let s = Setup::new(4);
+    let (_g, v, up) = s.open(1 << 30);
+    for i in [0, 1, 2] {
+        read_chunk(&v, i).await;
+    }
+    // A slow sync: its batch (0, 1, 2) is taken, then it takes 600 ms.
+    s.faults.add(
+        Fault::stall(Io::Sync, std::time::Duration::from_millis(600))
+            .on(Role::Volume)
+            .times(1),
+    );
+    let syncing = tokio::spawn({
+        let v = Arc::clone(&v);
+        async move { v.sync().await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    // Meanwhile a read of chunk 1 fails on the disk: it is dropped, fetched
+    // again and written again, after the sync began.
+    let before = up.fetches.load(Ordering::SeqCst);
+    s.faults
+        .add(Fault::new(Io::Read, Os::IO).on(Role::Volume).times(1));
+    assert_eq!(read_chunk(&v, 1).await, s.chunk(1));
+    assert_eq!(
+        up.fetches.load(Ordering::SeqCst),
+        before + 1,
+        "fetched again"
+    );
+    assert!(!syncing.is_finished(), "the read came during the sync");
+    syncing.await.unwrap().unwrap();
+    // That sync may not cover the new write: chunk 1 is not claimed until
+    // a sync after it.
+    assert_eq!(s.claimed(), vec![0, 2]);
+    assert_eq!(v.pending_chunks(), 1);
+    v.sync().await.unwrap();
+    assert_eq!(s.claimed(), vec![0, 1, 2]);
+    assert_eq!(v.pending_chunks(), 0);
+}
+
 #[tokio::test]
 async fn enospc_on_the_presence_map_mid_commit_keeps_the_old_map_until_a_retry() {
     let s = Setup::new(4);

@@ -80,9 +80,18 @@ impl CachedVolume {
                 e,
             ));
         }
-        for &i in &batch {
-            if self.present.get(i) {
-                self.durable.set(i);
+        {
+            // Under the queue's lock, which stores and `forget` take too: a
+            // chunk dropped after a failed read and stored again since the
+            // batch was taken has bytes this sync may not cover, so it
+            // waits for the sync of its own place in the queue.
+            let queue = lock(&self.pending);
+            let again: std::collections::HashSet<u64> =
+                queue[batch.len()..].iter().copied().collect();
+            for &i in &batch {
+                if self.present.get(i) && !again.contains(&i) {
+                    self.durable.set(i);
+                }
             }
         }
         self.save_presence()?;

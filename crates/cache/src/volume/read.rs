@@ -420,9 +420,14 @@ impl CachedVolume {
                 e,
             ));
         }
-        self.present.set(index);
+        {
+            // Present and queued together, as a commit marking its batch
+            // durable sees them ([`CachedVolume::commit`]).
+            let mut queue = lock(&self.pending);
+            self.present.set(index);
+            queue.push(index);
+        }
         self.touch(index);
-        lock(&self.pending).push(index);
         Ok(())
     }
 
@@ -433,6 +438,8 @@ impl CachedVolume {
     /// fails and drops them again).
     pub(super) fn forget(&self, chunks: impl Iterator<Item = u64>) {
         let mut freed = 0;
+        // Not while a commit marks its batch durable (see `store_chunk`).
+        let _queue = lock(&self.pending);
         for i in chunks {
             if self.present.clear(i) {
                 self.durable.clear(i);
