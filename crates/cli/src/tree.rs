@@ -10,6 +10,16 @@
 //! ```
 //!
 //! Nodes hang under their tree (first) parent; the other parents are listed.
+//! In a striped forest a node hangs under the first parent of the stripe it
+//! relays (its home), so each stripe's relays form a tree below the origin;
+//! each line names that stripe and where the node receives the others from:
+//!
+//! ```text
+//!   debian: 4 nodes (3 members), 2 stripes, fan-out 2 (origins 1), ...
+//!   origin:0  10.0.0.1:10809  origin
+//!   ├── h1  10.0.1.1:10809  stripe 0  depth 1  40%  parents origin:0  receives 1 from h2
+//!   └── h2  10.0.1.2:10809  stripe 1  depth 1  35%  parents origin:0  receives 0 from h1
+//! ```
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -74,6 +84,10 @@ fn line(n: &NodeView) -> String {
         s.push_str("  origin");
         return s;
     }
+    let striped = n.stripe_parents.len() > 1;
+    if striped {
+        let _ = write!(s, "  stripe {}", n.home);
+    }
     let _ = write!(s, "  depth {}  {:.0}%", n.depth, n.progress * 100.0);
     if n.complete {
         s.push_str("  complete");
@@ -82,6 +96,17 @@ fn line(n: &NodeView) -> String {
         s.push_str("  (root)");
     } else {
         let _ = write!(s, "  parents {}", n.parents.join(", "));
+    }
+    if striped {
+        let others: Vec<String> = (0u32..)
+            .zip(&n.stripe_parents)
+            .filter(|(i, _)| *i != n.home)
+            .map(|(i, list)| match list.is_empty() {
+                true => format!("{i} from none"),
+                false => format!("{i} from {}", list.join(", ")),
+            })
+            .collect();
+        let _ = write!(s, "  receives {}", others.join("; "));
     }
     if n.silent_ms > 0 {
         let _ = write!(s, "  silent {:.1}s", n.silent_ms as f64 / 1000.0);
@@ -92,8 +117,18 @@ fn line(n: &NodeView) -> String {
 /// The tree as indented text, children under their tree parent.
 pub fn render(tree: &TreeView) -> String {
     let members = tree.nodes.iter().filter(|n| !n.origin).count();
+    let stripes = tree
+        .nodes
+        .iter()
+        .map(|n| n.stripe_parents.len())
+        .max()
+        .unwrap_or(0);
+    let forest = match stripes {
+        0 | 1 => String::new(),
+        s => format!(" {s} stripes,"),
+    };
     let mut out = format!(
-        "{}: {} nodes ({members} members), fan-out {} (origins {}), {} parents per node, depth {} of at most {}\n",
+        "{}: {} nodes ({members} members),{forest} fan-out {} (origins {}), {} parents per node, depth {} of at most {}\n",
         tree.image,
         tree.nodes.len(),
         tree.fanout,
@@ -198,6 +233,57 @@ origin:0  origin:0:1  origin
 ├── a  a:1  depth 1  50%  parents origin:0
 │   └── c  c:1  depth 2  50%  parents a, b
 └── b  b:1  depth 1  50%  parents origin:0
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn a_forest_shows_each_nodes_stripe_and_where_it_receives_the_others() {
+        let member = |name: &str, home: u32, lists: [&[&str]; 2]| NodeView {
+            home,
+            parents: lists[home as usize]
+                .iter()
+                .map(|p| (*p).to_owned())
+                .collect(),
+            stripe_parents: lists
+                .iter()
+                .map(|l| l.iter().map(|p| (*p).to_owned()).collect())
+                .collect(),
+            ..node(name, &[], 1, false)
+        };
+        let tree = TreeView {
+            image: "img".into(),
+            fanout: 2,
+            origin_fanout: 1,
+            parents_per_node: 2,
+            depth_bound: 3,
+            max_depth: 2,
+            nodes: vec![
+                node("origin:0", &[], 0, true),
+                member("a", 0, [&["origin:0"], &["b"]]),
+                member("b", 1, [&["a"], &["origin:0"]]),
+                NodeView {
+                    depth: 2,
+                    ..member("c", 0, [&["a"], &[]])
+                },
+            ],
+            stats: SessionStats {
+                joins: 3,
+                leaves: 0,
+                deaths: 0,
+                reports: 0,
+                parent_changes: 0,
+                rebalance_moves: 0,
+                promotions: 0,
+            },
+        };
+        let text = render(&tree);
+        let expected = "\
+img: 4 nodes (3 members), 2 stripes, fan-out 2 (origins 1), 2 parents per node, depth 2 of at most 3
+origin:0  origin:0:1  origin
+├── a  a:1  stripe 0  depth 1  50%  parents origin:0  receives 1 from b
+│   └── c  c:1  stripe 0  depth 2  50%  parents a  receives 1 from none
+└── b  b:1  stripe 1  depth 1  50%  parents origin:0  receives 0 from a
 ";
         assert_eq!(text, expected);
     }
