@@ -665,3 +665,64 @@ async fn hedges_to_the_origin_wait_while_it_has_this_hosts_requests() {
     assert!(hedges <= limit * 5, "{hedges} hedges to the origin");
     stop.cancel();
 }
+
+#[tokio::test]
+async fn a_busy_parent_is_still_hedged_to_another_parent() {
+    let stop = CancellationToken::new();
+    let data = image();
+    let m = Arc::new(Manifest::of_bytes(&data, CHUNK).unwrap());
+    // The first parent answers every read 60 ms late, many at once; the
+    // second parent and the origin at once.
+    let slow = slow_parent(data.clone(), Duration::from_millis(60), &stop).await;
+    let other = serve(data.clone(), &stop).await;
+    let origin = serve(data, &stop).await;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let hedge = Duration::from_millis(20);
+    let config = FetchConfig {
+        hedge: Some(Hedge {
+            floor: hedge,
+            ceiling: hedge,
+        }),
+        // The first parent stays first however many reads it holds.
+        busy_at: usize::MAX,
+        ..FetchConfig::default()
+    };
+    // No other source at first: nothing to hedge to, so the parent is
+    // not put behind others for losing a hedge.
+    let p = Arc::new(Parents::new("img", Arc::clone(&m), vec![], config, tx));
+    let overlapping = |p: &Arc<Parents>, from: u64| {
+        let p = Arc::clone(p);
+        let m = Arc::clone(&m);
+        async move {
+            let mut set = tokio::task::JoinSet::new();
+            for i in from..from + 20 {
+                let (p, r) = (Arc::clone(&p), req(&m, i % m.chunks()));
+                set.spawn(async move { p.fetch(r).await.unwrap() });
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            set
+        }
+    };
+    // Alone, it gets busy: answering one read every few ms.
+    p.set(vec![source("slow", &slow)]);
+    let mut first = overlapping(&p, 0).await;
+    let (hedges, from_origins) = (
+        p.stats().hedges.load(Ordering::Relaxed),
+        p.stats().from_origins.load(Ordering::Relaxed),
+    );
+    // A second parent and the origin come while it is busy: fetches are
+    // hedged to the parent (and win), never to the origin.
+    p.set_origins(vec![source("origin", &origin)]);
+    p.set(vec![source("slow", &slow), source("other", &other)]);
+    let mut second = overlapping(&p, 20).await;
+    while let Some(r) = first.join_next().await {
+        r.unwrap();
+    }
+    while let Some(r) = second.join_next().await {
+        r.unwrap();
+    }
+    assert!(p.stats().hedges.load(Ordering::Relaxed) > hedges);
+    assert!(p.stats().hedge_wins.load(Ordering::Relaxed) > 0);
+    assert_eq!(p.stats().from_origins.load(Ordering::Relaxed), from_origins);
+    stop.cancel();
+}
