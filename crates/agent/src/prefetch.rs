@@ -11,7 +11,7 @@
 //!                    wait while demand reads wait on chunks not in the profile
 //!                    at most `in_flight` chunks at once (shared by the lanes)
 //!                    CachedVolume::prefetch (single flight with demand reads)
-//!  pin_image ────► task: every missing chunk, pass after pass, until complete
+//!  pin_image ────► task: every missing chunk (in stripe lanes), pass after pass, until complete
 //! ```
 //!
 //! Each host publishes the profile it recorded (or, until its VMs have
@@ -444,12 +444,14 @@ pub(crate) async fn replay_profile(
 }
 
 /// Fetches every missing chunk, pass after pass, until the volume is
-/// complete or `cancel` fires.
+/// complete or `cancel` fires; with `stripes` > 1 in one lane per stripe
+/// ([`fetch_in_stripes`]), so a slow stripe does not hold up the others.
 pub(crate) async fn pin(
     image: String,
     volume: Arc<CachedVolume>,
     state: Arc<ImagePrefetch>,
     cfg: PrefetchConfig,
+    stripes: u32,
 ) {
     let cancel = state.background();
     loop {
@@ -462,7 +464,8 @@ pub(crate) async fn pin(
             tracing::info!(image, "pinned: every chunk is on this host");
             return;
         }
-        let failed = fetch_in_order(&volume, missing, &cfg, &cancel, state.class()).await;
+        let failed =
+            fetch_in_stripes(&volume, missing, stripes, &cfg, &cancel, state.class()).await;
         if cancel.is_cancelled() {
             return;
         }
@@ -583,6 +586,35 @@ mod tests {
             assert!(run.await.unwrap().is_empty());
             assert_eq!(present(&v).len(), 8);
         }
+    }
+
+    #[tokio::test]
+    async fn a_pin_of_a_striped_image_has_a_lane_per_stripe() {
+        let (_dir, group, data, m) = eight_chunks();
+        let (v, up) = odds_held(&group, "pinned", &m, &data);
+        let state = Arc::new(ImagePrefetch::default());
+        let cfg = PrefetchConfig {
+            in_flight: 1,
+            ..PrefetchConfig::default()
+        };
+        let run = tokio::spawn(pin(
+            "img".into(),
+            Arc::clone(&v),
+            Arc::clone(&state),
+            cfg,
+            2,
+        ));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Stripe 0's lane went on while stripe 1's waited on chunk 1.
+        let even: BTreeSet<u64> = (0..8).step_by(2).collect();
+        assert_eq!(present(&v), even);
+        while !run.is_finished() {
+            up.release.notify_waiters();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        run.await.unwrap();
+        assert_eq!(present(&v).len(), 8);
+        assert!(state.pin_done.load(Ordering::Relaxed));
     }
 
     #[tokio::test]

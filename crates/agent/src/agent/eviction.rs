@@ -85,7 +85,10 @@ impl Agent {
         self.ensure_image(image).await?;
         let entry = lock(&self.images).get(image).cloned();
         if let Some(Role::Member {
-            volume, prefetch, ..
+            volume,
+            prefetch,
+            parents,
+            ..
         }) = entry.as_deref().map(|e| &e.role)
             && prefetch.start_pin()
         {
@@ -95,6 +98,7 @@ impl Agent {
                 Arc::clone(volume),
                 Arc::clone(prefetch),
                 lock(&self.prefetch).clone(),
+                u32::try_from(parents.stripe_count()).unwrap_or(1),
             ));
         }
         Ok(())
