@@ -554,6 +554,17 @@ mod tests {
             .collect()
     }
 
+    /// Waits (10 s at most) until every chunk of `want` is present.
+    async fn until_present(v: &CachedVolume, want: &BTreeSet<u64>) {
+        for _ in 0..2000 {
+            if want.is_subset(&present(v)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("chunks {want:?} not present 10 s on: {:?}", present(v));
+    }
+
     #[tokio::test]
     async fn each_stripe_has_its_own_lane() {
         let (_dir, group, data, m) = eight_chunks();
@@ -570,13 +581,15 @@ mod tests {
                     fetch_in_stripes(&v, 0..8, stripes, &cfg, &cancel, FetchClass::Prefetch).await
                 })
             };
-            tokio::time::sleep(Duration::from_millis(300)).await;
             let even: BTreeSet<u64> = (0..8).step_by(2).collect();
             if stripes == 1 {
                 // In one lane, chunk 1 held holds everything after it.
+                until_present(&v, &BTreeSet::from([0])).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 assert_eq!(present(&v), BTreeSet::from([0]));
             } else {
                 // Stripe 0's lane went on while stripe 1's waited.
+                until_present(&v, &even).await;
                 assert_eq!(present(&v), even);
             }
             while !run.is_finished() {
@@ -604,9 +617,9 @@ mod tests {
             cfg,
             2,
         ));
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        // Stripe 0's lane went on while stripe 1's waited on chunk 1.
+        // Stripe 0's lane goes on while stripe 1's waits on chunk 1.
         let even: BTreeSet<u64> = (0..8).step_by(2).collect();
+        until_present(&v, &even).await;
         assert_eq!(present(&v), even);
         while !run.is_finished() {
             up.release.notify_waiters();

@@ -103,7 +103,10 @@ pub struct FetchConfig {
 pub struct Hedge {
     /// The shortest delay.
     pub floor: Duration,
-    /// The longest delay: the longest a read waits on a hung source.
+    /// The longest delay: the longest a read waits on a hung source before
+    /// another parent is asked too (an origin that already holds one of
+    /// this host's requests is asked once that is answered, at the latest
+    /// when the hung source's request times out).
     pub ceiling: Duration,
 }
 

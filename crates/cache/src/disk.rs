@@ -159,7 +159,7 @@ impl DiskFaults {
         }
     }
 
-    /// Calls failed so far.
+    /// Calls failed (or stalled) so far.
     pub fn injected(&self) -> u64 {
         self.plan().map_or(0, |p| p.injected)
     }
@@ -184,6 +184,7 @@ impl DiskFaults {
         }
         f.times -= 1;
         if let Some(d) = f.stall {
+            p.injected += 1;
             drop(p);
             std::thread::sleep(d);
             return None;

@@ -209,7 +209,10 @@ async fn a_chunk_stored_again_during_a_sync_waits_for_a_sync_of_its_own() {
         let v = Arc::clone(&v);
         async move { v.sync().await }
     });
-    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    // The sync has taken its batch once it stalls.
+    while s.faults.injected() == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     // Meanwhile a read of chunk 1 fails on the disk: it is dropped, fetched
     // again and written again, after the sync began.
     let before = up.fetches.load(Ordering::SeqCst);
@@ -221,6 +224,7 @@ async fn a_chunk_stored_again_during_a_sync_waits_for_a_sync_of_its_own() {
         before + 1,
         "fetched again"
     );
+    assert_eq!(s.faults.injected(), 2, "the stall, then the failed read");
     assert!(!syncing.is_finished(), "the read came during the sync");
     syncing.await.unwrap().unwrap();
     // That sync may not cover the new write: chunk 1 is not claimed until

@@ -182,6 +182,7 @@ async fn attempt(shared: Arc<Shared>, out: Outstanding, req: ChunkRequest, paid:
             &conn,
             client.read(req.offset, u64::from(req.len)),
             shared.config.request_timeout,
+            shared.config.request_deadline,
         )
         .await?;
         if res.as_ref().is_ok() || res.as_ref().is_err_and(not_here) {
@@ -193,6 +194,9 @@ async fn attempt(shared: Arc<Shared>, out: Outstanding, req: ChunkRequest, paid:
         }
     }
     .await;
+    // Answered or failed: no longer this source's load (the bookkeeping
+    // below may wait on its connection lock).
+    drop(out);
     match result {
         Ok(None) => Outcome::NotHere,
         Ok(Some(data)) if shared.manifest.verify_chunk(req.index, &data) => {
@@ -224,24 +228,34 @@ async fn attempt(shared: Arc<Shared>, out: Outstanding, req: ChunkRequest, paid:
 /// Waits for `read`, failing it after `timeout` in which `conn` answered
 /// nothing at all; each window in which it answered other requests (busy,
 /// not hung: on a slow link a relay's queue can hold seconds of chunks)
-/// extends the wait by another. The client's own request timeout (the
-/// request deadline) bounds the whole.
+/// extends the wait by another, up to `deadline` in all. (The client's own
+/// request timeout, the deadline too, starts only once the request is
+/// written, and `conn`'s answers may come on another of its connections.)
 async fn patiently<T>(
     conn: &Conn,
     read: impl std::future::Future<Output = T>,
     timeout: Duration,
+    deadline: Duration,
 ) -> Result<T, String> {
     tokio::pin!(read);
-    let mut window = Instant::now();
+    let started = Instant::now();
+    let hard = started + deadline.max(timeout);
+    let mut window = started;
     loop {
-        match tokio::time::timeout_at((window + timeout).into(), &mut read).await {
+        let until = (window + timeout).min(hard);
+        match tokio::time::timeout_at(until.into(), &mut read).await {
             Ok(r) => return Ok(r),
-            Err(_) if conn.answered_since(window) => window = Instant::now(),
-            Err(_) => {
+            Err(_) if !conn.answered_since(window) => {
                 return Err(format!(
                     "no answer to this or any other request within {timeout:?}"
                 ));
             }
+            Err(_) if until >= hard => {
+                return Err(format!(
+                    "no answer within the request deadline ({deadline:?}), though the source answered others"
+                ));
+            }
+            Err(_) => window = Instant::now(),
         }
     }
 }
