@@ -182,6 +182,18 @@ mod tests {
     use super::*;
     use virtman_coordinator::api::SessionStats;
 
+    fn stats() -> SessionStats {
+        SessionStats {
+            joins: 3,
+            leaves: 0,
+            deaths: 0,
+            reports: 0,
+            parent_changes: 0,
+            rebalance_moves: 0,
+            promotions: 0,
+        }
+    }
+
     fn node(name: &str, parents: &[&str], depth: u32, origin: bool) -> NodeView {
         NodeView {
             node: name.into(),
@@ -216,15 +228,7 @@ mod tests {
                 node("b", &["origin:0"], 1, false),
                 node("c", &["a", "b"], 2, false),
             ],
-            stats: SessionStats {
-                joins: 3,
-                leaves: 0,
-                deaths: 0,
-                reports: 0,
-                parent_changes: 0,
-                rebalance_moves: 0,
-                promotions: 0,
-            },
+            stats: stats(),
         };
         let text = render(&tree);
         let expected = "\
@@ -267,15 +271,7 @@ origin:0  origin:0:1  origin
                     ..member("c", 0, [&["a"], &[]])
                 },
             ],
-            stats: SessionStats {
-                joins: 3,
-                leaves: 0,
-                deaths: 0,
-                reports: 0,
-                parent_changes: 0,
-                rebalance_moves: 0,
-                promotions: 0,
-            },
+            stats: stats(),
         };
         let text = render(&tree);
         let expected = "\

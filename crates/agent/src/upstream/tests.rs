@@ -199,10 +199,13 @@ async fn set_keeps_connections_of_parents_that_stay() {
     stop.cancel();
 }
 
-/// An export whose reads take `delay` each (a hung or slow parent).
+/// An export whose reads take `delay` each (a hung or slow parent), those
+/// of the first chunk `first` (a parent whose queue holds one read long
+/// while it answers the others).
 struct Slow {
     inner: MemExport,
     delay: Duration,
+    first: Duration,
 }
 
 #[async_trait]
@@ -216,7 +219,12 @@ impl Export for Slow {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, ExportError> {
-        tokio::time::sleep(self.delay).await;
+        let wait = if offset < u64::from(CHUNK) {
+            self.first
+        } else {
+            self.delay
+        };
+        tokio::time::sleep(wait).await;
         self.inner.read(offset, len).await
     }
 }
@@ -225,6 +233,7 @@ async fn slow_parent(data: Vec<u8>, delay: Duration, stop: &CancellationToken) -
     let e = Slow {
         inner: MemExport::new(data).read_only(),
         delay,
+        first: delay,
     };
     serve_export(Arc::new(e), stop).await
 }
@@ -509,36 +518,6 @@ async fn a_busy_parent_is_not_hedged_to_the_origin() {
     stop.cancel();
 }
 
-/// An export whose read of the first chunk takes `stuck`, and every other
-/// read `delay`: a parent whose queue holds one read long while it answers
-/// the others.
-struct OneStuck {
-    inner: MemExport,
-    stuck: Duration,
-    delay: Duration,
-}
-
-#[async_trait]
-impl Export for OneStuck {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-
-    async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, ExportError> {
-        let wait = if offset < u64::from(CHUNK) {
-            self.stuck
-        } else {
-            self.delay
-        };
-        tokio::time::sleep(wait).await;
-        self.inner.read(offset, len).await
-    }
-}
-
 /// Fetches chunk 0 from a parent that takes `stuck` over it (20 ms over
 /// any other), with the origin behind, while other chunks are fetched one
 /// after another from the same parent when `busy`. Returns how long chunk
@@ -551,10 +530,10 @@ async fn fetch_stuck_chunk(
     let stop = CancellationToken::new();
     let data = image();
     let m = Arc::new(Manifest::of_bytes(&data, CHUNK).unwrap());
-    let e = OneStuck {
+    let e = Slow {
         inner: MemExport::new(data.clone()).read_only(),
-        stuck,
         delay: Duration::from_millis(20),
+        first: stuck,
     };
     let parent = serve_export(Arc::new(e), &stop).await;
     let origin = serve(data, &stop).await;
