@@ -151,14 +151,20 @@ fn coordinator_and_tree_as_processes_with_a_restart() {
     assert_eq!(json.fanout, 2);
     assert!(json.max_depth <= json.depth_bound);
     let text = tree_cmd(&proc.url, false);
+    // A forest of the coordinator's default 4 stripes: each node's line
+    // names its stripe and where it receives the others.
     assert!(
-        text.starts_with("img: 8 nodes (7 members), fan-out 2"),
+        text.starts_with("img: 8 nodes (7 members), 4 stripes, fan-out 2"),
         "{text}"
     );
     for i in 0..7 {
+        let line = text
+            .lines()
+            .find(|l| l.contains(&format!("host{i}  10.0.1.{i}:10809  stripe ")))
+            .unwrap_or_else(|| panic!("host{i} in {text}"));
         assert!(
-            text.contains(&format!("host{i}  10.0.1.{i}:10809  depth ")),
-            "{text}"
+            line.contains("  depth ") && line.contains("  receives "),
+            "{line}"
         );
     }
     proc.stop();
