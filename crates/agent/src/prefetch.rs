@@ -554,6 +554,14 @@ mod tests {
             .collect()
     }
 
+    /// Lets held fetches of `up` go until `done`.
+    async fn release_until(up: &OddsHeld, done: impl Fn() -> bool) {
+        while !done() {
+            up.release.notify_waiters();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Waits (10 s at most) until every chunk of `want` is present.
     async fn until_present(v: &CachedVolume, want: &BTreeSet<u64>) {
         for _ in 0..2000 {
@@ -592,10 +600,7 @@ mod tests {
                 until_present(&v, &even).await;
                 assert_eq!(present(&v), even);
             }
-            while !run.is_finished() {
-                up.release.notify_waiters();
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            release_until(&up, || run.is_finished()).await;
             assert!(run.await.unwrap().is_empty());
             assert_eq!(present(&v).len(), 8);
         }
@@ -621,10 +626,7 @@ mod tests {
         let even: BTreeSet<u64> = (0..8).step_by(2).collect();
         until_present(&v, &even).await;
         assert_eq!(present(&v), even);
-        while !run.is_finished() {
-            up.release.notify_waiters();
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        release_until(&up, || run.is_finished()).await;
         run.await.unwrap();
         assert_eq!(present(&v).len(), 8);
         assert!(state.pin_done.load(Ordering::Relaxed));
@@ -670,10 +672,7 @@ mod tests {
                 assert_eq!(v.demand_unexpected(), 1);
                 assert_eq!(present(&v), BTreeSet::new());
             }
-            while !run.is_finished() || !reader.is_finished() {
-                up.release.notify_waiters();
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            release_until(&up, || run.is_finished() && reader.is_finished()).await;
             assert!(run.await.unwrap().is_empty());
             reader.await.unwrap().unwrap();
             assert_eq!(present(&v), profile.iter().copied().chain([read]).collect());

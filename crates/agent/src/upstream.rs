@@ -369,12 +369,9 @@ impl Parents {
     }
 
     /// The stripe count (1: one tree).
-    pub fn stripe_count(&self) -> usize {
-        self.stripes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
-            .max(1)
+    pub fn stripe_count(&self) -> u32 {
+        let n = self.stripes.read().unwrap_or_else(|p| p.into_inner()).len();
+        u32::try_from(n).unwrap_or(u32::MAX).max(1)
     }
 
     /// Replaces the origins (the coordinator may know other addresses than
@@ -423,7 +420,7 @@ impl Parents {
     fn count_stripe(&self, source: &str, index: u64) {
         let stripes = self.stripe_count();
         if stripes > 1 {
-            let stripe = u32::try_from(stripe_index(stripes, index)).unwrap_or(u32::MAX);
+            let stripe = virtman_topology::stripe_of(index, stripes);
             let mut g = self.by_stripe.lock().unwrap_or_else(|p| p.into_inner());
             *g.entry((source.to_owned(), stripe)).or_default() += 1;
         }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use common::*;
-use virtman_cache::{CacheGroup, ChunkRequest, GroupConfig, Upstream, UpstreamError};
+use virtman_cache::{CacheGroup, CachedVolume, ChunkRequest, GroupConfig, Upstream, UpstreamError};
 use virtman_nbd::Export;
 
 const CHUNK: u32 = 16384;
@@ -99,8 +99,15 @@ impl Upstream for Gated {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vm_cache_hint_returns_at_once_and_fetches_in_the_background() {
+/// A group in a new directory with volume "img" of an 8-chunk image (its
+/// bytes), whose upstream is [`Gated`] with no permit yet.
+fn gated_volume() -> (
+    tempfile::TempDir,
+    CacheGroup,
+    Vec<u8>,
+    Arc<CachedVolume>,
+    Arc<Gated>,
+) {
     let dir = tempfile::tempdir().unwrap();
     let data = image_bytes(9, 8 * CHUNK as usize, CHUNK as usize);
     let m = virtman_image::Manifest::of_bytes(&data, CHUNK).unwrap();
@@ -111,6 +118,12 @@ async fn a_vm_cache_hint_returns_at_once_and_fetches_in_the_background() {
         gate: tokio::sync::Semaphore::new(0),
     });
     v.set_upstream(Some(Arc::clone(&up) as Arc<dyn Upstream>));
+    (dir, g, data, v, up)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_cache_hint_returns_at_once_and_fetches_in_the_background() {
+    let (_dir, g, data, v, up) = gated_volume();
     let s = g.create_snapshot("vm", "img").unwrap();
 
     // The hint is answered although no fetch can complete yet.
@@ -153,16 +166,7 @@ async fn a_vm_cache_hint_returns_at_once_and_fetches_in_the_background() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_of_expected_chunks_are_not_unexpected_while_any_replay_runs() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = image_bytes(9, 8 * CHUNK as usize, CHUNK as usize);
-    let m = virtman_image::Manifest::of_bytes(&data, CHUNK).unwrap();
-    let g = group(dir.path());
-    let v = g.add_volume("img", &m).unwrap();
-    let up = Arc::new(Gated {
-        data: data.clone(),
-        gate: tokio::sync::Semaphore::new(0),
-    });
-    v.set_upstream(Some(Arc::clone(&up) as Arc<dyn Upstream>));
+    let (_dir, _g, _, v, up) = gated_volume();
     // Reads of chunks 1 and 5 wait (no fetch can complete).
     let readers: Vec<_> = [1u64, 5]
         .into_iter()

@@ -98,7 +98,7 @@ impl Agent {
                 Arc::clone(volume),
                 Arc::clone(prefetch),
                 lock(&self.prefetch).clone(),
-                u32::try_from(parents.stripe_count()).unwrap_or(1),
+                parents.stripe_count(),
             ));
         }
         Ok(())

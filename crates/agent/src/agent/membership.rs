@@ -188,7 +188,7 @@ impl Agent {
                 Arc::clone(&prefetch),
                 profile_sources,
                 prefetch_config,
-                u32::try_from(parents.stripe_count()).unwrap_or(1),
+                parents.stripe_count(),
             ));
         }
         let entry = Arc::new(ImageEntry {

@@ -61,6 +61,41 @@ fn source(name: &str, addr: &str) -> Source {
     }
 }
 
+/// Fetching with hedges after exactly `d`.
+fn hedged_after(d: Duration) -> FetchConfig {
+    FetchConfig {
+        hedge: Some(Hedge {
+            floor: d,
+            ceiling: d,
+        }),
+        ..FetchConfig::default()
+    }
+}
+
+/// Starts fetches of `chunks` (modulo the image's count), `spacing` apart,
+/// so that they overlap.
+async fn start_fetches(
+    p: &Arc<Parents>,
+    m: &Manifest,
+    chunks: std::ops::Range<u64>,
+    spacing: Duration,
+) -> tokio::task::JoinSet<bytes::Bytes> {
+    let mut set = tokio::task::JoinSet::new();
+    for i in chunks {
+        let (p, r) = (Arc::clone(p), req(m, i % m.chunks()));
+        set.spawn(async move { p.fetch(r).await.unwrap() });
+        tokio::time::sleep(spacing).await;
+    }
+    set
+}
+
+/// Waits for every fetch of `set`.
+async fn finish(mut set: tokio::task::JoinSet<bytes::Bytes>) {
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn liars_and_dead_parents_are_skipped_and_reported() {
     let stop = CancellationToken::new();
@@ -286,19 +321,11 @@ async fn behind_a_slow_parent(
     let slow = slow_parent(data.clone(), Duration::from_millis(delay_ms), stop).await;
     let origin = serve(data, stop).await;
     let (tx, _rx) = mpsc::unbounded_channel();
-    let hedge = Duration::from_millis(hedge_ms);
-    let config = FetchConfig {
-        hedge: Some(Hedge {
-            floor: hedge,
-            ceiling: hedge,
-        }),
-        ..FetchConfig::default()
-    };
     let p = Arc::new(Parents::new(
         "img",
         Arc::clone(&m),
         vec![source("origin", &origin)],
-        config,
+        hedged_after(Duration::from_millis(hedge_ms)),
         tx,
     ));
     p.set(vec![source("slow", &slow)]);
@@ -456,15 +483,7 @@ async fn overlapping_fetches(n: u64, busy_at: usize) -> Vec<(String, u64)> {
     };
     let p = Arc::new(Parents::new("img", Arc::clone(&m), vec![], config, tx));
     p.set(vec![source("first", &first), source("second", &second)]);
-    let mut set = tokio::task::JoinSet::new();
-    for i in 0..n {
-        let (p, r) = (Arc::clone(&p), req(&m, i));
-        set.spawn(async move { p.fetch(r).await.unwrap() });
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    while let Some(r) = set.join_next().await {
-        r.unwrap();
-    }
+    finish(start_fetches(&p, &m, 0..n, Duration::from_millis(20)).await).await;
     stop.cancel();
     let chunk = u64::from(m.chunk_len(0));
     p.bytes_by_source()
@@ -495,16 +514,7 @@ async fn a_busy_parent_is_not_hedged_to_the_origin() {
     // Answers every read 60 ms late, many at once: once fetches overlap, it
     // answers one every few ms. The origin answers at once.
     let (p, m) = behind_a_slow_parent(60, 20, &stop).await;
-    let mut set = tokio::task::JoinSet::new();
-    let fetches = 80;
-    for i in 0..fetches {
-        let (p, r) = (Arc::clone(&p), req(&m, i % m.chunks()));
-        set.spawn(async move { p.fetch(r).await.unwrap() });
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    while let Some(r) = set.join_next().await {
-        r.unwrap();
-    }
+    finish(start_fetches(&p, &m, 0..80, Duration::from_millis(5)).await).await;
     // Only the fetches of the first 60 ms (nothing answered yet: the parent
     // may be hung) went to the origin too; the budget would have allowed
     // 28 (a burst of 20 and a tenth per fetch).
@@ -612,14 +622,7 @@ async fn hedges_to_the_origin_wait_while_it_has_this_hosts_requests() {
     let parent = slow_parent(data.clone(), Duration::from_millis(400), &stop).await;
     let origin = slow_parent(data, Duration::from_millis(100), &stop).await;
     let (tx, _rx) = mpsc::unbounded_channel();
-    let hedge = Duration::from_millis(20);
-    let config = FetchConfig {
-        hedge: Some(Hedge {
-            floor: hedge,
-            ceiling: hedge,
-        }),
-        ..FetchConfig::default()
-    };
+    let config = hedged_after(Duration::from_millis(20));
     let limit = config.origin_hedges as u64;
     let p = Arc::new(Parents::new(
         "img",
@@ -629,14 +632,7 @@ async fn hedges_to_the_origin_wait_while_it_has_this_hosts_requests() {
         tx,
     ));
     p.set(vec![source("parent", &parent)]);
-    let mut set = tokio::task::JoinSet::new();
-    for i in 0..m.chunks() {
-        let (p, r) = (Arc::clone(&p), req(&m, i));
-        set.spawn(async move { p.fetch(r).await.unwrap() });
-    }
-    while let Some(r) = set.join_next().await {
-        r.unwrap();
-    }
+    finish(start_fetches(&p, &m, 0..m.chunks(), Duration::ZERO).await).await;
     // The budget alone allowed a burst of 20: at most `limit` at a time,
     // 100 ms each, go to the origin in the parent's 400 ms.
     let hedges = p.stats().hedges.load(Ordering::Relaxed);
@@ -656,35 +652,18 @@ async fn a_busy_parent_is_still_hedged_to_another_parent() {
     let other = serve(data.clone(), &stop).await;
     let origin = serve(data, &stop).await;
     let (tx, _rx) = mpsc::unbounded_channel();
-    let hedge = Duration::from_millis(20);
     let config = FetchConfig {
-        hedge: Some(Hedge {
-            floor: hedge,
-            ceiling: hedge,
-        }),
         // The first parent stays first however many reads it holds.
         busy_at: usize::MAX,
-        ..FetchConfig::default()
+        ..hedged_after(Duration::from_millis(20))
     };
     // No other source at first: nothing to hedge to, so the parent is
     // not put behind others for losing a hedge.
     let p = Arc::new(Parents::new("img", Arc::clone(&m), vec![], config, tx));
-    let overlapping = |p: &Arc<Parents>, from: u64| {
-        let p = Arc::clone(p);
-        let m = Arc::clone(&m);
-        async move {
-            let mut set = tokio::task::JoinSet::new();
-            for i in from..from + 20 {
-                let (p, r) = (Arc::clone(&p), req(&m, i % m.chunks()));
-                set.spawn(async move { p.fetch(r).await.unwrap() });
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            set
-        }
-    };
+    let spaced = Duration::from_millis(5);
     // Alone, it gets busy: answering one read every few ms.
     p.set(vec![source("slow", &slow)]);
-    let mut first = overlapping(&p, 0).await;
+    let first = start_fetches(&p, &m, 0..20, spaced).await;
     let (hedges, from_origins) = (
         p.stats().hedges.load(Ordering::Relaxed),
         p.stats().from_origins.load(Ordering::Relaxed),
@@ -693,13 +672,9 @@ async fn a_busy_parent_is_still_hedged_to_another_parent() {
     // hedged to the parent (and win), never to the origin.
     p.set_origins(vec![source("origin", &origin)]);
     p.set(vec![source("slow", &slow), source("other", &other)]);
-    let mut second = overlapping(&p, 20).await;
-    while let Some(r) = first.join_next().await {
-        r.unwrap();
-    }
-    while let Some(r) = second.join_next().await {
-        r.unwrap();
-    }
+    let second = start_fetches(&p, &m, 20..40, spaced).await;
+    finish(first).await;
+    finish(second).await;
     assert!(p.stats().hedges.load(Ordering::Relaxed) > hedges);
     assert!(p.stats().hedge_wins.load(Ordering::Relaxed) > 0);
     // (A third ask, of the origin, is possible only in a moment when the

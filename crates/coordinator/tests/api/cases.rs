@@ -386,6 +386,14 @@ async fn an_image_without_its_own_counts_is_a_forest_of_the_fanouts_stripes() {
     };
     let info = c.client.register_image(&two).await.unwrap();
     assert_eq!((info.fanout, info.stripes), (2, 2));
+    // A fan-out above the most stripes there can be: the most.
+    let wide = RegisterImage {
+        fanout: Some(100),
+        stripes: None,
+        ..image("wide")
+    };
+    let info = c.client.register_image(&wide).await.unwrap();
+    assert_eq!((info.fanout, info.stripes), (100, virtman_topology::MAX_STRIPES));
     c.stop().await;
     // A coordinator of trees keeps one tree whatever the image's fan-out.
     let dir = tempfile::tempdir().unwrap();
